@@ -1,0 +1,1 @@
+"""The union mount. Only this package imports pyfuse3 and trio."""
