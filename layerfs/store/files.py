@@ -14,6 +14,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,20 +148,35 @@ class FileLock:
         return self._fd is not None
 
 
-@contextlib.contextmanager
-def locked(path: Path, *, exclusive: bool = True, timeout_message: str | None = None) -> Iterator[None]:
-    """Hold a flock on ``path`` for the duration of the block.
+_held: dict[str, tuple[FileLock, int]] = {}
+_held_mutex = threading.RLock()
 
-    With ``timeout_message`` the lock is tried once and a busy lock raises
-    :class:`StoreLockedError` with that message instead of waiting.
+
+@contextlib.contextmanager
+def locked(path: Path, *, timeout_message: str | None = None) -> Iterator[None]:
+    """Hold the exclusive flock on ``path`` for the duration of the block.
+
+    Re-entrant within a process: a nested ``locked`` on the same path (say, a
+    tag change inside a load's transaction) does not deadlock on its own lock.
+    Threads of one process serialise on a mutex first. With ``timeout_message``
+    a busy lock raises :class:`StoreLockedError` instead of waiting.
     """
-    lock = FileLock(path)
-    if timeout_message is not None:
-        if not lock.acquire(exclusive=exclusive, blocking=False):
-            raise StoreLockedError(timeout_message)
-    else:
-        lock.acquire(exclusive=exclusive)
-    try:
-        yield
-    finally:
-        lock.release()
+    key = str(path)
+    with _held_mutex:
+        lock, depth = _held.get(key, (FileLock(path), 0))
+        if depth == 0:
+            if timeout_message is not None:
+                if not lock.acquire(blocking=False):
+                    raise StoreLockedError(timeout_message)
+            else:
+                lock.acquire()
+        _held[key] = (lock, depth + 1)
+        try:
+            yield
+        finally:
+            lock, depth = _held[key]
+            if depth == 1:
+                del _held[key]
+                lock.release()
+            else:
+                _held[key] = (lock, depth - 1)

@@ -1,0 +1,51 @@
+"""fsck, gc: keeping the store honest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from layerfs.cli.common import open_store
+from layerfs.store.check import fsck, gc
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "fsck", help="verify the store",
+        description=("Re-hash every layer against its diff ID, check every index, image, "
+                     "parent, layer and tag. Exit 0 when clean, 1 when something is wrong."),
+    )
+    p.add_argument("--repair", action="store_true",
+                   help="remove unpublished staging leftovers and unused layers")
+    p.set_defaults(handler=cmd_fsck)
+    p = subparsers.add_parser("gc", help="remove layers no image uses and staging leftovers")
+    p.set_defaults(handler=cmd_gc)
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    report = fsck(store, repair=args.repair)
+    for line in report.repaired:
+        print(f"repaired: {line}")
+    for line in report.leftovers:
+        print(f"leftover: {line} (fsck --repair removes it)")
+    for line in report.problems:
+        print(f"problem: {line}")
+    summary = (f"checked {report.checked_layers} layers, {report.checked_images} images, "
+               f"{report.checked_tags} tags: ")
+    if report.problems:
+        print(summary + f"{len(report.problems)} problems", file=sys.stderr)
+        return 1
+    if report.leftovers:
+        print(summary + f"{len(report.leftovers)} removable leftovers", file=sys.stderr)
+        return 1
+    print(summary + "clean")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    for item in gc(store):
+        print(f"removed {item}")
+    return 0

@@ -1,0 +1,117 @@
+"""Progress reporting: bars on a terminal, plain lines otherwise, nothing when quiet.
+
+Library code receives a :class:`Progress` (or ``None``) and calls ``start``,
+``advance`` and ``finish`` on it; the CLI decides how it is shown.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}TB"
+
+
+@dataclass
+class _Task:
+    label: str
+    total: int | None
+    done: int = 0
+    status: str = ""
+
+
+@dataclass
+class Progress:
+    """Per-task bars (one line each) plus an optional total line."""
+
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    quiet: bool = False
+    tty: bool | None = None
+    _tasks: dict[str, _Task] = field(default_factory=dict)
+    _order: list[str] = field(default_factory=list)
+    _last_draw: float = 0.0
+    _drawn_lines: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tty is None:
+            self.tty = self.stream.isatty()
+
+    def start(self, key: str, label: str, total: int | None = None, status: str = "") -> None:
+        if key not in self._tasks:
+            self._order.append(key)
+        self._tasks[key] = _Task(label, total, 0, status)
+        if not self.tty and not self.quiet and status:
+            print(f"{label}: {status}", file=self.stream, flush=True)
+        self._draw(force=True)
+
+    def advance(self, key: str, n: int) -> None:
+        task = self._tasks.get(key)
+        if task is None:
+            return
+        task.done += n
+        self._draw()
+
+    def status(self, key: str, status: str) -> None:
+        task = self._tasks.get(key)
+        if task is None:
+            return
+        task.status = status
+        if not self.tty and not self.quiet:
+            print(f"{task.label}: {status}", file=self.stream, flush=True)
+        self._draw(force=True)
+
+    def finish(self, key: str, status: str = "Done") -> None:
+        self.status(key, status)
+
+    def message(self, text: str) -> None:
+        """A line that stays (not a bar)."""
+        if self.quiet:
+            return
+        self._clear()
+        print(text, file=self.stream, flush=True)
+        self._draw(force=True)
+
+    def close(self) -> None:
+        if self.tty and not self.quiet:
+            self._draw(force=True)
+            self._drawn_lines = 0
+
+    def _clear(self) -> None:
+        if self.tty and self._drawn_lines:
+            self.stream.write(f"\x1b[{self._drawn_lines}F\x1b[J")
+            self._drawn_lines = 0
+
+    def _draw(self, force: bool = False) -> None:
+        if self.quiet or not self.tty:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        self._clear()
+        lines = [self._line(self._tasks[k]) for k in self._order]
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+        self.stream.flush()
+        self._drawn_lines = len(lines)
+
+    @staticmethod
+    def _line(task: _Task) -> str:
+        label = task.label[:24].ljust(24)
+        if task.total:
+            frac = min(task.done / task.total, 1.0)
+            bar = "=" * int(frac * 40)
+            bar = (bar + ">").ljust(41)[:41] if frac < 1 else bar.ljust(41)
+            return (f"{label} [{bar}] {human_size(task.done)}/{human_size(task.total)} "
+                    f"{task.status}").rstrip()
+        if task.done:
+            return f"{label} {human_size(task.done)} {task.status}".rstrip()
+        return f"{label} {task.status}".rstrip()

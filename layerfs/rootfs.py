@@ -1,0 +1,191 @@
+"""Import a flat root filesystem tarball as an image; export an image as one.
+
+Import stores the tarball as a layer exactly as it arrives (after
+decompression), like ``docker import``: no extraction. Export walks the merged
+tree of the image's chain (whiteouts and opaque directories applied, hardlinks
+kept) and writes one tar, like ``docker export`` without a container.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import requests
+
+from layerfs.errors import FormatError, NotFoundError, RegistryError, UsageError
+from layerfs.fs.union import INIT_LAYER, MergedTree
+from layerfs.model.changes import apply_changes
+from layerfs.model.image import Image
+from layerfs.model.reference import Reference
+from layerfs.progress import Progress
+from layerfs.store.store import Store
+from layerfs.store.tarindex import BLOCKDEV, CHAR, DIR, FIFO, REG, SYMLINK
+
+_TAR_TYPES = {REG: tarfile.REGTYPE, DIR: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE,
+              CHAR: tarfile.CHRTYPE, BLOCKDEV: tarfile.BLKTYPE, FIFO: tarfile.FIFOTYPE}
+
+
+@dataclass
+class ImportResult:
+    image: Image
+    tagged: str | None
+    rename_message: str | None
+
+
+def _open_source(source: str, stdin: BinaryIO) -> tuple[Any, int | None, Callable[[], None]]:
+    """(stream, size if known, close) for a file, '-' or an http(s) URL."""
+    if source == "-":
+        return stdin, None, lambda: None
+    if source.startswith(("http://", "https://")):
+        try:
+            response = requests.get(source, stream=True, timeout=(15, 300))
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise RegistryError(f"cannot download {source}: {exc}") from exc
+        length = response.headers.get("Content-Length")
+        response.raw.decode_content = False
+        return response.raw, int(length) if length and length.isdigit() else None, \
+            response.close
+    path = Path(source)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise NotFoundError(f"cannot import {source!r}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"cannot import {source!r}: it is a directory; "
+                         "make a tarball of it (tar -C DIR -c .)") from None
+    except PermissionError as exc:
+        raise UsageError(f"cannot import {source!r}: {exc.strerror}") from None
+    return handle, os.fstat(handle.fileno()).st_size, handle.close
+
+
+def import_rootfs(
+    store: Store,
+    source: str,
+    reference: str | None = None,
+    *,
+    message: str = "",
+    changes: list[str] | None = None,
+    progress: Progress | None = None,
+    stdin: BinaryIO | None = None,
+) -> ImportResult:
+    """``docker import``: one layer, no parent, optional tag (force)."""
+    ref = Reference.parse(reference) if reference else None
+    if ref is not None and ref.digest:
+        raise UsageError(f"cannot import as {reference!r}: a digest cannot be a tag")
+    config = apply_changes({}, changes or [])
+    stream, size, close = _open_source(source, stdin or sys.stdin.buffer)
+    label = "Importing"
+    if progress is not None:
+        progress.start("import", label, size, "")
+    try:
+        staged = store.layers.ingest(
+            stream, what=f"cannot import {source!r}",
+            progress=(lambda n: progress.advance("import", n)) if progress else None,
+        )
+    finally:
+        close()
+    try:
+        image = store.graph.create(
+            staged, comment=message or f"Imported from {source}", config=config,
+        )
+    except BaseException:
+        staged.discard()
+        raise
+    if progress is not None:
+        progress.finish("import", "Imported")
+    rename = None
+    if ref is not None:
+        rename = store.tags.tag(ref.repository, ref.tag or "latest", image.id, force=True)
+    return ImportResult(image, str(ref) if ref else None, rename)
+
+
+def merged_tree(store: Store, image: Image, *, init: bool = False) -> tuple[MergedTree,
+                                                                            list[str]]:
+    """The merged tree of an image's chain and the diff IDs it was built from."""
+    diff_ids = store.graph.layers_of(image)
+    tree = MergedTree.build([store.layers.entries(d) for d in diff_ids], init=init)
+    return tree, diff_ids
+
+
+def export_image(store: Store, image: Image, out: BinaryIO,
+                 progress: Progress | None = None) -> int:
+    """Write the image's merged filesystem as one tar; returns the number of entries."""
+    tree, diff_ids = merged_tree(store, image)
+    tars = [store.layers.open_tar(d) for d in diff_ids]
+    written_links: dict[tuple[int, bytes], str] = {}
+    count = 0
+    if progress is not None:
+        progress.start("export", "Exporting", None, "")
+    try:
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
+                          encoding="utf-8", errors="surrogateescape") as archive:
+            for path, node in tree.walk():
+                if path == b"":
+                    continue
+                entry = node.entry
+                name = os.fsdecode(path)
+                info = tarfile.TarInfo(name)
+                info.mode = entry.mode
+                info.uid, info.gid = entry.uid, entry.gid
+                info.mtime = entry.mtime_ns // 1_000_000_000
+                info.uname = info.gname = ""
+                if entry.xattrs:
+                    info.pax_headers = {
+                        "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+                        for k, v in entry.xattrs.items()
+                    }
+                if node.link_key is not None and node.link_key in written_links:
+                    info.type = tarfile.LNKTYPE
+                    info.linkname = written_links[node.link_key]
+                    archive.addfile(info)
+                    count += 1
+                    continue
+                info.type = _TAR_TYPES[entry.type]
+                if entry.type == SYMLINK:
+                    info.linkname = os.fsdecode(entry.linkname)
+                if entry.type in (CHAR, BLOCKDEV):
+                    info.devmajor, info.devminor = entry.devmajor, entry.devminor
+                if entry.type == REG and node.layer not in (INIT_LAYER,) and entry.size:
+                    info.size = entry.size
+                    tar = tars[node.layer]
+                    tar.seek(entry.offset)
+                    archive.addfile(info, _Limited(tar, entry.size))
+                    if progress is not None:
+                        progress.advance("export", entry.size)
+                else:
+                    archive.addfile(info)
+                if node.link_key is not None:
+                    written_links[node.link_key] = name
+                count += 1
+    except tarfile.TarError as exc:
+        raise FormatError(f"cannot export image {image.id[:12]}: {exc}") from exc
+    finally:
+        for tar in tars:
+            tar.close()
+    if progress is not None:
+        progress.finish("export", f"Exported {count} entries")
+    return count
+
+
+class _Limited:
+    """Reads at most ``size`` bytes of a file from its current position."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self._handle = handle
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        if n < 0 or n > self._left:
+            n = self._left
+        data = self._handle.read(n)
+        self._left -= len(data)
+        return data

@@ -1,0 +1,213 @@
+"""Content-addressed layers: the exact uncompressed tar and its entry index.
+
+A layer lives in ``layers/<diff-id hex>/`` as ``layer.tar`` (the bytes it
+arrived as, after decompression: its sha256 is the directory's name), ``index``
+(msgpack, see :data:`INDEX_VERSION`) and ``info.json`` (sizes and the
+compressed digests this layer is known under). A layer shared by several images
+is stored once.
+
+Ingest is one streaming pass into a private staging directory under tmp/;
+:meth:`StagedLayer.publish` renames it into place. The caller holds the store
+lock around publication and decides what to do with the layer afterwards; this
+module knows nothing of images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from layerfs.compression import open_decompressed
+from layerfs.errors import (
+    CorruptIndexError,
+    DigestMismatchError,
+    IntegrityError,
+    LayerNotFoundError,
+)
+from layerfs.model.digest import hex_of, is_sha256_digest, validate_digest
+from layerfs.store import codec
+from layerfs.store.files import atomic_write, make_temp_dir, publish_dir, remove_tree, trash
+from layerfs.store.tarindex import Entry, index_tar
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class LayerInfo:
+    diff_id: str
+    tar_size: int
+    content_size: int
+    entries: int
+    blob_digests: list[str]  # compressed digests this exact layer was seen as
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "diff_id": self.diff_id, "tar_size": self.tar_size,
+            "content_size": self.content_size, "entries": self.entries,
+            "blob_digests": sorted(set(self.blob_digests)),
+        }, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> LayerInfo:
+        try:
+            doc = json.loads(data)
+            return cls(doc["diff_id"], int(doc["tar_size"]), int(doc["content_size"]),
+                       int(doc["entries"]), list(doc.get("blob_digests", [])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"corrupt layer info {where}: {exc}") from exc
+
+
+class StagedLayer:
+    """A layer written and verified under tmp/, not yet visible in the store."""
+
+    def __init__(self, store: LayerStore, staging: Path, info: LayerInfo) -> None:
+        self._store = store
+        self.staging = staging
+        self.info = info
+
+    @property
+    def diff_id(self) -> str:
+        return self.info.diff_id
+
+    def publish(self) -> bool:
+        """Make the layer visible (caller holds the store lock). False if already stored."""
+        final = self._store.path(self.diff_id)
+        if final.exists():
+            remove_tree(self.staging)
+            return False
+        return publish_dir(self.staging, final)
+
+    def discard(self) -> None:
+        remove_tree(self.staging)
+
+
+class LayerStore:
+    def __init__(self, root: Path, tmp_root: Path) -> None:
+        self.root = root
+        self.tmp_root = tmp_root
+
+    def path(self, diff_id: str) -> Path:
+        return self.root / hex_of(validate_digest(diff_id, "diff ID"))
+
+    def exists(self, diff_id: str) -> bool:
+        return is_sha256_digest(diff_id) and (self.path(diff_id) / "info.json").is_file()
+
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted("sha256:" + p.name for p in self.root.iterdir() if len(p.name) == 64)
+
+    def ingest(
+        self,
+        stream: BinaryIO | Any,
+        *,
+        expected_diff_id: str | None = None,
+        blob_digest: str | None = None,
+        what: str = "layer",
+        progress: Callable[[int], None] | None = None,
+        decompress: bool = True,
+    ) -> StagedLayer:
+        """Stream a (possibly compressed) layer tar into tmp/: copy, hash, index, verify."""
+        staging = make_temp_dir(self.tmp_root, "layer")
+        try:
+            reader = open_decompressed(stream, what)[0] if decompress else stream
+            with open(staging / "layer.tar", "wb") as out:
+                result = index_tar(reader, out, progress=progress)
+                out.flush()
+                os.fsync(out.fileno())
+            if expected_diff_id is not None and result.diff_id != expected_diff_id:
+                raise DigestMismatchError(
+                    f"{what}: diff ID mismatch: expected {expected_diff_id}, got {result.diff_id}"
+                )
+            index = {"version": INDEX_VERSION, "diff_id": result.diff_id,
+                     "entries": [e.to_row() for e in result.entries]}
+            (staging / "index").write_bytes(codec.pack(index))
+            info = LayerInfo(result.diff_id, result.tar_size, result.content_size,
+                             len(result.entries), [blob_digest] if blob_digest else [])
+            (staging / "info.json").write_bytes(info.to_json())
+        except BaseException:
+            remove_tree(staging)
+            raise
+        return StagedLayer(self, staging, info)
+
+    def info(self, diff_id: str) -> LayerInfo:
+        path = self.path(diff_id) / "info.json"
+        try:
+            return LayerInfo.from_json(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            raise LayerNotFoundError(f"layer {diff_id} is not in the store") from None
+
+    def add_blob_digest(self, diff_id: str, blob_digest: str) -> None:
+        """Remember that ``diff_id`` is also known by a compressed digest (store lock held)."""
+        info = self.info(diff_id)
+        if blob_digest not in info.blob_digests:
+            info.blob_digests.append(blob_digest)
+            atomic_write(self.path(diff_id) / "info.json", info.to_json(), self.tmp_root, 0o644)
+
+    def find_by_blob_digest(self, blob_digest: str) -> str | None:
+        for diff_id in self.list():
+            try:
+                if blob_digest in self.info(diff_id).blob_digests:
+                    return diff_id
+            except LayerNotFoundError:
+                continue
+        return None
+
+    def tar_path(self, diff_id: str) -> Path:
+        path = self.path(diff_id) / "layer.tar"
+        if not path.is_file():
+            raise LayerNotFoundError(f"layer {diff_id} is not in the store")
+        return path
+
+    def open_tar(self, diff_id: str) -> BinaryIO:
+        return open(self.tar_path(diff_id), "rb")
+
+    def entries(self, diff_id: str) -> list[Entry]:
+        path = self.path(diff_id) / "index"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise LayerNotFoundError(f"layer {diff_id} is not in the store") from None
+        doc = codec.unpack(data, what=f"index of layer {diff_id}")
+        if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:
+            version = doc.get("version") if isinstance(doc, dict) else None
+            raise CorruptIndexError(
+                f"index of layer {diff_id} has version {version!r}, expected {INDEX_VERSION}"
+            )
+        try:
+            return [Entry.from_row(row) for row in doc["entries"]]
+        except (KeyError, TypeError) as exc:
+            raise CorruptIndexError(f"index of layer {diff_id} is malformed: {exc}") from exc
+
+    def delete(self, diff_id: str) -> None:
+        """Remove a layer (caller holds the store lock and has checked it is unused)."""
+        trash(self.path(diff_id), self.tmp_root)
+
+    def verify(self, diff_id: str) -> Iterator[str]:
+        """Re-hash the tar and rebuild its index; yield a line per problem found."""
+        try:
+            info = self.info(diff_id)
+            with self.open_tar(diff_id) as tar:
+                result = index_tar(tar)
+        except (IntegrityError, LayerNotFoundError) as exc:
+            yield f"layer {diff_id}: {exc}"
+            return
+        except Exception as exc:  # a malformed stored tar is a finding, not a crash
+            yield f"layer {diff_id}: cannot be read: {exc}"
+            return
+        if result.diff_id != diff_id:
+            yield f"layer {diff_id}: content hashes to {result.diff_id}"
+            return
+        if info.tar_size != result.tar_size:
+            yield f"layer {diff_id}: info records {info.tar_size} bytes, tar has {result.tar_size}"
+        try:
+            stored = self.entries(diff_id)
+        except IntegrityError as exc:
+            yield f"layer {diff_id}: {exc}"
+            return
+        if [e.to_row() for e in stored] != [e.to_row() for e in result.entries]:
+            yield f"layer {diff_id}: index does not match the tar"

@@ -1,0 +1,100 @@
+"""The store: one directory shared by every layerfs tool, and how to find it.
+
+```
+<root>/layerfs-store.json   {"version": 1}: the layout version
+<root>/lock                 flock taken while metadata changes (short sections)
+<root>/tmp/                 staging: everything is written here first, then renamed
+<root>/layers/<hex>/        layer.tar, index, info.json (see layers.py)
+<root>/graph/<id>/          json, parent, layer, layersize, checksum, v1Compatibility
+<root>/holds/<hex>          hold files: shared flocks of retain()
+<root>/repositories.json    the TagStore, in Docker's legacy format
+<root>/mounts/ upper/ logs/ live mounts, writable upper directories, server logs
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from layerfs.errors import StoreError
+from layerfs.store.files import atomic_write
+from layerfs.store.graph import Graph
+from layerfs.store.layers import LayerStore
+from layerfs.store.tags import TagStore
+
+STORE_VERSION = 1
+_MARKER = "layerfs-store.json"
+
+
+def default_root() -> Path:
+    """``LAYERFS_ROOT``, else /var/lib/layerfs for root, else the XDG data directory."""
+    env = os.environ.get("LAYERFS_ROOT")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/layerfs")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "layerfs"
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root.absolute()
+        self.tmp = self.root / "tmp"
+        self.lock_path = self.root / "lock"
+        self.layers = LayerStore(self.root / "layers", self.tmp)
+        self.graph = Graph(self.root / "graph", self.layers, self.tmp, self.lock_path,
+                           self.root / "holds")
+        self.tags = TagStore(self.root / "repositories.json", self.graph, self.tmp,
+                             self.lock_path)
+
+    @classmethod
+    def open(cls, root: Path | None = None, *, create: bool = True) -> Store:
+        store = cls(root if root is not None else default_root())
+        store._prepare(create)
+        return store
+
+    def _prepare(self, create: bool) -> None:
+        marker = self.root / _MARKER
+        if marker.is_file():
+            try:
+                version = json.loads(marker.read_bytes()).get("version")
+            except (ValueError, AttributeError, OSError) as exc:
+                raise StoreError(f"store {self.root}: unreadable {_MARKER}: {exc}") from exc
+            if version != STORE_VERSION:
+                raise StoreError(
+                    f"store {self.root} has layout version {version!r}; this layerfs "
+                    f"reads version {STORE_VERSION}"
+                )
+            return
+        if not create:
+            raise StoreError(f"no layerfs store at {self.root}")
+        try:
+            self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+            for sub in ("tmp", "layers", "graph", "holds"):
+                (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+            if any(p.name not in ("tmp", "layers", "graph", "holds", "lock")
+                   for p in self.root.iterdir()):
+                raise StoreError(f"{self.root} is not empty and is not a layerfs store")
+            atomic_write(marker, json.dumps({"version": STORE_VERSION}).encode(), self.tmp,
+                         0o644)
+        except PermissionError as exc:
+            raise StoreError(
+                f"cannot create the store at {self.root}: {exc.strerror}",
+                hint="use --root DIR or LAYERFS_ROOT to choose a directory you can write",
+            ) from exc
+
+    def subdir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+
+@contextmanager
+def open_store(root: Path | None = None) -> Iterator[Store]:
+    yield Store.open(root)

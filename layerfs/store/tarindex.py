@@ -1,0 +1,399 @@
+"""One streaming pass over a layer tar: copy it byte for byte, hash it, index it.
+
+The parser reads ustar, PAX and GNU long-name headers itself (not ``tarfile``)
+so that it knows the exact data offset of every entry, keeps names as bytes
+(tar names need not be UTF-8), bounds every header it buffers, and refuses
+entries that a container runtime must never apply: names escaping the root,
+entries written through a link of the same layer, hardlinks to something that
+is not an earlier entry of the same layer.
+
+What this module leaves to others: decompression (``layerfs.compression``),
+where the bytes go (the caller's sink), and layer semantics across layers
+(whiteouts are kept as plain entries here; ``layerfs.fs.union`` applies them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+from layerfs.errors import FormatError, UnsafePathError
+
+BLOCK = 512
+_CHUNK = 1 << 20
+MAX_PAX_HEADER = 1 << 20
+MAX_LONG_NAME = 1 << 16
+
+# Entry types as stored in the index.
+REG, DIR, SYMLINK, HARDLINK, CHAR, BLOCKDEV, FIFO = "f", "d", "l", "h", "c", "b", "p"
+
+_TYPEFLAGS = {
+    b"0": REG, b"\0": REG, b"7": REG, b"1": HARDLINK, b"2": SYMLINK,
+    b"3": CHAR, b"4": BLOCKDEV, b"5": DIR, b"6": FIFO,
+}
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One entry of a layer tar, as the union mount and export need it."""
+
+    path: bytes  # normalised: relative, no "." or empty components; b"" is the root
+    type: str
+    mode: int  # permission bits with setuid/setgid/sticky (0o7777)
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    offset: int  # where the entry's data starts in the tar
+    linkname: bytes = b""  # symlink target verbatim; hardlink target normalised
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] | None = None
+
+    def to_row(self) -> list[Any]:
+        return [self.path, self.type, self.mode, self.uid, self.gid, self.size, self.mtime_ns,
+                self.offset, self.linkname, self.devmajor, self.devminor, self.xattrs]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> Entry:
+        return cls(*row)
+
+
+class Sink(Protocol):
+    def write(self, data: bytes | memoryview, /) -> Any: ...
+
+
+@dataclass
+class IndexResult:
+    diff_id: str
+    tar_size: int
+    content_size: int  # sum of regular file sizes, Docker's layer "Size"
+    entries: list[Entry] = field(default_factory=list)
+
+
+class _Reader:
+    """Pulls big chunks from the source, passing each to the hash and the sink at once."""
+
+    def __init__(self, src: BinaryIO | Any, sink: Sink | None,
+                 progress: Callable[[int], None] | None) -> None:
+        self._src = src
+        self._sink = sink
+        self._progress = progress
+        self._hash = hashlib.sha256()
+        self._buf = b""
+        self._pos = 0  # read position inside _buf
+        self.offset = 0  # absolute offset of _buf[_pos] in the stream
+        self.total = 0  # bytes pulled from the source so far
+
+    def _pull(self) -> bool:
+        chunk = self._src.read(_CHUNK)
+        if not chunk:
+            return False
+        self._hash.update(chunk)
+        if self._sink is not None:
+            self._sink.write(chunk)
+        self.total += len(chunk)
+        if self._progress is not None:
+            self._progress(len(chunk))
+        self._buf = self._buf[self._pos:] + chunk if self._pos < len(self._buf) else chunk
+        self._pos = 0
+        return True
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        while len(self._buf) - self._pos < n:
+            if not self._pull():
+                raise FormatError(f"truncated tar: unexpected end of data in {what}")
+        data = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        self.offset += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        while n > 0:
+            avail = len(self._buf) - self._pos
+            if avail == 0:
+                if not self._pull():
+                    raise FormatError(f"truncated tar: unexpected end of data in {what}")
+                continue
+            step = min(avail, n)
+            self._pos += step
+            self.offset += step
+            n -= step
+
+    def drain(self) -> None:
+        self._pos = len(self._buf)
+        while self._pull():
+            self._pos = len(self._buf)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+def _parse_number(field_bytes: bytes, what: str) -> int:
+    if field_bytes and field_bytes[0] & 0x80:
+        # GNU base-256: big-endian two's complement with the top bit as marker.
+        value = field_bytes[0] & 0x7F
+        for b in field_bytes[1:]:
+            value = (value << 8) | b
+        if field_bytes[0] & 0x40:
+            value -= 1 << (8 * len(field_bytes) - 1)
+        return value
+    text = field_bytes.split(b"\0", 1)[0].strip(b" \0")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise FormatError(f"not a tar archive: bad {what} field {text[:20]!r}") from None
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _parse_number(header[148:156], "checksum")
+    blanked = header[:148] + b" " * 8 + header[156:]
+    unsigned = sum(blanked)
+    signed = sum(b - 256 if b > 127 else b for b in blanked)
+    return stored in (unsigned, signed)
+
+
+def _parse_pax(data: bytes) -> dict[bytes, bytes]:
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:
+            break
+        space = data.find(b" ", pos)
+        if space < 0:
+            raise FormatError("malformed PAX header: record without length")
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise FormatError("malformed PAX header: bad record length") from None
+        end = pos + length
+        if length <= space - pos + 1 or end > len(data) or data[end - 1:end] != b"\n":
+            raise FormatError("malformed PAX header: record length out of range")
+        key, sep, value = data[space + 1:end - 1].partition(b"=")
+        if not sep:
+            raise FormatError("malformed PAX header: record without '='")
+        records[key] = value
+        pos = end
+    return records
+
+
+def normalize_path(name: bytes) -> bytes:
+    """Tar name → clean relative path, refusing anything that leaves the root."""
+    if name.startswith(b"/"):
+        raise UnsafePathError(f"entry {_show(name)} has an absolute path")
+    parts: list[bytes] = []
+    for part in name.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if not parts:
+                raise UnsafePathError(f"entry {_show(name)} escapes the root with '..'")
+            parts.pop()
+            continue
+        parts.append(part)
+    return b"/".join(parts)
+
+
+def _show(name: bytes) -> str:
+    text = name.decode("utf-8", "backslashreplace")
+    return repr(text if len(text) <= 120 else text[:117] + "...")
+
+
+class _Validator:
+    """Per-layer rules: no writes through links, hardlinks to earlier entries, no clashes."""
+
+    def __init__(self) -> None:
+        self.types: dict[bytes, str] = {}
+        self.positions: dict[bytes, int] = {}
+
+    def check(self, entry: Entry, entries: list[Entry]) -> bool:
+        """True if the entry is new; False if it merged into an earlier directory entry."""
+        path = entry.path
+        if path == b"" and entry.type != DIR:
+            raise UnsafePathError("an entry that is not a directory resolves to the root")
+        base = path.rsplit(b"/", 1)[-1]
+        if base == WHITEOUT_PREFIX:
+            raise FormatError(f"entry {_show(path)} is a bare whiteout '.wh.'")
+        # Every ancestor must be a directory (or not in this layer at all).
+        slash = path.find(b"/")
+        while slash >= 0:
+            kind = self.types.get(path[:slash])
+            if kind is not None and kind != DIR:
+                raise UnsafePathError(
+                    f"entry {_show(path)} would be written through {_show(path[:slash])}, "
+                    "which is not a directory in this layer"
+                )
+            slash = path.find(b"/", slash + 1)
+        if entry.type == HARDLINK:
+            target = entry.linkname
+            kind = self.types.get(target)
+            if kind is None:
+                raise UnsafePathError(
+                    f"hardlink {_show(path)} points to {_show(target)}, "
+                    "which is not an earlier entry of this layer"
+                )
+            if kind == DIR:
+                raise UnsafePathError(f"hardlink {_show(path)} points to a directory")
+            if target == path:
+                raise UnsafePathError(f"hardlink {_show(path)} points to itself")
+        previous = self.types.get(path)
+        if previous is not None:
+            if previous == DIR and entry.type == DIR:
+                entries[self.positions[path]] = entry  # repeated directory: last one wins
+                return False
+            raise FormatError(f"duplicate entry {_show(path)} in layer")
+        self.types[path] = entry.type
+        self.positions[path] = len(entries)
+        return True
+
+
+def index_tar(
+    src: BinaryIO | Any,
+    sink: Sink | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> IndexResult:
+    """Read a whole tar stream once: copy it to ``sink``, hash it and index it.
+
+    The diff ID covers every byte of the stream, end-of-archive blocks and any
+    trailing padding included, exactly as Docker computes it.
+    """
+    reader = _Reader(src, sink, progress)
+    entries: list[Entry] = []
+    validator = _Validator()
+    pax_global: dict[bytes, bytes] = {}
+    pax: dict[bytes, bytes] = {}
+    long_name: bytes | None = None
+    long_link: bytes | None = None
+    content_size = 0
+    seen_header = False
+    while True:
+        try:
+            header = reader.read_exact(BLOCK, "a header")
+        except FormatError:
+            if not seen_header and reader.total == 0:
+                raise FormatError("not a tar archive: the input is empty") from None
+            raise FormatError("truncated tar: the end-of-archive marker is missing") from None
+        if header == bytes(BLOCK):
+            break
+        if not _checksum_ok(header):
+            if not seen_header:
+                raise FormatError("not a tar archive (bad header checksum)")
+            raise FormatError(f"corrupt tar: bad header checksum at offset {reader.offset - BLOCK}")
+        seen_header = True
+        typeflag = header[156:157]
+        size = _parse_number(header[124:136], "size")
+        if size < 0:
+            raise FormatError("corrupt tar: negative entry size")
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if typeflag in (b"x", b"g"):
+            if size > MAX_PAX_HEADER:
+                raise FormatError(f"PAX header of {size} bytes exceeds the {MAX_PAX_HEADER} limit")
+            records = _parse_pax(reader.read_exact(size, "a PAX header"))
+            reader.skip(padded - size, "padding")
+            if typeflag == b"g":
+                pax_global.update(records)
+            else:
+                pax.update(records)
+            continue
+        if typeflag in (b"L", b"K"):
+            if size > MAX_LONG_NAME:
+                raise FormatError(f"GNU long name of {size} bytes exceeds the {MAX_LONG_NAME} limit")
+            value = reader.read_exact(size, "a GNU long name").split(b"\0", 1)[0]
+            reader.skip(padded - size, "padding")
+            if typeflag == b"L":
+                long_name = value
+            else:
+                long_link = value
+            continue
+        if typeflag == b"S" or any(k.startswith(b"GNU.sparse.") for k in pax):
+            raise FormatError("sparse tar entries are not supported in layers")
+        if typeflag in (b"V", b"M", b"N"):
+            raise FormatError(f"unsupported tar entry type {typeflag.decode('latin-1')!r}")
+        kind = _TYPEFLAGS.get(typeflag)
+        if kind is None:
+            raise FormatError(f"unsupported tar entry type {typeflag.decode('latin-1')!r}")
+        merged = {**pax_global, **pax}
+        name = header[0:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar":
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix and header[257:263] == b"ustar\0":
+                name = prefix + b"/" + name
+        if long_name is not None:
+            name = long_name
+        name = merged.get(b"path", name)
+        linkname = header[157:257].split(b"\0", 1)[0]
+        if long_link is not None:
+            linkname = long_link
+        linkname = merged.get(b"linkpath", linkname)
+        if b"size" in merged:
+            size = _pax_int(merged[b"size"], "size")
+            padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        mode = _parse_number(header[100:108], "mode") & 0o7777
+        uid = _pax_int(merged[b"uid"], "uid") if b"uid" in merged else _parse_number(
+            header[108:116], "uid")
+        gid = _pax_int(merged[b"gid"], "gid") if b"gid" in merged else _parse_number(
+            header[116:124], "gid")
+        if b"mtime" in merged:
+            mtime_ns = _pax_time_ns(merged[b"mtime"])
+        else:
+            mtime_ns = _parse_number(header[136:148], "mtime") * 1_000_000_000
+        xattrs: dict[str, bytes] | None = None
+        for key, value in merged.items():
+            if key.startswith(b"SCHILY.xattr."):
+                if xattrs is None:
+                    xattrs = {}
+                xattrs[key[len(b"SCHILY.xattr."):].decode("utf-8", "surrogateescape")] = value
+        if name.endswith(b"/") and kind == REG:
+            kind = DIR  # old tars mark directories by a trailing slash only
+        path = normalize_path(name)
+        if kind == HARDLINK:
+            linkname = normalize_path(linkname)
+        is_dev = kind in (CHAR, BLOCKDEV)
+        entry = Entry(
+            path=path, type=kind, mode=mode, uid=uid, gid=gid,
+            size=size if kind == REG else 0,
+            mtime_ns=mtime_ns, offset=reader.offset,
+            linkname=linkname if kind in (SYMLINK, HARDLINK) else b"",
+            devmajor=_parse_number(header[329:337], "devmajor") if is_dev else 0,
+            devminor=_parse_number(header[337:345], "devminor") if is_dev else 0,
+            xattrs=xattrs,
+        )
+        if validator.check(entry, entries):
+            entries.append(entry)
+        if kind == REG:
+            content_size += size
+        reader.skip(padded, "entry data")
+        pax = {}
+        long_name = long_link = None
+    reader.drain()
+    return IndexResult(diff_id=reader.digest, tar_size=reader.total, content_size=content_size,
+                       entries=entries)
+
+
+def _pax_int(value: bytes, what: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise FormatError(f"malformed PAX header: bad {what} {value[:20]!r}") from None
+    if number < 0:
+        raise FormatError(f"malformed PAX header: negative {what}")
+    return number
+
+
+def _pax_time_ns(value: bytes) -> int:
+    whole, _, frac = value.partition(b".")
+    try:
+        seconds = int(whole)
+        nanos = int((frac + b"000000000")[:9]) if frac else 0
+    except ValueError:
+        raise FormatError(f"malformed PAX header: bad mtime {value[:30]!r}") from None
+    return seconds * 1_000_000_000 + (-nanos if seconds < 0 else nanos)
