@@ -118,13 +118,13 @@ class DecompressingReader:
                     rest = self._decoder.unused_data
                     self._decoder = self._new_decoder()
                     out += self._decoder.decompress(rest)
-            except (zlib.error, OSError, EOFError, lzma.LZMAError,
-                    zstandard.ZstdError) as exc:
+            except (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
                 raise FormatError(f"{self._what}: corrupt {self._kind} data: {exc}") from exc
             self._pending = out
             self.produced += len(out)
-            if (self.produced > FREE_OUTPUT
-                    and self.produced > self._max_ratio * max(self._source.consumed, 1)):
+            if self.produced > FREE_OUTPUT and self.produced > self._max_ratio * max(
+                self._source.consumed, 1
+            ):
                 raise ExpansionLimitError(
                     f"{self._what}: decompressed data grew past {self._max_ratio}x its "
                     "compressed size (a decompression bomb?); set "
@@ -133,7 +133,7 @@ class DecompressingReader:
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
-            parts = []
+            parts: list[bytes] = []
             while True:
                 self._fill()
                 if not self._pending:

@@ -76,20 +76,23 @@ def history_rows(store: Store, image: Image) -> list[HistoryRow]:
         own = node.history[parent_len:] if node.is_config else []
         tags = store.tags.references(node.id)
         if not own:
-            rows.append(HistoryRow(node.id, node.created, node.created_by(), node.size,
-                                   node.comment, tags))
+            rows.append(
+                HistoryRow(node.id, node.created, node.created_by(), node.size, node.comment, tags)
+            )
             continue
         first = True
         for entry in reversed(own):
             empty = bool(entry.get("empty_layer"))
-            rows.append(HistoryRow(
-                node.id if first else "<missing>",
-                str(entry.get("created", "")),
-                str(entry.get("created_by", "")),
-                0 if empty else node.size,
-                str(entry.get("comment", "")),
-                tags if first else [],
-            ))
+            rows.append(
+                HistoryRow(
+                    node.id if first else "<missing>",
+                    str(entry.get("created", "")),
+                    str(entry.get("created_by", "")),
+                    0 if empty else node.size,
+                    str(entry.get("comment", "")),
+                    tags if first else [],
+                )
+            )
             first = False
     return rows
 

@@ -110,8 +110,9 @@ class Progress:
             frac = min(task.done / task.total, 1.0)
             bar = "=" * int(frac * 40)
             bar = (bar + ">").ljust(41)[:41] if frac < 1 else bar.ljust(41)
-            return (f"{label} [{bar}] {human_size(task.done)}/{human_size(task.total)} "
-                    f"{task.status}").rstrip()
+            return (
+                f"{label} [{bar}] {human_size(task.done)}/{human_size(task.total)} {task.status}"
+            ).rstrip()
         if task.done:
             return f"{label} {human_size(task.done)} {task.status}".rstrip()
         return f"{label} {task.status}".rstrip()

@@ -27,8 +27,14 @@ from layerfs.progress import Progress
 from layerfs.store.store import Store
 from layerfs.store.tarindex import BLOCKDEV, CHAR, DIR, FIFO, REG, SYMLINK
 
-_TAR_TYPES = {REG: tarfile.REGTYPE, DIR: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE,
-              CHAR: tarfile.CHRTYPE, BLOCKDEV: tarfile.BLKTYPE, FIFO: tarfile.FIFOTYPE}
+_TAR_TYPES = {
+    REG: tarfile.REGTYPE,
+    DIR: tarfile.DIRTYPE,
+    SYMLINK: tarfile.SYMTYPE,
+    CHAR: tarfile.CHRTYPE,
+    BLOCKDEV: tarfile.BLKTYPE,
+    FIFO: tarfile.FIFOTYPE,
+}
 
 
 @dataclass
@@ -50,16 +56,16 @@ def _open_source(source: str, stdin: BinaryIO) -> tuple[Any, int | None, Callabl
             raise RegistryError(f"cannot download {source}: {exc}") from exc
         length = response.headers.get("Content-Length")
         response.raw.decode_content = False
-        return response.raw, int(length) if length and length.isdigit() else None, \
-            response.close
+        return response.raw, int(length) if length and length.isdigit() else None, response.close
     path = Path(source)
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the returned callback
     except FileNotFoundError:
         raise NotFoundError(f"cannot import {source!r}: no such file") from None
     except IsADirectoryError:
-        raise UsageError(f"cannot import {source!r}: it is a directory; "
-                         "make a tarball of it (tar -C DIR -c .)") from None
+        raise UsageError(
+            f"cannot import {source!r}: it is a directory; make a tarball of it (tar -C DIR -c .)"
+        ) from None
     except PermissionError as exc:
         raise UsageError(f"cannot import {source!r}: {exc.strerror}") from None
     return handle, os.fstat(handle.fileno()).st_size, handle.close
@@ -86,14 +92,17 @@ def import_rootfs(
         progress.start("import", label, size, "")
     try:
         staged = store.layers.ingest(
-            stream, what=f"cannot import {source!r}",
+            stream,
+            what=f"cannot import {source!r}",
             progress=(lambda n: progress.advance("import", n)) if progress else None,
         )
     finally:
         close()
     try:
         image = store.graph.create(
-            staged, comment=message or f"Imported from {source}", config=config,
+            staged,
+            comment=message or f"Imported from {source}",
+            config=config,
         )
     except BaseException:
         staged.discard()
@@ -106,16 +115,16 @@ def import_rootfs(
     return ImportResult(image, str(ref) if ref else None, rename)
 
 
-def merged_tree(store: Store, image: Image, *, init: bool = False) -> tuple[MergedTree,
-                                                                            list[str]]:
+def merged_tree(store: Store, image: Image, *, init: bool = False) -> tuple[MergedTree, list[str]]:
     """The merged tree of an image's chain and the diff IDs it was built from."""
     diff_ids = store.graph.layers_of(image)
     tree = MergedTree.build([store.layers.entries(d) for d in diff_ids], init=init)
     return tree, diff_ids
 
 
-def export_image(store: Store, image: Image, out: BinaryIO,
-                 progress: Progress | None = None) -> int:
+def export_image(
+    store: Store, image: Image, out: BinaryIO, progress: Progress | None = None
+) -> int:
     """Write the image's merged filesystem as one tar; returns the number of entries."""
     tree, diff_ids = merged_tree(store, image)
     tars = [store.layers.open_tar(d) for d in diff_ids]
@@ -124,8 +133,13 @@ def export_image(store: Store, image: Image, out: BinaryIO,
     if progress is not None:
         progress.start("export", "Exporting", None, "")
     try:
-        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
-                          encoding="utf-8", errors="surrogateescape") as archive:
+        with tarfile.open(
+            fileobj=out,
+            mode="w|",
+            format=tarfile.PAX_FORMAT,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as archive:
             for path, node in tree.walk():
                 if path == b"":
                     continue

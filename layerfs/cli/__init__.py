@@ -33,10 +33,10 @@ a union FUSE filesystem that can serve as a container's root filesystem.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="layerfs", description=PROG_DESCRIPTION,
+        prog="layerfs",
+        description=PROG_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'layerfs COMMAND --help' for a command's options. "
-               "The guide is docs/guide.md.",
+        epilog="Run 'layerfs COMMAND --help' for a command's options. The guide is docs/guide.md.",
     )
     add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -56,14 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"layerfs {__version__}")
     parser.add_argument(
-        "--root", metavar="DIR",
+        "--root",
+        metavar="DIR",
         help="the store (default: $LAYERFS_ROOT, /var/lib/layerfs as root, "
-             "else $XDG_DATA_HOME/layerfs)",
+        "else $XDG_DATA_HOME/layerfs)",
     )
-    parser.add_argument("--debug", action="store_true",
-                        help="show debug logs and tracebacks of errors")
-    parser.add_argument("--quiet", action="store_true", dest="global_quiet",
-                        help="no progress output")
+    parser.add_argument(
+        "--debug", action="store_true", help="show debug logs and tracebacks of errors"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", dest="global_quiet", help="no progress output"
+    )
 
 
 def run(handler: Handler, args: argparse.Namespace) -> int:
@@ -88,8 +91,11 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
         return 141
     except Exception:
         traceback.print_exc()
-        print(f"{prog}: internal error: this is a bug in layerfs; please report it with "
-              "the traceback above", file=sys.stderr)
+        print(
+            f"{prog}: internal error: this is a bug in layerfs; please report it with "
+            "the traceback above",
+            file=sys.stderr,
+        )
         return 70
 
 
@@ -119,7 +125,10 @@ def _standalone(command: str, argv: Sequence[str] | None) -> int:
     # Global options may come first; the command name is inserted after them.
     globals_end = 0
     while globals_end < len(args_list) and args_list[globals_end] in (
-            "--root", "--debug", "--quiet"):
+        "--root",
+        "--debug",
+        "--quiet",
+    ):
         globals_end += 2 if args_list[globals_end] == "--root" else 1
     args = parser.parse_args([*args_list[:globals_end], command, *args_list[globals_end:]])
     args.prog_name = f"layerfs-{command}"

@@ -40,8 +40,14 @@ def ago(created: str) -> str:
     seconds = (datetime.now(UTC) - when).total_seconds()
     if seconds < 0:
         return "in the future"
-    for unit, size in (("years", 365 * 86400), ("months", 30 * 86400), ("weeks", 7 * 86400),
-                       ("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, size in (
+        ("years", 365 * 86400),
+        ("months", 30 * 86400),
+        ("weeks", 7 * 86400),
+        ("days", 86400),
+        ("hours", 3600),
+        ("minutes", 60),
+    ):
         if seconds >= 2 * size:
             return f"{int(seconds // size)} {unit} ago"
         if seconds >= size:

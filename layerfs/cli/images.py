@@ -13,31 +13,50 @@ from layerfs.store.removal import remove_image
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("images", help="list images",
-                              description="List images: tagged ones and the tops of chains.")
+    p = subparsers.add_parser(
+        "images", help="list images", description="List images: tagged ones and the tops of chains."
+    )
     p.add_argument("repository", nargs="?", help="only this repository")
     p.add_argument("-a", "--all", action="store_true", help="include intermediate images")
     p.add_argument("-q", "--quiet", action="store_true", help="only show image IDs")
     p.add_argument("--digests", action="store_true", help="show digests")
     p.add_argument("--no-trunc", action="store_true", help="do not truncate IDs")
-    p.add_argument("--format", choices=["table", "json"], default="table",
-                   help="table (default) or json (one object per line)")
+    p.add_argument(
+        "--format",
+        choices=["table", "json"],
+        default="table",
+        help="table (default) or json (one object per line)",
+    )
     p.set_defaults(handler=cmd_images)
 
-    p = subparsers.add_parser("tag", help="tag an image", description=(
-        "Create a tag TARGET that refers to SOURCE (a name[:tag], name@digest, ID or prefix)."))
+    p = subparsers.add_parser(
+        "tag",
+        help="tag an image",
+        description=(
+            "Create a tag TARGET that refers to SOURCE (a name[:tag], name@digest, ID or prefix)."
+        ),
+    )
     p.add_argument("source")
     p.add_argument("target")
     p.add_argument("-f", "--force", action="store_true", help="move an existing tag")
     p.set_defaults(handler=cmd_tag)
 
-    p = subparsers.add_parser("rmi", help="remove images", description=(
-        "Untag and remove images, like docker rmi. Untagged parents go too. An image with "
-        "children is not removed (-f only untags it); an image held by a pull, load or "
-        "mount is never removed."))
+    p = subparsers.add_parser(
+        "rmi",
+        help="remove images",
+        description=(
+            "Untag and remove images, like docker rmi. Untagged parents go too. An image with "
+            "children is not removed (-f only untags it); an image held by a pull, load or "
+            "mount is never removed."
+        ),
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("-f", "--force", action="store_true",
-                   help="untag an image referenced by several repositories or with children")
+    p.add_argument(
+        "-f",
+        "--force",
+        action="store_true",
+        help="untag an image referenced by several repositories or with children",
+    )
     p.add_argument("--no-prune", action="store_true", help="keep untagged parents")
     p.set_defaults(handler=cmd_rmi)
 
@@ -48,8 +67,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(handler=cmd_history)
 
-    p = subparsers.add_parser("inspect", help="show image details as JSON", description=(
-        "Print Docker-compatible image details (a JSON array, one object per image)."))
+    p = subparsers.add_parser(
+        "inspect",
+        help="show image details as JSON",
+        description=("Print Docker-compatible image details (a JSON array, one object per image)."),
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(handler=cmd_inspect)
 
@@ -79,14 +101,20 @@ def cmd_images(args: argparse.Namespace) -> int:
         for repo, tag in pairs:
             if wanted_repo is not None and repo != wanted_repo:
                 continue
-            digest = next((d.partition("@")[2] for d in digests
-                           if d.partition("@")[0] == repo), "<none>")
-            rows.append({
-                "Repository": repo, "Tag": tag, "Digest": digest,
-                "ID": "sha256:" + image_id, "CreatedAt": image.created,
-                "CreatedSince": ago(image.created),
-                "Size": virtual_size(store, image),
-            })
+            digest = next(
+                (d.partition("@")[2] for d in digests if d.partition("@")[0] == repo), "<none>"
+            )
+            rows.append(
+                {
+                    "Repository": repo,
+                    "Tag": tag,
+                    "Digest": digest,
+                    "ID": "sha256:" + image_id,
+                    "CreatedAt": image.created,
+                    "CreatedSince": ago(image.created),
+                    "Size": virtual_size(store, image),
+                }
+            )
     if args.quiet:
         seen: set[str] = set()
         for row in rows:
@@ -99,11 +127,25 @@ def cmd_images(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
         return 0
-    headers = ["REPOSITORY", "TAG", *(["DIGEST"] if args.digests else []), "IMAGE ID",
-               "CREATED", "SIZE"]
-    lines = [[r["Repository"], r["Tag"], *([r["Digest"]] if args.digests else []),
-              r["ID"] if args.no_trunc else r["ID"][7:19], r["CreatedSince"],
-              size_text(r["Size"])] for r in rows]
+    headers = [
+        "REPOSITORY",
+        "TAG",
+        *(["DIGEST"] if args.digests else []),
+        "IMAGE ID",
+        "CREATED",
+        "SIZE",
+    ]
+    lines = [
+        [
+            r["Repository"],
+            r["Tag"],
+            *([r["Digest"]] if args.digests else []),
+            r["ID"] if args.no_trunc else r["ID"][7:19],
+            r["CreatedSince"],
+            size_text(r["Size"]),
+        ]
+        for r in rows
+    ]
     print(table(lines, headers))
     return 0
 
@@ -153,12 +195,20 @@ def cmd_history(args: argparse.Namespace) -> int:
         return 0
     if args.format == "json":
         for row in rows:
-            print(json.dumps({
-                "ID": row.id if row.id == "<missing>" else "sha256:" + row.id,
-                "Created": created_unix(row.created), "CreatedAt": row.created,
-                "CreatedBy": row.created_by, "Size": row.size, "Comment": row.comment,
-                "Tags": row.tags,
-            }, sort_keys=True))
+            print(
+                json.dumps(
+                    {
+                        "ID": row.id if row.id == "<missing>" else "sha256:" + row.id,
+                        "Created": created_unix(row.created),
+                        "CreatedAt": row.created,
+                        "CreatedBy": row.created_by,
+                        "Size": row.size,
+                        "Comment": row.comment,
+                        "Tags": row.tags,
+                    },
+                    sort_keys=True,
+                )
+            )
         return 0
     lines = []
     for row in rows:

@@ -12,12 +12,18 @@ from layerfs.store.check import fsck, gc
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "fsck", help="verify the store",
-        description=("Re-hash every layer against its diff ID, check every index, image, "
-                     "parent, layer and tag. Exit 0 when clean, 1 when something is wrong."),
+        "fsck",
+        help="verify the store",
+        description=(
+            "Re-hash every layer against its diff ID, check every index, image, "
+            "parent, layer and tag. Exit 0 when clean, 1 when something is wrong."
+        ),
     )
-    p.add_argument("--repair", action="store_true",
-                   help="remove unpublished staging leftovers and unused layers")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove unpublished staging leftovers and unused layers",
+    )
     p.set_defaults(handler=cmd_fsck)
     p = subparsers.add_parser("gc", help="remove layers no image uses and staging leftovers")
     p.set_defaults(handler=cmd_gc)
@@ -32,8 +38,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(f"leftover: {line} (fsck --repair removes it)")
     for line in report.problems:
         print(f"problem: {line}")
-    summary = (f"checked {report.checked_layers} layers, {report.checked_images} images, "
-               f"{report.checked_tags} tags: ")
+    summary = (
+        f"checked {report.checked_layers} layers, {report.checked_images} images, "
+        f"{report.checked_tags} tags: "
+    )
     if report.problems:
         print(summary + f"{len(report.problems)} problems", file=sys.stderr)
         return 1

@@ -11,25 +11,36 @@ from layerfs.rootfs import export_image, import_rootfs
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "import", help="import a root filesystem tarball as an image",
+        "import",
+        help="import a root filesystem tarball as an image",
         description=(
             "Create a one-layer image from a root filesystem tarball, like docker import. "
             "SOURCE is a file, - for standard input, or an http(s) URL; plain, gzip, zstd, "
-            "bzip2 or xz. The tar is stored as it is, not extracted."),
+            "bzip2 or xz. The tar is stored as it is, not extracted."
+        ),
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("reference", nargs="?", metavar="REPOSITORY[:TAG]")
     p.add_argument("-m", "--message", default="", help="commit message for the image")
-    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
-                   help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
-                        "LABEL, EXPOSE, VOLUME, STOPSIGNAL (repeatable)")
+    p.add_argument(
+        "-c",
+        "--change",
+        action="append",
+        default=[],
+        metavar="INSTRUCTION",
+        help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
+        "LABEL, EXPOSE, VOLUME, STOPSIGNAL (repeatable)",
+    )
     add_quiet(p, "only print the image ID")
     p.set_defaults(handler=cmd_import)
 
     p = subparsers.add_parser(
-        "export", help="write an image's merged filesystem as one tar",
-        description=("Write the merged filesystem of an image (whiteouts and opaque "
-                     "directories applied, hardlinks kept) as a tar, like docker export."),
+        "export",
+        help="write an image's merged filesystem as one tar",
+        description=(
+            "Write the merged filesystem of an image (whiteouts and opaque "
+            "directories applied, hardlinks kept) as a tar, like docker export."
+        ),
     )
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
@@ -40,8 +51,14 @@ def register(subparsers: Any) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     store = open_store(args)
     progress = make_progress(args)
-    result = import_rootfs(store, args.source, args.reference, message=args.message,
-                           changes=args.change, progress=progress)
+    result = import_rootfs(
+        store,
+        args.source,
+        args.reference,
+        message=args.message,
+        changes=args.change,
+        progress=progress,
+    )
     progress.close()
     if result.rename_message and not args.quiet:
         print(result.rename_message)

@@ -45,12 +45,11 @@ def _split(path: bytes) -> tuple[bytes, bytes]:
     slash = path.rfind(b"/")
     if slash < 0:
         return b"", path
-    return path[:slash], path[slash + 1:]
+    return path[:slash], path[slash + 1 :]
 
 
 def _implied_dir(path: bytes, mtime_ns: int = 0) -> Entry:
-    return Entry(path=path, type=DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=mtime_ns,
-                 offset=0)
+    return Entry(path=path, type=DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=mtime_ns, offset=0)
 
 
 class MergedTree:
@@ -136,8 +135,8 @@ class MergedTree:
             if name == OPAQUE_MARKER:
                 self._clear_children(parent)
             elif is_whiteout(name):
-                target = name[len(WHITEOUT):]
-                self._remove(parent + b"/" + target if parent else target)
+                hidden = name[len(WHITEOUT) :]
+                self._remove(parent + b"/" + hidden if parent else hidden)
         by_path: dict[bytes, Entry] = {}
         for entry in entries:
             parent, name = _split(entry.path)
@@ -156,17 +155,31 @@ class MergedTree:
                 if target is None:
                     continue  # the tar indexer guarantees an earlier target; be safe
                 first = target.linkname if target.type == HARDLINK else target.path
-                data = by_path[first] if first in by_path else target
+                data = by_path.get(first, target)
                 node = Node(
-                    Entry(path=entry.path, type=data.type, mode=data.mode, uid=data.uid,
-                          gid=data.gid, size=data.size, mtime_ns=data.mtime_ns,
-                          offset=data.offset, linkname=data.linkname, devmajor=data.devmajor,
-                          devminor=data.devminor, xattrs=data.xattrs),
-                    number, link_key=(number, first),
+                    Entry(
+                        path=entry.path,
+                        type=data.type,
+                        mode=data.mode,
+                        uid=data.uid,
+                        gid=data.gid,
+                        size=data.size,
+                        mtime_ns=data.mtime_ns,
+                        offset=data.offset,
+                        linkname=data.linkname,
+                        devmajor=data.devmajor,
+                        devminor=data.devminor,
+                        xattrs=data.xattrs,
+                    ),
+                    number,
+                    link_key=(number, first),
                 )
                 target_node = self.nodes.get(first)
-                if target_node is not None and target_node.layer == number \
-                        and target_node.link_key is None:
+                if (
+                    target_node is not None
+                    and target_node.layer == number
+                    and target_node.link_key is None
+                ):
                     target_node.link_key = (number, first)
             by_path[entry.path] = entry
             self._put(entry.path, node)
@@ -175,18 +188,45 @@ class MergedTree:
         for parent in init_parents():
             node = self.nodes.get(parent.encode())
             if node is None or node.children is None:
-                self._put(parent.encode(), Node(
-                    Entry(path=parent.encode(), type=DIR, mode=INIT_PARENT_MODE, uid=0, gid=0,
-                          size=0, mtime_ns=0, offset=0), INIT_LAYER))
+                self._put(
+                    parent.encode(),
+                    Node(
+                        Entry(
+                            path=parent.encode(),
+                            type=DIR,
+                            mode=INIT_PARENT_MODE,
+                            uid=0,
+                            gid=0,
+                            size=0,
+                            mtime_ns=0,
+                            offset=0,
+                        ),
+                        INIT_LAYER,
+                    ),
+                )
         for init in INIT_ENTRIES:
             path = init.path.encode()
             existing = self.nodes.get(path)
             if init.type == "d" and existing is not None and existing.children is not None:
                 continue  # existing directories are left untouched
             kind = {"d": DIR, "f": REG, "l": SYMLINK}[init.type]
-            self._put(path, Node(
-                Entry(path=path, type=kind, mode=init.mode, uid=0, gid=0, size=0, mtime_ns=0,
-                      offset=0, linkname=init.target.encode()), INIT_LAYER))
+            self._put(
+                path,
+                Node(
+                    Entry(
+                        path=path,
+                        type=kind,
+                        mode=init.mode,
+                        uid=0,
+                        gid=0,
+                        size=0,
+                        mtime_ns=0,
+                        offset=0,
+                        linkname=init.target.encode(),
+                    ),
+                    INIT_LAYER,
+                ),
+            )
 
     # -- reading ----------------------------------------------------------------
 

@@ -13,8 +13,17 @@ from typing import Any
 
 from layerfs.errors import UsageError
 
-SUPPORTED = ("CMD", "ENTRYPOINT", "ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "VOLUME",
-             "STOPSIGNAL")
+SUPPORTED = (
+    "CMD",
+    "ENTRYPOINT",
+    "ENV",
+    "WORKDIR",
+    "USER",
+    "LABEL",
+    "EXPOSE",
+    "VOLUME",
+    "STOPSIGNAL",
+)
 
 
 def _command(value: str) -> list[str]:
@@ -37,7 +46,7 @@ def _pairs(value: str, instruction: str) -> list[tuple[str, str]]:
     if instruction == "ENV" and words and "=" not in words[0]:
         if len(words) < 2:
             raise UsageError("ENV needs a value: ENV KEY VALUE or ENV KEY=VALUE")
-        return [(words[0], value.strip()[len(words[0]):].strip())]
+        return [(words[0], value.strip()[len(words[0]) :].strip())]
     pairs = []
     for word in words:
         key, sep, val = word.partition("=")
@@ -84,8 +93,11 @@ def apply_change(config: dict[str, Any], change: str) -> None:
         ports = dict(config.get("ExposedPorts") or {})
         for port in value.split():
             number, _, proto = port.partition("/")
-            if not number.isdigit() or not 0 < int(number) < 65536 or proto not in (
-                    "", "tcp", "udp", "sctp"):
+            if (
+                not number.isdigit()
+                or not 0 < int(number) < 65536
+                or proto not in ("", "tcp", "udp", "sctp")
+            ):
                 raise UsageError(f"invalid --change EXPOSE port {port!r}")
             ports[f"{number}/{proto or 'tcp'}"] = {}
         config["ExposedPorts"] = ports

@@ -29,7 +29,9 @@ def validate_digest(value: object, what: str = "digest") -> str:
     """Return ``value`` if it is ``sha256:`` + 64 lower-case hex, else raise."""
     if not is_sha256_digest(value):
         shown = repr(value)[:90]
-        raise InvalidReferenceError(f"invalid {what} {shown}: expected sha256: and 64 lower-case hex")
+        raise InvalidReferenceError(
+            f"invalid {what} {shown}: expected sha256: and 64 lower-case hex"
+        )
     assert isinstance(value, str)
     return value
 

@@ -19,8 +19,16 @@ from layerfs.errors import FormatError
 MAX_IMAGE_DEPTH = 127
 """Docker's MaxImageDepth: an image chain holds at most this many images."""
 
-_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
-           "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+_GOARCH = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "i686": "386",
+    "i386": "386",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
 
 
 def host_architecture() -> str:
@@ -46,7 +54,7 @@ def parse_created(value: object) -> datetime | None:
             if not ch.isdigit():
                 break
             digits += ch
-        text = main + "." + digits[:6].ljust(6, "0") + rest[len(digits):]
+        text = main + "." + digits[:6].ljust(6, "0") + rest[len(digits) :]
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
@@ -190,7 +198,8 @@ def build_config(
     history.append(entry)
     diff_ids = [*parent_diff_ids, *([diff_id] if diff_id else [])]
     doc: dict[str, Any] = {
-        "architecture": parent.architecture if parent and parent.architecture
+        "architecture": parent.architecture
+        if parent and parent.architecture
         else host_architecture(),
         "os": parent.os if parent else "linux",
         "created": created,

@@ -56,12 +56,13 @@ def stale_tmp_entries(store: Store) -> list[Path]:
     return stale
 
 
-def fsck(store: Store, *, repair: bool = False,
-         progress: Callable[[str], None] | None = None) -> Report:
+def fsck(
+    store: Store, *, repair: bool = False, progress: Callable[[str], None] | None = None
+) -> Report:
     report = Report()
     for path in stale_tmp_entries(store):
         report.leftovers.append(f"unpublished staging leftover tmp/{path.name}")
-    for diff_id in store.layers.list():
+    for diff_id in store.layers.diff_ids():
         if progress:
             progress(f"checking layer {diff_id}")
         report.problems.extend(store.layers.verify(diff_id))
@@ -91,13 +92,14 @@ def fsck(store: Store, *, repair: bool = False,
                 continue
             if image.diff_ids and chain != image.diff_ids:
                 report.problems.append(
-                    f"image {image_id[:12]}: rootfs.diff_ids do not match its chain's layers")
+                    f"image {image_id[:12]}: rootfs.diff_ids do not match its chain's layers"
+                )
     for repo, refs in store.tags.all().items():
         for ref, image_id in refs.items():
             report.checked_tags += 1
             if not store.graph.exists(image_id):
                 report.problems.append(f"tag {repo}:{ref} points to missing image {image_id[:12]}")
-    for diff_id in store.layers.list():
+    for diff_id in store.layers.diff_ids():
         if diff_id not in used_layers and not store.graph.is_held(diff_id):
             report.leftovers.append(f"layer {diff_id} is used by no image")
     if repair:

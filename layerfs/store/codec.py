@@ -20,6 +20,11 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes, *, what: str) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as exc:
         raise CorruptIndexError(f"cannot read {what}: {exc}") from exc

@@ -64,8 +64,9 @@ _HOLD_NAME = re.compile(r"^[a-f0-9]{64}$")
 
 
 class Graph:
-    def __init__(self, root: Path, layers: LayerStore, tmp_root: Path, lock_path: Path,
-                 holds_root: Path) -> None:
+    def __init__(
+        self, root: Path, layers: LayerStore, tmp_root: Path, lock_path: Path, holds_root: Path
+    ) -> None:
         self.root = root
         self.layers = layers
         self.tmp_root = tmp_root
@@ -120,8 +121,12 @@ class Graph:
         except Exception as exc:
             raise IntegrityError(f"image {image_id[:12]} has corrupt json: {exc}") from exc
         stored_id = data.get("id")
-        if isinstance(stored_id, str) and stored_id and stored_id != image_id \
-                and "rootfs" not in data:
+        if (
+            isinstance(stored_id, str)
+            and stored_id
+            and stored_id != image_id
+            and "rootfs" not in data
+        ):
             raise IntegrityError(f"Image stored at '{node}' has wrong id '{stored_id}'")
         parent = _read_text(node / "parent")
         layer = _read_text(node / "layer") or None
@@ -129,8 +134,9 @@ class Graph:
         size = int(size_text) if size_text.isdigit() else -1
         if size < 0 and layer is not None:
             size = self.layers.info(layer).content_size
-        return Image(id=image_id, parent=parent, layer=layer, raw_json=raw, data=data,
-                     size=max(size, 0))
+        return Image(
+            id=image_id, parent=parent, layer=layer, raw_json=raw, data=data, size=max(size, 0)
+        )
 
     def get_parent(self, image: Image) -> Image | None:
         if not image.parent:
@@ -148,8 +154,9 @@ class Graph:
             total += current.size
         return total
 
-    def walk_history(self, image: Image, handler: Callable[[Image], None] | None = None
-                     ) -> list[Image]:
+    def walk_history(
+        self, image: Image, handler: Callable[[Image], None] | None = None
+    ) -> list[Image]:
         """The chain from ``image`` down to its base (image first)."""
         chain: list[Image] = []
         seen: set[str] = set()
@@ -233,12 +240,19 @@ class Graph:
         if not is_image_id(image_id):
             raise UsageError(f"invalid image ID {image_id!r}: expected 64 lower-case hex")
         with locked(self.lock_path):
-            return self._register_locked(raw_json, image_id, parent, layer, layer_digest,
-                                         v1_compatibility)
+            return self._register_locked(
+                raw_json, image_id, parent, layer, layer_digest, v1_compatibility
+            )
 
-    def _register_locked(self, raw_json: bytes, image_id: str, parent: str,
-                         layer: StagedLayer | str | None, layer_digest: str | None,
-                         v1_compatibility: bytes | None) -> bool:
+    def _register_locked(
+        self,
+        raw_json: bytes,
+        image_id: str,
+        parent: str,
+        layer: StagedLayer | str | None,
+        layer_digest: str | None,
+        v1_compatibility: bytes | None,
+    ) -> bool:
         node = self.root / image_id
         if (node / "json").is_file():
             if isinstance(layer, StagedLayer):
@@ -259,8 +273,9 @@ class Graph:
         else:
             diff_id = layer
         if diff_id is not None and not self.layers.exists(diff_id):
-            raise IntegrityError(f"cannot register image {image_id[:12]}: layer {diff_id} "
-                                 "is not in the store")
+            raise IntegrityError(
+                f"cannot register image {image_id[:12]}: layer {diff_id} is not in the store"
+            )
         size = self.layers.info(diff_id).content_size if diff_id else 0
         if node.exists():
             remove_tree(node)  # a stale directory without json is a leftover
@@ -304,13 +319,21 @@ class Graph:
             parent_image = self._load(self.resolve(parent)) if parent else None
             parent_diff_ids = self.layers_of(parent_image) if parent_image else []
             diff_id = layer.diff_id if isinstance(layer, StagedLayer) else layer
-            doc = build_config(parent=parent_image, parent_diff_ids=parent_diff_ids,
-                               diff_id=diff_id, config=config, comment=comment, author=author,
-                               created_by=created_by, created=created)
+            doc = build_config(
+                parent=parent_image,
+                parent_diff_ids=parent_diff_ids,
+                diff_id=diff_id,
+                config=config,
+                comment=comment,
+                author=author,
+                created_by=created_by,
+                created=created,
+            )
             raw = canonical_json(doc)
             image_id = hex_of(sha256_digest(raw))
-            self._register_locked(raw, image_id, parent_image.id if parent_image else "",
-                                  layer, None, None)
+            self._register_locked(
+                raw, image_id, parent_image.id if parent_image else "", layer, None, None
+            )
             return self._load(image_id)
 
     # -- deletion ---------------------------------------------------------------
@@ -352,8 +375,7 @@ class Graph:
 
     def unused_layers(self) -> list[str]:
         used = {_read_text(self.root / i / "layer") for i in self.ids()}
-        return [d for d in self.layers.list()
-                if d not in used and not self.is_held(hex_of(d))]
+        return [d for d in self.layers.diff_ids() if d not in used and not self.is_held(hex_of(d))]
 
     # -- holds ------------------------------------------------------------------
 
@@ -435,7 +457,8 @@ class Graph:
             return (self.root / image_id / "v1Compatibility").read_bytes()
         except FileNotFoundError:
             raise ImageNotFoundError(
-                f"no v1Compatibility config is stored for {image_id[:12]}") from None
+                f"no v1Compatibility config is stored for {image_id[:12]}"
+            ) from None
 
     def raw_json(self, image_id: str) -> bytes:
         return self.get(image_id).raw_json
@@ -446,8 +469,9 @@ class Graph:
         path = self.root / image.id / "v1Compatibility"
         if path.is_file():
             return path.read_bytes()
-        doc: dict[str, Any] = {k: v for k, v in image.data.items()
-                               if k not in ("rootfs", "history")}
+        doc: dict[str, Any] = {
+            k: v for k, v in image.data.items() if k not in ("rootfs", "history")
+        }
         doc["id"] = image.id
         if image.parent:
             parent_json = json.loads(self.generate_v1_compatibility_chain(image.parent))
@@ -467,8 +491,9 @@ class Graph:
             return io.BytesIO(EMPTY_TAR)
         return self.layers.open_tar(image.layer)
 
-    def temp_layer_archive(self, image_id: str,
-                           progress: Callable[[int], None] | None = None) -> TempArchive:
+    def temp_layer_archive(
+        self, image_id: str, progress: Callable[[int], None] | None = None
+    ) -> TempArchive:
         """Copy the layer to a temp file under tmp/ ("Buffering to disk"); gone when closed."""
         image = self.get(image_id)
         path = temp_path(self.tmp_root, "archive")
@@ -504,4 +529,3 @@ def _read_text(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         return ""
-

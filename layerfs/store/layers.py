@@ -45,18 +45,28 @@ class LayerInfo:
     blob_digests: list[str]  # compressed digests this exact layer was seen as
 
     def to_json(self) -> bytes:
-        return json.dumps({
-            "diff_id": self.diff_id, "tar_size": self.tar_size,
-            "content_size": self.content_size, "entries": self.entries,
-            "blob_digests": sorted(set(self.blob_digests)),
-        }, sort_keys=True).encode()
+        return json.dumps(
+            {
+                "diff_id": self.diff_id,
+                "tar_size": self.tar_size,
+                "content_size": self.content_size,
+                "entries": self.entries,
+                "blob_digests": sorted(set(self.blob_digests)),
+            },
+            sort_keys=True,
+        ).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> LayerInfo:
         try:
             doc = json.loads(data)
-            return cls(doc["diff_id"], int(doc["tar_size"]), int(doc["content_size"]),
-                       int(doc["entries"]), list(doc.get("blob_digests", [])))
+            return cls(
+                doc["diff_id"],
+                int(doc["tar_size"]),
+                int(doc["content_size"]),
+                int(doc["entries"]),
+                list(doc.get("blob_digests", [])),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"corrupt layer info {where}: {exc}") from exc
 
@@ -96,7 +106,7 @@ class LayerStore:
     def exists(self, diff_id: str) -> bool:
         return is_sha256_digest(diff_id) and (self.path(diff_id) / "info.json").is_file()
 
-    def list(self) -> list[str]:
+    def diff_ids(self) -> list[str]:
         if not self.root.is_dir():
             return []
         return sorted("sha256:" + p.name for p in self.root.iterdir() if len(p.name) == 64)
@@ -123,11 +133,19 @@ class LayerStore:
                 raise DigestMismatchError(
                     f"{what}: diff ID mismatch: expected {expected_diff_id}, got {result.diff_id}"
                 )
-            index = {"version": INDEX_VERSION, "diff_id": result.diff_id,
-                     "entries": [e.to_row() for e in result.entries]}
+            index = {
+                "version": INDEX_VERSION,
+                "diff_id": result.diff_id,
+                "entries": [e.to_row() for e in result.entries],
+            }
             (staging / "index").write_bytes(codec.pack(index))
-            info = LayerInfo(result.diff_id, result.tar_size, result.content_size,
-                             len(result.entries), [blob_digest] if blob_digest else [])
+            info = LayerInfo(
+                result.diff_id,
+                result.tar_size,
+                result.content_size,
+                len(result.entries),
+                [blob_digest] if blob_digest else [],
+            )
             (staging / "info.json").write_bytes(info.to_json())
         except BaseException:
             remove_tree(staging)
@@ -149,7 +167,7 @@ class LayerStore:
             atomic_write(self.path(diff_id) / "info.json", info.to_json(), self.tmp_root, 0o644)
 
     def find_by_blob_digest(self, blob_digest: str) -> str | None:
-        for diff_id in self.list():
+        for diff_id in self.diff_ids():
             try:
                 if blob_digest in self.info(diff_id).blob_digests:
                     return diff_id

@@ -28,11 +28,10 @@ def _is_reference(store: Store, name: str) -> bool:
         refs = store.tags.get(repo)
     except Exception:
         return False
-    return bool(refs) and (ref or "latest") in refs
+    return refs is not None and (ref or "latest") in refs
 
 
-def remove_image(store: Store, name: str, *, force: bool = False, prune: bool = True
-                 ) -> Removal:
+def remove_image(store: Store, name: str, *, force: bool = False, prune: bool = True) -> Removal:
     with store.graph.transaction():
         image = store.tags.lookup_image(name)
         refs = store.tags.references(image.id)
@@ -78,8 +77,11 @@ def remove_image(store: Store, name: str, *, force: bool = False, prune: bool = 
                 parent_image = store.graph.get(parent)
             except ImageNotFoundError:
                 break
-            if (store.tags.references(parent) or store.graph.children(parent)
-                    or store.graph.is_held(parent)):
+            if (
+                store.tags.references(parent)
+                or store.graph.children(parent)
+                or store.graph.is_held(parent)
+            ):
                 break
             try:
                 store.graph.delete(parent)

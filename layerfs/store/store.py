@@ -48,10 +48,10 @@ class Store:
         self.tmp = self.root / "tmp"
         self.lock_path = self.root / "lock"
         self.layers = LayerStore(self.root / "layers", self.tmp)
-        self.graph = Graph(self.root / "graph", self.layers, self.tmp, self.lock_path,
-                           self.root / "holds")
-        self.tags = TagStore(self.root / "repositories.json", self.graph, self.tmp,
-                             self.lock_path)
+        self.graph = Graph(
+            self.root / "graph", self.layers, self.tmp, self.lock_path, self.root / "holds"
+        )
+        self.tags = TagStore(self.root / "repositories.json", self.graph, self.tmp, self.lock_path)
 
     @classmethod
     def open(cls, root: Path | None = None, *, create: bool = True) -> Store:
@@ -78,11 +78,12 @@ class Store:
             self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
             for sub in ("tmp", "layers", "graph", "holds"):
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
-            if any(p.name not in ("tmp", "layers", "graph", "holds", "lock")
-                   for p in self.root.iterdir()):
+            if any(
+                p.name not in ("tmp", "layers", "graph", "holds", "lock")
+                for p in self.root.iterdir()
+            ):
                 raise StoreError(f"{self.root} is not empty and is not a layerfs store")
-            atomic_write(marker, json.dumps({"version": STORE_VERSION}).encode(), self.tmp,
-                         0o644)
+            atomic_write(marker, json.dumps({"version": STORE_VERSION}).encode(), self.tmp, 0o644)
         except PermissionError as exc:
             raise StoreError(
                 f"cannot create the store at {self.root}: {exc.strerror}",

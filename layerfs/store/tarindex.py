@@ -30,8 +30,15 @@ MAX_LONG_NAME = 1 << 16
 REG, DIR, SYMLINK, HARDLINK, CHAR, BLOCKDEV, FIFO = "f", "d", "l", "h", "c", "b", "p"
 
 _TYPEFLAGS = {
-    b"0": REG, b"\0": REG, b"7": REG, b"1": HARDLINK, b"2": SYMLINK,
-    b"3": CHAR, b"4": BLOCKDEV, b"5": DIR, b"6": FIFO,
+    b"0": REG,
+    b"\0": REG,
+    b"7": REG,
+    b"1": HARDLINK,
+    b"2": SYMLINK,
+    b"3": CHAR,
+    b"4": BLOCKDEV,
+    b"5": DIR,
+    b"6": FIFO,
 }
 
 WHITEOUT_PREFIX = b".wh."
@@ -56,8 +63,20 @@ class Entry:
     xattrs: dict[str, bytes] | None = None
 
     def to_row(self) -> list[Any]:
-        return [self.path, self.type, self.mode, self.uid, self.gid, self.size, self.mtime_ns,
-                self.offset, self.linkname, self.devmajor, self.devminor, self.xattrs]
+        return [
+            self.path,
+            self.type,
+            self.mode,
+            self.uid,
+            self.gid,
+            self.size,
+            self.mtime_ns,
+            self.offset,
+            self.linkname,
+            self.devmajor,
+            self.devminor,
+            self.xattrs,
+        ]
 
     @classmethod
     def from_row(cls, row: list[Any]) -> Entry:
@@ -79,8 +98,9 @@ class IndexResult:
 class _Reader:
     """Pulls big chunks from the source, passing each to the hash and the sink at once."""
 
-    def __init__(self, src: BinaryIO | Any, sink: Sink | None,
-                 progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self, src: BinaryIO | Any, sink: Sink | None, progress: Callable[[int], None] | None
+    ) -> None:
         self._src = src
         self._sink = sink
         self._progress = progress
@@ -100,7 +120,7 @@ class _Reader:
         self.total += len(chunk)
         if self._progress is not None:
             self._progress(len(chunk))
-        self._buf = self._buf[self._pos:] + chunk if self._pos < len(self._buf) else chunk
+        self._buf = self._buf[self._pos :] + chunk if self._pos < len(self._buf) else chunk
         self._pos = 0
         return True
 
@@ -108,7 +128,7 @@ class _Reader:
         while len(self._buf) - self._pos < n:
             if not self._pull():
                 raise FormatError(f"truncated tar: unexpected end of data in {what}")
-        data = self._buf[self._pos:self._pos + n]
+        data = self._buf[self._pos : self._pos + n]
         self._pos += n
         self.offset += n
         return data
@@ -175,9 +195,9 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
         except ValueError:
             raise FormatError("malformed PAX header: bad record length") from None
         end = pos + length
-        if length <= space - pos + 1 or end > len(data) or data[end - 1:end] != b"\n":
+        if length <= space - pos + 1 or end > len(data) or data[end - 1 : end] != b"\n":
             raise FormatError("malformed PAX header: record length out of range")
-        key, sep, value = data[space + 1:end - 1].partition(b"=")
+        key, sep, value = data[space + 1 : end - 1].partition(b"=")
         if not sep:
             raise FormatError("malformed PAX header: record without '='")
         records[key] = value
@@ -306,7 +326,9 @@ def index_tar(
             continue
         if typeflag in (b"L", b"K"):
             if size > MAX_LONG_NAME:
-                raise FormatError(f"GNU long name of {size} bytes exceeds the {MAX_LONG_NAME} limit")
+                raise FormatError(
+                    f"GNU long name of {size} bytes exceeds the {MAX_LONG_NAME} limit"
+                )
             value = reader.read_exact(size, "a GNU long name").split(b"\0", 1)[0]
             reader.skip(padded - size, "padding")
             if typeflag == b"L":
@@ -338,10 +360,16 @@ def index_tar(
             size = _pax_int(merged[b"size"], "size")
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
         mode = _parse_number(header[100:108], "mode") & 0o7777
-        uid = _pax_int(merged[b"uid"], "uid") if b"uid" in merged else _parse_number(
-            header[108:116], "uid")
-        gid = _pax_int(merged[b"gid"], "gid") if b"gid" in merged else _parse_number(
-            header[116:124], "gid")
+        uid = (
+            _pax_int(merged[b"uid"], "uid")
+            if b"uid" in merged
+            else _parse_number(header[108:116], "uid")
+        )
+        gid = (
+            _pax_int(merged[b"gid"], "gid")
+            if b"gid" in merged
+            else _parse_number(header[116:124], "gid")
+        )
         if b"mtime" in merged:
             mtime_ns = _pax_time_ns(merged[b"mtime"])
         else:
@@ -351,7 +379,7 @@ def index_tar(
             if key.startswith(b"SCHILY.xattr."):
                 if xattrs is None:
                     xattrs = {}
-                xattrs[key[len(b"SCHILY.xattr."):].decode("utf-8", "surrogateescape")] = value
+                xattrs[key[len(b"SCHILY.xattr.") :].decode("utf-8", "surrogateescape")] = value
         if name.endswith(b"/") and kind == REG:
             kind = DIR  # old tars mark directories by a trailing slash only
         path = normalize_path(name)
@@ -359,9 +387,14 @@ def index_tar(
             linkname = normalize_path(linkname)
         is_dev = kind in (CHAR, BLOCKDEV)
         entry = Entry(
-            path=path, type=kind, mode=mode, uid=uid, gid=gid,
+            path=path,
+            type=kind,
+            mode=mode,
+            uid=uid,
+            gid=gid,
             size=size if kind == REG else 0,
-            mtime_ns=mtime_ns, offset=reader.offset,
+            mtime_ns=mtime_ns,
+            offset=reader.offset,
             linkname=linkname if kind in (SYMLINK, HARDLINK) else b"",
             devmajor=_parse_number(header[329:337], "devmajor") if is_dev else 0,
             devminor=_parse_number(header[337:345], "devminor") if is_dev else 0,
@@ -375,8 +408,9 @@ def index_tar(
         pax = {}
         long_name = long_link = None
     reader.drain()
-    return IndexResult(diff_id=reader.digest, tar_size=reader.total, content_size=content_size,
-                       entries=entries)
+    return IndexResult(
+        diff_id=reader.digest, tar_size=reader.total, content_size=content_size, entries=entries
+    )
 
 
 def _pax_int(value: bytes, what: str) -> int:

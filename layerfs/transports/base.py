@@ -1,0 +1,139 @@
+"""The contract between image sources, image destinations and the copy pipeline.
+
+Every format layerfs reads or writes is an adapter: a docker-archive, an OCI
+layout, a registry, the store itself. ``copy(source, destination)`` in
+:mod:`layerfs.copy` moves images between any two of them, so load, save, pull
+and push are the same code path.
+
+Call order (driven by :func:`layerfs.copy.copy`)::
+
+    source.images()                        # once: every image the source offers
+    for each image:
+        for each layer, base first:
+            destination.has_layer(layer)   # True: skip it (the destination holds it)
+            source.open_layer(image, i)    # a stream of the blob as described
+            destination.put_layer(stream, layer, what)
+        destination.put_image(image)       # publish: all of it or nothing
+    destination.commit()                   # finish the output (an archive's index)
+    source.close(); destination.close()    # always, also after an error
+
+Who checks what: the *destination* verifies every blob while it streams -- the
+blob digest against ``LayerDesc.digest`` when given, the sha256 of the
+uncompressed tar against ``LayerDesc.diff_id`` -- before anything becomes
+visible. The *source* checks its own documents (manifest digests, config
+digest against the manifest, JSON shape) before it returns them from
+``images()``. A destination whose input breaks mid-stream (a truncated layer, a
+digest mismatch, an exception) fails that image and leaves nothing of it
+behind; ``close()`` after a failure removes whatever was staged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+from layerfs.model.digest import sha256_digest
+from layerfs.model.image import decode_json_object
+
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MEDIA_DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
+MEDIA_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+
+@dataclass
+class LayerDesc:
+    """One layer as a source offers it."""
+
+    diff_id: str | None  # sha256 of the uncompressed tar; None if the source cannot know
+    digest: str | None = None  # sha256 of the blob exactly as open_layer streams it
+    size: int | None = None  # size of that blob, when known
+    media_type: str = MEDIA_OCI_LAYER_TAR
+    # Compressed digests this layer is known by elsewhere (lets push skip work).
+    known_blob_digests: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)  # foreign layers
+
+
+@dataclass
+class LegacyNode:
+    """A v1 image of a legacy chain: its ID and its exact JSON."""
+
+    id: str
+    json: bytes
+
+
+@dataclass
+class SourceImage:
+    """An image as a source offers it: exact config bytes, layers base first, names."""
+
+    config: bytes
+    layers: list[LayerDesc]
+    references: list[str] = field(default_factory=list)  # "repo:tag" / "repo@sha256:..."
+    name: str = ""  # how messages refer to it
+    legacy: list[LegacyNode] | None = None  # v1 chain, base first, when the source has one
+    manifest_digest: str | None = None  # the manifest it came from (registry pulls)
+    manifest: bytes | None = None
+    manifest_media_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config_digest(self) -> str:
+        return sha256_digest(self.config)
+
+    @property
+    def image_id(self) -> str:
+        """The ID the image has in the store: the top v1 ID for legacy chains."""
+        if self.legacy:
+            return self.legacy[-1].id
+        return self.config_digest[7:]
+
+    def config_json(self) -> dict[str, Any]:
+        return decode_json_object(self.config, f"config of {self.name or 'image'}")
+
+
+ProgressFn = Callable[[int], None]
+
+
+class ImageSource(Protocol):
+    def images(self) -> list[SourceImage]:
+        """Every image to copy, checked (see the module docstring)."""
+        ...
+
+    def open_layer(self, image: SourceImage, index: int) -> BinaryIO:
+        """A stream of ``image.layers[index]``'s blob, as described by its LayerDesc."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ImageDestination(Protocol):
+    def has_layer(self, layer: LayerDesc) -> bool:
+        """True when the destination already has this layer and needs no stream."""
+        ...
+
+    def put_layer(
+        self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
+    ) -> None:
+        """Consume and verify one layer; stage it, publish nothing yet."""
+        ...
+
+    def put_image(self, image: SourceImage) -> None:
+        """Publish the image with its staged layers, all or nothing."""
+        ...
+
+    def commit(self) -> None:
+        """Finish after the last image (write indexes, close archives)."""
+        ...
+
+    def close(self) -> None:
+        """Release everything; after a failure, remove what was staged."""
+        ...

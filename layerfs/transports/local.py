@@ -1,0 +1,381 @@
+"""The store seen as an image source (save, push) and destination (load, pull).
+
+How an image becomes graph nodes (the rule ``docs/store-format.md`` documents):
+
+* A modern image with layers L1..Ln becomes n nodes. The top node's JSON is
+  the image's config, byte for byte, so its ID is the image ID every other tool
+  computes. Node k < n has a derived config: ``architecture``, ``os``,
+  ``rootfs.diff_ids`` = L1..Lk, ``history`` up to and including the k-th
+  entry that has a layer, and ``created`` of that entry, serialised compactly
+  with sorted keys; its ID is the sha256 of those bytes. Images sharing a base
+  therefore share base nodes, and every node is itself a valid image.
+* A legacy (v1) chain keeps its v1 IDs and JSON exactly.
+* An image without layers is one node without a layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any, BinaryIO
+
+from layerfs.errors import (
+    DepthLimitError,
+    DigestMismatchError,
+    FormatError,
+    ImageNotFoundError,
+    LayerfsError,
+)
+from layerfs.model.digest import HashingReader, hex_of, is_sha256_digest, sha256_digest
+from layerfs.model.image import MAX_IMAGE_DEPTH, Image, canonical_json
+from layerfs.model.reference import (
+    Reference,
+    image_reference,
+    normalize_local_name,
+    parse_repository_tag,
+)
+from layerfs.store.layers import StagedLayer
+from layerfs.store.store import Store
+from layerfs.transports.base import (
+    MEDIA_OCI_LAYER_TAR,
+    LayerDesc,
+    LegacyNode,
+    ProgressFn,
+    SourceImage,
+)
+
+log = logging.getLogger(__name__)
+
+
+def derived_config(config: dict[str, Any], count: int) -> dict[str, Any]:
+    """The config of the node holding the first ``count`` layers of ``config``."""
+    diff_ids = config["rootfs"]["diff_ids"][:count]
+    history: list[Any] = []
+    created = config.get("created")
+    seen_layers = 0
+    for entry in config.get("history") or []:
+        if not isinstance(entry, dict):
+            continue
+        history.append(entry)
+        if not entry.get("empty_layer"):
+            seen_layers += 1
+            if seen_layers == count:
+                created = entry.get("created", created)
+                break
+    doc: dict[str, Any] = {
+        "architecture": config.get("architecture", ""),
+        "os": config.get("os", "linux"),
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
+    if history:
+        doc["history"] = history
+    if created:
+        doc["created"] = created
+    return doc
+
+
+def config_from_chain(chain: list[Image], diff_ids: list[str]) -> bytes:
+    """A modern config for a legacy chain (base first), like Docker's v1 migration."""
+    top = chain[-1]
+    doc = {
+        k: v
+        for k, v in top.data.items()
+        if k not in ("id", "parent", "Size", "parent_id", "layer_id", "checksum")
+    }
+    history = []
+    for node in chain:
+        entry: dict[str, Any] = {"created": node.created or "1970-01-01T00:00:00Z"}
+        if node.author:
+            entry["author"] = node.author
+        created_by = node.created_by()
+        if created_by:
+            entry["created_by"] = created_by
+        if node.comment:
+            entry["comment"] = node.comment
+        if not node.layer:
+            entry["empty_layer"] = True
+        history.append(entry)
+    doc["history"] = history
+    doc["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    doc.setdefault("os", "linux")
+    return canonical_json(doc)
+
+
+class StoreDestination:
+    """Loads images into the store: stage every layer, then publish nodes and tags at once."""
+
+    def __init__(self, store: Store, *, tag: bool = True) -> None:
+        self.store = store
+        self.tag = tag
+        self.session = f"copy-{uuid.uuid4().hex}"
+        self._staged: dict[str, StagedLayer] = {}
+        self._mutex = threading.Lock()
+        self.loaded: list[tuple[SourceImage, list[str]]] = []  # image, messages
+        self.rename_messages: list[str] = []
+
+    def has_layer(self, layer: LayerDesc) -> bool:
+        diff_id = layer.diff_id
+        if diff_id is None and layer.digest:
+            diff_id = self.store.layers.find_by_blob_digest(layer.digest)
+            if diff_id is not None:
+                layer.diff_id = diff_id
+        if diff_id is None or not is_sha256_digest(diff_id):
+            return False
+        with self._mutex:
+            if diff_id in self._staged:
+                return True
+        if self.store.layers.exists(diff_id):
+            # Hold it so that no rmi removes it before our nodes reference it.
+            self.store.graph.retain(self.session, diff_id)
+            if self.store.layers.exists(diff_id):
+                return True
+        return False
+
+    def put_layer(
+        self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
+    ) -> None:
+        hashing = HashingReader(stream)
+        staged = self.store.layers.ingest(
+            hashing,
+            expected_diff_id=layer.diff_id,
+            what=what,
+            progress=None,
+            blob_digest=None,
+        )
+        try:
+            if progress is not None:
+                progress(hashing.count)
+            if layer.digest and hashing.digest != layer.digest:
+                raise DigestMismatchError(
+                    f"{what}: blob digest mismatch: expected {layer.digest}, got {hashing.digest}"
+                )
+            if layer.digest and layer.digest != staged.diff_id:
+                staged.info.blob_digests.append(layer.digest)
+                (staged.staging / "info.json").write_bytes(staged.info.to_json())
+        except BaseException:
+            staged.discard()
+            raise
+        layer.diff_id = staged.diff_id
+        with self._mutex:
+            previous = self._staged.get(staged.diff_id)
+            self._staged[staged.diff_id] = staged
+        if previous is not None:
+            previous.discard()
+
+    def _plan(self, image: SourceImage) -> list[tuple[str, bytes, str | None]]:
+        """(id, json, diff id) per node, base first."""
+        if image.legacy:
+            if len(image.legacy) != len(image.layers):
+                raise FormatError(f"{image.name}: legacy chain and layers differ in length")
+            return [(n.id, n.json, image.layers[i].diff_id) for i, n in enumerate(image.legacy)]
+        config = image.config_json()
+        rootfs = config.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list) or not all(is_sha256_digest(d) for d in diff_ids):
+            raise FormatError(f"{image.name}: config has no valid rootfs.diff_ids")
+        if len(diff_ids) != len(image.layers):
+            raise FormatError(
+                f"{image.name}: config lists {len(diff_ids)} diff_ids but the image has "
+                f"{len(image.layers)} layers"
+            )
+        for index, (layer, diff_id) in enumerate(zip(image.layers, diff_ids, strict=True)):
+            if layer.diff_id != diff_id:
+                raise DigestMismatchError(
+                    f"{image.name}: layer {index + 1} has diff ID {layer.diff_id}, "
+                    f"the config says {diff_id}"
+                )
+        if not diff_ids:
+            return [(image.config_digest[7:], image.config, None)]
+        nodes = []
+        for count in range(1, len(diff_ids)):
+            raw = canonical_json(derived_config(config, count))
+            nodes.append((hex_of(sha256_digest(raw)), raw, diff_ids[count - 1]))
+        nodes.append((image.config_digest[7:], image.config, diff_ids[-1]))
+        return nodes
+
+    def put_image(self, image: SourceImage) -> None:
+        nodes = self._plan(image)
+        graph = self.store.graph
+        created: list[str] = []
+        messages: list[str] = []
+        with graph.transaction():
+            parent = ""
+            if image.legacy:
+                first_parent = _legacy_parent(image.legacy[0].json)
+                if first_parent:
+                    if not graph.exists(first_parent):
+                        raise ImageNotFoundError(
+                            f"{image.name}: parent image {first_parent[:12]} is not loaded"
+                        )
+                    parent = first_parent
+            base_depth = graph.depth(graph.get(parent)) if parent else 0
+            if base_depth + len(nodes) > MAX_IMAGE_DEPTH:
+                raise DepthLimitError(
+                    f"max depth exceeded: {image.name or 'image'} has "
+                    f"{base_depth + len(nodes)} layers, the limit is {MAX_IMAGE_DEPTH}"
+                )
+            try:
+                for node_id, raw, diff_id in nodes:
+                    layer: StagedLayer | str | None = diff_id
+                    if diff_id is not None:
+                        with self._mutex:
+                            staged = self._staged.get(diff_id)
+                        if staged is not None and not self.store.layers.exists(diff_id):
+                            layer = staged
+                    if graph.register(raw, node_id, parent=parent, layer=layer):
+                        created.append(node_id)
+                    parent = node_id
+                    if image.legacy and diff_id:
+                        desc = next((d for d in image.layers if d.diff_id == diff_id), None)
+                        if desc is not None and desc.digest and desc.digest != diff_id:
+                            self.store.layers.add_blob_digest(diff_id, desc.digest)
+                top = nodes[-1][0]
+                for desc in image.layers:
+                    if (
+                        desc.diff_id
+                        and desc.digest
+                        and desc.digest != desc.diff_id
+                        and self.store.layers.exists(desc.diff_id)
+                    ):
+                        self.store.layers.add_blob_digest(desc.diff_id, desc.digest)
+                if self.tag:
+                    for ref in image.references:
+                        repo, tag_or_digest = parse_repository_tag(ref)
+                        if ":" in tag_or_digest:
+                            self.store.tags.set_digest(repo, tag_or_digest, top)
+                        else:
+                            message = self.store.tags.tag(
+                                repo, tag_or_digest or "latest", top, force=True
+                            )
+                            if message:
+                                messages.append(message)
+                    if image.manifest_digest:
+                        for ref in image.references:
+                            repo, _ = parse_repository_tag(ref)
+                            self.store.tags.set_digest(repo, image.manifest_digest, top)
+            except BaseException:
+                for node_id in reversed(created):
+                    try:
+                        graph.delete(node_id)
+                    except LayerfsError:
+                        log.warning("cannot roll back image %s", node_id[:12], exc_info=True)
+                raise
+        self.rename_messages.extend(messages)
+        self.loaded.append((image, messages))
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with self._mutex:
+            staged = list(self._staged.values())
+            self._staged.clear()
+        for layer in staged:
+            layer.discard()  # published ones were moved away already
+        self.store.graph.release(self.session)
+
+
+def _legacy_parent(raw: bytes) -> str:
+    import json
+
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return ""
+    parent = doc.get("parent") if isinstance(doc, dict) else None
+    return parent if isinstance(parent, str) else ""
+
+
+class StoreSource:
+    """Images of the store, by name, as a source for save and push."""
+
+    def __init__(self, store: Store, names: list[str]) -> None:
+        self.store = store
+        self.names = names
+        self.session = f"source-{uuid.uuid4().hex}"
+
+    def images(self) -> list[SourceImage]:
+        result: list[SourceImage] = []
+        by_id: dict[str, SourceImage] = {}
+        for name in self.names:
+            for image, references in self._resolve(name):
+                if image.id in by_id:
+                    known = by_id[image.id].references
+                    known.extend(r for r in references if r not in known)
+                    continue
+                source_image = self._describe(image, references, name)
+                by_id[image.id] = source_image
+                result.append(source_image)
+        return result
+
+    def _describe(self, image: Image, references: list[str], name: str) -> SourceImage:
+        chain = list(reversed(self.store.graph.walk_history(image)))
+        # Held while the copy runs: no rmi in another process removes them under us.
+        self.store.graph.retain(self.session, *(n.id for n in chain))
+        diff_ids = [n.layer for n in chain if n.layer]
+        layers = []
+        for diff_id in diff_ids:
+            info = self.store.layers.info(diff_id)
+            layers.append(
+                LayerDesc(
+                    diff_id=diff_id,
+                    digest=diff_id,
+                    size=info.tar_size,
+                    media_type=MEDIA_OCI_LAYER_TAR,
+                    known_blob_digests=list(info.blob_digests),
+                )
+            )
+        legacy = None
+        if image.is_config:
+            config = image.raw_json
+        else:
+            config = config_from_chain(chain, diff_ids)
+            if all(n.layer for n in chain):
+                legacy = [LegacyNode(n.id, n.raw_json) for n in chain]
+        source_image = SourceImage(
+            config=config, layers=layers, references=references, name=name, legacy=legacy
+        )
+        source_image.extra["image_id"] = image.id
+        return source_image
+
+    def _resolve(self, name: str) -> list[tuple[Image, list[str]]]:
+        """Images named by ``name`` with the references to save them under.
+
+        As with docker save: a bare repository name means every tag of it, a
+        ``repo:tag`` that tag, an ID or prefix the image alone (no names).
+        """
+        tags = self.store.tags
+        repo, ref = parse_repository_tag(name)
+        if not ref:
+            refs = tags.get(repo)
+            if refs:
+                local = normalize_local_name(repo)
+                grouped: dict[str, list[str]] = {}
+                for key, image_id in sorted(refs.items()):
+                    if ":" not in key:  # digest keys are never written as names
+                        grouped.setdefault(image_id, []).append(image_reference(local, key))
+                if grouped:
+                    return [(self.store.graph.get(i), r) for i, r in grouped.items()]
+        image = tags.lookup_image(name)
+        try:
+            parsed = Reference.parse(name)
+        except LayerfsError:
+            return [(image, [])]
+        named = tags.get_image(parsed.repository, parsed.digest or parsed.tag or "latest")
+        if (
+            named is not None
+            and named.id == image.id
+            and parsed.digest is None
+            and not image.id.startswith(name.removeprefix("sha256:"))
+        ):
+            return [(image, [str(parsed)])]
+        return [(image, [])]
+
+    def open_layer(self, image: SourceImage, index: int) -> BinaryIO:
+        diff_id = image.layers[index].diff_id
+        assert diff_id is not None
+        return self.store.layers.open_tar(diff_id)
+
+    def close(self) -> None:
+        self.store.graph.release(self.session)
