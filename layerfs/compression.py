@@ -8,6 +8,7 @@ a small hostile input cannot fill the disk (a decompression bomb).
 from __future__ import annotations
 
 import bz2
+import gzip
 import lzma
 import os
 import zlib
@@ -26,7 +27,8 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 
 # Output may exceed the input by this factor once it is past FREE_OUTPUT bytes.
 # Real layers compress 2-10x; a file of zeros compresses ~1000x with gzip, and
-# zstd far beyond. Both can be raised through the environment.
+# zstd far beyond. LAYERFS_MAX_EXPANSION_RATIO and LAYERFS_EXPANSION_FREE_BYTES
+# change them.
 DEFAULT_MAX_RATIO = 2000
 FREE_OUTPUT = 1 << 30
 
@@ -43,12 +45,12 @@ def detect(head: bytes) -> str:
     return "none"
 
 
-def _max_ratio() -> int:
-    value = os.environ.get("LAYERFS_MAX_EXPANSION_RATIO")
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
     try:
-        return int(value) if value else DEFAULT_MAX_RATIO
+        return int(value) if value else default
     except ValueError:
-        return DEFAULT_MAX_RATIO
+        return default
 
 
 class PeekableReader:
@@ -82,67 +84,51 @@ class PeekableReader:
 
 
 class DecompressingReader:
-    """Streams the decompressed form of a (possibly multi-member) compressed input."""
+    """Streams the decompressed form of a (possibly multi-member) compressed input.
+
+    Every read is bounded, so a small input never expands into memory at once,
+    and the expansion cap is checked after each read.
+    """
 
     def __init__(self, source: PeekableReader, kind: str, what: str) -> None:
         self._source = source
         self._kind = kind
         self._what = what
-        self._decoder: Any = self._new_decoder()
-        self._pending = b""
-        self._eof = False
+        self._reader: Any
+        raw: Any = source  # the decoders want a file object; a reader with read() is enough
+        if kind == "gzip":
+            self._reader = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif kind == "zstd":
+            self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        elif kind == "bzip2":
+            self._reader = bz2.BZ2File(raw)
+        else:
+            self._reader = lzma.LZMAFile(raw)  # noqa: SIM115 - lives as long as this reader
         self.produced = 0
-        self._max_ratio = _max_ratio()
-
-    def _new_decoder(self) -> Any:
-        if self._kind == "gzip":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        if self._kind == "zstd":
-            return zstandard.ZstdDecompressor().decompressobj()
-        if self._kind == "bzip2":
-            return bz2.BZ2Decompressor()
-        return lzma.LZMADecompressor()
-
-    def _fill(self) -> None:
-        while not self._pending and not self._eof:
-            data = self._source.read(_CHUNK)
-            if not data:
-                if self._kind in ("gzip", "bzip2", "xz") and not self._decoder.eof:
-                    raise FormatError(f"{self._what}: truncated {self._kind} stream")
-                self._eof = True
-                return
-            try:
-                out = self._decoder.decompress(data)
-                # gzip, bzip2 and xz may hold several members back to back.
-                while self._kind != "zstd" and self._decoder.eof and self._decoder.unused_data:
-                    rest = self._decoder.unused_data
-                    self._decoder = self._new_decoder()
-                    out += self._decoder.decompress(rest)
-            except (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
-                raise FormatError(f"{self._what}: corrupt {self._kind} data: {exc}") from exc
-            self._pending = out
-            self.produced += len(out)
-            if self.produced > FREE_OUTPUT and self.produced > self._max_ratio * max(
-                self._source.consumed, 1
-            ):
-                raise ExpansionLimitError(
-                    f"{self._what}: decompressed data grew past {self._max_ratio}x its "
-                    "compressed size (a decompression bomb?); set "
-                    "LAYERFS_MAX_EXPANSION_RATIO to allow more"
-                )
+        self._max_ratio = _env_int("LAYERFS_MAX_EXPANSION_RATIO", DEFAULT_MAX_RATIO)
+        self._free_output = _env_int("LAYERFS_EXPANSION_FREE_BYTES", FREE_OUTPUT)
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             parts: list[bytes] = []
-            while True:
-                self._fill()
-                if not self._pending:
-                    return b"".join(parts)
-                parts.append(self._pending)
-                self._pending = b""
-        self._fill()
-        data = self._pending[:size]
-        self._pending = self._pending[size:]
+            while chunk := self.read(_CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        try:
+            data: bytes = self._reader.read(min(size, _CHUNK))
+        except EOFError:
+            raise FormatError(f"{self._what}: truncated {self._kind} stream") from None
+        except (OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
+            raise FormatError(f"{self._what}: corrupt {self._kind} data: {exc}") from exc
+        self.produced += len(data)
+        if self.produced > self._free_output and self.produced > self._max_ratio * max(
+            self._source.consumed, 1
+        ):
+            raise ExpansionLimitError(
+                f"{self._what}: decompressed data grew past {self._max_ratio}x its "
+                "compressed size (a decompression bomb?); set "
+                "LAYERFS_MAX_EXPANSION_RATIO to allow more"
+            )
         return data
 
 
