@@ -145,6 +145,11 @@ class _Reader:
             self.offset += step
             n -= step
 
+    @property
+    def buffered(self) -> int:
+        """Bytes pulled from the source but not consumed yet."""
+        return len(self._buf) - self._pos
+
     def drain(self) -> None:
         self._pos = len(self._buf)
         while self._pull():
@@ -254,6 +259,8 @@ class _Validator:
             slash = path.find(b"/", slash + 1)
         if entry.type == HARDLINK:
             target = entry.linkname
+            if target == path:
+                raise UnsafePathError(f"hardlink {_show(path)} points to itself")
             kind = self.types.get(target)
             if kind is None:
                 raise UnsafePathError(
@@ -262,8 +269,6 @@ class _Validator:
                 )
             if kind == DIR:
                 raise UnsafePathError(f"hardlink {_show(path)} points to a directory")
-            if target == path:
-                raise UnsafePathError(f"hardlink {_show(path)} points to itself")
         previous = self.types.get(path)
         if previous is not None:
             if previous == DIR and entry.type == DIR:
@@ -301,6 +306,13 @@ def index_tar(
         except FormatError:
             if not seen_header and reader.total == 0:
                 raise FormatError("not a tar archive: the input is empty") from None
+            if reader.buffered and not seen_header:
+                raise FormatError(
+                    f"not a tar archive: the input ends inside its first header "
+                    f"({reader.total} bytes)"
+                ) from None
+            if reader.buffered:
+                raise FormatError("truncated tar: unexpected end of data in a header") from None
             raise FormatError("truncated tar: the end-of-archive marker is missing") from None
         if header == bytes(BLOCK):
             break
@@ -404,7 +416,9 @@ def index_tar(
             entries.append(entry)
         if kind == REG:
             content_size += size
-        reader.skip(padded, "entry data")
+        # Only regular files have data: like Go's archive/tar and Python's tarfile, the
+        # size field of link, directory, device and FIFO headers is ignored.
+        reader.skip(padded if kind == REG else 0, "entry data")
         pax = {}
         long_name = long_link = None
     reader.drain()
@@ -430,4 +444,5 @@ def _pax_time_ns(value: bytes) -> int:
         nanos = int((frac + b"000000000")[:9]) if frac else 0
     except ValueError:
         raise FormatError(f"malformed PAX header: bad mtime {value[:30]!r}") from None
-    return seconds * 1_000_000_000 + (-nanos if seconds < 0 else nanos)
+    negative = whole.strip().startswith(b"-")  # "-0.5" has a zero whole part
+    return seconds * 1_000_000_000 + (-nanos if negative else nanos)
