@@ -6,7 +6,9 @@ lives here instead of being copied into each test.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import socket
 import tarfile
 from collections.abc import Iterable
@@ -72,3 +74,79 @@ def _entry(
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
     return info
+
+
+# -- layer tars, layers and graph nodes for the store unit tests -------------------------------
+
+
+def tar_member(
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    *,
+    data: bytes = b"",
+    mode: int | None = None,
+    linkname: str = "",
+    mtime: float = _MTIME,
+    uid: int = 0,
+    gid: int = 0,
+    devmajor: int = 0,
+    devminor: int = 0,
+    pax: dict[str, str] | None = None,
+) -> tuple[tarfile.TarInfo, bytes]:
+    """One tar member (header info and data) for :func:`build_tar`.
+
+    Directories default to 0755 and everything else to 0644; only regular files carry
+    ``data``.
+    """
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode if mode is not None else (0o755 if kind == tarfile.DIRTYPE else 0o644)
+    info.size = len(data) if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
+    info.linkname = linkname
+    info.mtime = mtime
+    info.uid, info.gid = uid, gid
+    info.uname = info.gname = ""
+    info.devmajor, info.devminor = devmajor, devminor
+    if pax:
+        info.pax_headers = dict(pax)
+    return info, data
+
+
+def tar_dir(name: str, mode: int = 0o755) -> tuple[tarfile.TarInfo, bytes]:
+    return tar_member(name, tarfile.DIRTYPE, mode=mode)
+
+
+def tar_file(name: str, data: bytes = b"", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
+    return tar_member(name, tarfile.REGTYPE, data=data, mode=mode)
+
+
+def tar_symlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
+    return tar_member(name, tarfile.SYMTYPE, linkname=target, mode=0o777)
+
+
+def tar_hardlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
+    return tar_member(name, tarfile.LNKTYPE, linkname=target)
+
+
+def build_tar(*members: tuple[tarfile.TarInfo, bytes], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """The bytes of a tar holding ``members`` in order (tarfile pads it to 10 KiB)."""
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def fake_image_id(seed: str) -> str:
+    """A valid, reproducible 64-hex image ID."""
+    return hashlib.sha256(seed.encode()).hexdigest()
+
+
+def legacy_image_json(image_id: str, parent: str = "", **fields: object) -> bytes:
+    """A minimal legacy v1 image JSON whose ``id`` is ``image_id``."""
+    doc: dict[str, object] = {"id": image_id, "created": "2015-01-01T00:00:00Z", **fields}
+    if parent:
+        doc["parent"] = parent
+    return json.dumps(doc).encode()
