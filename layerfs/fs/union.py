@@ -2,9 +2,17 @@
 
 Layers are applied base first, the way Docker extracts them: a layer's
 whiteouts (``.wh.NAME``) and opaque markers (``.wh..wh..opq``) remove entries
-of the layers below it, never its own; a directory over a directory merges,
-anything else replaces. The result is a flat dictionary from path to node, so
-a lookup costs the same whatever layer a file came from.
+of the layers below it, never its own, wherever they sit in the tar; a
+directory over a directory merges, anything else replaces. Hardlinks of a
+layer share the inode of their target. The result lives in an
+:class:`~layerfs.fs.inodes.InodeTable`: one flat set of inodes with a name
+map per directory, so a lookup costs the same whatever layer a file came
+from, and the mount serves it as it is.
+
+Rows are the layer index rows of ``store/tarindex.py`` (``Entry.to_row()``),
+consumed one at a time so that a big index never sits in memory twice. An
+optional 13th column overrides the layer an entry's data comes from (the
+writable layer's saved state uses it).
 
 This module knows nothing of pyfuse3: the mount, ``export`` and the tests all
 use it directly.
@@ -12,52 +20,57 @@ use it directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from layerfs.fs import whiteout
+from layerfs.fs.inodes import (
+    KIND_BITS,
+    LAYER_IMPLIED,
+    LAYER_INIT,
+    ROOT,
+    InodeTable,
+)
 from layerfs.store.initlayer import INIT_ENTRIES, INIT_PARENT_MODE, init_parents
-from layerfs.store.tarindex import DIR, HARDLINK, OPAQUE_MARKER, REG, SYMLINK, Entry
+from layerfs.store.tarindex import BLOCKDEV, CHAR, DIR, HARDLINK, REG, SYMLINK, Entry
 
-WHITEOUT = b".wh."
-AUFS_META = b".wh..wh."
-INIT_LAYER = -1
+# Kept for callers of the first version of this module.
+WHITEOUT = whiteout.PREFIX
+AUFS_META = whiteout.META_PREFIX
+INIT_LAYER = LAYER_INIT
 """Layer number of nodes that come from the init layer (they have no tar data)."""
+IMPLIED = LAYER_IMPLIED
+
+_S_IFDIR = stat.S_IFDIR
+_IMPLIED_DIR_MODE = 0o755
+
+
+def is_whiteout(name: bytes) -> bool:
+    return whiteout.is_whiteout(name)
 
 
 @dataclass(slots=True)
 class Node:
-    """One path of the merged tree."""
+    """One path of the merged tree, as a snapshot (see :meth:`MergedTree.lookup`)."""
 
-    entry: Entry  # metadata; for a hardlink, the target's metadata and data offset
-    layer: int  # index into the stack (base = 0), INIT_LAYER, or -2 for an implied dir
-    link_key: tuple[int, bytes] | None = None  # (layer, first path) shared by a hardlink group
-    children: dict[bytes, None] | None = field(default=None)  # ordered names, for directories
-
-
-IMPLIED = -2
-
-
-def is_whiteout(name: bytes) -> bool:
-    return name.startswith(WHITEOUT) and not name.startswith(AUFS_META)
-
-
-def _split(path: bytes) -> tuple[bytes, bytes]:
-    slash = path.rfind(b"/")
-    if slash < 0:
-        return b"", path
-    return path[:slash], path[slash + 1 :]
-
-
-def _implied_dir(path: bytes, mtime_ns: int = 0) -> Entry:
-    return Entry(path=path, type=DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=mtime_ns, offset=0)
+    entry: Entry  # metadata; for a hardlink, the shared inode's metadata and data offset
+    layer: int  # index into the stack (base = 0), INIT_LAYER, or IMPLIED
+    link_key: tuple[int, bytes] | None = None  # shared by the names of a hardlink group
+    children: dict[bytes, None] | None = None  # ordered names, for directories
+    ino: int = 0
 
 
 class MergedTree:
-    """Path → :class:`Node` for a whole image, with directory listings in order."""
+    """The merged tree of an image; paths and inodes, built layer by layer."""
 
-    def __init__(self) -> None:
-        root = Node(_implied_dir(b""), IMPLIED, children={})
-        self.nodes: dict[bytes, Node] = {b"": root}
+    def __init__(self, table: InodeTable | None = None) -> None:
+        self.table = table if table is not None else InodeTable()
+        self.link_first: dict[int, bytes] = {}  # hardlinked inode -> first path of the group
+        self._cache_path: bytes | None = None
+        self._cache_ino = 0
 
     # -- building ---------------------------------------------------------------
 
@@ -70,192 +83,250 @@ class MergedTree:
             tree.apply_init_layer()
         return tree
 
-    def _remove(self, path: bytes) -> None:
-        """Drop ``path`` and everything below it."""
-        node = self.nodes.pop(path, None)
-        if node is None:
-            return
-        parent, name = _split(path)
-        parent_node = self.nodes.get(parent)
-        if parent_node is not None and parent_node.children is not None:
-            parent_node.children.pop(name, None)
-        stack = [(path, node)]
-        while stack:
-            current, current_node = stack.pop()
-            for child in current_node.children or ():
-                child_path = current + b"/" + child if current else child
-                child_node = self.nodes.pop(child_path, None)
-                if child_node is not None:
-                    stack.append((child_path, child_node))
+    @classmethod
+    def from_rows(cls, layers: Iterable[Iterable[Sequence[Any]]], *,
+                  init: bool = False) -> MergedTree:
+        tree = cls()
+        for number, rows in enumerate(layers):
+            tree.apply_rows(number, rows)
+        if init:
+            tree.apply_init_layer()
+        return tree
 
-    def _clear_children(self, path: bytes) -> None:
-        node = self.nodes.get(path)
-        if node is None or node.children is None:
-            return
-        for name in list(node.children):
-            self._remove(path + b"/" + name if path else name)
+    def apply_layer(self, number: int, entries: Iterable[Entry]) -> None:
+        self.apply_rows(number, (e.to_row() for e in entries))
 
-    def _ensure_dir(self, path: bytes, layer: int) -> Node:
-        """The directory at ``path``, creating implied parents (and replacing non-dirs)."""
-        node = self.nodes.get(path)
-        if node is not None and node.children is not None:
-            return node
-        if node is not None:
-            self._remove(path)
-        parent, name = _split(path)
-        parent_node = self._ensure_dir(parent, layer)
-        node = Node(_implied_dir(path), IMPLIED, children={})
-        self.nodes[path] = node
-        assert parent_node.children is not None
-        parent_node.children[name] = None
-        return node
-
-    def _put(self, path: bytes, node: Node) -> None:
-        existing = self.nodes.get(path)
-        if existing is not None and existing.children is not None and node.entry.type == DIR:
-            existing.entry = node.entry  # dir over dir: merge, new metadata
-            existing.layer = node.layer
-            return
-        if existing is not None:
-            self._remove(path)
-        if path == b"":
-            return
-        parent, name = _split(path)
-        parent_node = self._ensure_dir(parent, node.layer)
-        if node.entry.type == DIR:
-            node.children = {}
-        self.nodes[path] = node
-        assert parent_node.children is not None
-        parent_node.children[name] = None
-
-    def apply_layer(self, number: int, entries: Sequence[Entry]) -> None:
-        # Whiteouts and opaque markers act on the layers below, whatever their position.
-        for entry in entries:
-            parent, name = _split(entry.path)
-            if name == OPAQUE_MARKER:
-                self._clear_children(parent)
-            elif is_whiteout(name):
-                hidden = name[len(WHITEOUT) :]
-                self._remove(parent + b"/" + hidden if parent else hidden)
-        by_path: dict[bytes, Entry] = {}
-        for entry in entries:
-            parent, name = _split(entry.path)
-            if name.startswith(WHITEOUT):
-                continue  # whiteouts, opaque markers and AUFS metadata are never visible
-            if parent.split(b"/")[0] == AUFS_META + b"plnk":
+    def apply_rows(self, number: int, rows: Iterable[Sequence[Any]]) -> None:
+        """Lay one layer on top. Inodes numbered from here on belong to this layer."""
+        t = self.table
+        start = t.next_ino
+        # Lower directories this layer put entries into: a whiteout or opaque marker
+        # of this same layer must keep what the layer itself added there. The value
+        # says whether the layer also gave the directory its own metadata.
+        touched: dict[int, bool] = {}
+        self._cache_path = None
+        for row in rows:
+            path: bytes = row[0]
+            slash = path.rfind(b"/")
+            if slash >= 0:
+                parent, name = path[:slash], path[slash + 1:]
+            else:
+                parent, name = b"", path
+            if name.startswith(whiteout.PREFIX):
+                if name == whiteout.OPAQUE:
+                    self._hide_lower(self._dir(parent, start, touched), start, touched)
+                elif whiteout.is_whiteout(name):
+                    self._whiteout(parent, whiteout.whited_out(name), start, touched)
+                continue  # whiteouts, markers and AUFS metadata are never visible
+            if path.startswith(whiteout.AUFS_LINK_DIR) and whiteout.in_aufs_link_dir(path):
                 continue
-            if entry.path == b"":
-                root = self.nodes[b""]
-                root.entry = entry
-                root.layer = number
+            kind: str = row[1]
+            if not path:
+                if kind == DIR:
+                    self._set_from_row(ROOT, row, number)
+                    touched[ROOT] = True
                 continue
-            node = Node(entry, number)
-            if entry.type == HARDLINK:
-                target = by_path.get(entry.linkname)
-                if target is None:
+            d = self._cache_ino if parent == self._cache_path else \
+                self._dir(parent, start, touched)
+            names = t.children[d]
+            existing = names.get(name, 0)
+            if kind == HARDLINK:
+                target = t.resolve(row[8])
+                if not target or t.is_dir(target) or existing == target:
                     continue  # the tar indexer guarantees an earlier target; be safe
-                first = target.linkname if target.type == HARDLINK else target.path
-                data = by_path.get(first, target)
-                node = Node(
-                    Entry(
-                        path=entry.path,
-                        type=data.type,
-                        mode=data.mode,
-                        uid=data.uid,
-                        gid=data.gid,
-                        size=data.size,
-                        mtime_ns=data.mtime_ns,
-                        offset=data.offset,
-                        linkname=data.linkname,
-                        devmajor=data.devmajor,
-                        devminor=data.devminor,
-                        xattrs=data.xattrs,
-                    ),
-                    number,
-                    link_key=(number, first),
-                )
-                target_node = self.nodes.get(first)
-                if (
-                    target_node is not None
-                    and target_node.layer == number
-                    and target_node.link_key is None
-                ):
-                    target_node.link_key = (number, first)
-            by_path[entry.path] = entry
-            self._put(entry.path, node)
+                if existing:
+                    self._remove(d, name)
+                t.add_name(d, name, target)
+                self.link_first.setdefault(target, row[8])
+                continue
+            if existing:
+                if kind == DIR and t.is_dir(existing):
+                    self._set_from_row(existing, row, number)  # dir over dir: merge
+                    if existing < start:
+                        touched[existing] = True
+                    continue
+                self._remove(d, name)
+            t.add_name(d, name, self._new_from_row(row, number))
+            # Most tars list a directory's entries together: remember the last parent.
+            self._cache_path, self._cache_ino = parent, d
+        self._cache_path = None
+
+    def _new_from_row(self, row: Sequence[Any], number: int) -> int:
+        t = self.table
+        kind = row[1]
+        layer = row[12] if len(row) > 12 and row[12] is not None else number
+        ino = t.new(KIND_BITS[kind] | (row[2] & 0o7777), row[3], row[4],
+                    row[5] if kind == REG else 0, row[6], row[7], layer)
+        if kind == SYMLINK:
+            t.targets[ino] = row[8]
+        elif kind in (CHAR, BLOCKDEV):
+            t.rdev[ino] = os.makedev(row[9], row[10])
+        if row[11]:
+            t.xattrs[ino] = row[11]
+        return ino
+
+    def _set_from_row(self, ino: int, row: Sequence[Any], number: int) -> None:
+        t = self.table
+        t.set_attrs(ino, mode=row[2], uid=row[3], gid=row[4], mtime_ns=row[6],
+                    offset=row[7], layer=number)
+        if row[11]:
+            t.xattrs[ino] = row[11]
+        else:
+            t.xattrs.pop(ino, None)
+
+    def _dir(self, path: bytes, start: int, touched: dict[int, bool]) -> int:
+        """The directory at ``path``, creating implied parents (and replacing non-dirs)."""
+        t = self.table
+        ino = ROOT
+        if not path:
+            return ino
+        for part in path.split(b"/"):
+            child = t.children[ino].get(part, 0)
+            if not child or not t.is_dir(child):
+                if child:
+                    self._remove(ino, part)
+                child = t.new(_S_IFDIR | _IMPLIED_DIR_MODE, 0, 0, 0, 0, 0, LAYER_IMPLIED)
+                t.add_name(ino, part, child)
+            elif child < start and child not in touched:
+                touched[child] = False
+            ino = child
+        return ino
+
+    def _remove(self, parent: int, name: bytes) -> None:
+        """Drop ``name`` and everything below it (a hardlinked inode lives on in its others)."""
+        self._cache_path = None
+        for orphan in self.table.remove_tree(parent, name):
+            self.table.drop(orphan)
+            self.link_first.pop(orphan, None)
+
+    def _whiteout(self, parent: bytes, name: bytes, start: int,
+                  touched: dict[int, bool]) -> None:
+        t = self.table
+        d = t.resolve(parent)
+        if not d or not t.is_dir(d):
+            return
+        victim = t.children[d].get(name, 0)
+        if not victim or victim >= start:
+            return  # nothing below, or this layer's own entry: a whiteout never hides those
+        if victim in touched and t.is_dir(victim):
+            # This layer wrote below a directory it also whites out: the lower
+            # directory goes, what the layer put there stays.
+            if not touched[victim]:
+                self._reset_implied(victim)
+            self._hide_lower(victim, start, touched)
+            return
+        self._remove(d, name)
+
+    def _hide_lower(self, d: int, start: int, touched: dict[int, bool]) -> None:
+        """Opaque: hide every lower child of ``d``, keeping this layer's entries."""
+        t = self.table
+        stack = [d]
+        while stack:
+            current = stack.pop()
+            for name, child in list(t.children[current].items()):
+                if child >= start:
+                    continue
+                if child in touched and t.is_dir(child):
+                    if not touched[child]:
+                        self._reset_implied(child)
+                    stack.append(child)
+                else:
+                    self._remove(current, name)
+
+    def _reset_implied(self, ino: int) -> None:
+        self.table.set_attrs(ino, mode=_IMPLIED_DIR_MODE, uid=0, gid=0, mtime_ns=0, offset=0,
+                             layer=LAYER_IMPLIED)
+        self.table.xattrs.pop(ino, None)
 
     def apply_init_layer(self) -> None:
+        """Docker's SetupInitLayer over the merged tree (FORMATS.md §4).
+
+        A file or symlink at a listed path is replaced; an existing directory
+        is left as it is, whatever type the init layer wants there.
+        """
+        t = self.table
+        self._cache_path = None
         for parent in init_parents():
-            node = self.nodes.get(parent.encode())
-            if node is None or node.children is None:
-                self._put(
-                    parent.encode(),
-                    Node(
-                        Entry(
-                            path=parent.encode(),
-                            type=DIR,
-                            mode=INIT_PARENT_MODE,
-                            uid=0,
-                            gid=0,
-                            size=0,
-                            mtime_ns=0,
-                            offset=0,
-                        ),
-                        INIT_LAYER,
-                    ),
-                )
+            head, _, name = parent.encode().rpartition(b"/")
+            d = t.resolve(head)
+            existing = t.children[d].get(name, 0)
+            if existing and t.is_dir(existing):
+                continue
+            if existing:
+                self._remove(d, name)
+            t.add_name(d, name, t.new(_S_IFDIR | INIT_PARENT_MODE, 0, 0, 0, 0, 0, LAYER_INIT))
         for init in INIT_ENTRIES:
-            path = init.path.encode()
-            existing = self.nodes.get(path)
-            if init.type == "d" and existing is not None and existing.children is not None:
-                continue  # existing directories are left untouched
+            head, _, name = init.path.encode().rpartition(b"/")
+            d = t.resolve(head)
+            existing = t.children[d].get(name, 0)
+            if existing and t.is_dir(existing):
+                continue
+            if existing:
+                self._remove(d, name)
             kind = {"d": DIR, "f": REG, "l": SYMLINK}[init.type]
-            self._put(
-                path,
-                Node(
-                    Entry(
-                        path=path,
-                        type=kind,
-                        mode=init.mode,
-                        uid=0,
-                        gid=0,
-                        size=0,
-                        mtime_ns=0,
-                        offset=0,
-                        linkname=init.target.encode(),
-                    ),
-                    INIT_LAYER,
-                ),
-            )
+            ino = t.new(KIND_BITS[kind] | init.mode, 0, 0, 0, 0, 0, LAYER_INIT)
+            if kind == SYMLINK:
+                t.targets[ino] = init.target.encode()
+            t.add_name(d, name, ino)
 
     # -- reading ----------------------------------------------------------------
 
+    def entry_of(self, ino: int, path: bytes) -> Entry:
+        """The metadata of an inode as an index :class:`Entry` named ``path``."""
+        t = self.table
+        kind = t.kind(ino)
+        rdev = t.rdev.get(ino, 0)
+        return Entry(
+            path=path, type=kind, mode=t.mode[ino] & 0o7777, uid=t.uid[ino], gid=t.gid[ino],
+            size=t.size[ino], mtime_ns=t.mtime[ino], offset=t.offset[ino],
+            linkname=t.targets.get(ino, b""),
+            devmajor=os.major(rdev) if rdev else 0, devminor=os.minor(rdev) if rdev else 0,
+            xattrs=t.xattrs.get(ino),
+        )
+
+    def node(self, ino: int, path: bytes) -> Node:
+        t = self.table
+        first = self.link_first.get(ino)
+        return Node(
+            entry=self.entry_of(ino, path),
+            layer=t.layer[ino],
+            link_key=(t.layer[ino], first) if first is not None else None,
+            children=dict.fromkeys(t.children[ino]) if t.is_dir(ino) else None,
+            ino=ino,
+        )
+
     def lookup(self, path: bytes) -> Node | None:
-        return self.nodes.get(path)
+        ino = self.table.resolve(path)
+        return self.node(ino, path) if ino else None
 
     def listdir(self, path: bytes) -> list[bytes]:
-        node = self.nodes.get(path)
-        if node is None or node.children is None:
+        ino = self.table.resolve(path)
+        if not ino or not self.table.is_dir(ino):
             return []
-        return list(node.children)
+        return list(self.table.children[ino])
 
     def walk(self) -> Iterator[tuple[bytes, Node]]:
         """Every path, parents before children, siblings in sorted order."""
-        stack = [b""]
+        t = self.table
+        stack: list[tuple[bytes, int]] = [(b"", ROOT)]
         while stack:
-            path = stack.pop()
-            node = self.nodes[path]
-            yield path, node
-            if node.children:
-                names = sorted(node.children, reverse=True)
-                stack.extend(path + b"/" + n if path else n for n in names)
+            path, ino = stack.pop()
+            yield path, self.node(ino, path)
+            names = t.children.get(ino)
+            if names:
+                for name in sorted(names, reverse=True):
+                    stack.append((path + b"/" + name if path else name, names[name]))
 
     def link_counts(self) -> dict[tuple[int, bytes], int]:
-        counts: dict[tuple[int, bytes], int] = {}
-        for node in self.nodes.values():
-            if node.link_key is not None:
-                counts[node.link_key] = counts.get(node.link_key, 0) + 1
-        return counts
+        t = self.table
+        return {(t.layer[ino], first): t.nlink[ino]
+                for ino, first in self.link_first.items() if t.alive(ino)}
+
+    @property
+    def nodes(self) -> dict[bytes, Node]:
+        """Path → :class:`Node` for every path (a snapshot; costly on big trees)."""
+        return dict(self.walk())
 
     def __len__(self) -> int:
-        return len(self.nodes)
+        """The number of paths, the root included (a hardlink group counts each name)."""
+        return 1 + sum(len(names) for names in self.table.children.values())
