@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     PYTHON,
     REPO,
     Dockerd,
@@ -32,11 +32,20 @@ ROUNDS = 3
 
 
 def main() -> None:
-    tarball = Path(subprocess.run(["bash", str(REPO / "tools" / "debian-rootfs.sh"), "large"],
-                                  check=True, capture_output=True, text=True).stdout.strip())
+    tarball = Path(
+        subprocess.run(
+            ["bash", str(REPO / "tools" / "debian-rootfs.sh"), "large"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     size_mb = tarball.stat().st_size / 1e6
-    entries = int(subprocess.run(f"tar tf {tarball} | wc -l", shell=True, check=True,
-                                 capture_output=True, text=True).stdout)
+    entries = int(
+        subprocess.run(
+            f"tar tf {tarball} | wc -l", shell=True, check=True, capture_output=True, text=True
+        ).stdout
+    )
     work = Path(tempfile.mkdtemp(prefix="bench-import-", dir=str(Path.home())))
     results: dict[str, list[float]] = {"layerfs import": [], "tar -xf": [], "docker import": []}
     synced: dict[str, list[float]] = {k: [] for k in results}
@@ -46,11 +55,20 @@ def main() -> None:
             docker.__enter__()
         for round_no in range(ROUNDS):
             subprocess.run(["cat", str(tarball)], stdout=subprocess.DEVNULL, check=True)
-            for name in list(results)[round_no % 3:] + list(results)[:round_no % 3]:
+            for name in list(results)[round_no % 3 :] + list(results)[: round_no % 3]:
                 target = work / f"{name.split()[0]}-{round_no}"
                 if name == "layerfs import":
-                    cmd = [PYTHON, "-m", "layerfs", "--root", str(target), "--quiet", "import",
-                           str(tarball), "bench/import"]
+                    cmd = [
+                        PYTHON,
+                        "-m",
+                        "layerfs",
+                        "--root",
+                        str(target),
+                        "--quiet",
+                        "import",
+                        str(tarball),
+                        "bench/import",
+                    ]
                 elif name == "tar -xf":
                     target.mkdir()
                     cmd = ["tar", "--numeric-owner", "-xf", str(tarball), "-C", str(target)]
@@ -58,16 +76,19 @@ def main() -> None:
                     if docker is None:
                         continue
                     cmd = docker.cmd("import", str(tarball), f"bench/import:{round_no}")
-                elapsed = timed(lambda cmd=cmd: subprocess.run(cmd, check=True,
-                                                               capture_output=True))
+                elapsed = timed(
+                    lambda cmd=cmd: subprocess.run(cmd, check=True, capture_output=True)
+                )
                 flush = timed(lambda: subprocess.run(["sync"], check=True))
                 results[name].append(elapsed)
                 synced[name].append(elapsed + flush)
-                print(f"round {round_no}: {name}: {elapsed:.2f} s (+sync {flush:.2f} s)",
-                      flush=True)
+                print(
+                    f"round {round_no}: {name}: {elapsed:.2f} s (+sync {flush:.2f} s)", flush=True
+                )
                 if name == "docker import" and docker is not None:
-                    subprocess.run(docker.cmd("rmi", f"bench/import:{round_no}"),
-                                   capture_output=True)
+                    subprocess.run(
+                        docker.cmd("rmi", f"bench/import:{round_no}"), capture_output=True
+                    )
                 remove(target)
     finally:
         if docker is not None:
@@ -75,8 +96,10 @@ def main() -> None:
         remove(work)
     base = median(results["layerfs import"])
     base_synced = median(synced["layerfs import"])
-    rows = ["| tool | median s | ratio to layerfs | median s incl. sync | ratio incl. sync |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| tool | median s | ratio to layerfs | median s incl. sync | ratio incl. sync |",
+        "|---|---|---|---|---|",
+    ]
     for name in results:
         if not results[name]:
             rows.append(f"| {name} | not run (no Docker engine) | | | |")

@@ -33,8 +33,10 @@ def machine() -> str:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} vCPU ({cpu}), {mem_gib:.0f} GiB RAM, Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{os.cpu_count()} vCPU ({cpu}), {mem_gib:.0f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def stamp() -> str:
@@ -75,9 +77,13 @@ def update_section(name: str, title: str, body: str) -> None:
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
     DOC.parent.mkdir(exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else (
-        "# Benchmarks\n\nRatios measured in one run on one machine; rerun with "
-        "`make bench` or `tools/bench/<name>.py`. Timings are never part of the tests.\n"
+    text = (
+        DOC.read_text()
+        if DOC.exists()
+        else (
+            "# Benchmarks\n\nRatios measured in one run on one machine; rerun with "
+            "`make bench` or `tools/bench/<name>.py`. Timings are never part of the tests.\n"
+        )
     )
     if start in text and end in text:
         before, rest = text.split(start, 1)
@@ -100,10 +106,22 @@ class Dockerd:
 
     def __enter__(self) -> Dockerd:
         self.proc = subprocess.Popen(
-            ["/usr/sbin/dockerd", "--data-root", str(self.dir / "root"), "--exec-root",
-             str(self.dir / "exec"), "--pidfile", str(self.dir / "pid"), "-H", self.host,
-             "--iptables=false", "--bridge=none", "--ip-masq=false"],
-            stdout=open(self.dir / "log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            [
+                "/usr/sbin/dockerd",
+                "--data-root",
+                str(self.dir / "root"),
+                "--exec-root",
+                str(self.dir / "exec"),
+                "--pidfile",
+                str(self.dir / "pid"),
+                "-H",
+                self.host,
+                "--iptables=false",
+                "--bridge=none",
+                "--ip-masq=false",
+            ],
+            stdout=open(self.dir / "log", "wb"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         for _ in range(600):
