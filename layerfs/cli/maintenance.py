@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from layerfs.cli.common import open_store
+from layerfs.cli.common import make_progress, open_store
 from layerfs.store.check import fsck, gc
 
 
@@ -31,7 +31,10 @@ def register(subparsers: Any) -> None:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     store = open_store(args)
-    report = fsck(store, repair=args.repair)
+    progress = make_progress(args)
+    progress.tty = progress.tty and not progress.quiet
+    report = fsck(store, repair=args.repair, progress=progress if progress.tty else None)
+    progress.close()
     for line in report.repaired:
         print(f"repaired: {line}")
     for line in report.leftovers:

@@ -9,12 +9,12 @@ process is gone are reported as removable; ``repair`` removes them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfs.errors import LayerfsError
 from layerfs.model.digest import hex_of, sha256_digest
+from layerfs.progress import Progress
 from layerfs.store.files import locked, remove_tree
 from layerfs.store.store import Store
 
@@ -56,17 +56,18 @@ def stale_tmp_entries(store: Store) -> list[Path]:
     return stale
 
 
-def fsck(
-    store: Store, *, repair: bool = False, progress: Callable[[str], None] | None = None
-) -> Report:
+def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None) -> Report:
     report = Report()
     for path in stale_tmp_entries(store):
         report.leftovers.append(f"unpublished staging leftover tmp/{path.name}")
-    for diff_id in store.layers.diff_ids():
-        if progress:
-            progress(f"checking layer {diff_id}")
+    diff_ids = store.layers.diff_ids()
+    if progress is not None:
+        progress.start("fsck", "Checking layers", len(diff_ids))
+    for diff_id in diff_ids:
         report.problems.extend(store.layers.verify(diff_id))
         report.checked_layers += 1
+        if progress is not None:
+            progress.advance("fsck", 1)
     used_layers: set[str] = set()
     for image_id in store.graph.ids():
         report.checked_images += 1
