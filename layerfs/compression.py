@@ -83,6 +83,73 @@ class PeekableReader:
         return data
 
 
+class _ZstdFrames:
+    """Follows the frame structure of a zstd stream (RFC 8878) as it is read.
+
+    zstandard's stream reader ends quietly when its input stops in the middle of
+    a frame; this walks the frame and block headers (skipping block contents) so
+    a truncated stream can be told from a complete one.
+    """
+
+    _MAGIC = 0xFD2FB528
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._state = "magic"  # magic, descriptor, block, skippable; or invalid
+        self._field = b""  # the fixed-size field being collected
+        self._skip = 0  # bytes to pass over before the next field
+        self._checksum = False
+
+    @property
+    def complete(self) -> bool:
+        # An invalid frame is left to the decoder, which reports it as corrupt.
+        return self._state == "invalid" or (
+            self._state == "magic" and not self._field and not self._skip
+        )
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._source.read(size)
+        pos = 0
+        while pos < len(data) and self._state != "invalid":
+            if self._skip:
+                step = min(self._skip, len(data) - pos)
+                self._skip -= step
+                pos += step
+                continue
+            want = {"magic": 4, "descriptor": 1, "block": 3, "skippable": 4}[self._state]
+            take = min(want - len(self._field), len(data) - pos)
+            self._field += data[pos : pos + take]
+            pos += take
+            if len(self._field) == want:
+                self._advance(int.from_bytes(self._field, "little"))
+                self._field = b""
+        return data
+
+    def _advance(self, value: int) -> None:
+        if self._state == "magic":
+            if value == self._MAGIC:
+                self._state = "descriptor"
+            elif value & 0xFFFFFFF0 == 0x184D2A50:
+                self._state = "skippable"
+            else:
+                self._state = "invalid"
+        elif self._state == "descriptor":
+            single_segment = bool(value & 0x20)
+            self._checksum = bool(value & 0x04)
+            content_size = (1 if single_segment else 0, 2, 4, 8)[value >> 6]
+            self._skip = (0 if single_segment else 1) + (0, 1, 2, 4)[value & 3] + content_size
+            self._state = "block"
+        elif self._state == "block":
+            block_type = (value >> 1) & 3
+            self._skip = 1 if block_type == 1 else value >> 3  # an RLE block holds one byte
+            if value & 1:  # the last block of the frame
+                self._skip += 4 if self._checksum else 0
+                self._state = "magic"
+        else:  # skippable: its length, then that many bytes
+            self._skip = value
+            self._state = "magic"
+
+
 class DecompressingReader:
     """Streams the decompressed form of a (possibly multi-member) compressed input.
 
@@ -96,9 +163,11 @@ class DecompressingReader:
         self._what = what
         self._reader: Any
         raw: Any = source  # the decoders want a file object; a reader with read() is enough
+        self._frames: _ZstdFrames | None = None
         if kind == "gzip":
             self._reader = gzip.GzipFile(fileobj=raw, mode="rb")
         elif kind == "zstd":
+            self._frames = raw = _ZstdFrames(source)
             self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         elif kind == "bzip2":
             self._reader = bz2.BZ2File(raw)
@@ -120,6 +189,8 @@ class DecompressingReader:
             raise FormatError(f"{self._what}: truncated {self._kind} stream") from None
         except (OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
             raise FormatError(f"{self._what}: corrupt {self._kind} data: {exc}") from exc
+        if not data and size and self._frames is not None and not self._frames.complete:
+            raise FormatError(f"{self._what}: truncated {self._kind} stream")
         self.produced += len(data)
         if self.produced > self._free_output and self.produced > self._max_ratio * max(
             self._source.consumed, 1
