@@ -178,12 +178,18 @@ def _parse_number(field_bytes: bytes, what: str) -> int:
         raise FormatError(f"not a tar archive: bad {what} field {text[:20]!r}") from None
 
 
+_HIGH_BYTES = bytes(range(128, 256))
+
+
 def _checksum_ok(header: bytes) -> bool:
     stored = _parse_number(header[148:156], "checksum")
     blanked = header[:148] + b" " * 8 + header[156:]
     unsigned = sum(blanked)
-    signed = sum(b - 256 if b > 127 else b for b in blanked)
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    # Some old tars sum the header as signed chars: each byte > 127 counts 256 less.
+    high = len(blanked) - len(blanked.translate(None, _HIGH_BYTES))
+    return stored == unsigned - 256 * high
 
 
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
