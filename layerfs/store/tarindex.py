@@ -95,6 +95,10 @@ class IndexResult:
     entries: list[Entry] = field(default_factory=list)
 
 
+class _EndOfData(FormatError):
+    """The tar stream ended early (the source's own errors are not caught as this)."""
+
+
 class _Reader:
     """Pulls big chunks from the source, passing each to the hash and the sink at once."""
 
@@ -127,7 +131,7 @@ class _Reader:
     def read_exact(self, n: int, what: str) -> bytes:
         while len(self._buf) - self._pos < n:
             if not self._pull():
-                raise FormatError(f"truncated tar: unexpected end of data in {what}")
+                raise _EndOfData(f"truncated tar: unexpected end of data in {what}")
         data = self._buf[self._pos : self._pos + n]
         self._pos += n
         self.offset += n
@@ -138,7 +142,7 @@ class _Reader:
             avail = len(self._buf) - self._pos
             if avail == 0:
                 if not self._pull():
-                    raise FormatError(f"truncated tar: unexpected end of data in {what}")
+                    raise _EndOfData(f"truncated tar: unexpected end of data in {what}")
                 continue
             step = min(avail, n)
             self._pos += step
@@ -309,7 +313,7 @@ def index_tar(
     while True:
         try:
             header = reader.read_exact(BLOCK, "a header")
-        except FormatError:
+        except _EndOfData:
             if not seen_header and reader.total == 0:
                 raise FormatError("not a tar archive: the input is empty") from None
             if reader.buffered and not seen_header:
