@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from layerfs.errors import FormatError, UnsafePathError
+from layerfs.errors import ExpansionLimitError, FormatError, UnsafePathError
 from layerfs.store import tarindex
 from layerfs.store.tarindex import (
     BLOCK,
@@ -835,3 +835,24 @@ def test_corrupt_octal_field_is_refused() -> None:
     data = raw_header(b"f", b"0", size_field=b"12x4567\0\0\0\0\0") + END
     with pytest.raises(FormatError, match="bad size field"):
         index(data)
+
+
+@pytest.mark.parametrize("good_bytes", [0, BLOCK, 2 * BLOCK + 100])
+def test_errors_of_the_source_are_not_taken_for_the_end_of_the_tar(good_bytes: int) -> None:
+    # A decompressor below the indexer fails with its own FormatError (a bomb, a cut
+    # stream); that error must come out, not "the input is empty" or "truncated tar".
+    data = sample_tar()
+
+    class Failing:
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def read(self, size: int = -1) -> bytes:
+            if self.pos >= good_bytes:
+                raise ExpansionLimitError("layer: decompressed data grew past 2x")
+            chunk = data[self.pos : min(good_bytes, self.pos + size)]
+            self.pos += len(chunk)
+            return chunk
+
+    with pytest.raises(ExpansionLimitError, match="grew past 2x"):
+        index_tar(Failing())
