@@ -58,7 +58,12 @@ def atomic_write(path: Path, data: bytes, tmp_root: Path, mode: int = 0o600) -> 
             os.unlink(tmp)
         raise
     os.close(fd)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     fsync_dir(path.parent)
 
 
