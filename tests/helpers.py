@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -150,3 +153,24 @@ def legacy_image_json(image_id: str, parent: str = "", **fields: object) -> byte
     if parent:
         doc["parent"] = parent
     return json.dumps(doc).encode()
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn_python(code: str, *args: str) -> subprocess.Popen[str]:
+    """Run ``code`` in a fresh Python (this interpreter, this checkout) with ``args``.
+
+    stdin and stdout are text pipes, so a test can hand a child steps one line at a
+    time (``proc.stdin.write("go\\n")``) and wait for its answers (``readline()``)
+    instead of sleeping.
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+    )

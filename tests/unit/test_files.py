@@ -1,0 +1,402 @@
+"""Tests for layerfs.store.files: atomic writes, publication, removal and the kernel locks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from layerfs.errors import StoreError, StoreLockedError
+from layerfs.store import files
+from layerfs.store.files import (
+    FileLock,
+    atomic_write,
+    locked,
+    make_temp_dir,
+    publish_dir,
+    remove_tree,
+    temp_path,
+    trash,
+)
+from tests.helpers import spawn_python
+
+
+@pytest.fixture
+def tmp_root(tmp_path: Path) -> Path:
+    path = tmp_path / "tmp"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def umask_022() -> object:
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+# -- temp names -------------------------------------------------------------------------------
+
+
+def test_make_temp_dir_is_private_and_names_its_process(tmp_root: Path, umask_022: object) -> None:
+    path = make_temp_dir(tmp_root, "layer")
+    prefix, pid, token = path.name.split("-")
+    assert (prefix, pid) == ("layer", str(os.getpid()))
+    assert len(token) == 12 and int(token, 16) >= 0
+    assert path.parent == tmp_root
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert make_temp_dir(tmp_root, "layer") != path
+
+
+def test_temp_path_does_not_create_anything(tmp_root: Path) -> None:
+    path = temp_path(tmp_root, "write")
+    assert path.name.startswith(f"write-{os.getpid()}-")
+    assert not path.exists()
+
+
+# -- atomic_write -----------------------------------------------------------------------------
+
+
+def test_atomic_write_creates_a_file(tmp_path: Path, tmp_root: Path, umask_022: object) -> None:
+    target = tmp_path / "file"
+    atomic_write(target, b"content", tmp_root)
+    assert target.read_bytes() == b"content"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # the default mode
+    assert list(tmp_root.iterdir()) == []
+
+
+def test_atomic_write_replaces_the_whole_file(tmp_path: Path, tmp_root: Path) -> None:
+    target = tmp_path / "file"
+    target.write_bytes(b"a much longer old content " * 100)
+    before = target.stat().st_ino
+    atomic_write(target, b"new", tmp_root, mode=0o644)
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_ino != before  # a new file renamed over the old one
+    assert list(tmp_root.iterdir()) == []
+
+
+def test_atomic_write_mode(tmp_path: Path, tmp_root: Path, umask_022: object) -> None:
+    target = tmp_path / "file"
+    atomic_write(target, b"x", tmp_root, mode=0o644)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_atomic_write_of_large_and_empty_data(tmp_path: Path, tmp_root: Path) -> None:
+    big = os.urandom(3 << 20)
+    atomic_write(tmp_path / "big", big, tmp_root)
+    assert (tmp_path / "big").read_bytes() == big
+    atomic_write(tmp_path / "empty", b"", tmp_root)
+    assert (tmp_path / "empty").read_bytes() == b""
+
+
+def test_atomic_write_accepts_a_memoryview(tmp_path: Path, tmp_root: Path) -> None:
+    atomic_write(tmp_path / "f", memoryview(b"view"), tmp_root)  # type: ignore[arg-type]
+    assert (tmp_path / "f").read_bytes() == b"view"
+
+
+def test_atomic_write_leaves_no_temp_when_writing_fails(
+    tmp_path: Path, tmp_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "file"
+    target.write_bytes(b"old")
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, b"new", tmp_root)
+    assert target.read_bytes() == b"old"
+    assert list(tmp_root.iterdir()) == []
+
+
+def test_atomic_write_leaves_no_temp_when_the_data_is_no_bytes(
+    tmp_path: Path, tmp_root: Path
+) -> None:
+    with pytest.raises(TypeError):
+        atomic_write(tmp_path / "file", "text, not bytes", tmp_root)  # type: ignore[arg-type]
+    assert not (tmp_path / "file").exists()
+    assert list(tmp_root.iterdir()) == []
+
+
+def test_atomic_write_leaves_no_temp_when_the_rename_fails(tmp_path: Path, tmp_root: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        atomic_write(tmp_path / "no-such-dir" / "file", b"x", tmp_root)
+    assert list(tmp_root.iterdir()) == []
+    (tmp_path / "a-dir").mkdir()
+    with pytest.raises(IsADirectoryError):
+        atomic_write(tmp_path / "a-dir", b"x", tmp_root)
+    assert list(tmp_root.iterdir()) == []
+
+
+# -- publish_dir ------------------------------------------------------------------------------
+
+
+def _staged(tmp_root: Path, content: bytes) -> Path:
+    staged = make_temp_dir(tmp_root, "stage")
+    (staged / "data").write_bytes(content)
+    (staged / "sub").mkdir()
+    (staged / "sub" / "more").write_bytes(content * 2)
+    (staged / "link").symlink_to("data")
+    return staged
+
+
+def test_publish_dir_renames_into_place(tmp_path: Path, tmp_root: Path) -> None:
+    staged = _staged(tmp_root, b"one")
+    final = tmp_path / "store" / "deep" / "item"
+    assert publish_dir(staged, final) is True
+    assert not staged.exists()
+    assert (final / "data").read_bytes() == b"one"
+    assert (final / "sub" / "more").read_bytes() == b"oneone"
+    assert os.readlink(final / "link") == "data"
+
+
+def test_publish_dir_first_writer_wins(tmp_path: Path, tmp_root: Path) -> None:
+    final = tmp_path / "item"
+    first, second = _staged(tmp_root, b"first"), _staged(tmp_root, b"second")
+    assert publish_dir(first, final) is True
+    assert publish_dir(second, final) is False
+    assert (final / "data").read_bytes() == b"first"
+    assert list(tmp_root.iterdir()) == []
+
+
+def test_publish_dir_over_an_empty_directory(tmp_path: Path, tmp_root: Path) -> None:
+    final = tmp_path / "item"
+    final.mkdir()  # rename(2) may replace an empty directory
+    assert publish_dir(_staged(tmp_root, b"x"), final) is True
+    assert (final / "data").read_bytes() == b"x"
+
+
+def test_publish_dir_other_errors_propagate(tmp_path: Path, tmp_root: Path) -> None:
+    final = tmp_path / "file"
+    final.write_bytes(b"a file where the directory should go")
+    staged = _staged(tmp_root, b"x")
+    with pytest.raises(NotADirectoryError):
+        publish_dir(staged, final)
+    assert staged.is_dir()  # the caller decides what to do with it
+
+
+# -- remove_tree, trash -----------------------------------------------------------------------
+
+
+def test_remove_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "f").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"keep")
+    (tree / "link").symlink_to(outside)
+    remove_tree(tree)
+    assert not tree.exists()
+    assert (outside / "keep").read_bytes() == b"keep"  # symlinks are not followed
+
+
+def test_remove_tree_of_files_symlinks_and_nothing(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    target = tmp_path / "dir"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    remove_tree(tmp_path / "f")
+    remove_tree(tmp_path / "link")
+    remove_tree(tmp_path / "missing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
+
+
+def test_trash_removes_and_leaves_nothing_in_tmp(tmp_path: Path, tmp_root: Path) -> None:
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "f").write_bytes(b"x")
+    trash(victim, tmp_root)
+    assert not victim.exists()
+    assert list(tmp_root.iterdir()) == []
+    trash(victim, tmp_root)  # missing: fine
+
+
+# -- FileLock ---------------------------------------------------------------------------------
+
+
+def test_file_lock_excludes_other_open_files(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    first, second = FileLock(path), FileLock(path)
+    assert first.acquire() is True
+    assert first.held
+    assert second.acquire(blocking=False) is False
+    assert not second.held
+    assert second.acquire(exclusive=False, blocking=False) is False
+    first.release()
+    assert not first.held
+    assert second.acquire(blocking=False) is True
+    second.release()
+
+
+def test_shared_file_locks_coexist_but_exclude_exclusive(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    a, b, c = FileLock(path), FileLock(path), FileLock(path)
+    assert a.acquire(exclusive=False) and b.acquire(exclusive=False, blocking=False)
+    assert c.acquire(blocking=False) is False
+    a.release()
+    assert c.acquire(blocking=False) is False
+    b.release()
+    assert c.acquire(blocking=False) is True
+    c.release()
+
+
+def test_file_lock_twice_on_one_object_is_an_error(tmp_path: Path) -> None:
+    lock = FileLock(tmp_path / "lock")
+    lock.acquire()
+    with pytest.raises(StoreError, match="already taken by this object"):
+        lock.acquire()
+    lock.release()
+    lock.release()  # releasing twice is harmless
+
+
+def test_file_lock_in_a_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        FileLock(tmp_path / "missing" / "lock").acquire()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may open any file")
+def test_file_lock_without_permission(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    path.write_bytes(b"")
+    path.chmod(0o400)
+    with pytest.raises(StoreError, match="cannot open lock file"):
+        FileLock(path).acquire()
+
+
+# -- locked -----------------------------------------------------------------------------------
+
+
+def _is_free(path: Path) -> bool:
+    probe = FileLock(path)
+    if probe.acquire(blocking=False):
+        probe.release()
+        return True
+    return False
+
+
+def test_locked_holds_the_lock_for_the_block(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    with locked(path):
+        assert not _is_free(path)
+    assert _is_free(path)
+
+
+def test_locked_is_reentrant(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    with locked(path):
+        with locked(path):
+            with locked(path, timeout_message="busy"):
+                assert not _is_free(path)
+            assert not _is_free(path)
+        assert not _is_free(path)  # the inner exits did not drop the outer hold
+    assert _is_free(path)
+    assert str(path) not in files._held
+
+
+def test_locked_releases_on_an_exception(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    with pytest.raises(RuntimeError, match="inside"), locked(path), locked(path):
+        raise RuntimeError("inside")
+    assert _is_free(path)
+    with locked(path, timeout_message="busy"):  # usable again
+        pass
+
+
+def test_locked_with_timeout_message_refuses_a_busy_lock(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    other = FileLock(path)
+    other.acquire()
+    try:
+        with (
+            pytest.raises(StoreLockedError, match="the store is busy"),
+            locked(path, timeout_message="the store is busy"),
+        ):
+            pytest.fail("entered a lock held elsewhere")
+    finally:
+        other.release()
+    assert str(path) not in files._held
+    with locked(path, timeout_message="busy"):
+        assert not _is_free(path)
+
+
+def test_locked_serialises_threads(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    order: list[str] = []
+    started = threading.Event()
+
+    def other_thread() -> None:
+        started.set()
+        with locked(path):
+            order.append("thread")
+
+    with locked(path):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        assert started.wait(30)
+        order.append("main")
+    thread.join(30)
+    assert not thread.is_alive()
+    assert order == ["main", "thread"]
+
+
+_CHILD_LOCKER = """
+import sys
+from pathlib import Path
+from layerfs.store.files import FileLock, locked
+
+path, marker = Path(sys.argv[1]), Path(sys.argv[2])
+probe = FileLock(path)
+if probe.acquire(blocking=False):
+    print("free", flush=True)
+    probe.release()
+else:
+    print("busy", flush=True)
+with locked(path):
+    print("acquired", "after-release" if marker.exists() else "too-early", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_locked_excludes_another_process_until_released(tmp_path: Path) -> None:
+    path, marker = tmp_path / "lock", tmp_path / "released"
+    with contextlib.ExitStack() as stack:
+        with locked(path), locked(path):
+            child = stack.enter_context(spawn_python(_CHILD_LOCKER, str(path), str(marker)))
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "busy"  # it could not take the lock
+            marker.write_bytes(b"")  # the last thing before letting go
+        assert child.stdout.readline().split() == ["acquired", "after-release"]
+        assert child.wait(30) == 0
+
+
+_CHILD_HOLDER = """
+import sys
+from pathlib import Path
+from layerfs.store.files import locked
+
+with locked(Path(sys.argv[1])):
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_process_never_leaves_the_lock_taken(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    with spawn_python(_CHILD_HOLDER, str(path)) as child:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "holding"
+        assert not _is_free(path)
+        with pytest.raises(StoreLockedError), locked(path, timeout_message="held by the child"):
+            pass
+        child.kill()  # SIGKILL: no cleanup code runs in the child
+        assert child.wait(30) == -9
+    assert _is_free(path)
+    with locked(path, timeout_message="should be free"):
+        pass
