@@ -37,19 +37,25 @@ die() { echo "install-deps: error: $*" >&2; exit 1; }
 
 # --- 1. Debian packages ----------------------------------------------------
 
-# Prints "GROUP PACKAGE" for every package in the list.
+# Prints "GROUP PACKAGE RECOMMENDS" for every package in the list; RECOMMENDS is
+# "no" under a "#@ GROUP no-recommends" line, else "yes".
 read_package_list() {
-    local group="" line
+    local group="" recommends=yes line
     while IFS= read -r line || [[ -n "$line" ]]; do
-        if [[ "$line" =~ ^#@[[:space:]]*([A-Za-z0-9_-]+) ]]; then
+        if [[ "$line" =~ ^#@[[:space:]]*([A-Za-z0-9_-]+)[[:space:]]*([A-Za-z-]*) ]]; then
             group=${BASH_REMATCH[1]}
+            case "${BASH_REMATCH[2]}" in
+                "") recommends=yes ;;
+                no-recommends) recommends=no ;;
+                *) die "$package_list: unknown group option '${BASH_REMATCH[2]}'" ;;
+            esac
             continue
         fi
         line=${line%%#*}
         line=${line//[[:space:]]/}
         [[ -n "$line" ]] || continue
         [[ -n "$group" ]] || die "$package_list: package '$line' is in no group (#@ build|test|vm)"
-        echo "$group $line"
+        echo "$group $line $recommends"
     done <"$package_list"
 }
 
@@ -66,6 +72,7 @@ missing_packages() {
     done
 }
 
+# apt_install [--no-install-recommends] PACKAGE...
 apt_install() {
     # Without systemd (containers, CI sandboxes) a package's init script would
     # start its daemon (dockerd, docker-registry) right here; tests start their
@@ -107,14 +114,16 @@ wanted_extras() {
 
 install_packages() {
     local -a build=() test=() vm=()
-    local group pkg
-    while read -r group pkg; do
+    local -A no_recommends=()
+    local group pkg recommends
+    while read -r group pkg recommends; do
         case "$group" in
             build) build+=("$pkg") ;;
             test) test+=("$pkg") ;;
-            vm) if ((with_vm)); then vm+=("$pkg"); fi ;;
+            vm) if ((with_vm)); then vm+=("$pkg"); else continue; fi ;;
             *) die "$package_list: unknown group '$group'" ;;
         esac
+        if [[ "$recommends" == no ]]; then no_recommends[$pkg]=1; fi
     done < <(read_package_list)
 
     if ! command -v dpkg-query >/dev/null; then
@@ -133,7 +142,16 @@ install_packages() {
 
     if [[ $(id -u) -eq 0 ]]; then
         export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
-        apt_install "${missing_all[@]}" || die "apt-get install failed"
+        local -a with_rec=() without_rec=()
+        for pkg in "${missing_all[@]}"; do
+            if [[ -n "${no_recommends[$pkg]:-}" ]]; then without_rec+=("$pkg"); else with_rec+=("$pkg"); fi
+        done
+        if ((${#with_rec[@]})); then
+            apt_install "${with_rec[@]}" || die "apt-get install failed"
+        fi
+        if ((${#without_rec[@]})); then
+            apt_install --no-install-recommends "${without_rec[@]}" || die "apt-get install failed"
+        fi
         return 0
     fi
 
