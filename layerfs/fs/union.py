@@ -104,6 +104,9 @@ class MergedTree:
         # of this same layer must keep what the layer itself added there. The value
         # says whether the layer also gave the directory its own metadata.
         touched: dict[int, bool] = {}
+        # Files stashed in the AUFS link dir: never visible, but a hardlink of this
+        # layer to one of them takes its inode (Docker re-targets such links).
+        aufs_links: dict[bytes, int] = {}
         self._cache_path = None
         for row in rows:
             path: bytes = row[0]
@@ -119,6 +122,8 @@ class MergedTree:
                     self._whiteout(parent, whiteout.whited_out(name), start, touched)
                 continue  # whiteouts, markers and AUFS metadata are never visible
             if path.startswith(whiteout.AUFS_LINK_DIR) and whiteout.in_aufs_link_dir(path):
+                if row[1] == REG:
+                    aufs_links[path] = self._new_from_row(row, number)
                 continue
             kind: str = row[1]
             if not path:
@@ -131,7 +136,7 @@ class MergedTree:
             names = t.children[d]
             existing = names.get(name, 0)
             if kind == HARDLINK:
-                target = t.resolve(row[8])
+                target = aufs_links.get(row[8]) or t.resolve(row[8])
                 if not target or t.is_dir(target) or existing == target:
                     continue  # the tar indexer guarantees an earlier target; be safe
                 if existing:
@@ -150,6 +155,9 @@ class MergedTree:
             # Most tars list a directory's entries together: remember the last parent.
             self._cache_path, self._cache_ino = parent, d
         self._cache_path = None
+        for ino in aufs_links.values():
+            if not t.nlink[ino]:
+                t.drop(ino)  # a stashed file no hardlink of this layer named
 
     def _new_from_row(self, row: Sequence[Any], number: int) -> int:
         t = self.table
