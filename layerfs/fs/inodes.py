@@ -30,8 +30,14 @@ LAYER_INIT = -1  # the init layer: placeholders without data
 LAYER_IMPLIED = -2  # a parent directory no layer listed
 LAYER_UPPER = -3  # the writable layer; the offset column holds the data file number
 
-KIND_BITS = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK,
-             CHAR: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+KIND_BITS = {
+    REG: stat.S_IFREG,
+    DIR: stat.S_IFDIR,
+    SYMLINK: stat.S_IFLNK,
+    CHAR: stat.S_IFCHR,
+    BLOCKDEV: stat.S_IFBLK,
+    FIFO: stat.S_IFIFO,
+}
 BITS_KIND = {bits: kind for kind, bits in KIND_BITS.items()}
 _UINT32 = 0xFFFFFFFF
 
@@ -75,8 +81,9 @@ class InodeTable:
     def next_ino(self) -> int:
         return len(self.mode)
 
-    def new(self, mode: int, uid: int, gid: int, size: int, mtime_ns: int, offset: int,
-            layer: int) -> int:
+    def new(
+        self, mode: int, uid: int, gid: int, size: int, mtime_ns: int, offset: int, layer: int
+    ) -> int:
         ino = len(self.mode)
         self.mode.append(mode)
         self.uid.append(min(uid, _UINT32))
@@ -208,10 +215,19 @@ class InodeTable:
 
     # -- attributes ---------------------------------------------------------------
 
-    def set_attrs(self, ino: int, *, mode: int | None = None, uid: int | None = None,
-                  gid: int | None = None, size: int | None = None, mtime_ns: int | None = None,
-                  ctime_ns: int | None = None, offset: int | None = None,
-                  layer: int | None = None) -> None:
+    def set_attrs(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+        offset: int | None = None,
+        layer: int | None = None,
+    ) -> None:
         if self.watch is not None:
             self.watch.meta_changing(ino)
         if mode is not None:

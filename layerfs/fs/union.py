@@ -84,8 +84,9 @@ class MergedTree:
         return tree
 
     @classmethod
-    def from_rows(cls, layers: Iterable[Iterable[Sequence[Any]]], *,
-                  init: bool = False) -> MergedTree:
+    def from_rows(
+        cls, layers: Iterable[Iterable[Sequence[Any]]], *, init: bool = False
+    ) -> MergedTree:
         tree = cls()
         for number, rows in enumerate(layers):
             tree.apply_rows(number, rows)
@@ -112,7 +113,7 @@ class MergedTree:
             path: bytes = row[0]
             slash = path.rfind(b"/")
             if slash >= 0:
-                parent, name = path[:slash], path[slash + 1:]
+                parent, name = path[:slash], path[slash + 1 :]
             else:
                 parent, name = b"", path
             if name.startswith(whiteout.PREFIX):
@@ -131,8 +132,7 @@ class MergedTree:
                     self._set_from_row(ROOT, row, number)
                     touched[ROOT] = True
                 continue
-            d = self._cache_ino if parent == self._cache_path else \
-                self._dir(parent, start, touched)
+            d = self._cache_ino if parent == self._cache_path else self._dir(parent, start, touched)
             names = t.children[d]
             existing = names.get(name, 0)
             if kind == HARDLINK:
@@ -163,8 +163,11 @@ class MergedTree:
         t = self.table
         kind = row[1]
         layer = row[12] if len(row) > 12 and row[12] is not None else number
-        ino = t.new(KIND_BITS[kind] | (row[2] & 0o7777), row[3], row[4],
-                    row[5] if kind == REG else 0, row[6], row[7], layer)
+        # A symlink's size is the length of its target, as lstat reports it.
+        size = row[5] if kind == REG else len(row[8]) if kind == SYMLINK else 0
+        ino = t.new(
+            KIND_BITS[kind] | (row[2] & 0o7777), row[3], row[4], size, row[6], row[7], layer
+        )
         if kind == SYMLINK:
             t.targets[ino] = row[8]
         elif kind in (CHAR, BLOCKDEV):
@@ -175,8 +178,9 @@ class MergedTree:
 
     def _set_from_row(self, ino: int, row: Sequence[Any], number: int) -> None:
         t = self.table
-        t.set_attrs(ino, mode=row[2], uid=row[3], gid=row[4], mtime_ns=row[6],
-                    offset=row[7], layer=number)
+        t.set_attrs(
+            ino, mode=row[2], uid=row[3], gid=row[4], mtime_ns=row[6], offset=row[7], layer=number
+        )
         if row[11]:
             t.xattrs[ino] = row[11]
         else:
@@ -207,8 +211,7 @@ class MergedTree:
             self.table.drop(orphan)
             self.link_first.pop(orphan, None)
 
-    def _whiteout(self, parent: bytes, name: bytes, start: int,
-                  touched: dict[int, bool]) -> None:
+    def _whiteout(self, parent: bytes, name: bytes, start: int, touched: dict[int, bool]) -> None:
         t = self.table
         d = t.resolve(parent)
         if not d or not t.is_dir(d):
@@ -242,8 +245,9 @@ class MergedTree:
                     self._remove(current, name)
 
     def _reset_implied(self, ino: int) -> None:
-        self.table.set_attrs(ino, mode=_IMPLIED_DIR_MODE, uid=0, gid=0, mtime_ns=0, offset=0,
-                             layer=LAYER_IMPLIED)
+        self.table.set_attrs(
+            ino, mode=_IMPLIED_DIR_MODE, uid=0, gid=0, mtime_ns=0, offset=0, layer=LAYER_IMPLIED
+        )
         self.table.xattrs.pop(ino, None)
 
     def apply_init_layer(self) -> None:
@@ -272,7 +276,7 @@ class MergedTree:
             if existing:
                 self._remove(d, name)
             kind = {"d": DIR, "f": REG, "l": SYMLINK}[init.type]
-            ino = t.new(KIND_BITS[kind] | init.mode, 0, 0, 0, 0, 0, LAYER_INIT)
+            ino = t.new(KIND_BITS[kind] | init.mode, 0, 0, len(init.target), 0, 0, LAYER_INIT)
             if kind == SYMLINK:
                 t.targets[ino] = init.target.encode()
             t.add_name(d, name, ino)
@@ -285,10 +289,17 @@ class MergedTree:
         kind = t.kind(ino)
         rdev = t.rdev.get(ino, 0)
         return Entry(
-            path=path, type=kind, mode=t.mode[ino] & 0o7777, uid=t.uid[ino], gid=t.gid[ino],
-            size=t.size[ino], mtime_ns=t.mtime[ino], offset=t.offset[ino],
+            path=path,
+            type=kind,
+            mode=t.mode[ino] & 0o7777,
+            uid=t.uid[ino],
+            gid=t.gid[ino],
+            size=t.size[ino],
+            mtime_ns=t.mtime[ino],
+            offset=t.offset[ino],
             linkname=t.targets.get(ino, b""),
-            devmajor=os.major(rdev) if rdev else 0, devminor=os.minor(rdev) if rdev else 0,
+            devmajor=os.major(rdev) if rdev else 0,
+            devminor=os.minor(rdev) if rdev else 0,
             xattrs=t.xattrs.get(ino),
         )
 
@@ -327,8 +338,11 @@ class MergedTree:
 
     def link_counts(self) -> dict[tuple[int, bytes], int]:
         t = self.table
-        return {(t.layer[ino], first): t.nlink[ino]
-                for ino, first in self.link_first.items() if t.alive(ino)}
+        return {
+            (t.layer[ino], first): t.nlink[ino]
+            for ino, first in self.link_first.items()
+            if t.alive(ino)
+        }
 
     @property
     def nodes(self) -> dict[bytes, Node]:

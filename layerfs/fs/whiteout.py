@@ -33,7 +33,7 @@ def is_whiteout(name: bytes) -> bool:
 
 def whited_out(name: bytes) -> bytes:
     """The name a whiteout entry removes: ``.wh.foo`` -> ``foo``."""
-    return name[len(PREFIX):]
+    return name[len(PREFIX) :]
 
 
 def whiteout_for(name: bytes) -> bytes:

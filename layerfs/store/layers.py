@@ -201,6 +201,27 @@ class LayerStore:
         except (KeyError, TypeError) as exc:
             raise CorruptIndexError(f"index of layer {diff_id} is malformed: {exc}") from exc
 
+    def index_rows(self, diff_id: str) -> Iterator[list[Any]]:
+        """The index rows of a layer (``Entry.to_row()`` form), read one at a time."""
+        path = self.path(diff_id) / "index"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise LayerNotFoundError(f"layer {diff_id} is not in the store") from None
+        what = f"index of layer {diff_id}"
+        version = None
+        for key, value in codec.iter_map_items(data, what=what, stream_key="entries"):
+            if key == "version":
+                version = value
+            elif key == "entries":
+                if version != INDEX_VERSION:
+                    raise CorruptIndexError(
+                        f"{what} has version {version!r}, expected {INDEX_VERSION}"
+                    )
+                if not isinstance(value, list) or len(value) != 12:
+                    raise CorruptIndexError(f"{what} is malformed: bad row {value!r:.80}")
+                yield value
+
     def delete(self, diff_id: str) -> None:
         """Remove a layer (caller holds the store lock and has checked it is unused)."""
         trash(self.path(diff_id), self.tmp_root)

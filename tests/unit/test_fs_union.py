@@ -336,3 +336,22 @@ def test_many_layers_cost_no_more_per_lookup(count: int):
     assert tree.lookup(b"file0") is not None
     assert tree.lookup(f"file{count - 1}".encode()) is not None
     assert len(tree) == count + 1
+
+
+def test_rows_streamed_from_the_store_build_the_same_tree(tmp_path):
+    from layerfs.store.store import Store
+
+    store = Store.open(tmp_path / "store")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in (d("a"), f("a/x", b"1"), hard("a/y", "a/x"), sym("s", "a")):
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    staged = store.layers.ingest(io.BytesIO(buf.getvalue()))
+    staged.publish()
+
+    rows = list(store.layers.index_rows(staged.diff_id))
+    assert rows == [e.to_row() for e in store.layers.entries(staged.diff_id)]
+    streamed = MergedTree.from_rows([iter(rows)])
+    built = MergedTree.build([store.layers.entries(staged.diff_id)])
+    assert [(p, n.entry, n.ino) for p, n in streamed.walk()] == \
+        [(p, n.entry, n.ino) for p, n in built.walk()]

@@ -1,0 +1,220 @@
+"""mount, umount, mounts, commit, run: images as union file systems and containers.
+
+The FUSE side (``layerfs.fs.mount``, which needs pyfuse3) is imported only
+after ``check_fuse`` has said it can work, so every other command runs where
+libfuse is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from layerfs.cli.common import open_store, table
+from layerfs.errors import MountError, UsageError
+from layerfs.fs.host import Records, check_fuse, is_layerfs_mount, is_mounted, unmount
+from layerfs.store.store import Store
+
+UMOUNT_TIMEOUT = 60.0
+_OPTIONS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "mount", help="mount an image as a union file system",
+        description=(
+            "Mount IMAGE (name[:tag], name@digest, ID or prefix) on MOUNTPOINT, an empty "
+            "directory, as one merged tree of its layers with the init layer on top. "
+            "Returns once the mount is ready; a background server answers it until "
+            "'layerfs umount' (or fusermount3 -u). Read-only unless --rw; nosuid and nodev "
+            "unless --suid / --dev. The image cannot be removed while it is mounted."),
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--rw", action="store_true",
+                   help="writable: changes go to an upper directory in the store")
+    p.add_argument("--upper", metavar="NAME",
+                   help="the upper directory to use (kept between mounts; implies --rw)")
+    p.add_argument("--no-init", dest="init", action="store_false",
+                   help="leave out the init layer (/.dockerenv, /etc/hosts, ... placeholders)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT]",
+                   help=f"mount options: {', '.join(_OPTIONS)}")
+    p.add_argument("--suid", action="store_true", help="honour setuid/setgid bits")
+    p.add_argument("--dev", action="store_true", help="allow device nodes to be opened")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="serve in this process until unmounted (logs also to stderr)")
+    p.set_defaults(handler=cmd_mount)
+
+    p = subparsers.add_parser(
+        "umount", aliases=["unmount"], help="unmount a layerfs mount and stop its server",
+        description=("Unmount MOUNTPOINT and wait for its server to save the upper directory "
+                     "and exit. Also cleans up the mountpoint of a server that crashed."))
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-l", "--lazy", action="store_true",
+                   help="detach now even if busy; the server exits when the last user leaves")
+    p.set_defaults(handler=cmd_umount)
+
+    p = subparsers.add_parser("mounts", help="list live mounts",
+                              description="List the mounts of this store: image and mode.")
+    p.add_argument("-q", "--quiet", action="store_true", help="only show mountpoints")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(handler=cmd_mounts)
+
+    p = subparsers.add_parser(
+        "commit", help="make an image from a writable mount's changes",
+        description=("Turn the changes made in a writable mount into a new layer and an "
+                     "image whose parent is the mounted image, like docker commit."))
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("reference", nargs="?", metavar="REPOSITORY[:TAG]")
+    p.add_argument("-m", "--message", default="", help="commit message")
+    p.add_argument("-a", "--author", default="", help="author (\"Name <email>\")")
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
+                        "LABEL, EXPOSE, VOLUME, STOPSIGNAL (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only print the image ID")
+    p.set_defaults(handler=cmd_commit)
+
+
+
+def parse_options(values: list[str]) -> set[str]:
+    options: set[str] = set()
+    for value in values:
+        for option in value.split(","):
+            option = option.strip()
+            if not option:
+                continue
+            if option not in _OPTIONS:
+                raise UsageError(f"unsupported mount option {option!r}: use "
+                                 f"{', '.join(_OPTIONS)}")
+            options.add(option)
+    return options
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    options = parse_options(args.options)
+    writable = bool(args.rw or args.upper or "rw" in options)
+    if writable and "ro" in options:
+        raise UsageError("-o ro and --rw (or --upper) contradict each other")
+    allow_other = "allow_other" in options
+    check_fuse(allow_other=allow_other)
+    store = open_store(args)
+    from layerfs.fs.mount import MountRequest, mount
+
+    mount(store, MountRequest(
+        image=args.image, mountpoint=Path(args.mountpoint), writable=writable,
+        upper=args.upper, init=args.init, allow_other=allow_other,
+        suid=bool(args.suid or "suid" in options) and "nosuid" not in options,
+        dev=bool(args.dev or "dev" in options) and "nodev" not in options,
+        foreground=args.foreground, debug=bool(getattr(args, "debug", False)),
+    ))
+    return 0
+
+
+def records_of(store: Store) -> Records:
+    return Records(store.root / "mounts", store.tmp)
+
+
+def stop_mount(store: Store, mountpoint: str, *, lazy: bool = False,
+               timeout: float = UMOUNT_TIMEOUT) -> None:
+    """Unmount and wait for the server to finish (or clean up after a dead one)."""
+    records = records_of(store)
+    real = os.path.realpath(mountpoint)
+    record = records.find(real)
+    if not is_mounted(real):
+        if record is not None and not records.alive(record.id):
+            records.remove(record.id)  # the server died and someone unmounted already
+            return
+        if record is None:
+            raise MountError(f"{mountpoint} is not mounted")
+    elif not is_layerfs_mount(real):
+        raise MountError(f"{mountpoint} is not a layerfs mount")
+    else:
+        unmount(real, lazy=lazy)
+    if record is None:
+        return
+    if not records.wait_released(record.id, timeout if not lazy else 0.5):
+        if lazy:
+            return  # detached; the server ends when the last user leaves
+        try:
+            os.kill(record.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not records.wait_released(record.id, 10):
+            raise MountError(f"the server of {mountpoint} (pid {record.pid}) does not exit",
+                             hint=f"see its log: {record.log}")
+    records.remove(record.id)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    stop_mount(open_store(args), args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+def cmd_mounts(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    records = records_of(store)
+    rows: list[dict[str, Any]] = []
+    for record in records.all():
+        alive = records.alive(record.id)
+        mounted = is_mounted(record.mountpoint)
+        if not alive and not mounted:
+            records.remove(record.id)  # stale: nothing left to show or clean
+            continue
+        status = "running" if alive and mounted else "dead" if mounted else "stopping"
+        rows.append({"Mountpoint": record.mountpoint, "Image": record.reference,
+                     "ID": record.image, "Mode": record.mode, "Upper": record.upper or "",
+                     "Pid": record.pid, "Status": status, "Log": record.log})
+    if args.quiet:
+        for row in rows:
+            print(row["Mountpoint"])
+        return 0
+    if args.format == "json":
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    print(table([[r["Mountpoint"], r["Image"], r["ID"][:12], r["Mode"], r["Upper"],
+                  str(r["Pid"]), r["Status"]] for r in rows],
+                ["MOUNTPOINT", "IMAGE", "IMAGE ID", "MODE", "UPPER", "PID", "STATUS"]))
+    return 0
+
+
+def control(mountpoint: str, what: str) -> dict[str, Any]:
+    """Ask a mount's server (a getxattr on its root; see layerfs.fs.mount)."""
+    try:
+        data = os.getxattr(mountpoint, f"user.layerfs.{what}")
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise MountError(f"{mountpoint} is not a layerfs mount") from None
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"the server of {mountpoint} is gone",
+                             hint="layerfs umount cleans up the mountpoint") from None
+        raise MountError(f"cannot reach the server of {mountpoint}: {exc.strerror}") from None
+    doc: dict[str, Any] = json.loads(data)
+    return doc
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    info = control(args.mountpoint, "sync")
+    if info.get("mode") != "rw" or not info.get("upper_path"):
+        raise UsageError(f"{args.mountpoint} is a read-only mount: nothing to commit",
+                         hint="mount with --rw to make changes")
+    if Path(info["store"]) != store.root:
+        raise UsageError(f"{args.mountpoint} is mounted from the store {info['store']}",
+                         hint=f"use --root {info['store']}")
+    from layerfs.fs.commit import commit_upper
+
+    image, rename = commit_upper(
+        store, Path(info["upper_path"]), info["image"], args.reference,
+        message=args.message, author=args.author, changes=args.change,
+        created_by="layerfs commit",
+    )
+    if rename and not args.quiet:
+        print(rename)
+    print(f"sha256:{image.id}")
+    return 0
