@@ -41,6 +41,9 @@ def copy_image(
 ) -> None:
     """Copy one image: its missing layers (in parallel if asked), then the image itself."""
     result = result if result is not None else CopyResult()
+    begin = getattr(destination, "begin_image", None)
+    if begin is not None:
+        begin(image)
     todo: list[int] = []
     seen: set[str] = set()
     for index, layer in enumerate(image.layers):
@@ -101,7 +104,9 @@ def copy(
     """Copy every image of ``source``; failures are collected when ``keep_going``."""
     result = CopyResult()
     try:
-        for image in source.images():
+        images = source.images()
+        result.failed.extend(getattr(source, "rejected", ()))
+        for image in images:
             try:
                 copy_image(source, destination, image, progress, max_concurrent, result)
             except LayerfsError as exc:

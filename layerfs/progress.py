@@ -39,15 +39,22 @@ class Progress:
     _order: list[str] = field(default_factory=list)
     _last_draw: float = 0.0
     _drawn_lines: int = 0
+    _total: _Task | None = None
 
     def __post_init__(self) -> None:
         if self.tty is None:
             self.tty = self.stream.isatty()
 
+    def track_total(self, label: str = "Total") -> None:
+        """Add one bar (on a terminal) summing every task started from now on."""
+        self._total = _Task(label, 0, 0, "")
+
     def start(self, key: str, label: str, total: int | None = None, status: str = "") -> None:
         if key not in self._tasks:
             self._order.append(key)
         self._tasks[key] = _Task(label, total, 0, status)
+        if self._total is not None and total:
+            self._total.total = (self._total.total or 0) + total
         if not self.tty and not self.quiet and status:
             print(f"{label}: {status}", file=self.stream, flush=True)
         self._draw(force=True)
@@ -57,6 +64,8 @@ class Progress:
         if task is None:
             return
         task.done += n
+        if self._total is not None:
+            self._total.done += n
         self._draw()
 
     def status(self, key: str, status: str) -> None:
@@ -98,6 +107,8 @@ class Progress:
         self._last_draw = now
         self._clear()
         lines = [self._line(self._tasks[k]) for k in self._order]
+        if self._total is not None and lines:
+            lines.append(self._line(self._total))
         if lines:
             self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()

@@ -9,6 +9,7 @@ Call order (driven by :func:`layerfs.copy.copy`)::
 
     source.images()                        # once: every image the source offers
     for each image:
+        destination.begin_image(image)     # optional: the layers that follow are this image's
         for each layer, base first:
             destination.has_layer(layer)   # True: skip it (the destination holds it)
             source.open_layer(image, i)    # a stream of the blob as described
@@ -25,6 +26,13 @@ digest against the manifest, JSON shape) before it returns them from
 ``images()``. A destination whose input breaks mid-stream (a truncated layer, a
 digest mismatch, an exception) fails that image and leaves nothing of it
 behind; ``close()`` after a failure removes whatever was staged.
+
+Optional parts: a source may keep a list ``rejected`` of ``(name, LayerfsError)``
+for images it found broken while reading its documents (an archive holding one
+bad image among good ones); ``images()`` leaves those out and ``copy()`` reports
+them as failed. A destination may define ``begin_image(image)``, called before
+any ``has_layer``/``put_layer`` of that image, when where a layer goes depends
+on the image (a docker-archive names layer directories by v1 IDs).
 """
 
 from __future__ import annotations

@@ -137,15 +137,13 @@ class StoreDestination:
     ) -> None:
         hashing = HashingReader(stream)
         staged = self.store.layers.ingest(
-            hashing,
+            hashing if progress is None else _ReportingReader(hashing, progress),
             expected_diff_id=layer.diff_id,
             what=what,
             progress=None,
             blob_digest=None,
         )
         try:
-            if progress is not None:
-                progress(hashing.count)
             if layer.digest and hashing.digest != layer.digest:
                 raise DigestMismatchError(
                     f"{what}: blob digest mismatch: expected {layer.digest}, got {hashing.digest}"
@@ -274,6 +272,20 @@ class StoreDestination:
         for layer in staged:
             layer.discard()  # published ones were moved away already
         self.store.graph.release(self.session)
+
+
+class _ReportingReader:
+    """Reports the bytes of the blob as they are read, so progress bars move while streaming."""
+
+    def __init__(self, stream: HashingReader, progress: ProgressFn) -> None:
+        self._stream = stream
+        self._progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if data:
+            self._progress(len(data))
+        return data
 
 
 def _legacy_parent(raw: bytes) -> str:
