@@ -121,6 +121,10 @@ def save_main(argv: Sequence[str] | None = None) -> int:
 
 def _standalone(command: str, argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    # Usage and --help of the stand-alone tool name it, not "layerfs load".
+    for action in parser._actions:  # argparse offers no public way to reach subparsers
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            action.choices[command].prog = f"layerfs-{command}"
     args_list = list(sys.argv[1:] if argv is None else argv)
     # Global options may come first; the command name is inserted after them.
     globals_end = 0

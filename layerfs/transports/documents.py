@@ -1,0 +1,207 @@
+"""The JSON documents of image archives and layouts, parsed strictly.
+
+Everything an archive holds is untrusted: manifest.json, repositories, index.json, OCI
+manifests, image configs and legacy v1 JSON. Malformed JSON, duplicate keys, NaN, a value
+of the wrong type, a size out of range and a digest that is not ``sha256:`` + 64 lower-case
+hex each become one :class:`~layerfs.errors.FormatError` naming the document. Shared by
+``archive.py`` and ``oci.py``; what the documents mean is theirs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerfs.compression import detect
+from layerfs.errors import FormatError
+from layerfs.model.digest import is_oci_digest, is_sha256_digest
+from layerfs.model.image import host_architecture
+from layerfs.transports.base import (
+    MEDIA_OCI_LAYER_GZIP,
+    MEDIA_OCI_LAYER_TAR,
+    MEDIA_OCI_LAYER_ZSTD,
+)
+
+MAX_SIZE = (1 << 63) - 1
+
+
+def decode_json(data: bytes, what: str) -> Any:
+    """Parse JSON strictly: duplicate keys and NaN/Infinity are errors."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise FormatError(f"{what}: duplicate key {key!r}")
+            result[key] = value
+        return result
+
+    def no_constants(name: str) -> Any:
+        raise FormatError(f"{what}: {name} is not valid JSON")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise FormatError(f"{what}: number {text[:30]} is out of range")
+        return value
+
+    try:
+        return json.loads(
+            data, object_pairs_hook=no_duplicates, parse_constant=no_constants, parse_float=finite
+        )
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"{what}: malformed JSON: {str(exc)[:200]}") from None
+
+
+def expect_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FormatError(f"{what}: expected a JSON object, got {_type_name(value)}")
+    return value
+
+
+def expect_list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise FormatError(f"{what}: expected a JSON array, got {_type_name(value)}")
+    return value
+
+
+def expect_str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise FormatError(f"{what}: expected a string, got {_type_name(value)}")
+    return value
+
+
+def expect_size(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FormatError(f"{what}: expected an integer size, got {_type_name(value)}")
+    if not 0 <= value <= MAX_SIZE:
+        raise FormatError(f"{what}: size {str(value)[:30]} is out of range")
+    return value
+
+
+def expect_str_list(value: Any, what: str) -> list[str]:
+    items = expect_list(value, what)
+    for item in items:
+        expect_str(item, what)
+    return items
+
+
+def expect_str_map(value: Any, what: str) -> dict[str, str]:
+    doc = expect_object(value, what)
+    for item in doc.values():
+        expect_str(item, what)
+    return doc
+
+
+def expect_digest(value: Any, what: str) -> str:
+    """A ``sha256:`` digest; other well-formed algorithms are unsupported, not malformed."""
+    text = expect_str(value, what)
+    if is_sha256_digest(text):
+        return text
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    if is_oci_digest(text) and not text.startswith("sha256:"):
+        raise FormatError(f"{what}: unsupported digest algorithm in {shown!r}; only sha256")
+    raise FormatError(f"{what}: invalid digest {shown!r}: expected sha256: and 64 lower-case hex")
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+@dataclass
+class Descriptor:
+    """An OCI content descriptor, checked."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: dict[str, Any] | None = None
+    urls: list[str] = field(default_factory=list)
+
+
+def parse_descriptor(value: Any, what: str) -> Descriptor:
+    doc = expect_object(value, what)
+    media_type = doc.get("mediaType", "")
+    if media_type is None:
+        media_type = ""
+    expect_str(media_type, f"{what} mediaType")
+    digest = expect_digest(doc.get("digest"), f"{what} digest")
+    size = expect_size(doc.get("size"), f"{what} size")
+    annotations = doc.get("annotations") or {}
+    expect_str_map(annotations, f"{what} annotations")
+    platform = doc.get("platform")
+    if platform is not None:
+        expect_object(platform, f"{what} platform")
+    urls = doc.get("urls") or []
+    expect_str_list(urls, f"{what} urls")
+    return Descriptor(media_type, digest, size, annotations, platform, urls)
+
+
+def config_diff_ids(config: dict[str, Any], what: str) -> list[str]:
+    """``rootfs.diff_ids`` of an image config, each a valid sha256 digest."""
+    rootfs = expect_object(config.get("rootfs"), f"{what} rootfs")
+    diff_ids = expect_list(rootfs.get("diff_ids", []), f"{what} rootfs.diff_ids")
+    return [expect_digest(d, f"{what} rootfs.diff_ids") for d in diff_ids]
+
+
+def layer_media_type(head: bytes) -> str:
+    """The OCI media type matching a layer blob's first bytes."""
+    kind = detect(head)
+    if kind == "gzip":
+        return MEDIA_OCI_LAYER_GZIP
+    if kind == "zstd":
+        return MEDIA_OCI_LAYER_ZSTD
+    return MEDIA_OCI_LAYER_TAR
+
+
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386"}
+
+
+def _platform_of(desc: Descriptor) -> tuple[str, str, str]:
+    platform = desc.platform or {}
+
+    def text(key: str) -> str:
+        value = platform.get(key)
+        return value if isinstance(value, str) else ""
+
+    arch = text("architecture")
+    return text("os"), _ARCH_ALIASES.get(arch, arch), text("variant")
+
+
+def is_attestation(desc: Descriptor) -> bool:
+    if desc.annotations.get("vnd.docker.reference.type") == "attestation-manifest":
+        return True
+    return _platform_of(desc)[:2] == ("unknown", "unknown")
+
+
+def select_platform(
+    descriptors: list[Descriptor], what: str, *, os_name: str = "linux", arch: str | None = None
+) -> Descriptor:
+    """The entry of an index for this host (FORMATS §8.4, simplified).
+
+    Attestations are skipped. Entries naming this OS and architecture come first, in index
+    order; entries without a platform are taken only when none names one.
+    """
+    arch = arch or host_architecture()
+    candidates = [d for d in descriptors if not is_attestation(d)]
+    matching = [d for d in candidates if d.platform and _platform_of(d)[:2] == (os_name, arch)]
+    if matching:
+        return matching[0]
+    unplatformed = [d for d in candidates if not d.platform]
+    if unplatformed:
+        return unplatformed[0]
+    offered = ", ".join(sorted({"/".join(p for p in _platform_of(d) if p) for d in candidates}))
+    raise FormatError(
+        f"{what}: no image for {os_name}/{arch} in the index (it has {offered or 'none'})"
+    )
