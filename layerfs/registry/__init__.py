@@ -1,0 +1,1 @@
+"""The registry client: wire protocol, auth, credentials, manifests, platforms."""

@@ -1,0 +1,548 @@
+"""A v2 registry as an image source (pull) and destination (push).
+
+pull = ``copy(RegistrySource → StoreDestination)``; push = ``copy(StoreSource →
+RegistryDestination)``; the wire is in :mod:`layerfs.registry`.
+
+The source resolves a tag or digest to one image manifest (choosing the
+platform from an index), checks the manifest digest when pulling by digest, and
+the config against its descriptor; each layer is then a resumable stream the
+store decompresses, hashes and indexes in one pass. Schema1 manifests (old
+registries) become a modern config once their layers' diff IDs are known
+(:class:`Schema1Image`).
+
+The destination gzips each layer at push time with the fastest compressor at
+hand (ISA-L's igzip when installed, else zlib at level 1), uploads it, and
+records the compressed digest in the store (the layer's ``blob_digests`` and
+the node's ``checksum``) so the next push neither compresses nor uploads it
+again: a HEAD finds it, or a cross-repository mount copies it inside the
+registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import types
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
+from layerfs.model.digest import is_sha256_digest, sha256_digest
+from layerfs.model.reference import Reference, remote_name
+from layerfs.progress import Progress
+from layerfs.registry.blobs import Repository
+from layerfs.registry.client import RegistryClient
+from layerfs.registry.manifests import (
+    Descriptor,
+    ImageManifest,
+    IndexManifest,
+    Schema1Manifest,
+    build_image_manifest,
+    parse,
+    schema1_config,
+)
+from layerfs.registry.platform import Platform, host_platform, select
+from layerfs.store.files import atomic_write
+from layerfs.store.store import Store
+from layerfs.transports.base import (
+    MEDIA_DOCKER_LAYER_GZIP,
+    MEDIA_OCI_LAYER_GZIP,
+    MEDIA_OCI_LAYER_ZSTD,
+    LayerDesc,
+    SourceImage,
+)
+
+_fast_zlib: types.ModuleType
+try:  # ISA-L's igzip: about 5x zlib's speed at level 1 here (docs/benchmarks.md)
+    from isal import isal_zlib as _fast_zlib
+
+    FAST_GZIP = "isal"
+except ImportError:  # pragma: no cover - isal is a dependency, but keep working without
+    _fast_zlib = zlib
+    FAST_GZIP = "zlib"
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG_SIZE = 8 << 20
+GZIP_TYPES = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP)
+_READ = 1 << 20
+
+
+def _short(digest: str | None) -> str:
+    return (digest or "").split(":")[-1][:12]
+
+
+# -- what the store remembers about blobs it has seen in registries ------------------------
+
+
+@dataclass
+class BlobRecord:
+    digest: str
+    size: int
+    media_type: str
+    diff_id: str = ""
+    repositories: list[str] = field(default_factory=list)  # "host/remote-name"
+
+
+class BlobRecords:
+    """``<store>/registry/blobs/<hex>.json``: size, type and where a compressed blob lives.
+
+    The diff ID → blob digest map itself is the layer's ``blob_digests``; this adds
+    what a push needs to reuse a blob: its media type, size, and the repositories
+    that hold it (for cross-repository mounts).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.root / "registry" / "blobs"
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> BlobRecord | None:
+        if not is_sha256_digest(digest):
+            return None
+        try:
+            doc = json.loads((self.root / f"{digest[7:]}.json").read_bytes())
+            return BlobRecord(
+                doc["digest"],
+                int(doc["size"]),
+                str(doc["media_type"]),
+                str(doc.get("diff_id", "")),
+                [str(r) for r in doc.get("repositories", [])],
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def add(self, digest: str, size: int, media_type: str, diff_id: str, repository: str) -> None:
+        if not is_sha256_digest(digest):
+            return
+        with self._lock:
+            record = self.get(digest) or BlobRecord(digest, size, media_type, diff_id)
+            record.size, record.media_type = size, media_type
+            record.diff_id = diff_id or record.diff_id
+            if repository in record.repositories:
+                record.repositories.remove(repository)
+            record.repositories.insert(0, repository)  # the latest first
+            del record.repositories[20:]
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write(
+                self.root / f"{digest[7:]}.json",
+                json.dumps(record.__dict__, sort_keys=True).encode(),
+                self.store.tmp,
+                0o644,
+            )
+
+
+class Schema1Image(SourceImage):
+    """A schema1 image: its config exists only once its layers' diff IDs are known.
+
+    Docker 1.10+ builds the config of a schema1 image from the v1 JSON and the
+    diff IDs it computed while downloading (FORMATS §3.4). The copy pipeline
+    reads ``config`` only after the layers are in (``put_image``), so the config
+    is computed on first access after that; before, it is a placeholder.
+    """
+
+    schema1: Schema1Manifest | None = None
+    _final: bytes | None = None
+    _placeholder: bytes = b"{}"
+
+    @property
+    def config(self) -> bytes:
+        if self._final is not None or self.schema1 is None:
+            return self._final if self._final is not None else self._placeholder
+        known = {layer.digest: layer.diff_id for layer in self.layers if layer.diff_id}
+        for layer in self.layers:  # a repeated blob was copied once: share its diff ID
+            if layer.diff_id is None and layer.digest in known:
+                layer.diff_id = known[layer.digest]
+        diff_ids = [layer.diff_id for layer in self.layers]
+        if not all(diff_ids):
+            return self._placeholder
+        self._final = schema1_config(self.schema1, [d for d in diff_ids if d])
+        return self._final
+
+    @config.setter
+    def config(self, value: bytes) -> None:
+        self._placeholder = value
+
+
+# -- pull ------------------------------------------------------------------------------------
+
+
+class RegistrySource:
+    """One image of a registry, by tag or digest, for the wanted platform."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        reference: Reference,
+        *,
+        platform: Platform | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.client = client
+        self.reference = reference
+        self.platform = platform or host_platform()
+        self.progress = progress
+        self.repository = Repository(client, reference.remote_name)
+        self.manifest_digest: str | None = None
+        self.readers: list[Any] = []  # the BlobReaders handed out (tests look at resumes)
+
+    @property
+    def what(self) -> str:
+        return str(self.reference)
+
+    def images(self) -> list[SourceImage]:
+        ref = self.reference.ref
+        raw, ctype, _ = self.repository.get_manifest(ref)
+        manifest = parse(raw, ctype, f"manifest of {self.what}")
+        if self.reference.digest and manifest.digest != self.reference.digest:
+            raise DigestMismatchError(
+                f"manifest of {self.what}: digest mismatch: got {manifest.digest}"
+            )
+        self.manifest_digest = manifest.digest
+        if isinstance(manifest, IndexManifest):
+            entry = select(manifest.manifests, self.platform, self.what)
+            child = entry["digest"]
+            raw, ctype, _ = self.repository.get_manifest(child)
+            inner = parse(raw, ctype, f"manifest {child[:19]} of {self.what}")
+            if inner.digest != child:
+                raise DigestMismatchError(
+                    f"manifest {child} of {self.what}: digest mismatch: got {inner.digest}"
+                )
+            if isinstance(inner, IndexManifest):
+                raise FormatError(f"{self.what}: nested indexes are not supported")
+            manifest = inner
+        references = [str(self.reference)]
+        if isinstance(manifest, Schema1Manifest):
+            image = self._schema1_image(manifest, references)
+        else:
+            image = self._image(manifest, references)
+        image.manifest_digest = self.manifest_digest
+        return [image]
+
+    def _image(self, manifest: ImageManifest, references: list[str]) -> SourceImage:
+        config = self.repository.get_blob(manifest.config.digest, MAX_CONFIG_SIZE)
+        if sha256_digest(config) != manifest.config.digest:
+            raise DigestMismatchError(
+                f"config of {self.what}: digest mismatch: expected {manifest.config.digest}, "
+                f"got {sha256_digest(config)}"
+            )
+        try:
+            doc = json.loads(config)
+            diff_ids = doc["rootfs"]["diff_ids"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"config of {self.what} has no rootfs.diff_ids: {exc}") from None
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
+            raise FormatError(
+                f"{self.what}: the manifest lists {len(manifest.layers)} layers but the config "
+                f"{len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff IDs"
+            )
+        layers = [
+            LayerDesc(
+                diff_id=diff_id if is_sha256_digest(diff_id) else None,
+                digest=desc.digest,
+                size=desc.size,
+                media_type=desc.media_type,
+                urls=list(desc.urls),
+            )
+            for desc, diff_id in zip(manifest.layers, diff_ids, strict=True)
+        ]
+        return SourceImage(
+            config=config,
+            layers=layers,
+            references=references,
+            name=self.what,
+            manifest=manifest.raw,
+            manifest_media_type=manifest.media_type,
+        )
+
+    def _schema1_image(self, manifest: Schema1Manifest, references: list[str]) -> SourceImage:
+        layers = [
+            LayerDesc(diff_id=None, digest=blob, size=None, media_type=MEDIA_DOCKER_LAYER_GZIP)
+            for i, blob in enumerate(manifest.blob_sums)
+            if not manifest.throwaway(i)
+        ]
+        image = Schema1Image(
+            config=b"{}",
+            layers=layers,
+            references=references,
+            name=self.what,
+            manifest=manifest.raw,
+            manifest_media_type="schema1",
+        )
+        image.schema1 = manifest
+        return image
+
+    def open_layer(self, image: SourceImage, index: int) -> BinaryIO:
+        layer = image.layers[index]
+        assert layer.digest is not None
+        key = layer.diff_id or layer.digest
+        progress = self.progress
+
+        def verifying() -> None:
+            if progress is not None:
+                progress.status(key, "Verifying Checksum")
+
+        if progress is not None:
+            progress.status(key, "Downloading")
+        reader = self.repository.open_blob(layer.digest, layer.size, verifying)
+        self.readers.append(reader)
+        return reader  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+# -- push ------------------------------------------------------------------------------------
+
+
+class _Compressed:
+    """Gzip a layer tar on the fly, hashing and counting the output."""
+
+    def __init__(self, stream: BinaryIO, level: int, progress: Callable[[int], None] | None):
+        self.stream = stream
+        self.level = level
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.progress = progress
+
+    def pieces(self) -> Iterator[bytes]:
+        compressor = _fast_zlib.compressobj(self.level, zlib.DEFLATED, 31)
+        while True:
+            data = self.stream.read(_READ)
+            if not data:
+                break
+            if self.progress is not None:
+                self.progress(len(data))
+            out = compressor.compress(data)
+            if out:
+                self.hash.update(out)
+                self.size += len(out)
+                yield out
+        out = compressor.flush()
+        self.hash.update(out)
+        self.size += len(out)
+        yield out
+
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+
+class RegistryDestination:
+    """Pushes store images to one repository, under the tags their references name."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        target: Reference,
+        *,
+        store: Store | None = None,
+        tags: list[str] | None = None,
+        fmt: str = "docker",
+        level: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.tags = tags
+        if fmt not in ("docker", "oci"):
+            raise LayerfsError(f"unknown manifest format {fmt!r}: use docker or oci")
+        self.client = client
+        self.target = target
+        self.store = store
+        self.fmt = fmt
+        self.level = level if level is not None else 1
+        self.progress = progress
+        self.repository = Repository(client, target.remote_name, "pull,push")
+        self.repo_key = f"{target.registry}/{target.remote_name}"
+        self.records = BlobRecords(store) if store is not None else None
+        self._blobs: dict[str, Descriptor] = {}  # diff ID → pushed blob
+        self._mutex = threading.Lock()
+        self.pushed: list[tuple[str, str, int]] = []  # (tag, digest, size)
+        self.mounted = 0
+        self.uploaded = 0
+
+    # -- layers --------------------------------------------------------------------------
+
+    def _usable(self, media_type: str) -> bool:
+        if self.fmt == "oci":
+            return media_type in (*GZIP_TYPES, MEDIA_OCI_LAYER_ZSTD)
+        return media_type in GZIP_TYPES
+
+    def has_layer(self, layer: LayerDesc) -> bool:
+        key = layer.diff_id or layer.digest or ""
+        candidates = [d for d in layer.known_blob_digests if d != layer.diff_id]
+        if layer.digest and layer.digest != layer.diff_id and layer.digest not in candidates:
+            candidates.insert(0, layer.digest)
+        for digest in candidates:
+            record = self.records.get(digest) if self.records is not None else None
+            media = record.media_type if record is not None else None
+            if media is not None and not self._usable(media):
+                continue
+            size = self.repository.blob_size(digest)
+            if size is not None:
+                if media is None:
+                    media = self._probe_media(digest)
+                    if media is None or not self._usable(media):
+                        continue
+                if size < 0:
+                    size = record.size if record is not None else -1
+                if size >= 0:
+                    self._found(layer, Descriptor(media, digest, size), "Layer already exists", key)
+                    return True
+            if record is None:
+                continue
+            for source in record.repositories:
+                host, _, name = source.partition("/")
+                if host != self.target.registry or name == self.repository.name:
+                    continue
+                if self.repository.mount_blob(digest, name):
+                    self.mounted += 1
+                    status = f"Mounted from {name}"
+                    self._found(
+                        layer, Descriptor(record.media_type, digest, record.size), status, key
+                    )
+                    return True
+        return False
+
+    def _found(self, layer: LayerDesc, desc: Descriptor, status: str, key: str) -> None:
+        if layer.diff_id:
+            with self._mutex:
+                self._blobs[layer.diff_id] = desc
+        note = getattr(self.progress, "note", None)
+        if note is not None:
+            note(key, status)  # shown instead of the pipeline's "Already exists"
+
+    def _probe_media(self, digest: str) -> str | None:
+        """The type of a blob we know only by digest: look at its first bytes."""
+        try:
+            reader = self.repository.open_blob(digest, None)
+            head = reader.read(4)
+            reader.close()
+        except RegistryError:
+            return None
+        if head.startswith(b"\x1f\x8b"):
+            return MEDIA_DOCKER_LAYER_GZIP
+        if head.startswith(b"\x28\xb5\x2f\xfd"):
+            return MEDIA_OCI_LAYER_ZSTD
+        return None
+
+    def put_layer(
+        self,
+        stream: BinaryIO,
+        layer: LayerDesc,
+        what: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        compressed = _Compressed(stream, self.level, progress)
+        digest = self.repository.upload_stream(compressed.pieces(), compressed.digest)
+        self.uploaded += 1
+        desc = Descriptor(MEDIA_DOCKER_LAYER_GZIP, digest, compressed.size)
+        if layer.diff_id:
+            with self._mutex:
+                self._blobs[layer.diff_id] = desc
+            self._remember(layer.diff_id, desc)
+
+    def _remember(self, diff_id: str, desc: Descriptor) -> None:
+        """Record the compressed digest so the next push neither compresses nor uploads."""
+        if self.store is None:
+            return
+        try:
+            with self.store.graph.transaction():
+                if self.store.layers.exists(diff_id):
+                    self.store.layers.add_blob_digest(diff_id, desc.digest)
+            if self.records is not None:
+                self.records.add(desc.digest, desc.size, desc.media_type, diff_id, self.repo_key)
+        except LayerfsError:
+            log.warning("cannot record the digest of layer %s", diff_id[:19], exc_info=True)
+
+    # -- images --------------------------------------------------------------------------
+
+    def put_image(self, image: SourceImage) -> None:
+        descriptors = []
+        for layer in image.layers:
+            desc = self._blobs.get(layer.diff_id or "")
+            if desc is None:
+                raise RegistryError(f"{image.name}: layer {layer.diff_id} was not pushed")
+            descriptors.append(desc)
+        config_digest = sha256_digest(image.config)
+        if self.repository.blob_size(config_digest) is None:
+            self.repository.upload_bytes(image.config, config_digest)
+        manifest, media_type = build_image_manifest(image.config, descriptors, self.fmt)
+        digest = sha256_digest(manifest)
+        tags = self._tags(image)
+        for tag in tags:
+            answered = self.repository.put_manifest(tag, manifest, media_type)
+            if answered and answered != digest:
+                log.warning("registry reports digest %s for %s, computed %s", answered, tag, digest)
+            self.pushed.append((tag, digest, len(manifest)))
+        if not tags:  # no tag: push by digest only
+            self.repository.put_manifest(digest, manifest, media_type)
+            self.pushed.append(("", digest, len(manifest)))
+        self._set_layer_digests(image)
+        for layer, desc in zip(image.layers, descriptors, strict=True):
+            if layer.diff_id and self.records is not None:
+                self._remember(layer.diff_id, desc)
+
+    def _tags(self, image: SourceImage) -> list[str]:
+        if self.tags is not None:
+            return list(self.tags)
+        tags = []
+        for ref in image.references:
+            try:
+                parsed = Reference.parse(ref)
+            except LayerfsError:
+                continue
+            if (
+                parsed.tag
+                and remote_name(parsed.repository) == self.repository.name
+                and parsed.registry == self.target.registry
+                and parsed.tag not in tags
+            ):
+                tags.append(parsed.tag)
+        return tags
+
+    def _set_layer_digests(self, image: SourceImage) -> None:
+        """Docker's ``checksum`` per node: the registry digest of its compressed layer."""
+        if self.store is None or "image_id" not in image.extra:
+            return
+        graph = self.store.graph
+        try:
+            for node in graph.walk_history(graph.get(image.extra["image_id"])):
+                desc = self._blobs.get(node.layer or "")
+                if desc is None:
+                    continue
+                try:
+                    current = graph.get_layer_digest(node.id)
+                except LayerfsError:
+                    current = None
+                if current != desc.digest:
+                    graph.set_layer_digest(node.id, desc.digest)
+        except LayerfsError:
+            log.warning("cannot record layer digests of %s", image.name, exc_info=True)
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def record_pulled(store: Store, source: RegistrySource, images: list[SourceImage]) -> None:
+    """After a pull: remember each layer's blob (type, size, repository) for later pushes."""
+    records = BlobRecords(store)
+    repo_key = f"{source.reference.registry}/{source.repository.name}"
+    for image in images:
+        for layer in image.layers:
+            if layer.digest and layer.diff_id and layer.size is not None:
+                try:
+                    records.add(layer.digest, layer.size, layer.media_type, layer.diff_id, repo_key)
+                except (OSError, LayerfsError):
+                    log.debug("cannot record blob %s", layer.digest, exc_info=True)
+
+
+def blob_records_path(store: Store) -> Path:
+    return store.root / "registry" / "blobs"
