@@ -13,7 +13,7 @@ one. Those rows are
 
 - the saved state (``upper/<name>/state``, msgpack): a later mount with the
   same upper lays them on the lower layers like one more layer;
-- the commit: :func:`write_layer_tar` turns them into a layer tar.
+- the commit: ``commit.write_layer_tar`` turns them into a layer tar.
 
 On disk an upper is ``upper/<name>/``: ``state``, ``lock`` (held by the mount
 using it), and ``data/<n>``: the contents of files written through the
@@ -32,20 +32,19 @@ import errno
 import logging
 import os
 import stat
-import tarfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from layerfs.errors import LayerfsError, MountError, MountpointBusyError
+from layerfs.errors import MountError, MountpointBusyError
 from layerfs.fs import whiteout
 from layerfs.fs.inodes import LAYER_UPPER, ROOT, InodeTable
 from layerfs.fs.union import MergedTree
 from layerfs.store import codec
 from layerfs.store.files import FileLock, atomic_write
-from layerfs.store.tarindex import BLOCKDEV, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK
+from layerfs.store.tarindex import HARDLINK, REG
 
 log = logging.getLogger(__name__)
 
@@ -681,122 +680,3 @@ def _copy_plain(src: int, offset: int, dst: int, dst_offset: int, count: int) ->
     if data:
         os.pwrite(dst, data, dst_offset)
     return len(data)
-
-
-# -- reading a saved upper and writing its layer tar ---------------------------------------------
-
-
-def read_state(directory: Path) -> dict[str, Any]:
-    """The saved state of an upper directory (see :meth:`Upper.save`)."""
-    path = directory / "state"
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MountError(f"upper {directory.name!r} has no saved state") from None
-    doc = codec.unpack(data, what=f"upper state {path}")
-    if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
-        raise MountError(f"upper {directory.name!r}: unknown state format")
-    return doc
-
-
-_TAR_TYPES = {
-    REG: tarfile.REGTYPE,
-    DIR: tarfile.DIRTYPE,
-    SYMLINK: tarfile.SYMTYPE,
-    HARDLINK: tarfile.LNKTYPE,
-    CHAR: tarfile.CHRTYPE,
-    BLOCKDEV: tarfile.BLKTYPE,
-    FIFO: tarfile.FIFOTYPE,
-}
-
-
-def write_layer_tar(
-    rows: Sequence[Row], directory: Path, out: BinaryIO, open_layer: Callable[[str], BinaryIO]
-) -> int:
-    """Write the changes as a layer tar (PAX, Docker's conventions); returns entries written.
-
-    ``open_layer(diff_id)`` opens a lower layer tar for files whose data was
-    never copied up (a chmod, a rename).
-    """
-    layers: dict[str, BinaryIO] = {}
-    count = 0
-    try:
-        with tarfile.open(
-            fileobj=out,
-            mode="w|",
-            format=tarfile.PAX_FORMAT,
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as archive:
-            for row in rows:
-                path, kind = row[0], row[1]
-                name = os.fsdecode(path) if path else "."
-                info = tarfile.TarInfo(name + "/" if kind == DIR and path else name)
-                info.type = _TAR_TYPES[kind]
-                info.mode = row[2]
-                info.uid, info.gid = row[3], row[4]
-                info.uname = info.gname = ""
-                info.mtime = max(row[6], 0) // 1_000_000_000
-                if kind in (SYMLINK, HARDLINK):
-                    info.linkname = os.fsdecode(row[8])
-                if kind in (CHAR, BLOCKDEV):
-                    info.devmajor, info.devminor = row[9], row[10]
-                if row[11]:
-                    info.pax_headers = {
-                        "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
-                        for k, v in row[11].items()
-                    }
-                if kind == REG and row[5]:
-                    info.size = row[5]
-                    archive.addfile(info, _data_reader(row, directory, layers, open_layer))
-                else:
-                    archive.addfile(info)
-                count += 1
-    except tarfile.TarError as exc:
-        raise LayerfsError(f"cannot write the layer tar: {exc}") from exc
-    finally:
-        for handle in layers.values():
-            handle.close()
-    return count
-
-
-def _data_reader(
-    row: Row, directory: Path, layers: dict[str, BinaryIO], open_layer: Callable[[str], BinaryIO]
-) -> _Exactly:
-    source = row[12]
-    if source is None:
-        handle: BinaryIO = open(directory / "data" / str(row[7]), "rb")  # noqa: SIM115
-        return _Exactly(handle, 0, row[5], owned=True)
-    if source not in layers:
-        layers[source] = open_layer(source)
-    return _Exactly(layers[source], row[7], row[5], owned=False)
-
-
-class _Exactly:
-    """Exactly ``size`` bytes from ``offset`` (zeros past the end of a shortened file)."""
-
-    def __init__(self, handle: BinaryIO, offset: int, size: int, *, owned: bool) -> None:
-        self._handle = handle
-        self._offset = offset
-        self._left = size
-        self._owned = owned
-
-    def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
-            self._close()
-            return b""
-        if n < 0 or n > self._left:
-            n = self._left
-        self._handle.seek(self._offset)
-        data = self._handle.read(n)
-        if len(data) < n:
-            data += bytes(n - len(data))
-        self._offset += n
-        self._left -= n
-        if self._left <= 0:
-            self._close()
-        return data
-
-    def _close(self) -> None:
-        if self._owned and not self._handle.closed:
-            self._handle.close()
