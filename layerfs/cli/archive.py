@@ -15,7 +15,7 @@ from typing import Any
 
 from layerfs.cli.common import make_progress, open_store
 from layerfs.copy import copy
-from layerfs.errors import UsageError
+from layerfs.errors import LayerfsError, UsageError
 from layerfs.progress import Progress
 from layerfs.transports import SOURCES, open_source, split_spec
 from layerfs.transports.archive import DockerArchiveDestination
@@ -103,7 +103,13 @@ def cmd_load(args: argparse.Namespace) -> int:
     spec = args.input or "-"
     if split_spec(spec, SOURCES)[0] is None and spec != "-" and not Path(spec).exists():
         raise UsageError(f"cannot read {spec!r}: no such file or directory")
-    source = open_source(spec, tmp_dir=store.tmp)
+    source = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
+    try:
+        source.images()  # an archive-level problem: one line naming the archive
+    except LayerfsError as exc:
+        source.close()
+        what = getattr(source, "description", spec)
+        raise _renamed(exc, f"cannot load {what}: {exc.message}") from exc
     destination = StoreDestination(store)
     progress = _progress(args)
     try:
@@ -118,8 +124,9 @@ def cmd_load(args: argparse.Namespace) -> int:
                 print(f"Loaded image: {ref}")
         else:
             print(f"Loaded image ID: sha256:{image.image_id}")
-    for name, exc in result.failed:
-        print(f"{prog}: error: cannot load {name}: {exc.message}", file=sys.stderr)
+    for name, error in result.failed:
+        message = error.message.removeprefix(f"{name}: ")
+        print(f"{prog}: error: cannot load {name}: {message}", file=sys.stderr)
     if result.failed and destination.loaded:
         print(
             f"{prog}: {len(result.failed)} of {len(result.failed) + len(destination.loaded)} "
@@ -127,6 +134,14 @@ def cmd_load(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if result.failed else 0
+
+
+def _renamed(exc: LayerfsError, message: str) -> LayerfsError:
+    """The same kind of error (same exit code) with a message saying what was being done."""
+    try:
+        return type(exc)(message, hint=exc.hint)
+    except TypeError:
+        return LayerfsError(message, hint=exc.hint)
 
 
 def _destination(args: argparse.Namespace, tmp: Path) -> tuple[ImageDestination, bool]:

@@ -101,14 +101,13 @@ class DockerArchiveSource:
                 images = self._legacy()
             else:
                 raise FormatError(
-                    f"{self.description} is not a docker-archive: it has no manifest.json "
-                    "and no repositories file"
+                    "not a docker-archive: it has no manifest.json and no repositories file"
                 )
             if self.reference is not None:
                 wanted = str(self.reference)
                 images = [i for i in images if wanted in i.references]
                 if not images:
-                    raise FormatError(f"{self.description} has no image named {wanted}")
+                    raise FormatError(f"the archive has no image named {wanted}")
                 for image in images:
                     image.references = [wanted]
             self._images = images
@@ -130,7 +129,7 @@ class DockerArchiveSource:
     def _modern(self) -> list[SourceImage]:
         doc = decode_json(self.files.read("manifest.json", "manifest.json"), "manifest.json")
         if doc is None:
-            raise FormatError(f"{self.description}: manifest.json is null")
+            raise FormatError("manifest.json is null")
         entries = expect_list(doc, "manifest.json")
         images = []
         for number, entry in enumerate(entries, 1):
@@ -213,6 +212,7 @@ class DockerArchiveSource:
         parents = {doc.get("parent") for _, doc in nodes.values()}
         tops = [i for i in nodes if i not in parents]
         tops += [i for i in references if i not in tops]
+        tops += _cycles(nodes, tops)
         images = []
         for top in sorted(tops):
             name = references[top][0] if references.get(top) else top[:12]
@@ -322,6 +322,26 @@ class DockerArchiveSource:
             while chunk := reader.read(_CHUNK):
                 digest.update(chunk)
         return "sha256:" + digest.hexdigest()
+
+
+def _cycles(nodes: dict[str, tuple[bytes, dict[str, Any]]], tops: list[str]) -> list[str]:
+    """One node of each parent cycle no top reaches (so that it is reported, not ignored)."""
+    covered: set[str] = set()
+    for top in tops:
+        current: Any = top
+        while isinstance(current, str) and current in nodes and current not in covered:
+            covered.add(current)
+            current = nodes[current][1].get("parent")
+    found = []
+    for node_id in sorted(nodes):
+        if node_id in covered:
+            continue
+        found.append(node_id)
+        current = node_id
+        while isinstance(current, str) and current in nodes and current not in covered:
+            covered.add(current)
+            current = nodes[current][1].get("parent")
+    return found
 
 
 def _entry_name(entry: Any, number: int) -> str:

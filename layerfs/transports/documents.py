@@ -16,7 +16,7 @@ from typing import Any
 from layerfs.compression import detect
 from layerfs.errors import FormatError
 from layerfs.model.digest import is_oci_digest, is_sha256_digest
-from layerfs.model.image import host_architecture
+from layerfs.model.image import host_architecture, parse_created
 from layerfs.transports.base import (
     MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_LAYER_TAR,
@@ -148,8 +148,53 @@ def parse_descriptor(value: Any, what: str) -> Descriptor:
     return Descriptor(media_type, digest, size, annotations, platform, urls)
 
 
+# Types Go's decoder insists on when Docker reads a config (null is always allowed).
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "created": (str,),
+    "author": (str,),
+    "architecture": (str,),
+    "os": (str,),
+    "variant": (str,),
+    "os.version": (str,),
+    "os.features": (list,),
+    "comment": (str,),
+    "container": (str,),
+    "docker_version": (str,),
+    "config": (dict,),
+    "container_config": (dict,),
+    "history": (list,),
+}
+_HISTORY_TYPES: dict[str, tuple[type, ...]] = {
+    "created": (str,),
+    "created_by": (str,),
+    "author": (str,),
+    "comment": (str,),
+    "empty_layer": (bool,),
+}
+
+
+def _check_types(doc: dict[str, Any], types: dict[str, tuple[type, ...]], what: str) -> None:
+    for key, allowed in types.items():
+        value = doc.get(key)
+        if value is not None and not isinstance(value, allowed):
+            wanted = _type_name(allowed[0]())  # the name of an empty value of that type
+            raise FormatError(f"{what}: {key} must be {wanted}, not {_type_name(value)}")
+
+
+def check_config(config: dict[str, Any], what: str) -> None:
+    """Refuse a config Docker could not decode: wrong types, a ``created`` that is no time."""
+    _check_types(config, _CONFIG_TYPES, what)
+    for key in ("created",):
+        value = config.get(key)
+        if isinstance(value, str) and parse_created(value) is None:
+            raise FormatError(f"{what}: {key} {value[:40]!r} is not an RFC 3339 time")
+    for entry in config.get("history") or []:
+        _check_types(expect_object(entry, f"{what} history"), _HISTORY_TYPES, f"{what} history")
+
+
 def config_diff_ids(config: dict[str, Any], what: str) -> list[str]:
     """``rootfs.diff_ids`` of an image config, each a valid sha256 digest."""
+    check_config(config, what)
     rootfs = expect_object(config.get("rootfs"), f"{what} rootfs")
     diff_ids = expect_list(rootfs.get("diff_ids", []), f"{what} rootfs.diff_ids")
     return [expect_digest(d, f"{what} rootfs.diff_ids") for d in diff_ids]

@@ -114,7 +114,7 @@ class ArchiveFiles:
         resolved = self.resolve(name, where)
         kind, _ = self._kind(resolved)
         if kind == "missing":
-            raise FormatError(f"{where} names {name!r}, which is not in {self.description}")
+            raise FormatError(f"{where} names {name!r}, which is not in the archive")
         if kind != "file":
             raise FormatError(f"{where} names {name!r}, which is not a regular file")
         return resolved
@@ -224,7 +224,7 @@ class TarFiles(ArchiveFiles):
         # A clean end is two zero blocks, or (as Go's reader accepts) no more data.
         if tail and tail != bytes(tarfile.BLOCKSIZE):
             if len(tail) < tarfile.BLOCKSIZE:
-                raise FormatError(f"truncated archive: {self.description} ends inside a header")
+                raise FormatError(f"{self.description} is truncated: it ends inside a header")
             raise FormatError(f"{self.description}: corrupt tar header at offset {end}")
 
     def _add(self, info: tarfile.TarInfo, file_size: int) -> None:
@@ -234,7 +234,7 @@ class TarFiles(ArchiveFiles):
         name = "/".join(parts)
         if info.isreg():
             if info.offset_data + info.size > file_size:
-                raise FormatError(f"truncated archive: {name!r} is cut short")
+                raise FormatError(f"{self.description} is truncated: {name!r} is cut short")
             member = _Member("file", info.offset_data, info.size)
         elif info.isdir():
             member = _Member("dir", 0, 0)

@@ -127,8 +127,7 @@ class OciLayoutSource:
         version = layout.get("imageLayoutVersion")
         if version != LAYOUT_VERSION:
             raise FormatError(
-                f"{self.description}: unsupported OCI layout version {str(version)[:40]!r} "
-                f"(expected {LAYOUT_VERSION})"
+                f"unsupported OCI layout version {str(version)[:40]!r} (expected {LAYOUT_VERSION})"
             )
         index = expect_object(
             decode_json(self.files.read("index.json", "index.json"), "index.json"), "index.json"
@@ -162,7 +161,7 @@ class OciLayoutSource:
                 by_digest[desc.digest] = image
                 images.append(image)
         if self.reference is not None and not selected:
-            raise FormatError(f"{self.description} has no image named {self.reference!r}")
+            raise FormatError(f"the layout has no image named {self.reference!r}")
         return images
 
     def _blob(self, desc: Descriptor, what: str, limit: int = MAX_DOCUMENT) -> bytes:
