@@ -301,3 +301,17 @@ def test_an_unparsable_ratio_falls_back_to_the_default(
     # zstd squeezes zeros far beyond 2000x: the default cap stops it
     with pytest.raises(ExpansionLimitError, match=f"past {compression.DEFAULT_MAX_RATIO}x"):
         decompress_all(_zstd(bytes(64 << 20)))
+
+
+@pytest.mark.parametrize("level", [1, 19])
+def test_streamed_zstd_frames_without_a_content_size(level: int) -> None:
+    # What zstd writes when it does not know the size up front: a windowed frame of
+    # many blocks with no Frame_Content_Size field.
+    payload = b"".join(random.Random(level).randbytes(64) + bytes(3000) for _ in range(400))
+    compressor = zstandard.ZstdCompressor(level=level, write_content_size=False)
+    blob = b"".join(compressor.read_to_iter(io.BytesIO(payload)))
+    assert zstandard.get_frame_parameters(blob).content_size == zstandard.CONTENTSIZE_UNKNOWN
+    assert decompress_all(blob, chunk=65536) == (payload, "zstd")
+    for cut in (len(blob) // 3, len(blob) - 1):
+        with pytest.raises(FormatError, match="truncated zstd stream"):
+            decompress_all(blob[:cut])
