@@ -14,7 +14,7 @@ import os
 import stat
 import subprocess
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,7 +32,7 @@ class Layer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+        self._tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8",  # noqa: SIM115
                                  errors="surrogateescape")
 
     def add(self, name: str | bytes, kind: bytes = tarfile.REGTYPE, data: bytes | None = None,
