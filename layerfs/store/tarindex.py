@@ -306,6 +306,7 @@ def index_tar(
     validator = _Validator()
     pax_global: dict[bytes, bytes] = {}
     pax: dict[bytes, bytes] = {}
+    kept_bytes = {b"x": 0, b"g": 0}  # size of the records held in pax and pax_global
     long_name: bytes | None = None
     long_link: bytes | None = None
     content_size = 0
@@ -341,10 +342,18 @@ def index_tar(
                 raise FormatError(f"PAX header of {size} bytes exceeds the {MAX_PAX_HEADER} limit")
             records = _parse_pax(reader.read_exact(size, "a PAX header"))
             reader.skip(padded - size, "padding")
-            if typeflag == b"g":
-                pax_global.update(records)
-            else:
-                pax.update(records)
+            kept = pax_global if typeflag == b"g" else pax
+            # Records of consecutive headers add up: bound what is kept, not each header.
+            for key, value in records.items():
+                old = kept.get(key)
+                kept_bytes[typeflag] += len(value) - (len(old) if old is not None else -len(key))
+                kept[key] = value
+            if kept_bytes[typeflag] > MAX_PAX_HEADER:
+                raise FormatError(
+                    f"PAX records of more than {MAX_PAX_HEADER} bytes for one entry"
+                    if typeflag == b"x"
+                    else f"global PAX records of more than {MAX_PAX_HEADER} bytes"
+                )
             continue
         if typeflag in (b"L", b"K"):
             if size > MAX_LONG_NAME:
@@ -430,6 +439,7 @@ def index_tar(
         # size field of link, directory, device and FIFO headers is ignored.
         reader.skip(padded if kind == REG else 0, "entry data")
         pax = {}
+        kept_bytes[b"x"] = 0
         long_name = long_link = None
     reader.drain()
     return IndexResult(
