@@ -856,3 +856,24 @@ def test_errors_of_the_source_are_not_taken_for_the_end_of_the_tar(good_bytes: i
 
     with pytest.raises(ExpansionLimitError, match="grew past 2x"):
         index_tar(Failing())
+
+
+@pytest.mark.parametrize("typeflag", [b"x", b"g"])
+def test_pax_records_split_over_many_headers_are_bounded_too(typeflag: bytes) -> None:
+    # Each header is under the limit, but their records pile up for one entry (or, for
+    # global headers, for the whole archive): the total is held to the same limit.
+    chunk = MAX_PAX_HEADER // 3
+    headers = b"".join(
+        pax_header({b"SCHILY.xattr.user.k%d" % n: b"v" * chunk}, typeflag=typeflag)
+        for n in range(4)
+    )
+    with pytest.raises(FormatError, match="PAX records of more than 1048576 bytes"):
+        index(headers + file_bytes(b"f") + END)
+
+
+def test_repeated_pax_keys_do_not_count_twice() -> None:
+    value = b"v" * (MAX_PAX_HEADER // 3)
+    headers = b"".join(
+        pax_header({b"SCHILY.xattr.user.same": value}, typeflag=b"g") for _ in range(5)
+    )
+    assert by_path(headers + file_bytes(b"f") + END)[b"f"].xattrs == {"user.same": value}
