@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from layerfs.copy import copy
-from layerfs.errors import AuthenticationError, LayerfsError, UsageError
+from layerfs.errors import AuthenticationError, ConflictError, LayerfsError, UsageError
 from layerfs.model.reference import Reference
 from layerfs.progress import Progress
 from layerfs.registry.auth import Credentials
@@ -19,7 +19,12 @@ from layerfs.registry.credentials import DockerConfig, check_username
 from layerfs.registry.platform import Platform
 from layerfs.store.store import Store
 from layerfs.transports.local import StoreDestination, StoreSource
-from layerfs.transports.registry import RegistryDestination, RegistrySource, record_pulled
+from layerfs.transports.registry import (
+    RegistryDestination,
+    RegistrySource,
+    config_from_store,
+    record_pulled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,13 @@ def pull(
     reference = Reference.parse(name)
     client = RegistryClient(reference.registry, options, pool_size=max(10, max_concurrent + 2))
     try:
-        source = RegistrySource(client, reference, platform=platform, progress=progress)
+        source = RegistrySource(
+            client,
+            reference,
+            platform=platform,
+            progress=progress,
+            known_config=config_from_store(store),
+        )
         destination = StoreDestination(store)
         result = copy(
             source,
@@ -69,6 +80,12 @@ def pull(
             raise result.failed[0][1]
         image = result.copied[0]
         record_pulled(store, source, result.copied)
+        if source.manifest_digest:
+            try:
+                store.tags.set_digest(reference.repository, source.manifest_digest, image.image_id)
+            except ConflictError as exc:
+                # Docker logs and keeps the first image (an index pulled for two platforms).
+                log.warning("%s", exc)
         return PullResult(
             reference,
             image.image_id,

@@ -182,8 +182,10 @@ class RegistrySource:
         *,
         platform: Platform | None = None,
         progress: Progress | None = None,
+        known_config: Callable[[str], bytes | None] | None = None,
     ) -> None:
         self.client = client
+        self.known_config = known_config  # config digest → bytes we already have
         self.reference = reference
         self.platform = platform or host_platform()
         self.progress = progress
@@ -216,16 +218,19 @@ class RegistrySource:
             if isinstance(inner, IndexManifest):
                 raise FormatError(f"{self.what}: nested indexes are not supported")
             manifest = inner
-        references = [str(self.reference)]
+        # The digest reference is recorded by the caller after the copy: for an index it
+        # can already name this platform's sibling, which docker reports and keeps.
+        references = [str(self.reference)] if self.reference.tag else []
         if isinstance(manifest, Schema1Manifest):
             image = self._schema1_image(manifest, references)
         else:
             image = self._image(manifest, references)
-        image.manifest_digest = self.manifest_digest
         return [image]
 
     def _image(self, manifest: ImageManifest, references: list[str]) -> SourceImage:
-        config = self.repository.get_blob(manifest.config.digest, MAX_CONFIG_SIZE)
+        config = self.known_config(manifest.config.digest) if self.known_config else None
+        if config is None:
+            config = self.repository.get_blob(manifest.config.digest, MAX_CONFIG_SIZE)
         if sha256_digest(config) != manifest.config.digest:
             raise DigestMismatchError(
                 f"config of {self.what}: digest mismatch: expected {manifest.config.digest}, "
@@ -529,6 +534,21 @@ class RegistryDestination:
 
     def close(self) -> None:
         pass
+
+
+def config_from_store(store: Store) -> Callable[[str], bytes | None]:
+    """A config we already hold: the image whose ID is the config's digest."""
+
+    def known(digest: str) -> bytes | None:
+        try:
+            if store.graph.exists(digest[7:]):
+                raw = store.graph.get(digest[7:]).raw_json
+                return raw if sha256_digest(raw) == digest else None
+        except LayerfsError:
+            pass
+        return None
+
+    return known
 
 
 def record_pulled(store: Store, source: RegistrySource, images: list[SourceImage]) -> None:
