@@ -8,15 +8,14 @@ ID or unique prefix into an image.
 
 Every read re-reads the file, so several processes share one store. Every change takes the
 store's exclusive lock, re-reads, changes and, only if something changed, writes the whole
-file atomically (temp file, fsync, rename; mode 0600). The graph is consulted outside the
-lock so the tag lock never waits on a graph lock. A caller that already holds the lock (an
-``rmi`` deleting from the graph and the tags in one step) passes ``lock=False``: flock is
-not reentrant, and taking it twice in one process would wait forever.
+file atomically (temp file, fsync, rename; mode 0600). The graph is consulted inside the
+lock too, so an image cannot be deleted between being resolved and being tagged. The lock
+is re-entrant within a process: an ``rmi`` that deletes from the graph and the tags in one
+locked section calls these methods as they are.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -112,9 +111,9 @@ class TagStore(Generic[ImageT]):
         data = json.dumps({"Repositories": repos}, separators=(",", ":"), sort_keys=True)
         atomic_write(self.path, data.encode(), self.tmp_root, mode=0o600)
 
-    def _update(self, change: Callable[[Repositories], _R], lock: bool) -> _R:
+    def _update(self, change: Callable[[Repositories], _R]) -> _R:
         """Run ``change`` on a fresh copy under the lock; write back only if it changed."""
-        with locked(self.lock_path) if lock else contextlib.nullcontext():
+        with locked(self.lock_path):
             repos = self._load()
             before = {name: dict(refs) for name, refs in repos.items()}
             result = change(repos)
@@ -124,9 +123,7 @@ class TagStore(Generic[ImageT]):
 
     # -- changes ----------------------------------------------------------------------------
 
-    def tag(
-        self, repo: str, tag: str, image_name: str, force: bool = False, *, lock: bool = True
-    ) -> str | None:
+    def tag(self, repo: str, tag: str, image_name: str, force: bool = False) -> str | None:
         """Point ``repo:tag`` at the image ``image_name`` resolves to.
 
         An empty tag means ``latest``. Without ``force`` an existing tag is a conflict. When
@@ -136,9 +133,9 @@ class TagStore(Generic[ImageT]):
         validate_repo_name(repo)
         validate_tag(tag)
         local = familiar_name(repo)
-        image_id = self.lookup_image(image_name).id
 
         def change(repos: Repositories) -> str | None:
+            image_id = self.lookup_image(image_name).id
             refs = repos.setdefault(local, {})
             old = refs.get(tag)
             if old is not None and not force:
@@ -154,16 +151,16 @@ class TagStore(Generic[ImageT]):
                 )
             return None
 
-        return self._update(change, lock)
+        return self._update(change)
 
-    def set_digest(self, repo: str, digest: str, image_name: str, *, lock: bool = True) -> None:
+    def set_digest(self, repo: str, digest: str, image_name: str) -> None:
         """Record ``repo@digest`` for an image; a digest is never moved to another image."""
         validate_repo_name(repo)
         validate_digest_ref(digest)
         local = familiar_name(repo)
-        image_id = self.lookup_image(image_name).id
 
         def change(repos: Repositories) -> None:
+            image_id = self.lookup_image(image_name).id
             refs = repos.setdefault(local, {})
             old = refs.get(digest)
             if old is not None and old != image_id:
@@ -172,9 +169,9 @@ class TagStore(Generic[ImageT]):
                 )
             refs[digest] = image_id
 
-        self._update(change, lock)
+        self._update(change)
 
-    def delete(self, repo: str, ref: str = "", *, lock: bool = True) -> bool:
+    def delete(self, repo: str, ref: str = "") -> bool:
         """Remove ``repo:ref`` (or the whole repository when ``ref`` is empty).
 
         Returns True when something was removed (always for a whole repository), False
@@ -196,9 +193,9 @@ class TagStore(Generic[ImageT]):
                 del repos[local]
             return True
 
-        return self._update(change, lock)
+        return self._update(change)
 
-    def delete_all(self, image_id: str, *, lock: bool = True) -> list[str]:
+    def delete_all(self, image_id: str) -> list[str]:
         """Remove every tag and digest naming ``image_id``; return them, sorted."""
 
         def change(repos: Repositories) -> list[str]:
@@ -212,7 +209,7 @@ class TagStore(Generic[ImageT]):
                     del repos[name]
             return sorted(removed)
 
-        return self._update(change, lock)
+        return self._update(change)
 
     # -- queries ----------------------------------------------------------------------------
 

@@ -564,13 +564,13 @@ def test_mutations_take_the_lock_unless_told_the_caller_holds_it(
     store.delete_all(ID_A)
     assert taken == [store.lock_path] * 4
     taken.clear()
-    # A caller holding the (non-reentrant) flock itself must not deadlock.
+    # A caller already holding the lock (rmi's one locked section) does not deadlock.
     with real_locked(store.lock_path):
-        store.tag("busybox", "latest", ID_A, lock=False)
-        store.set_digest("busybox", DIGEST, ID_A, lock=False)
-        assert store.delete("busybox", "latest", lock=False) is True
-        assert store.delete_all(ID_A, lock=False) == [f"busybox@{DIGEST}"]
-    assert taken == []
+        store.tag("busybox", "latest", ID_A)
+        store.set_digest("busybox", DIGEST, ID_A)
+        assert store.delete("busybox", "latest") is True
+        assert store.delete_all(ID_A) == [f"busybox@{DIGEST}"]
+    assert taken == [store.lock_path] * 4
     assert store.all() == {}
 
 
