@@ -11,16 +11,14 @@ import argparse
 import errno
 import json
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 from layerfs.cli.common import open_store, table
 from layerfs.errors import MountError, UsageError
-from layerfs.fs.host import Records, check_fuse, is_layerfs_mount, is_mounted, unmount
+from layerfs.fs.host import Records, check_fuse, is_mounted, stop_mount
 from layerfs.store.store import Store
 
-UMOUNT_TIMEOUT = 60.0
 _OPTIONS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
 
 
@@ -79,6 +77,47 @@ def register(subparsers: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only print the image ID")
     p.set_defaults(handler=cmd_commit)
 
+    register_run(subparsers)
+
+
+
+def register_run(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run", help="run a command in an image (namespaces + chroot over a writable mount)",
+        description=(
+            "Mount IMAGE writable, make new mount, PID, UTS and IPC namespaces, mount /proc "
+            "and a minimal /dev, bind the host's resolv.conf, hosts and hostname, chroot and "
+            "run COMMAND (default: the image's Entrypoint and Cmd) with the image's Env, "
+            "WorkingDir and User. Signals are forwarded; the exit code is the command's. "
+            "Needs root."),
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND...")
+    p.add_argument("--rm", dest="remove", action="store_true",
+                   help="drop the upper directory afterwards")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="set an environment variable (KEY alone: take it from here)")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the image")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="user name or uid[:gid]")
+    p.add_argument("--name", metavar="NAME",
+                   help="name of the upper directory (kept without --rm; mount it with "
+                        "--upper NAME, commit it from there)")
+    p.add_argument("--hostname", metavar="NAME", help="host name (default: a random ID)")
+    p.set_defaults(handler=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    check_fuse(allow_other=True)
+    store = open_store(args)
+    from layerfs.container import RunSpec, run
+
+    command = list(args.argv)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return run(store, RunSpec(image=args.image, command=command, env=args.env,
+                              workdir=args.workdir, user=args.user, remove=args.remove,
+                              name=args.name, hostname=args.hostname,
+                              debug=bool(getattr(args, "debug", False))))
 
 
 def parse_options(values: list[str]) -> set[str]:
@@ -119,39 +158,8 @@ def records_of(store: Store) -> Records:
     return Records(store.root / "mounts", store.tmp)
 
 
-def stop_mount(store: Store, mountpoint: str, *, lazy: bool = False,
-               timeout: float = UMOUNT_TIMEOUT) -> None:
-    """Unmount and wait for the server to finish (or clean up after a dead one)."""
-    records = records_of(store)
-    real = os.path.realpath(mountpoint)
-    record = records.find(real)
-    if not is_mounted(real):
-        if record is not None and not records.alive(record.id):
-            records.remove(record.id)  # the server died and someone unmounted already
-            return
-        if record is None:
-            raise MountError(f"{mountpoint} is not mounted")
-    elif not is_layerfs_mount(real):
-        raise MountError(f"{mountpoint} is not a layerfs mount")
-    else:
-        unmount(real, lazy=lazy)
-    if record is None:
-        return
-    if not records.wait_released(record.id, timeout if not lazy else 0.5):
-        if lazy:
-            return  # detached; the server ends when the last user leaves
-        try:
-            os.kill(record.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        if not records.wait_released(record.id, 10):
-            raise MountError(f"the server of {mountpoint} (pid {record.pid}) does not exit",
-                             hint=f"see its log: {record.log}")
-    records.remove(record.id)
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
-    stop_mount(open_store(args), args.mountpoint, lazy=args.lazy)
+    stop_mount(records_of(open_store(args)), args.mountpoint, lazy=args.lazy)
     return 0
 
 

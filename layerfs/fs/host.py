@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -260,3 +261,33 @@ class Records:
             if record.mountpoint == real:
                 return record
         return None
+
+
+def stop_mount(records: Records, mountpoint: str | Path, *, lazy: bool = False,
+               timeout: float = 60.0) -> None:
+    """Unmount and wait for the server to finish (or clean up after a dead one)."""
+    real = os.path.realpath(mountpoint)
+    record = records.find(real)
+    if not is_mounted(real):
+        if record is not None and not records.alive(record.id):
+            records.remove(record.id)  # the server died and someone unmounted already
+            return
+        if record is None:
+            raise MountError(f"{mountpoint} is not mounted")
+    elif not is_layerfs_mount(real):
+        raise MountError(f"{mountpoint} is not a layerfs mount")
+    else:
+        unmount(real, lazy=lazy)
+    if record is None:
+        return
+    if not records.wait_released(record.id, timeout if not lazy else 0.5):
+        if lazy:
+            return  # detached; the server ends when the last user leaves
+        try:
+            os.kill(record.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not records.wait_released(record.id, 10):
+            raise MountError(f"the server of {mountpoint} (pid {record.pid}) does not exit",
+                             hint=f"see its log: {record.log}")
+    records.remove(record.id)

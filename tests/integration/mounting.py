@@ -87,10 +87,11 @@ class Layer:
 
 
 def build_image(store_root: Path, layers: Sequence[Path], tag: str | None = None,
-                config: dict[str, Any] | None = None) -> str:
+                config: dict[str, Any] | None = None, parent: str = "") -> str:
     """Ingest layer tars as a chain of images (base first); returns the top image ID."""
     store = Store.open(store_root)
-    parent = ""
+    if parent:
+        parent = store.tags.lookup_image(parent).id
     for number, path in enumerate(layers):
         with open(path, "rb") as stream:
             staged = store.layers.ingest(stream)
@@ -308,3 +309,54 @@ class PatternStream(io.RawIOBase):
             out += piece
             self._pos += take
         return bytes(out)
+
+
+# -- a real distribution ------------------------------------------------------------------------
+
+CACHE = Path(os.environ.get("LAYERFS_TEST_CACHE", Path.home() / ".cache" / "layerfs-tests"))
+
+
+def apt_mirror() -> str:
+    """The first Debian archive URL apt uses on this machine."""
+    import re
+
+    texts = []
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d")
+                                                         .glob("*"))]:
+        with contextlib.suppress(OSError):
+            texts.append(path.read_text())
+    pattern = re.compile(r"^(?:deb|URIs:)\s+(?:\[[^\]]*\]\s+)?(https?://\S*/debian)/?(?:\s|$)",
+                         re.MULTILINE)
+    for text in texts:
+        match = pattern.search(text)
+        if match:
+            return match.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def debian_rootfs_tar(suite: str = "bookworm") -> Path:
+    """A debootstrap minbase root file system as a tar, built once and cached."""
+    import fcntl
+    import shutil
+    import tempfile
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = CACHE / f"debian-{suite}-minbase.tar"
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file() and out.stat().st_size > 0:
+            return out
+        work = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=CACHE))
+        try:
+            subprocess.run(["debootstrap", "--variant=minbase", suite, str(work / "root"),
+                            apt_mirror()], check=True, capture_output=True, timeout=1200)
+            for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+                for entry in (work / "root" / junk).glob("*"):
+                    if entry.is_file():
+                        entry.unlink()
+            subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(work / "root"),
+                            "-cf", str(work / "rootfs.tar"), "."], check=True)
+            os.rename(work / "rootfs.tar", out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
