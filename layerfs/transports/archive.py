@@ -369,29 +369,70 @@ def _check_named_digest(path: str, data: bytes, what: str) -> None:
 
 
 class DockerManifest:
-    """``manifest.json`` and ``repositories`` as Docker's json.Encoder writes them."""
+    """``manifest.json`` and ``repositories`` as Docker's json.Encoder writes them.
+
+    Docker writes ``Parent`` for an image whose parent (in its image store: the image of
+    the previous build step) is saved in the same archive. layerfs keeps no such link, so
+    it writes the rule Docker's loader checks a ``Parent`` against: another image of the
+    archive whose history is this image's minus its last entry, and whose layers are a
+    prefix of this image's.
+    """
 
     def __init__(self) -> None:
-        self.entries: list[str] = []
+        self.entries: list[tuple[SourceImage, str]] = []  # image, entry without "}"
         self.repositories: dict[str, dict[str, str]] = {}
 
-    def add(self, config: str, tags: list[Reference], layers: list[str], top: str | None) -> None:
+    def add(
+        self,
+        image: SourceImage,
+        config: str,
+        tags: list[Reference],
+        layers: list[str],
+        top: str | None,
+    ) -> None:
         repo_tags = "null" if not tags else "[" + ",".join(go_quote(str(t)) for t in tags) + "]"
         self.entries.append(
-            '{"Config":'
-            + go_quote(config)
-            + ',"RepoTags":'
-            + repo_tags
-            + ',"Layers":['
-            + ",".join(go_quote(p) for p in layers)
-            + "]}"
+            (
+                image,
+                '{"Config":'
+                + go_quote(config)
+                + ',"RepoTags":'
+                + repo_tags
+                + ',"Layers":['
+                + ",".join(go_quote(p) for p in layers)
+                + "]",
+            )
         )
         if top is not None:
             for tag in tags:
                 self.repositories.setdefault(tag.repository, {})[tag.tag or "latest"] = top
 
+    def _parent(self, image: SourceImage) -> str | None:
+        doc = image.config_json()
+        history, diff_ids = doc.get("history") or [], doc.get("rootfs", {}).get("diff_ids", [])
+        for other, _ in self.entries:
+            if other.config_digest == image.config_digest:
+                continue
+            candidate = other.config_json()
+            before = candidate.get("history") or []
+            layers = candidate.get("rootfs", {}).get("diff_ids", [])
+            if (
+                before
+                and len(history) == len(before) + 1
+                and history[: len(before)] == before
+                and diff_ids[: len(layers)] == layers
+            ):
+                return other.config_digest
+        return None
+
     def manifest_bytes(self) -> bytes:
-        return ("[" + ",".join(self.entries) + "]\n").encode()
+        items = []
+        for image, item in self.entries:
+            parent = self._parent(image)
+            if parent is not None:
+                item += ',"Parent":' + go_quote(parent)
+            items.append(item + "}")
+        return ("[" + ",".join(items) + "]\n").encode()
 
     def repositories_bytes(self) -> bytes | None:
         if not self.repositories:
@@ -502,7 +543,7 @@ class DockerArchiveDestination:
         if not self.writer.has(config_name):
             self.writer.add_bytes(config_name, image.config, plan.mtime)
         top = self._v1[-1][0] if self._v1 else None
-        self.manifest.add(config_name, plan.tags, paths, top)
+        self.manifest.add(image, config_name, plan.tags, paths, top)
         self._plan = None
 
     def commit(self) -> None:

@@ -361,7 +361,8 @@ class OciLayoutDestination:
             self._descriptors.append(base)
         if self.docker_compat:
             top = hex_of(plan.diff_ids[-1]) if plan.diff_ids else None
-            self.docker.add(config_name, plan.tags, [blob_path(d) for d in plan.diff_ids], top)
+            layers = [blob_path(d) for d in plan.diff_ids]
+            self.docker.add(image, config_name, plan.tags, layers, top)
         self._plan = None
 
     def commit(self) -> None:

@@ -72,6 +72,8 @@ def test_docker_format_as_docker_writes_it(store: Store, tmp_path: Path) -> None
     entries = members(out)
     manifest = json.loads(read(out, "manifest.json"))
     assert [m["RepoTags"] for m in manifest] == [["first:1", "first:2"], ["example.com/second:x"]]
+    # SECOND is FIRST plus one step: Docker's loader accepts FIRST as its Parent.
+    assert "Parent" not in manifest[0] and manifest[1]["Parent"] == sha256(FIRST.config)
     for entry, image in zip(manifest, (FIRST, SECOND), strict=True):
         assert entry["Config"] == f"{image.image_id}.json"
         assert read(out, entry["Config"]) == image.config
