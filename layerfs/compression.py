@@ -18,6 +18,12 @@ import zstandard
 
 from layerfs.errors import ExpansionLimitError, FormatError
 
+_GzipFile: Any
+try:  # ISA-L's igzip inflates 2-3x faster than zlib here (docs/benchmarks.md, Pull and push)
+    from isal.igzip import IGzipFile as _GzipFile
+except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
+    _GzipFile = gzip.GzipFile
+
 _CHUNK = 1 << 20
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -150,6 +156,21 @@ class _ZstdFrames:
             self._state = "magic"
 
 
+class _ReadInto:
+    """``read`` plus the ``readinto`` igzip's reader asks its file object for."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def read(self, size: int = -1) -> bytes:
+        return bytes(self._source.read(size))
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._source.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 class DecompressingReader:
     """Streams the decompressed form of a (possibly multi-member) compressed input.
 
@@ -165,7 +186,7 @@ class DecompressingReader:
         raw: Any = source  # the decoders want a file object; a reader with read() is enough
         self._frames: _ZstdFrames | None = None
         if kind == "gzip":
-            self._reader = gzip.GzipFile(fileobj=raw, mode="rb")
+            self._reader = _GzipFile(fileobj=_ReadInto(raw), mode="rb")
         elif kind == "zstd":
             self._frames = raw = _ZstdFrames(source)
             self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)

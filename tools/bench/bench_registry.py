@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""`layerfs pull`/`push` against a local docker-registry vs `docker pull`/`push` and skopeo.
+
+The image: Debian 12 minbase (tools/debian-rootfs.sh) imported into a private dockerd,
+plus three layers added by `docker build` (Python's standard library, /usr/share/perl
+and a chunk of /usr/lib, copied from this machine), pushed by docker to a
+docker-registry on 127.0.0.1. Then, interleaved, median of the rounds:
+
+* pull: `layerfs pull` into a fresh store; `docker pull` after `docker rmi`;
+  `skopeo copy docker:// oci:` into a fresh directory.
+* push: each tool pushes to a fresh, empty registry (so every layer is compressed
+  and uploaded: docker keeps no compressed layers, layerfs only a digest); skopeo
+  pushes the OCI layout it pulled (already compressed: it only uploads).
+* repeat push: the same push again to the same registry (everything is there).
+
+Writes the section "Pull and push" of docs/benchmarks.md. Not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import PYTHON, REPO, Dockerd, have_dockerd, median, remove, stamp, update_section
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+PYTHON = os.environ.get("BENCH_PYTHON", PYTHON)
+EXTRA = [  # (path on this machine, destination in the image)
+    ("/usr/lib/python3.11", "/opt/layer1/python3.11"),
+    ("/usr/share/perl", "/opt/layer2/perl"),
+    ("/usr/lib/x86_64-linux-gnu/perl", "/opt/layer3/perl-lib"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Registry:
+    def __init__(self, work: Path) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="registry-", dir=work))
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        config = {
+            "version": 0.1,
+            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(self.dir / "storage")}},
+            "http": {"addr": self.host},
+        }
+        (self.dir / "config.yml").write_text(json.dumps(config))
+        self.proc = subprocess.Popen(
+            ["/usr/bin/docker-registry", "serve", str(self.dir / "config.yml")],
+            stdout=open(self.dir / "log", "wb"),  # noqa: SIM115 - the registry's log
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"registry did not start; see {self.dir}/log")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sh(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(cmd, check=True, capture_output=True, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.decode()[-3000:]}")
+    return elapsed
+
+
+def oci_args(ref: str, oci: Path) -> list[str]:
+    return [f"docker://{ref}", f"oci:{oci}:1"]
+
+
+def layerfs(root: Path, *args: str) -> list[str]:
+    return [PYTHON, "-m", "layerfs", "--root", str(root), *args]
+
+
+def build_image(docker: Dockerd, work: Path, ref: str) -> None:
+    tarball = sh(["bash", str(REPO / "tools" / "debian-rootfs.sh")], text=True).stdout.strip()
+    sh(docker.cmd("import", tarball, "bench/base:1"))
+    context = work / "context"
+    context.mkdir()
+    lines = ["FROM bench/base:1"]
+    for i, (src, dest) in enumerate(EXTRA):
+        if Path(src).is_dir():
+            shutil.copytree(src, context / f"l{i}", symlinks=True, ignore_dangling_symlinks=True)
+            lines.append(f"COPY l{i} {dest}")
+    (context / "Dockerfile").write_text("\n".join(lines) + "\n")
+    sh(
+        docker.cmd("build", "-q", "-t", ref, str(context)),
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
+    sh(docker.cmd("rmi", "bench/base:1"))
+    shutil.rmtree(context)
+
+
+def image_facts(docker: Dockerd, ref: str) -> tuple[int, int]:
+    out = json.loads(sh(docker.cmd("inspect", ref)).stdout)[0]
+    return len(out["RootFS"]["Layers"]), int(out["Size"])
+
+
+def main() -> None:
+    if not have_dockerd() or not shutil.which("skopeo"):
+        sys.exit("needs root, dockerd, docker-registry and skopeo")
+    work = Path(tempfile.mkdtemp(prefix="bench-registry-", dir=str(Path.home())))
+    registries: list[Registry] = []
+    pull: dict[str, list[float]] = {"layerfs pull": [], "docker pull": [], "skopeo copy": []}
+    push: dict[str, list[float]] = {"layerfs push": [], "docker push": [], "skopeo copy": []}
+    again: dict[str, list[float]] = {"layerfs push": [], "docker push": [], "skopeo copy": []}
+    docker = Dockerd()
+    try:
+        docker.__enter__()
+        source = Registry(work)
+        registries.append(source)
+        ref = f"{source.host}/bench/debian:1"
+        build_image(docker, work, ref)
+        layers, size = image_facts(docker, ref)
+        sh(docker.cmd("push", ref))
+        compressed = sum(
+            f.stat().st_size for f in (source.dir / "storage").rglob("data") if f.is_file()
+        )
+        sh(docker.cmd("rmi", ref))
+        stores = work / "stores"
+        stores.mkdir()
+        for n in range(ROUNDS):
+            order = list(pull)[n % 3 :] + list(pull)[: n % 3]
+            for tool in order:
+                if tool == "layerfs pull":
+                    root = stores / f"pull-{n}"
+                    pull[tool].append(timed(layerfs(root, "pull", "-q", ref)))
+                    if n < ROUNDS - 1:
+                        remove(root)
+                elif tool == "docker pull":
+                    pull[tool].append(timed(docker.cmd("pull", "-q", ref)))
+                    if n < ROUNDS - 1:
+                        sh(docker.cmd("rmi", ref))
+                else:
+                    oci = work / f"oci-{n}"
+                    pull[tool].append(
+                        timed(
+                            ["skopeo", "copy", "-q", "--src-tls-verify=false", *oci_args(ref, oci)]
+                        )
+                    )
+        store = stores / f"pull-{ROUNDS - 1}"
+        oci = work / f"oci-{ROUNDS - 1}"
+        for n in range(ROUNDS):
+            targets = {}
+            for tool in push:
+                reg = Registry(work)
+                registries.append(reg)
+                targets[tool] = f"{reg.host}/bench/debian:1"
+            order = list(push)[n % 3 :] + list(push)[: n % 3]
+            for tool in order:
+                target = targets[tool]
+                if tool == "layerfs push":
+                    sh(layerfs(store, "tag", ref, target))
+                    cmd = layerfs(store, "push", "-q", target)
+                elif tool == "docker push":
+                    sh(docker.cmd("tag", ref, target))
+                    cmd = docker.cmd("push", "-q", target)
+                else:
+                    cmd = ["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{oci}:1",
+                           f"docker://{target}"]  # fmt: skip
+                push[tool].append(timed(cmd))
+                again[tool].append(timed(cmd))
+                if tool == "docker push":
+                    sh(docker.cmd("rmi", target))
+                if tool == "layerfs push":
+                    sh(layerfs(store, "rmi", target))
+            for reg in registries[1:]:
+                reg.stop()
+            del registries[1:]
+    finally:
+        for reg in registries:
+            reg.stop()
+        docker.__exit__(None, None, None)
+        shutil.rmtree(work, ignore_errors=True)
+
+    def table(results: dict[str, list[float]], base: str) -> str:
+        rows = ["| tool | median s | ratio to layerfs |", "|---|---|---|"]
+        ref_time = median(results[base])
+        for tool, values in results.items():
+            rows.append(f"| {tool} | {median(values):.2f} | {median(values) / ref_time:.2f}x |")
+        return "\n".join(rows)
+
+    from layerfs.transports.registry import FAST_GZIP
+
+    body = f"""{stamp()}
+
+Image: Debian 12 minbase (`tools/debian-rootfs.sh`) plus {len(EXTRA)} layers added by
+`docker build` (Python's standard library, Perl's modules), {layers} layers,
+{size / 1e6:.0f} MB uncompressed, {compressed / 1e6:.0f} MB as pushed by docker; a
+docker-registry on 127.0.0.1 (plain http); median of {ROUNDS} interleaved rounds. A ratio
+above 1 means slower than layerfs.
+
+Pull (`layerfs pull` into a fresh store: download 3 layers at a time, decompress, hash
+blob and tar, index, fsync; `docker pull` after `docker rmi`: download, decompress,
+extract into overlay2; `skopeo copy docker:// oci:` into a fresh directory: download and
+write the compressed blobs):
+
+{table(pull, "layerfs pull")}
+
+Push to a fresh, empty registry (layerfs gzips each layer with {FAST_GZIP} at level 1 and
+uploads it; docker re-compresses with Go's gzip; skopeo uploads the already compressed
+blobs of the OCI layout it pulled):
+
+{table(push, "layerfs push")}
+
+Repeat push of the same image to the same registry (layerfs knows each layer's
+compressed digest, so one HEAD per blob; docker checks each layer too):
+
+{table(again, "layerfs push")}
+"""
+    print(body)
+    update_section("registry", "Pull and push", body)
+
+
+if __name__ == "__main__":
+    main()
