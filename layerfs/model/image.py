@@ -67,8 +67,8 @@ def canonical_json(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def decode_json_object(data: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON object strictly: duplicate keys, NaN and non-objects are errors."""
+def decode_json(data: bytes, what: str) -> Any:
+    """Parse JSON strictly: duplicate keys, NaN/Infinity and out-of-range numbers are errors."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -81,10 +81,23 @@ def decode_json_object(data: bytes, what: str) -> dict[str, Any]:
     def no_constants(name: str) -> Any:
         raise FormatError(f"{what}: {name} is not valid JSON")
 
+    def finite(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise FormatError(f"{what}: number {text[:30]} is out of range")
+        return value
+
     try:
-        doc = json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+        return json.loads(
+            data, object_pairs_hook=no_duplicates, parse_constant=no_constants, parse_float=finite
+        )
     except (ValueError, RecursionError) as exc:
-        raise FormatError(f"{what}: malformed JSON: {exc}") from None
+        raise FormatError(f"{what}: malformed JSON: {str(exc)[:200]}") from None
+
+
+def decode_json_object(data: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON object strictly: duplicate keys, NaN and non-objects are errors."""
+    doc = decode_json(data, what)
     if not isinstance(doc, dict):
         raise FormatError(f"{what}: expected a JSON object, got {type(doc).__name__}")
     return doc

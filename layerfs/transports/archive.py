@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.compression import open_decompressed
-from layerfs.errors import DepthLimitError, FormatError, LayerfsError, UsageError
+from layerfs.errors import DepthLimitError, FormatError, LayerfsError
 from layerfs.model.digest import sha256_digest
-from layerfs.model.image import MAX_IMAGE_DEPTH, Image, parse_created
+from layerfs.model.image import MAX_IMAGE_DEPTH, Image, decode_json
 from layerfs.model.reference import Reference, full_name
-from layerfs.transports.base import LayerDesc, LegacyNode, ProgressFn, SourceImage
+from layerfs.transports.base import LayerDesc, LegacyNode, SourceImage
 from layerfs.transports.documents import (
     config_diff_ids,
-    decode_json,
     expect_list,
     expect_object,
     expect_str,
@@ -49,7 +48,12 @@ from layerfs.transports.documents import (
 from layerfs.transports.files import ArchiveFiles
 from layerfs.transports.local import config_from_chain
 from layerfs.transports.v1compat import go_quote, v1_layers
-from layerfs.transports.writer import LayoutWriter, WrittenLayer, write_layer
+from layerfs.transports.writer import (
+    ImagePlan,
+    LayoutDestination,
+    LayoutWriter,
+    WrittenLayer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +62,6 @@ _BLOB = re.compile(r"^blobs/sha256/([a-f0-9]{64})$")
 _LEGACY_JSON = re.compile(r"^([^/]+)/json$")
 _ID = re.compile(r"^[a-f0-9]{64}$")
 _CHUNK = 1 << 20
-
-
-def repo_tags(references: list[str]) -> list[Reference]:
-    """Parsed ``name:tag`` references; digests are skipped, a bare name means ``latest``."""
-    tags = []
-    for ref in references:
-        parsed = Reference.parse(ref)
-        if parsed.digest is None:
-            tags.append(parsed)
-    return tags
-
-
-def created_mtime(config: bytes) -> int:
-    """The image's ``created`` as a tar mtime (whole seconds); 0 when absent or bad."""
-    try:
-        doc = decode_json(config, "config")
-    except FormatError:
-        return 0
-    when = parse_created(doc.get("created")) if isinstance(doc, dict) else None
-    return int(when.timestamp()) if when is not None else 0
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -445,57 +429,30 @@ class DockerManifest:
         return ("{" + ",".join(parts) + "}\n").encode()
 
 
-class ImagePlan:
-    """What a destination needs of an image before its layers arrive."""
-
-    def __init__(self, image: SourceImage, override: Reference | None) -> None:
-        self.image = image
-        config = image.config_json()
-        self.diff_ids = config_diff_ids(config, f"{image.name}: config")
-        if len(self.diff_ids) != len(image.layers):
-            raise FormatError(
-                f"{image.name}: config lists {len(self.diff_ids)} diff_ids but the image has "
-                f"{len(image.layers)} layers"
-            )
-        self.mtime = created_mtime(image.config)
-        self.tags = [override] if override is not None else repo_tags(image.references)
-        self.config = config
-
-    def index_of(self, layer: LayerDesc) -> int:
-        for index, candidate in enumerate(self.image.layers):
-            if candidate is layer:
-                return index
-        return self.diff_ids.index(layer.diff_id or "")
-
-
-class DockerArchiveDestination:
+class DockerArchiveDestination(LayoutDestination):
     """Writes a docker-archive (Docker 1.10-24 layout) through a :class:`LayoutWriter`."""
+
+    kind = "docker-archive"
 
     def __init__(
         self, writer: LayoutWriter, *, tmp_dir: Path | None = None, reference: str | None = None
     ) -> None:
-        self.writer = writer
-        self.tmp_dir = tmp_dir
-        self.override = Reference.parse(reference) if reference else None
+        super().__init__(writer, tmp_dir=tmp_dir, reference=reference)
         self.manifest = DockerManifest()
         self._layers: dict[str, str] = {}  # diff ID -> path of its layer.tar
-        self._plan: ImagePlan | None = None
         self._v1: list[tuple[str, bytes]] = []
-        self._images = 0
-        self._committed = False
 
-    def begin_image(self, image: SourceImage) -> None:
-        self._images += 1
-        if self.override is not None and self._images > 1:
-            raise UsageError(f"a docker-archive reference names one image; {image.name} is another")
-        plan = ImagePlan(image, self.override)
-        if image.legacy:
-            if len(image.legacy) != len(image.layers):
-                raise FormatError(f"{image.name}: legacy chain and layers differ in length")
-            self._v1 = [(n.id, n.json) for n in image.legacy]
+    def _override(self) -> Reference | None:
+        return Reference.parse(self.reference) if self.reference else None
+
+    def _start_image(self, plan: ImagePlan) -> None:
+        legacy = plan.image.legacy
+        if legacy:
+            if len(legacy) != len(plan.image.layers):
+                raise FormatError(f"{plan.image.name}: legacy chain and layers differ in length")
+            self._v1 = [(n.id, n.json) for n in legacy]
         else:
             self._v1 = v1_layers(plan.config, plan.diff_ids)
-        self._plan = plan
 
     def has_layer(self, layer: LayerDesc) -> bool:
         return layer.diff_id is not None and layer.diff_id in self._layers
@@ -505,30 +462,16 @@ class DockerArchiveDestination:
         self.writer.add_bytes(f"{v1_id}/VERSION", b"1.0", mtime)
         self.writer.add_bytes(f"{v1_id}/json", json_bytes, mtime)
 
-    def put_layer(
-        self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
-    ) -> None:
-        plan = self._plan
-        assert plan is not None, "begin_image() comes first"
-        index = plan.index_of(layer)
+    def _layer_name(self, plan: ImagePlan, index: int, diff_id: str) -> str:
         v1_id, json_bytes = self._v1[index]
         self._layer_dir(v1_id, json_bytes, plan.mtime)
-        layer.diff_id = layer.diff_id or plan.diff_ids[index]
-        written: WrittenLayer = write_layer(
-            self.writer,
-            lambda _diff_id: f"{v1_id}/layer.tar",
-            stream,
-            layer,
-            what,
-            mtime=plan.mtime,
-            tmp_dir=self.tmp_dir,
-            progress=progress,
-        )
+        return f"{v1_id}/layer.tar"
+
+    def _layer_written(self, plan: ImagePlan, index: int, written: WrittenLayer) -> None:
         self._layers[written.diff_id] = written.name
 
     def put_image(self, image: SourceImage) -> None:
-        plan = self._plan
-        assert plan is not None and plan.image is image
+        plan = self._current(image)
         paths = []
         for (v1_id, json_bytes), diff_id in zip(self._v1, plan.diff_ids, strict=True):
             path = f"{v1_id}/layer.tar"
@@ -546,17 +489,11 @@ class DockerArchiveDestination:
         self.manifest.add(image, config_name, plan.tags, paths, top)
         self._plan = None
 
-    def commit(self) -> None:
+    def _finish(self) -> None:
         self.writer.add_bytes("manifest.json", self.manifest.manifest_bytes(), 0)
         repositories = self.manifest.repositories_bytes()
         if repositories is not None:
             self.writer.add_bytes("repositories", repositories, 0)
-        self.writer.finish()
-        self._committed = True
-
-    def close(self) -> None:
-        if not self._committed:
-            self.writer.abort()
 
 
 def containerd_name(tag: Reference) -> str:

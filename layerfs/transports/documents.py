@@ -9,7 +9,6 @@ hex each become one :class:`~layerfs.errors.FormatError` naming the document. Sh
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,34 +23,6 @@ from layerfs.transports.base import (
 )
 
 MAX_SIZE = (1 << 63) - 1
-
-
-def decode_json(data: bytes, what: str) -> Any:
-    """Parse JSON strictly: duplicate keys and NaN/Infinity are errors."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise FormatError(f"{what}: duplicate key {key!r}")
-            result[key] = value
-        return result
-
-    def no_constants(name: str) -> Any:
-        raise FormatError(f"{what}: {name} is not valid JSON")
-
-    def finite(text: str) -> float:
-        value = float(text)
-        if value in (float("inf"), float("-inf")):
-            raise FormatError(f"{what}: number {text[:30]} is out of range")
-        return value
-
-    try:
-        return json.loads(
-            data, object_pairs_hook=no_duplicates, parse_constant=no_constants, parse_float=finite
-        )
-    except (ValueError, RecursionError) as exc:
-        raise FormatError(f"{what}: malformed JSON: {str(exc)[:200]}") from None
 
 
 def expect_object(value: Any, what: str) -> dict[str, Any]:

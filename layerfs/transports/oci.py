@@ -28,8 +28,9 @@ from typing import Any, BinaryIO
 
 from layerfs.errors import FormatError, LayerfsError, UsageError
 from layerfs.model.digest import hex_of, sha256_digest
+from layerfs.model.image import decode_json
 from layerfs.model.reference import Reference
-from layerfs.transports.archive import DockerManifest, ImagePlan, containerd_name
+from layerfs.transports.archive import DockerManifest, containerd_name
 from layerfs.transports.base import (
     MEDIA_DOCKER_CONFIG,
     MEDIA_DOCKER_FOREIGN,
@@ -44,20 +45,18 @@ from layerfs.transports.base import (
     MEDIA_OCI_LAYER_ZSTD,
     MEDIA_OCI_MANIFEST,
     LayerDesc,
-    ProgressFn,
     SourceImage,
 )
 from layerfs.transports.documents import (
     Descriptor,
     config_diff_ids,
-    decode_json,
     expect_list,
     expect_object,
     parse_descriptor,
     select_platform,
 )
 from layerfs.transports.files import MAX_DOCUMENT, ArchiveFiles
-from layerfs.transports.writer import LayoutWriter, write_layer
+from layerfs.transports.writer import ImagePlan, LayoutDestination, LayoutWriter, WrittenLayer
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +256,10 @@ def _descriptor_json(media_type: str, digest: str, size: int) -> str:
     )
 
 
-class OciLayoutDestination:
+class OciLayoutDestination(LayoutDestination):
     """Writes an OCI layout (plus Docker's manifest.json) through a :class:`LayoutWriter`."""
+
+    kind = "OCI"
 
     def __init__(
         self,
@@ -269,31 +270,19 @@ class OciLayoutDestination:
         docker_compat: bool = True,
         existing_index: list[dict[str, Any]] | None = None,
     ) -> None:
-        self.writer = writer
-        self.tmp_dir = tmp_dir
-        self.reference = reference
+        super().__init__(writer, tmp_dir=tmp_dir, reference=reference)
         self.docker_compat = docker_compat
         self.docker = DockerManifest()
         self._existing = existing_index or []
         self._descriptors: list[dict[str, Any]] = []
         self._sizes: dict[str, int] = {}  # diff ID -> size of the written blob
-        self._plan: ImagePlan | None = None
-        self._images = 0
         self._started = False
-        self._committed = False
 
-    def _start(self) -> None:
+    def _start_image(self, plan: ImagePlan | None) -> None:
         if not self._started:
             self.writer.add_dir("blobs", 0)
             self.writer.add_dir("blobs/sha256", 0)
             self._started = True
-
-    def begin_image(self, image: SourceImage) -> None:
-        self._images += 1
-        if self.reference is not None and self._images > 1:
-            raise UsageError(f"an OCI reference names one image; {image.name} is another")
-        self._plan = ImagePlan(image, None)
-        self._start()
 
     def has_layer(self, layer: LayerDesc) -> bool:
         if layer.diff_id is None:
@@ -306,27 +295,14 @@ class OciLayoutDestination:
             return True
         return False
 
-    def put_layer(
-        self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
-    ) -> None:
-        plan = self._plan
-        assert plan is not None, "begin_image() comes first"
-        layer.diff_id = layer.diff_id or plan.diff_ids[plan.index_of(layer)]
-        written = write_layer(
-            self.writer,
-            blob_path,
-            stream,
-            layer,
-            what,
-            mtime=plan.mtime,
-            tmp_dir=self.tmp_dir,
-            progress=progress,
-        )
+    def _layer_name(self, plan: ImagePlan, index: int, diff_id: str) -> str:
+        return blob_path(diff_id)
+
+    def _layer_written(self, plan: ImagePlan, index: int, written: WrittenLayer) -> None:
         self._sizes[written.diff_id] = written.size
 
     def put_image(self, image: SourceImage) -> None:
-        plan = self._plan
-        assert plan is not None and plan.image is image
+        plan = self._current(image)
         config_name = blob_path(image.config_digest)
         if self.writer.existing_size(config_name) is None:
             self.writer.add_bytes(config_name, image.config, plan.mtime)
@@ -361,12 +337,12 @@ class OciLayoutDestination:
             self._descriptors.append(base)
         if self.docker_compat:
             top = hex_of(plan.diff_ids[-1]) if plan.diff_ids else None
-            layers = [blob_path(d) for d in plan.diff_ids]
-            self.docker.add(image, config_name, plan.tags, layers, top)
+            layer_paths = [blob_path(d) for d in plan.diff_ids]
+            self.docker.add(image, config_name, plan.tags, layer_paths, top)
         self._plan = None
 
-    def commit(self) -> None:
-        self._start()
+    def _finish(self) -> None:
+        self._start_image(None)  # the blobs directories even when no image was written
         replaced = {
             d.get("annotations", {}).get(ANNOTATION_REF_NAME)
             for d in self._descriptors
@@ -394,12 +370,6 @@ class OciLayoutDestination:
         self.writer.add_bytes(
             "oci-layout", json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode(), 0
         )
-        self.writer.finish()
-        self._committed = True
-
-    def close(self) -> None:
-        if not self._committed:
-            self.writer.abort()
 
 
 def existing_index(root: Path) -> list[dict[str, Any]] | None:

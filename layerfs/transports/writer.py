@@ -7,7 +7,8 @@ gives the same bytes. :class:`DirWriter` writes the same members into a director
 file under a temporary name first. :func:`write_layer` streams one layer into either,
 uncompressed, checking its digests as it goes; a compressed blob, or one of unknown size,
 is spooled (decompressed) to a temporary file first because a tar header needs the size.
-What the members are (docker-archive, OCI layout) is decided by ``archive.py``/``oci.py``.
+:class:`LayoutDestination` is what the docker-archive and OCI destinations share; what
+the members are is decided by ``archive.py``/``oci.py``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from typing import Any, BinaryIO
 from layerfs.compression import open_decompressed
 from layerfs.errors import DigestMismatchError, FormatError, UsageError
 from layerfs.model.digest import HashingReader
+from layerfs.model.image import parse_created
+from layerfs.model.reference import Reference
 from layerfs.store.files import fsync_dir, temp_path
-from layerfs.transports.base import LayerDesc, ProgressFn
+from layerfs.transports.base import LayerDesc, ProgressFn, SourceImage
+from layerfs.transports.documents import config_diff_ids
 
 _CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
@@ -345,3 +349,117 @@ def write_layer(
         spool.unlink(missing_ok=True)
     layer.diff_id = layer.diff_id or diff_id
     return WrittenLayer(diff_id, size, name)
+
+
+# -- destinations ---------------------------------------------------------------------------
+
+
+def repo_tags(references: list[str]) -> list[Reference]:
+    """Parsed ``name:tag`` references; digests are skipped, a bare name means ``latest``."""
+    tags = []
+    for ref in references:
+        parsed = Reference.parse(ref)
+        if parsed.digest is None:
+            tags.append(parsed)
+    return tags
+
+
+class ImagePlan:
+    """What a destination needs of an image before its layers arrive."""
+
+    def __init__(self, image: SourceImage, override: Reference | None) -> None:
+        self.image = image
+        config = image.config_json()
+        self.diff_ids = config_diff_ids(config, f"{image.name}: config")
+        if len(self.diff_ids) != len(image.layers):
+            raise FormatError(
+                f"{image.name}: config lists {len(self.diff_ids)} diff_ids but the image has "
+                f"{len(image.layers)} layers"
+            )
+        when = parse_created(config.get("created"))
+        self.mtime = int(when.timestamp()) if when is not None else 0  # tar times: seconds
+        self.tags = [override] if override is not None else repo_tags(image.references)
+        self.config = config
+
+    def index_of(self, layer: LayerDesc) -> int:
+        for index, candidate in enumerate(self.image.layers):
+            if candidate is layer:
+                return index
+        return self.diff_ids.index(layer.diff_id or "")
+
+
+class LayoutDestination:
+    """An image destination writing one archive or layout through a :class:`LayoutWriter`.
+
+    Images come one at a time (``begin_image``, layers, ``put_image``); each layer goes
+    through :func:`write_layer`. Subclasses name the members. Nothing is visible until
+    ``commit`` finishes the writer; ``close`` without it removes what was written.
+    """
+
+    kind = "archive"
+
+    def __init__(
+        self, writer: LayoutWriter, *, tmp_dir: Path | None = None, reference: str | None = None
+    ) -> None:
+        self.writer = writer
+        self.tmp_dir = tmp_dir
+        self.reference = reference
+        self._plan: ImagePlan | None = None
+        self._images = 0
+        self._committed = False
+
+    def _override(self) -> Reference | None:
+        """The name every image is saved under instead of its own (a REF in the spec)."""
+        return None
+
+    def _start_image(self, plan: ImagePlan) -> None:
+        pass
+
+    def _layer_name(self, plan: ImagePlan, index: int, diff_id: str) -> str:
+        raise NotImplementedError
+
+    def _layer_written(self, plan: ImagePlan, index: int, written: WrittenLayer) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def begin_image(self, image: SourceImage) -> None:
+        self._images += 1
+        if self.reference is not None and self._images > 1:
+            raise UsageError(f"a {self.kind} reference names one image; {image.name} is another")
+        self._plan = ImagePlan(image, self._override())
+        self._start_image(self._plan)
+
+    def _current(self, image: SourceImage | None = None) -> ImagePlan:
+        plan = self._plan
+        if plan is None or (image is not None and plan.image is not image):
+            raise RuntimeError("begin_image() must come before the image's layers")
+        return plan
+
+    def put_layer(
+        self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
+    ) -> None:
+        plan = self._current()
+        index = plan.index_of(layer)
+        layer.diff_id = layer.diff_id or plan.diff_ids[index]
+        written = write_layer(
+            self.writer,
+            lambda diff_id: self._layer_name(plan, index, diff_id),
+            stream,
+            layer,
+            what,
+            mtime=plan.mtime,
+            tmp_dir=self.tmp_dir,
+            progress=progress,
+        )
+        self._layer_written(plan, index, written)
+
+    def commit(self) -> None:
+        self._finish()
+        self.writer.finish()
+        self._committed = True
+
+    def close(self) -> None:
+        if not self._committed:
+            self.writer.abort()

@@ -116,12 +116,7 @@ def _layer_path(members: Members, index: int) -> str:
 def _replace_config(members: Members, change: Callable[[dict[str, object]], None]) -> None:
     doc = json.loads(BAD.config)
     change(doc)
-    config = json.dumps(doc).encode()
-    manifest = _manifest(members)
-    del members[str(manifest[0]["Config"])]
-    manifest[0]["Config"] = f"{hex_of(sha256(config))}.json"
-    members[f"{hex_of(sha256(config))}.json"] = config
-    _set_manifest(members, manifest)
+    _replace_config_bytes(members, json.dumps(doc).encode())
 
 
 def _set_diff_ids(*ids: str) -> Callable[[dict[str, object]], None]:

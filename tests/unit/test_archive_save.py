@@ -104,43 +104,11 @@ def test_docker_format_as_docker_writes_it(store: Store, tmp_path: Path) -> None
 
 def test_saving_twice_gives_the_same_bytes(store: Store, tmp_path: Path) -> None:
     for fmt in ("docker", "oci"):
-        a, b = tmp_path / f"a-{fmt}.tar", tmp_path / f"b-{fmt}.tar"
-        root = str(store.root)
-        assert (
-            main(
-                [
-                    "--root",
-                    root,
-                    "save",
-                    "-q",
-                    "--format",
-                    fmt,
-                    "-o",
-                    str(a),
-                    "first",
-                    "example.com/second",
-                ]
-            )
-            == 0
-        )
-        assert (
-            main(
-                [
-                    "--root",
-                    root,
-                    "save",
-                    "-q",
-                    "--format",
-                    fmt,
-                    "-o",
-                    str(b),
-                    "first",
-                    "example.com/second",
-                ]
-            )
-            == 0
-        )
-        assert a.read_bytes() == b.read_bytes()
+        outputs = [tmp_path / f"a-{fmt}.tar", tmp_path / f"b-{fmt}.tar"]
+        for out in outputs:
+            args = ["save", "-q", "--format", fmt, "-o", str(out), "first", "example.com/second"]
+            assert main(["--root", str(store.root), *args]) == 0
+        assert outputs[0].read_bytes() == outputs[1].read_bytes()
 
 
 @pytest.mark.parametrize("spec", ["docker-archive:{p}.tar", "oci-archive:{p}.tar", "oci:{p}"])
