@@ -207,6 +207,8 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
                         self._reply(fault.status, b"", fault.headers)
                         return
             if path == "/token":
+                if self.command == "POST":
+                    query = parse_qs(body.decode())
                 self._token(query)
                 return
             if path in ("/v2/", "/v2"):
@@ -236,8 +238,15 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
 
         def _token(self, query: dict[str, list[str]]) -> None:
             auth = self.headers.get("Authorization", "")
-            reg.token_requests.append({"query": query, "authorization": auth})
-            if auth:
+            reg.token_requests.append(
+                {"query": query, "authorization": auth, "method": self.command}
+            )
+            if query.get("grant_type") == ["refresh_token"]:
+                if not query.get("refresh_token", [""])[0].startswith("refresh-"):
+                    self._reply(401, b'{"details":"bad refresh token"}')
+                    return
+                auth = "refresh"  # as good as a password
+            elif auth:
                 user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
                 if reg.users.get(user) != password:
                     self._reply(401, b'{"details":"bad credentials"}')

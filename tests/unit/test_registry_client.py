@@ -430,3 +430,63 @@ def test_push_oci_format_and_all_tags(
     doc = json.loads(registry.manifests[("app", "a")][0])
     assert doc["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert doc["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def test_identity_token_is_exchanged_with_oauth(store: Store, options, monkeypatch):
+    with running(auth="bearer", users={"bob": "pw"}) as reg:
+        _, image_id, _ = publish_image(reg, "app", "v1", ["a"])
+        monkeypatch.setattr(
+            "layerfs.registry.client.load_credentials",
+            lambda r: Credentials("", "", "refresh-abc"),
+        )
+        options.use_config = True
+        assert pull(store, f"{reg.host}/app:v1", options=options).image_id == image_id
+        [request] = reg.token_requests
+        assert request["method"] == "POST"
+        assert request["query"]["grant_type"] == ["refresh_token"]
+        assert request["query"]["scope"] == ["repository:app:pull"]
+        assert request["authorization"] == ""  # the refresh token is the credential
+
+
+def test_login_stores_the_refresh_token(tmp_path: Path, options, monkeypatch):
+    from layerfs.registry.credentials import DockerConfig
+    from layerfs.registry.transfer import login, logout
+
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "cfg"))
+    monkeypatch.delenv("DOCKER_AUTH_CONFIG", raising=False)
+    with running(auth="bearer", users={"bob": "pw"}) as reg:
+        assert login(reg.host, "bob", "pw", options=options) == "Login Succeeded"
+        creds = DockerConfig().get(reg.host)
+        assert creds is not None and creds.identity_token.startswith("refresh-")
+        assert "pw" not in (tmp_path / "cfg" / "config.json").read_text().replace("refresh", "")
+        with pytest.raises(AuthenticationError, match="incorrect username or password"):
+            login(reg.host, "bob", "nope", options=options)
+        assert logout(reg.host) == f"Removing login credentials for {reg.host}"
+        assert logout(reg.host) == f"Not logged in to {reg.host}"
+
+
+def test_proxy_from_the_environment(store: Store, options, monkeypatch):
+    """HTTP(S)_PROXY is used; the fake registry doubles as the proxy (absolute URIs)."""
+    with running() as reg:
+        _, image_id, _ = publish_image(reg, "app", "v1", ["a"])
+        monkeypatch.setenv("HTTP_PROXY", reg.url)
+        monkeypatch.setenv("HTTPS_PROXY", reg.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        options.insecure_registries = ("registry.invalid:5000",)
+        result = pull(store, "registry.invalid:5000/app:v1", options=options)
+        assert result.image_id == image_id
+        assert reg.requests("GET", "http://registry.invalid:5000/v2/app/manifests/v1")
+
+
+def test_plain_http_only_where_allowed(store: Store, options):
+    with running() as reg:
+        publish_image(reg, "app", "v1", ["a"])
+        client = RegistryClient("registry.invalid", options)
+        assert not client.plain_http_allowed
+        client.close()
+        assert RegistryClient("docker.io", options).host == "registry-1.docker.io"
+        from layerfs.model.reference import Reference
+
+        assert Reference.parse("busybox").remote_name == "library/busybox"
+        assert Reference.parse("docker.io/library/busybox:1").repository == "busybox"
