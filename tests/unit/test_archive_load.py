@@ -10,6 +10,7 @@ import pytest
 
 from layerfs.cli import main
 from layerfs.copy import copy
+from layerfs.errors import LayerfsError
 from layerfs.store.check import fsck
 from layerfs.store.store import Store
 from layerfs.transports import open_source
@@ -346,3 +347,34 @@ def test_layerfs_load_entry_point_help(capsys: pytest.CaptureFixture[str]) -> No
         out = capsys.readouterr().out
         assert out.startswith(f"usage: {name} ")
         assert "--root" in out
+
+
+def test_archives_named_the_way_skopeo_and_crane_name_them(store: Store, tmp_path: Path) -> None:
+    image = make_image([make_layer("a"), make_layer("b")], ["named:1"])
+    for style in ("skopeo", "crane"):
+        members: dict[str, bytes] = {}
+        if style == "skopeo":  # <config hex>.json, <diff hex>.tar
+            config_name = f"{image.image_id}.json"
+            blobs = image.layers
+            names = [f"{hex_of(sha256(layer))}.tar" for layer in blobs]
+        else:  # sha256:<config hex>, <blob hex>.tar.gz with gzip layers
+            config_name = f"sha256:{image.image_id}"
+            blobs = [compress(layer, "gzip") for layer in image.layers]
+            names = [f"{hex_of(sha256(blob))}.tar.gz" for blob in blobs]
+        members[config_name] = image.config
+        members.update(zip(names, blobs, strict=True))
+        manifest = [{"Config": config_name, "RepoTags": image.tags, "Layers": names}]
+        members["manifest.json"] = json.dumps(manifest).encode()
+        (tmp_path / f"{style}.tar").write_bytes(pack(members))  # type: ignore[arg-type]
+
+        _, result = load(store, str(tmp_path / f"{style}.tar"))
+
+        assert not result.failed  # type: ignore[attr-defined]
+        assert_loaded(store, image)
+
+
+def test_an_oci_ref_that_names_nothing(store: Store, tmp_path: Path) -> None:
+    write_dir(oci_members([make_image([make_layer("x")], ["x:1"])]), tmp_path / "layout")
+    with pytest.raises(LayerfsError, match="no image named 'nope'"):
+        load(store, f"oci:{tmp_path / 'layout'}:nope")
+    assert list(store.tmp.iterdir()) == []
