@@ -387,7 +387,9 @@ class Operations(pyfuse3.Operations):
             raise fuse_error(exc, "read", fh, off, size) from None
 
     async def flush(self, fh: int) -> None:
-        return None
+        # Nothing is buffered here: ENOSYS tells the kernel never to send FLUSH again,
+        # which saves a round trip on every close().
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
         try:

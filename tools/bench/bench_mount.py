@@ -1,0 +1,447 @@
+#!/usr/bin/env python3
+"""Mount benchmark: layerfs against a plain directory, overlayfs and fuse-overlayfs.
+
+Not a test. Needs root (mounts, dropping caches). Every target serves the same
+files: a Debian 12 minbase root file system (``tools/debian-rootfs.sh``) as one
+layer, the same files spread over 127 layers (file k goes to layer k % 127, so
+most directories are merged from many layers), a 2 GiB file, and 100,000 small
+files for the memory figure. The layers are extracted once for the plain
+directory, the kernel's overlayfs and fuse-overlayfs (whiteout-free, so the
+extraction is the same for all), stored once for layerfs; all of it is cached
+in ``$LAYERFS_BENCH_DIR`` (default /var/tmp/layerfs-bench) between runs.
+
+Each measurement runs every target in turn, ``--rounds`` times (rotating the
+order), and reports medians as ratios to the plain directory. Cold means
+``echo 3 > /proc/sys/vm/drop_caches`` first. ``--doc`` writes the "Mount"
+section of docs/benchmarks.md; ``--profile`` records the layerfs server with
+py-spy during warm walks and reads and prints where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PYTHON, REPO, drop_caches, median, stamp, update_section
+
+WORK = Path(os.environ.get("LAYERFS_BENCH_DIR", "/var/tmp/layerfs-bench"))
+DEPTH = 127
+BIG = 2 << 30
+SMALL_FILES = 100_000
+TARGETS = ("plain", "overlayfs", "fuse-overlayfs", "layerfs")
+
+
+def sh(*cmd: str | Path, cwd: Path | None = None) -> str:
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, cwd=cwd, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))}: {result.stderr.decode()[-2000:]}")
+    return result.stdout.decode()
+
+
+def layerfs(*args: str | Path) -> str:
+    return sh(PYTHON, "-m", "layerfs", "--root", WORK / "store", *args)
+
+
+def compile_once() -> None:
+    """Users run layerfs with its bytecode cached: make sure it is, and used."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sh(PYTHON, "-c", "import layerfs.cli, layerfs.fs.mount, layerfs.container; "
+                     "layerfs.cli.build_parser()")
+
+
+# -- building the inputs (cached) ---------------------------------------------------------------
+
+
+def debian_tar() -> Path:
+    return Path(sh("bash", REPO / "tools" / "debian-rootfs.sh").strip())
+
+
+def split_layers(source: Path, out_dir: Path, count: int) -> list[Path]:
+    """Spread the files of a flat tar over ``count`` layer tars, parents in each."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{i:03}.tar" for i in range(count)]
+    outs = [tarfile.open(p, "w", format=tarfile.PAX_FORMAT) for p in paths]  # noqa: SIM115
+    dirs: dict[str, tarfile.TarInfo] = {}
+    written: list[set[str]] = [set() for _ in range(count)]
+    placed: dict[str, int] = {}
+    with tarfile.open(source) as src:
+        for k, member in enumerate(src):
+            name = member.name.rstrip("/").removeprefix("./")
+            if not name or name == ".":
+                continue
+            if member.isdir():
+                dirs[name] = member
+                continue
+            layer = placed[member.linkname.removeprefix("./")] if member.islnk() else k % count
+            placed[name] = layer
+            parts = name.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                parent = "/".join(parts[:i])
+                if parent not in written[layer] and parent in dirs:
+                    outs[layer].addfile(dirs[parent])
+                    written[layer].add(parent)
+            data = src.extractfile(member) if member.isreg() else None
+            outs[layer].addfile(member, data)
+    for out in outs:
+        out.close()
+    return paths
+
+
+def big_tar(path: Path) -> Path:
+    block = hashlib.sha256(b"big").digest() * (1 << 15)  # 1 MiB
+    with open(path, "wb") as raw, tarfile.open(fileobj=raw, mode="w",
+                                               format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("big")
+        info.size = BIG
+
+        class Stream:
+            left = BIG
+
+            def read(self, n: int) -> bytes:
+                n = min(n, self.left, len(block))
+                self.left -= n
+                return block[:n]
+
+        tar.addfile(info, Stream())  # type: ignore[arg-type]
+    return path
+
+
+def small_tar(path: Path) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        import io
+
+        for d in range(SMALL_FILES // 100):
+            info = tarfile.TarInfo(f"dir{d:04}")
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+            for f in range(100):
+                data = b"x" * (f % 64)
+                info = tarfile.TarInfo(f"dir{d:04}/file-{f:03}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def extract(tar: Path, dest: Path) -> Path:
+    if not dest.is_dir():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        sh("tar", "--numeric-owner", "--xattrs", "-xpf", tar, "-C", tmp)
+        tmp.rename(dest)
+    return dest
+
+
+def prepare() -> dict[str, object]:
+    """Everything the measurements need; built once, then reused."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    marker = WORK / "ready.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())  # type: ignore[no-any-return]
+    shutil.rmtree(WORK / "store", ignore_errors=True)
+    deb = debian_tar()
+    layers = split_layers(deb, WORK / "split", DEPTH)
+    big = big_tar(WORK / "big.tar")
+    small = small_tar(WORK / "small.tar")
+    layerfs("import", "-q", deb, "bench/debian:1")
+    layerfs("import", "-q", big, "bench/big:1")
+    layerfs("import", "-q", small, "bench/small:1")
+    sys.path.insert(0, str(REPO))
+    from layerfs.store.store import Store
+
+    store = Store.open(WORK / "store")
+    parent = ""
+    for path in layers:
+        with open(path, "rb") as stream:
+            parent = store.graph.create(store.layers.ingest(stream), parent=parent).id
+    store.tags.tag("bench/debian", "127", parent, force=True)
+    tiny = WORK / "tiny.tar"
+    with tarfile.open(tiny, "w") as tar:
+        tar.addfile(tarfile.TarInfo("empty"))
+    layerfs("import", "-q", tiny, "bench/tiny:1")
+    extract(deb, WORK / "plain-debian")
+    extract(big, WORK / "plain-big")
+    (WORK / "empty").mkdir(exist_ok=True)
+    for i, path in enumerate(layers):
+        extract(path, WORK / "layers" / str(i))
+    entries = sum(1 for _ in (WORK / "plain-debian").rglob("*"))
+    info = {"debian_entries": entries, "debian_bytes": deb.stat().st_size}
+    marker.write_text(json.dumps(info))
+    return info
+
+
+# -- mounting each target -------------------------------------------------------------------
+
+
+SCENARIOS = {
+    # name: (plain dir, overlay lowerdirs relative to WORK (top first), layerfs image)
+    "debian": ("plain-debian", ["plain-debian", "empty"], "bench/debian:1"),
+    "debian127": ("plain-debian", [f"layers/{i}" for i in reversed(range(DEPTH))],
+                  "bench/debian:127"),
+    "big": ("plain-big", ["plain-big", "empty"], "bench/big:1"),
+}
+
+
+def mount_target(target: str, scenario: str, mnt: Path) -> tuple[Path, float]:
+    """Mount; returns the root to read and the seconds the mount took to be ready."""
+    plain, lowers, image = SCENARIOS[scenario]
+    if target == "plain":
+        return WORK / plain, 0.0
+    mnt.mkdir(parents=True, exist_ok=True)
+    lowerdir = ":".join(lowers)
+    start = time.perf_counter()
+    if target == "overlayfs":
+        sh("mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowerdir}", mnt, cwd=WORK)
+    elif target == "fuse-overlayfs":
+        sh("fuse-overlayfs", "-o", f"lowerdir={lowerdir}", mnt, cwd=WORK)
+    else:
+        layerfs("mount", "--no-init", image, mnt)
+    return mnt, time.perf_counter() - start
+
+
+def unmount_target(target: str, mnt: Path) -> None:
+    if target == "plain":
+        return
+    if target == "layerfs":
+        layerfs("umount", mnt)
+    elif target == "fuse-overlayfs":
+        sh("fusermount3", "-u", mnt)
+    else:
+        sh("umount", mnt)
+
+
+@contextmanager
+def mounted(target: str, scenario: str) -> Iterator[tuple[Path, float]]:
+    mnt = WORK / "mnt" / target
+    root, took = mount_target(target, scenario, mnt)
+    try:
+        yield root, took
+    finally:
+        unmount_target(target, mnt)
+
+
+# -- the work -----------------------------------------------------------------------------------
+
+
+def walk(root: Path) -> int:
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lstat(os.path.join(dirpath, name))
+            count += 1
+    return count
+
+
+def regular_files(root: Path) -> list[str]:
+    files = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_mode & 0o170000 == 0o100000:
+                files.append(path)
+    return files
+
+
+def read_files(files: list[str]) -> int:
+    total = 0
+    buf = bytearray(1 << 20)
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while n := os.readv(fd, [buf]):
+                total += n
+        finally:
+            os.close(fd)
+    return total
+
+
+def stat_files(files: list[str]) -> None:
+    for path in files:
+        os.lstat(path)
+
+
+def timeit(fn: Callable[[], object], *, cold: bool, prime: Callable[[], object] | None = None
+           ) -> float:
+    """Seconds ``fn`` takes; cold: caches dropped first (then ``prime`` runs, untimed)."""
+    if cold:
+        drop_caches()
+    if prime is not None:
+        prime()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def server_pid(mnt: Path) -> int:
+    for line in layerfs("mounts", "--format", "json").splitlines():
+        row = json.loads(line)
+        if row["Mountpoint"] == str(mnt):
+            return int(row["Pid"])
+    raise RuntimeError(f"no layerfs server for {mnt}")
+
+
+def memory_per_entry() -> tuple[float, int]:
+    """(bytes per merged entry, entries) at 100k entries, after a full walk."""
+    results = {}
+    for image in ("bench/tiny:1", "bench/small:1"):
+        mnt = WORK / "mnt" / "memory"
+        mnt.mkdir(parents=True, exist_ok=True)
+        layerfs("mount", "--no-init", image, mnt)
+        try:
+            entries = walk(mnt)
+            results[image] = (rss_kib(server_pid(mnt)), entries)
+        finally:
+            layerfs("umount", mnt)
+    (base, _), (full, entries) = results["bench/tiny:1"], results["bench/small:1"]
+    return (full - base) * 1024 / entries, entries
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def measure(rounds: int) -> dict[str, dict[str, float]]:
+    samples: dict[str, dict[str, list[float]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list))
+    for r in range(rounds):
+        order = TARGETS[r % len(TARGETS):] + TARGETS[:r % len(TARGETS)]
+        for target in order:
+            print(f"round {r + 1}/{rounds}: {target}", file=sys.stderr)
+            for name, seconds in measure_target(target):
+                samples[name][target].append(seconds)
+    return {name: {t: median(v) for t, v in per.items()} for name, per in samples.items()}
+
+
+def measure_target(target: str) -> Iterator[tuple[str, float]]:
+    with mounted(target, "debian") as (root, took):
+        if target != "plain":
+            yield "mount, 1 layer (s)", took
+        files = regular_files(root)
+        yield "cold tree walk", timeit(partial(walk, root), cold=True)
+        walk(root)
+        yield "warm tree walk", timeit(partial(walk, root), cold=False)
+        yield "cold read, all files", timeit(partial(read_files, files), cold=True)
+        read_files(files)
+        yield "warm re-read, all files", timeit(partial(read_files, files), cold=False)
+    with mounted(target, "debian127") as (root, took):
+        if target != "plain":
+            yield "mount, 127 layers (s)", took
+        yield "cold tree walk, 127 layers", timeit(partial(walk, root), cold=True)
+        walk(root)
+        yield "warm tree walk, 127 layers", timeit(partial(walk, root), cold=False)
+        # Primed with one stat so that the server's own code is paged in: this
+        # compares lookups in the bottom and the top layer, nothing else.
+        prime = partial(os.lstat, root / "etc")
+        bottom = [str(root / p) for p in _layer_files(0)]
+        top = [str(root / p) for p in _layer_files(DEPTH - 1)]
+        yield "cold stat, bottom-layer files", timeit(partial(stat_files, bottom), cold=True,
+                                                      prime=prime)
+        yield "cold stat, top-layer files", timeit(partial(stat_files, top), cold=True,
+                                                   prime=prime)
+    with mounted(target, "big") as (root, _took):
+        yield "cold sequential read, 2 GiB", timeit(partial(read_files, [str(root / "big")]),
+                                                    cold=True)
+
+
+def _layer_files(layer: int) -> list[str]:
+    with tarfile.open(WORK / "split" / f"{layer:03}.tar") as tar:
+        return [m.name.removeprefix("./") for m in tar if m.isreg()][:200]
+
+
+def report(results: dict[str, dict[str, float]], memory: tuple[float, int],
+           info: dict[str, object], rounds: int) -> str:
+    lines = [stamp(), "",
+             f"Inputs: Debian 12 minbase ({info['debian_entries']} entries, "
+             f"{int(info['debian_bytes']) // 2**20} MiB) as 1 layer and spread over "  # type: ignore[call-overload]
+             f"{DEPTH} layers (file k in layer k % {DEPTH}); one 2 GiB file. Medians of "
+             f"{rounds} interleaved rounds; ratios to the plain directory (lower is better), "
+             "mount times in seconds. Cold = `echo 3 > /proc/sys/vm/drop_caches` first. "
+             "FUSE ratios move by up to 3x with machine load: compare columns of one run only.",
+             "", "| measurement | plain s | overlayfs | fuse-overlayfs | layerfs |",
+             "|---|---|---|---|---|"]
+    for name, per in results.items():
+        if name.endswith("(s)"):
+            cells = ["-"] + [f"{per[t]:.3f} s" if t in per else "-" for t in TARGETS[1:]]
+        else:
+            base = per["plain"]
+            cells = [f"{base:.3f}"] + [f"{per[t] / base:.1f}x" for t in TARGETS[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    per_entry, entries = memory
+    lines += ["", f"layerfs server memory: {per_entry:.0f} bytes per merged entry "
+                  f"(RSS growth from an empty image to {entries} entries, after a full walk)."]
+    return "\n".join(lines)
+
+
+def profile(seconds: int = 20) -> str:
+    """py-spy the layerfs server during warm walks and re-reads; top frames by self time."""
+    out = WORK / "profile.txt"
+    with mounted("layerfs", "debian") as (root, _):
+        pid = server_pid(root)
+        files = regular_files(root)
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r",
+                                "1000", "-f", "raw", "-o", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + seconds - 1
+        while time.monotonic() < deadline:
+            walk(root)
+            read_files(files)
+        spy.wait()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frame = stack.split(";")[-1]
+        own[frame] += int(count)
+        total += int(count)
+    return "\n".join(f"{100 * c / total:5.1f}% {f}" for f, c in own.most_common(15))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--doc", action="store_true", help="write docs/benchmarks.md")
+    parser.add_argument("--profile", action="store_true", help="py-spy the server")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_mount: needs root (mounts, drop_caches)", file=sys.stderr)
+        return 1
+    for tool in ("fuse-overlayfs", "fusermount3"):
+        if shutil.which(tool) is None:
+            print(f"bench_mount: {tool} is missing (apt-get install {tool})", file=sys.stderr)
+            return 1
+    compile_once()
+    info = prepare()
+    if args.profile:
+        print(profile())
+        return 0
+    results = measure(args.rounds)
+    memory = memory_per_entry()
+    text = report(results, memory, info, args.rounds)
+    print(text)
+    if args.doc:
+        update_section("mount", "Mount", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
