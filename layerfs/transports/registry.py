@@ -121,7 +121,15 @@ class BlobRecords:
         if not is_sha256_digest(digest):
             return
         with self._lock:
-            record = self.get(digest) or BlobRecord(digest, size, media_type, diff_id)
+            record = self.get(digest)
+            if (
+                record is not None
+                and (record.size, record.media_type) == (size, media_type)
+                and record.diff_id == (diff_id or record.diff_id)
+                and repository in record.repositories
+            ):
+                return  # nothing new: no write, no fsync
+            record = record or BlobRecord(digest, size, media_type, diff_id)
             record.size, record.media_type = size, media_type
             record.diff_id = diff_id or record.diff_id
             if repository in record.repositories:
@@ -456,9 +464,10 @@ class RegistryDestination:
         if self.store is None:
             return
         try:
-            with self.store.graph.transaction():
-                if self.store.layers.exists(diff_id):
-                    self.store.layers.add_blob_digest(diff_id, desc.digest)
+            layers = self.store.layers
+            if layers.exists(diff_id) and desc.digest not in layers.info(diff_id).blob_digests:
+                with self.store.graph.transaction():
+                    layers.add_blob_digest(diff_id, desc.digest)
             if self.records is not None:
                 self.records.add(desc.digest, desc.size, desc.media_type, diff_id, self.repo_key)
         except LayerfsError:
