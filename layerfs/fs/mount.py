@@ -36,7 +36,7 @@ import trio
 
 from layerfs.errors import LayerfsError, MountError, UsageError
 from layerfs.fs.host import MountRecord, Records, check_mountpoint
-from layerfs.fs.lower import Lower, from_store
+from layerfs.fs.lower import Lower, from_archive, from_store, is_archive
 from layerfs.fs.operations import Operations
 from layerfs.fs.upper import Upper
 from layerfs.model.digest import hex_of
@@ -106,6 +106,8 @@ class _Server:
     def prepare(self) -> Operations:
         store, request = self.store, self.request
         mountpoint = check_mountpoint(request.mountpoint)
+        if is_archive(request.image):
+            return self._prepare_archive(mountpoint)
         image = store.tags.lookup_image(request.image)
         if request.container:
             store.graph.check_depth(image)
@@ -133,6 +135,21 @@ class _Server:
         )
         return Operations(self.lower.tree, self.tars, upper=self.upper, control=self.control,
                           data_size=self.lower.data_size)
+
+    def _prepare_archive(self, mountpoint: Path) -> Operations:
+        """An image in a docker-archive or OCI layout, mounted from the file: read-only."""
+        request = self.request
+        if request.writable:
+            raise UsageError(f"cannot mount {request.image} writable: an archive is mounted "
+                             "read-only", hint="load it (layerfs load) to mount it with --rw")
+        self.lock = self.records.hold(self.id)
+        self.lower = from_archive(request.image, self.store.tmp, init=request.init)
+        self.tars = self.lower.open_tars()
+        self.record = MountRecord(
+            id=self.id, mountpoint=str(mountpoint), image=self.lower.image_id,
+            reference=request.image, mode="ro", pid=os.getpid(), started=now_rfc3339(),
+            log=str(self.log_path), options=sorted(fuse_options(request, "layerfs")))
+        return Operations(self.lower.tree, self.tars, control=self.control)
 
     def control(self, what: bytes) -> bytes:
         assert self.record is not None

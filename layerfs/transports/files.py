@@ -167,6 +167,10 @@ class MemberReader:
         self._left -= len(data)
         return data
 
+    def extent(self) -> tuple[int, int, int]:
+        """(descriptor, offset, size) of the unread bytes, for reading them in place."""
+        return self._fd, self._pos, self._left
+
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
         buffer[: len(data)] = data

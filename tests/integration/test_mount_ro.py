@@ -340,3 +340,34 @@ def test_127_layers_mount_and_depth_128_is_refused(layerfs_cli: LayerfsCli, tmp_
     (tmp_path / "mnt2").mkdir()
     _one_line_error(layerfs_cli("mount", crafted, tmp_path / "mnt2", check=False),
                     "128 images", "127")
+
+
+def test_archives_mount_without_loading(layerfs_cli: LayerfsCli, tmp_path: Path):
+    work = tmp_path / "layers"
+    work.mkdir()
+    base = Layer(work / "0.tar").dir("etc").file("etc/a", b"base").file("etc/gone", b"x")
+    top = Layer(work / "1.tar").dir("etc").whiteout("etc/gone").file("etc/b", b"top")
+    build_image(layerfs_cli.root, [base.close(), top.close()], "arch:1")
+    build_image(layerfs_cli.root, [base.path], "other:1")
+    docker = tmp_path / "docker.tar"
+    layerfs_cli("save", "-q", "-o", docker, "arch:1")
+    oci_dir = tmp_path / "oci"
+    layerfs_cli("save", "-q", "--format", "oci-dir", "-o", oci_dir, "arch:1")
+    oci_tar = tmp_path / "oci.tar"
+    layerfs_cli("save", "-q", "--format", "oci", "-o", oci_tar, "arch:1")
+    gzipped = tmp_path / "docker.tar.gz"
+    subprocess.run(f"gzip -c {docker} > {gzipped}", shell=True, check=True)
+    both = tmp_path / "both.tar"
+    layerfs_cli("save", "-q", "-o", both, "arch:1", "other:1")
+
+    with mounted(layerfs_cli, "arch:1", tmp_path / "stored") as stored:
+        want = listing(stored)
+        for spec in (str(docker), str(oci_dir), f"oci-archive:{oci_tar}", str(gzipped),
+                     f"docker-archive:{both}:arch:1"):
+            with mounted(layerfs_cli, spec, tmp_path / "archive") as mnt:
+                assert diff_listings(listing(mnt), want) == [], spec
+                assert (mnt / "etc/b").read_bytes() == b"top"
+    _one_line_error(layerfs_cli("mount", both, tmp_path / "archive", check=False),
+                    "2 images")
+    _one_line_error(layerfs_cli("mount", "--rw", docker, tmp_path / "archive", check=False),
+                    "read-only")
