@@ -4,8 +4,10 @@
 # Builds a tiny real image root filesystem from this machine's busybox-static
 # (/bin/busybox, a symlink per applet, /etc/passwd and /etc/group) as a tar,
 # imports it into a fresh store under a temporary directory and shows it with
-# `layerfs images`, `history` and `inspect`. Everything it makes is removed on
-# exit, mounts included.
+# `layerfs images`, `history` and `inspect`; then mounts it, runs a program in
+# it (`layerfs run`, as root), changes it through a writable mount, commits the
+# change as a new image, shows its history and mounts the result. Everything it
+# makes is removed on exit, mounts included.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -67,3 +69,35 @@ layerfs import -m "busybox-static demo image" -c 'CMD ["/bin/sh"]' \
 layerfs images
 layerfs history demo/busybox
 layerfs inspect demo/busybox
+
+# Shows a shell command as a user would type it, then runs it.
+show() {
+    printf '\n$ %s\n' "$*"
+    bash -c "$*"
+}
+
+mnt="$work/mnt"
+mkdir "$mnt"
+layerfs mount demo/busybox "$mnt"
+layerfs mounts
+show "ls -la '$mnt' '$mnt/bin' | head -n 20"
+show "chroot '$mnt' /bin/sh -c 'echo hello from \$(cat /etc/passwd | head -n 1)'"
+layerfs umount "$mnt"
+
+if [[ $(id -u) -eq 0 ]]; then
+    layerfs run --rm demo/busybox sh -c 'echo "pid $$ on host $(cat /etc/hostname)"; ls /'
+else
+    echo "demo: (layerfs run needs root; skipped)"
+fi
+
+layerfs mount --rw demo/busybox "$mnt"
+show "echo 'made in a writable mount' > '$mnt/root/hello.txt' && rm '$mnt/bin/false' && chmod 700 '$mnt/tmp'"
+layerfs commit -m "add /root/hello.txt, drop /bin/false" "$mnt" demo/busybox:hello
+layerfs umount "$mnt"
+layerfs history demo/busybox:hello
+
+layerfs mount demo/busybox:hello "$mnt"
+show "cat '$mnt/root/hello.txt'; ls '$mnt/bin'; stat -c '%A %n' '$mnt/tmp'"
+layerfs umount "$mnt"
+echo
+echo "demo: done (everything under $work is removed now)"
