@@ -384,6 +384,10 @@ def test_tls_is_verified(registry_server: RegistryFactory, layerfs_cli: LayerfsC
     shutil.copy(ca, certs / "ca.crt")
     result = layerfs_cli("pull", "--certs-dir", tmp_path / "certs.d", name, check=False)
     assert b"manifest unknown" in result.stderr or b"404" in result.stderr
+    # --insecure-registry: TLS without verification (as dockerd does for such registries)
+    result = layerfs_cli("pull", "--insecure-registry", registry.host, name, check=False)
+    assert b"manifest unknown" in result.stderr or b"404" in result.stderr
+    assert b"certificate" not in result.stderr
 
 
 # -- a multi-platform index ---------------------------------------------------------------------
