@@ -184,9 +184,12 @@ class Repository:
         )
         with response:
             last = parse_range(response.headers.get("Range"))
-            return self._location(response) if "Location" in response.headers else location, (
-                0 if last is None else last + 1
-            )
+            # "0-0" is what distribution says of an empty upload, and also of one byte
+            # (FORMATS §9.7): read it as empty; a one-byte chunk is never sent alone.
+            received = 0 if not last else last + 1
+            return self._location(
+                response
+            ) if "Location" in response.headers else location, received
 
     def patch(self, location: str, chunk: bytes, offset: int) -> tuple[str, int]:
         """Send ``chunk`` at ``offset``; resumes from what the registry has after a failure."""

@@ -245,8 +245,6 @@ class RegistryClient:
                     self.auth.set_challenges(response.headers.get("WWW-Authenticate"))
                 elif response.status_code >= 500:
                     raise self._status_error(response, f"ping {self.registry}")
-                elif scheme == "https" and response.status_code == 400 and fallback:
-                    continue  # a plain-http server behind a TLS port scanner answer
             return f"{scheme}://{self.host}"
         raise RegistryError(f"cannot reach registry {self.registry}")  # pragma: no cover
 

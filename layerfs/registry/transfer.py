@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from layerfs.copy import copy
-from layerfs.errors import AuthenticationError, ConflictError, LayerfsError, UsageError
+from layerfs.errors import AuthenticationError, ConflictError, UsageError
 from layerfs.model.reference import Reference
 from layerfs.progress import Progress
 from layerfs.registry.auth import Credentials
@@ -169,7 +169,6 @@ def login(
             raise UsageError("a password is required (use --password-stdin)")
     client = RegistryClient(registry, options, credentials=creds)
     try:
-        client.auth.challenge = None
         client.base_url()  # the ping records the challenge
         challenge = client.auth.challenge
         if challenge is None:
@@ -208,7 +207,3 @@ def _registry_name(text: str) -> str:
     if text in ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"):
         return "docker.io"
     return text
-
-
-def describe_error(exc: LayerfsError) -> str:
-    return exc.message

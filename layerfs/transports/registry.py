@@ -28,7 +28,6 @@ import types
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
@@ -571,7 +570,3 @@ def record_pulled(store: Store, source: RegistrySource, images: list[SourceImage
                     records.add(layer.digest, layer.size, layer.media_type, layer.diff_id, repo_key)
                 except (OSError, LayerfsError):
                     log.debug("cannot record blob %s", layer.digest, exc_info=True)
-
-
-def blob_records_path(store: Store) -> Path:
-    return store.root / "registry" / "blobs"

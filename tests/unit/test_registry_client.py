@@ -490,3 +490,15 @@ def test_plain_http_only_where_allowed(store: Store, options):
 
         assert Reference.parse("busybox").remote_name == "library/busybox"
         assert Reference.parse("docker.io/library/busybox:1").repository == "busybox"
+
+
+def test_failed_chunk_is_resumed_from_the_upload_status(
+    registry: FakeRegistry, store: Store, options, tmp_path: Path, sleeps
+):
+    options.chunk_size = 16 * 1024
+    _import(store, tmp_path, f"{registry.host}/app:v1", "chunky", 100_000)
+    registry.faults = [Fault("PATCH", "/blobs/uploads/", 500, times=1)]
+    push(store, f"{registry.host}/app:v1", options=options)
+    statuses = [e for e in registry.requests("GET", "/blobs/uploads/")]
+    assert len(statuses) == 1  # asked where the upload stood, then went on
+    assert registry.manifests[("app", "v1")]
