@@ -69,7 +69,7 @@ def register(subparsers: Any) -> None:
         ),
         epilog=GLOBALS_NOTE,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="an image to save (one or more)")
     p.add_argument(
         "-o", "--output", metavar="FILE", help="write to FILE instead of standard output"
     )
@@ -79,7 +79,9 @@ def register(subparsers: Any) -> None:
         default="docker",
         help="docker (default), oci (a tar) or oci-dir (a directory)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress and no 'Saved image' lines"
+    )
     p.set_defaults(handler=cmd_save)
 
 

@@ -135,16 +135,18 @@ class StoreDestination:
     def put_layer(
         self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
     ) -> None:
-        hashing = HashingReader(stream)
+        # Without a blob digest to check, the diff ID (hashed by ingest) is the only hash.
+        hashing = HashingReader(stream) if layer.digest else None
+        reader: Any = hashing if hashing is not None else stream
         staged = self.store.layers.ingest(
-            hashing if progress is None else _ReportingReader(hashing, progress),
+            reader if progress is None else _ReportingReader(reader, progress),
             expected_diff_id=layer.diff_id,
             what=what,
             progress=None,
             blob_digest=None,
         )
         try:
-            if layer.digest and hashing.digest != layer.digest:
+            if hashing is not None and hashing.digest != layer.digest:
                 raise DigestMismatchError(
                     f"{what}: blob digest mismatch: expected {layer.digest}, got {hashing.digest}"
                 )
@@ -277,12 +279,12 @@ class StoreDestination:
 class _ReportingReader:
     """Reports the bytes of the blob as they are read, so progress bars move while streaming."""
 
-    def __init__(self, stream: HashingReader, progress: ProgressFn) -> None:
+    def __init__(self, stream: Any, progress: ProgressFn) -> None:
         self._stream = stream
         self._progress = progress
 
     def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
+        data: bytes = self._stream.read(size)
         if data:
             self._progress(len(data))
         return data
