@@ -322,7 +322,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR if self.t.alive(inode) else errno.ENOENT)
             fh = self._new_fh()
             # A snapshot: offsets stay valid whatever changes while it is read.
-            self._dirs[fh] = list(names.items())
+            self._dirs[fh] = [(b".", inode), (b"..", self.t.parent[inode]), *names.items()]
             return fh
         except Exception as exc:
             raise fuse_error(exc, "opendir", inode) from None
@@ -340,7 +340,7 @@ class Operations(pyfuse3.Operations):
                     continue  # removed since opendir
                 if not reply(token, name, attr(ino), index + 1):
                     break
-                if counting:
+                if counting and index > 1:  # never for "." and ".."
                     self._lookups[ino] = self._lookups.get(ino, 0) + 1
         except Exception as exc:
             raise fuse_error(exc, "readdir", fh, start_id) from None
