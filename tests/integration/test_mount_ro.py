@@ -376,3 +376,31 @@ def test_archives_mount_without_loading(layerfs_cli: LayerfsCli, tmp_path: Path)
                     "2 images")
     _one_line_error(layerfs_cli("mount", "--rw", docker, tmp_path / "archive", check=False),
                     "read-only")
+
+
+def test_foreground_mount_serves_until_a_signal(layerfs_cli: LayerfsCli, tmp_path: Path):
+    import sys
+
+    layer = Layer(tmp_path / "0.tar").file("f", b"data").close()
+    build_image(layerfs_cli.root, [layer], "fg:1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root),
+                             "mount", "-f", "fg:1", str(mnt)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            time.sleep(0.05)
+        assert (mnt / "f").read_bytes() == b"data"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not os.path.ismount(mnt)
+        assert layerfs_cli("mounts", "-q").stdout == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        fuse_unmount(mnt)
