@@ -40,11 +40,11 @@ from typing import Any
 
 from layerfs.errors import MountError, MountpointBusyError
 from layerfs.fs import whiteout
-from layerfs.fs.inodes import LAYER_UPPER, ROOT, InodeTable
+from layerfs.fs.inodes import LAYER_UPPER, InodeTable
 from layerfs.fs.union import MergedTree
 from layerfs.store import codec
 from layerfs.store.files import FileLock, atomic_write
-from layerfs.store.tarindex import HARDLINK, REG
+from layerfs.store.tarindex import REG
 
 log = logging.getLogger(__name__)
 
@@ -528,10 +528,9 @@ class Upper:
 
     def rows(self) -> list[Row]:
         """The changes against the lower layers, parents before children."""
-        walk = _Diff(self)
-        walk.directory(b"", ROOT, ROOT)
-        walk.missing_links()
-        return walk.rows
+        from layerfs.fs.changes import changed_rows
+
+        return changed_rows(self)
 
     def row(self, path: bytes, ino: int) -> Row:
         t = self.table
@@ -566,97 +565,6 @@ class CopyPlan:
     src: int  # the layer tar, or -1 when nothing is copied
     src_offset: int
     count: int
-
-
-class _Diff:
-    """One walk of the tree against the lower name maps (see the module docstring)."""
-
-    def __init__(self, upper: Upper) -> None:
-        self.upper = upper
-        self.t = upper.table
-        self.rows: list[Row] = []
-        self.first_path: dict[int, bytes] = {}  # non-directory inode -> first path written
-        self.names_written: dict[int, int] = {}
-        self.pending: list[tuple[bytes, int]] = []  # unchanged parents not written yet
-
-    def _flush(self) -> None:
-        for path, ino in self.pending:
-            self.rows.append(self.upper.row(path, ino))
-        self.pending.clear()
-
-    def _orig(self, ino: int) -> dict[bytes, int]:
-        names = self.upper.orig_children.get(ino)
-        return names if names is not None else self.t.children[ino]
-
-    def _emit(self, path: bytes, ino: int) -> None:
-        self._flush()
-        first = self.first_path.get(ino)
-        if first is not None:
-            self.rows.append(
-                [path, HARDLINK, 0, 0, 0, 0, self.t.mtime[ino], 0, first, 0, 0, None, None]
-            )
-        else:
-            self.rows.append(self.upper.row(path, ino))
-            if not self.t.is_dir(ino):
-                self.first_path[ino] = path
-        if not self.t.is_dir(ino):
-            self.names_written[ino] = self.names_written.get(ino, 0) + 1
-
-    def directory(self, path: bytes, ino: int, lower: int) -> None:
-        t = self.t
-        upper = self.upper
-        names = t.children[ino]
-        prefix = path + b"/" if path else b""
-        if ino == ROOT and ROOT in upper.changed:
-            self._emit(b"", ROOT)
-        lower_names = self._orig(lower) if lower else None
-        if lower_names is not None and lower_names is not names:
-            for name in lower_names:
-                if name not in names:
-                    self._flush()
-                    self.rows.append(_marker(prefix + whiteout.whiteout_for(name)))
-        for name, child in list(names.items()):
-            child_path = prefix + name
-            same = lower_names is not None and lower_names.get(name) == child
-            if t.is_dir(child):
-                if same:
-                    self.pending.append((child_path, child))
-                    if child in upper.changed:
-                        self._flush()
-                    self.directory(child_path, child, child)
-                    if self.pending and self.pending[-1][1] == child:
-                        self.pending.pop()
-                else:
-                    self._emit(child_path, child)
-                    if lower_names is not None and name in lower_names:
-                        self.rows.append(_marker(child_path + b"/" + whiteout.OPAQUE))
-                    saved, self.pending = self.pending, []
-                    self.directory(child_path, child, 0)
-                    self.pending = saved
-            elif not same or child in upper.changed or child >= upper.n_lower:
-                self._emit(child_path, child)
-
-    def missing_links(self) -> None:
-        """Names of written inodes that the walk skipped (unchanged names of a group)."""
-        t = self.t
-        short = {ino for ino, count in self.names_written.items() if count < t.nlink[ino]}
-        if not short:
-            return
-        for d, names in t.children.items():
-            for name, ino in names.items():
-                if ino not in short:
-                    continue
-                path = t.dir_path(d)
-                full = path + b"/" + name if path else name
-                if full != self.first_path[ino] and not self._written(full):
-                    self._emit(full, ino)
-
-    def _written(self, path: bytes) -> bool:
-        return any(row[0] == path for row in self.rows)
-
-
-def _marker(path: bytes) -> Row:
-    return [path, REG, 0, 0, 0, 0, 0, 0, b"", 0, 0, None, None]
 
 
 def _copy_range(src: int, offset: int, dst: int, count: int) -> None:
