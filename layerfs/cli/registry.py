@@ -202,6 +202,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from layerfs.model.reference import Reference, remote_name
 
     reference = Reference.parse(args.name)
+    if not quiet and Reference.parse(args.name, default_tag=None).ref == "":
+        print(f"Using default tag: {reference.tag}")
     if not quiet:
         print(f"{reference.ref}: Pulling from {remote_name(reference.repository)}", flush=True)
     try:

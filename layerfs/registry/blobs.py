@@ -60,13 +60,14 @@ class Repository:
 
     def get_manifest(self, ref: str) -> tuple[bytes, str, str | None]:
         """(bytes, content type, Docker-Content-Digest) of a manifest by tag or digest."""
+        sep = "@" if ":" in ref else ":"
         response = self.client.request(
             "GET",
             self._path("manifests", ref),
             scopes=self.scopes,
             headers={"Accept": ACCEPT},
             stream=True,
-            what=f"manifest {self.name}:{ref}" if ":" not in ref else f"manifest {self.name}@{ref}",
+            what=f"manifest for {self.client.registry}/{self.name}{sep}{ref}",
         )
         with response:
             data = response.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
