@@ -2,7 +2,8 @@
 # Builds a small bootable Debian 12 box for vagrant-libvirt from Debian's
 # packages only (no Vagrant Cloud): the box `make vm-test` uses.
 #
-#   tools/build-vagrant-box.sh [--output FILE] [--size GIB] [--mirror URL] [--force]
+#   tools/build-vagrant-box.sh [--output FILE] [--size GIB] [--mirror URL]
+#                              [--bare] [--force]
 #
 # What it does, as root on a Debian/Ubuntu host:
 #   1. a sparse raw disk with one MBR partition (1 MiB .. end), attached to a
@@ -10,7 +11,12 @@
 #   2. mmdebstrap installs bookworm into it: systemd, the cloud kernel
 #      (virtio, fuse, overlay, netfilter), grub-pc, openssh-server, sudo,
 #      ifupdown + isc-dhcp-client, rsync (for Vagrant's rsync synced folder);
-#   3. the Vagrant conventions: user vagrant (password vagrant) with sudo
+#   3. the packages of the build and test groups of tools/debian-packages.txt,
+#      read through `tools/install-deps.sh --list` (the one list; with or without
+#      recommends as the list says), so that the VM's provisioning, which runs
+#      install-deps.sh all the same, finds them installed instead of unpacking
+#      them under emulation; --bare leaves them out;
+#      the Vagrant conventions: user vagrant (password vagrant) with sudo
 #      NOPASSWD and the insecure public key that Debian's vagrant package
 #      ships; root's password is vagrant too; DHCP on eth0 (net.ifnames=0), so
 #      the libvirt default network (or vagrant-libvirt's own) hands out the
@@ -33,6 +39,8 @@ size_gib=20
 mirror=http://deb.debian.org/debian
 security_mirror=http://deb.debian.org/debian-security
 force=0
+bare=0
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "build-vagrant-box: error: $*" >&2; exit 1; }
@@ -44,6 +52,7 @@ while (($#)); do
         --size) size_gib=${2:?--size needs a number of GiB}; shift 2 ;;
         --mirror) mirror=${2:?--mirror needs a URL}; shift 2 ;;
         --force) force=1; shift ;;
+        --bare) bare=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
@@ -175,6 +184,24 @@ GRUB
 EOF
 chmod +x "$work/customize.sh"
 
+# The test packages, from the one list. Their daemons (dockerd) must not start in
+# the chroot: policy-rc.d says no for the duration.
+test_hooks=()
+if ((!bare)); then
+    with_rec=() without_rec=()
+    while read -r group pkg recommends; do
+        [[ "$group" == vm ]] && continue
+        if [[ "$recommends" == no ]]; then without_rec+=("$pkg"); else with_rec+=("$pkg"); fi
+    done < <(bash "$repo/tools/install-deps.sh" --list)
+    say "and the ${#with_rec[@]}+${#without_rec[@]} build and test packages of tools/debian-packages.txt"
+    test_hooks=(
+        --customize-hook='printf "#!/bin/sh\nexit 101\n" >"$1/usr/sbin/policy-rc.d"; chmod 755 "$1/usr/sbin/policy-rc.d"'
+        --customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o APT::Install-Recommends=true ${with_rec[*]}"
+        --customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ${without_rec[*]}"
+        --customize-hook='rm -f "$1/usr/sbin/policy-rc.d"'
+    )
+fi
+
 mmdebstrap --mode=root --variant=minbase --components=main \
     --include="$(IFS=,; echo "${packages[*]}")" \
     --aptopt='Acquire::Retries "3"' \
@@ -183,6 +210,7 @@ mmdebstrap --mode=root --variant=minbase --components=main \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --customize-hook="$work/customize.sh \"\$1\" $work/vagrant.pub" \
+    "${test_hooks[@]}" \
     --customize-hook='chroot "$1" apt-get clean' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/*' \
     bookworm "$mnt" \

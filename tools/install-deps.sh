@@ -13,6 +13,8 @@
 # Options:
 #   --vm         also install the "vm" group (vagrant), for `make vm-test`
 #   --venv-only  skip steps 1 and 2 (used by `make unit` and `make lint`)
+#   --list       print the package list as "GROUP PACKAGE RECOMMENDS(yes|no)"
+#                lines and exit (tools/build-vagrant-box.sh reads it this way)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,8 +24,10 @@ stamp="$venv/.installed"
 
 with_vm=0
 venv_only=0
+list_only=0
 for arg in "$@"; do
     case "$arg" in
+        --list) list_only=1 ;;
         --vm) with_vm=1 ;;
         --venv-only) venv_only=1 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -201,6 +205,10 @@ install_venv() {
     say ".venv is ready"
 }
 
+if ((list_only)); then
+    read_package_list
+    exit 0
+fi
 if ((!venv_only)); then
     install_packages
     ensure_fuse_module
