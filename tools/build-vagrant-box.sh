@@ -122,7 +122,7 @@ rmdir "$mnt/lost+found" # mmdebstrap wants an empty directory; recreated below
 packages=(
     systemd-sysv udev dbus kmod procps iproute2 netbase ifupdown isc-dhcp-client
     linux-image-cloud-amd64 grub-pc initramfs-tools
-    openssh-server sudo rsync ca-certificates less
+    openssh-server sudo rsync less
 )
 say "mmdebstrap bookworm (${#packages[@]} packages and their dependencies)"
 # The customize hook runs on the host with the new root as $1.

@@ -251,3 +251,17 @@ def test_install_deps_reads_the_same_list(packages: dict[str, list[tuple[str, bo
         for name, recommends in pkgs
     ]
     assert from_bash == expected
+
+
+def test_box_builder_takes_test_packages_from_the_list(
+    packages: dict[str, list[tuple[str, bool]]],
+):
+    """The local box pre-installs the list's packages; it must not keep a list of its own."""
+    script = (REPO / "tools" / "build-vagrant-box.sh").read_text()
+    assert re.search(r'install-deps\.sh"?\s+--list', script)
+    base = re.search(r"^packages=\((.*?)^\)", script, re.M | re.S)
+    assert base, "build-vagrant-box.sh has no packages=( ... ) array"
+    base_packages = set(base[1].split())
+    listed = {name for group in ("build", "test") for name, _ in packages[group]}
+    # Its own array is the bootable system only (kernel, boot loader, ssh, sudo, rsync).
+    assert not base_packages & listed, base_packages & listed
