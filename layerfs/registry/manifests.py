@@ -28,6 +28,7 @@ from layerfs.transports.base import (
     MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_MANIFEST,
 )
+from layerfs.transports.v1compat import marshal_v1_image
 
 MEDIA_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 MEDIA_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
@@ -283,12 +284,30 @@ def schema1_config(manifest: Schema1Manifest, diff_ids: list[str]) -> bytes:
             entry["empty_layer"] = True
         history.append(entry)
     top = json.loads(manifest.v1_compatibility[-1])
+    if _version_less(str(top.get("docker_version") or ""), "1.8.3"):
+        # Docker re-marshals old (or unversioned) v1 JSON through its V1Image struct first.
+        top = json.loads(marshal_v1_image(top))
     for key in ("id", "parent", "Size", "parent_id", "layer_id", "throwaway"):
         top.pop(key, None)
     top["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     top["history"] = history
     parts = [f"{go_json(k)}:{go_json(top[k])}" for k in sorted(top)]
     return ("{" + ",".join(parts) + "}").encode()
+
+
+def _version_less(version: str, other: str) -> bool:
+    """Docker's ``versions.LessThan``: dot-separated integers, a non-number counts as 0."""
+
+    def number(part: str) -> int:
+        return int(part) if part.isdigit() else 0
+
+    mine, theirs = version.split("."), other.split(".")
+    for i in range(max(len(mine), len(theirs))):
+        a = number(mine[i]) if i < len(mine) else 0
+        b = number(theirs[i]) if i < len(theirs) else 0
+        if a != b:
+            return a < b
+    return False
 
 
 # -- building --------------------------------------------------------------------------

@@ -280,6 +280,14 @@ def _encode_struct(value: dict[str, Any], fields: list[Field]) -> str:
     return "{" + ",".join(go_quote(k) + ":" + v for k, v in members) + "}"
 
 
+def marshal_v1_image(doc: dict[str, Any]) -> bytes:
+    """Go's ``json.Marshal`` of the ``image.V1Image`` it decodes from ``doc``.
+
+    Docker 1.10+ passes pre-1.8.3 schema1 history through this before making a config.
+    """
+    return _encode_struct(_decode_struct(doc, V1_FIELDS), V1_FIELDS).encode()
+
+
 # -- v1 IDs ---------------------------------------------------------------------------------
 
 

@@ -373,13 +373,15 @@ RegistryFactory = Callable[..., RegistryServer]
 
 @pytest.fixture
 def registry_server() -> Iterator[RegistryFactory]:
-    """A factory: ``registry_server(tls=None, htpasswd=None, token=None) -> RegistryServer``.
+    """A factory: ``registry_server(tls=None, htpasswd=None, token=None, extra=None)``.
 
     - ``tls=(cert, key)``: serve https with that certificate and key (PEM files).
     - ``htpasswd=path``: basic auth against a bcrypt htpasswd file (``htpasswd -Bbn``).
     - ``token={"realm": ..., "service": ..., "issuer": ..., "rootcertbundle": ...}``:
       bearer-token auth; the registry trusts tokens signed by a key whose certificate
       is in the rootcertbundle file.
+    - ``extra={...}``: more top-level configuration sections, e.g.
+      ``{"compatibility": {"schema1": {"enabled": True}}}`` to accept schema1 manifests.
 
     Each call starts one registry with its own storage; all are stopped, and their
     directories removed, when the test ends.
@@ -394,6 +396,7 @@ def registry_server() -> Iterator[RegistryFactory]:
         tls: tuple[Path, Path] | None = None,
         htpasswd: Path | None = None,
         token: Mapping[str, str | os.PathLike[str]] | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> RegistryServer:
         if htpasswd is not None and token is not None:
             raise ValueError("a registry has one auth method: htpasswd or token, not both")
@@ -403,6 +406,7 @@ def registry_server() -> Iterator[RegistryFactory]:
         for _attempt in range(3):  # the free port may be taken before the registry binds it
             port = free_port()
             settings = _registry_config(port, base / "storage", tls, htpasswd, token)
+            settings.update(extra or {})
             config.write_text(json.dumps(settings, indent=2))
             with log.open("wb") as log_file:
                 proc = subprocess.Popen(

@@ -475,3 +475,49 @@ def test_multi_platform_index_picks_the_platform(
     inspected = _run([skopeo, "inspect", "--tls-verify=false", "--override-arch", "arm64",
                       f"docker://{name}"], env=_skopeo_env(tmp_path)).stdout  # fmt: skip
     assert json.loads(inspected)["Architecture"] == "arm64"
+
+
+# -- schema1 -------------------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_schema1_pull_matches_docker(
+    registry_server: RegistryFactory,
+    docker_engine: DockerEngine,
+    layerfs_cli: LayerfsCli,
+    tmp_path: Path,
+):
+    """skopeo writes signed schema1 manifests; layerfs converts them as docker does."""
+    skopeo = _need("skopeo", "skopeo")
+    modern = registry_server()
+    old = registry_server(extra={"compatibility": {"schema1": {"enabled": True}}})
+    built = f"{modern.host}/s1/built:1"  # by docker: has docker_version, an empty layer
+    build_docker_image(docker_engine, tmp_path, built)
+    docker_engine.run("push", built)
+    imported = f"{modern.host}/s1/imported:1"  # by layerfs: no docker_version (Docker < 1.8.3 path)
+    layerfs_cli("import", write_busybox_rootfs_tar(tmp_path / "rootfs.tar"), imported)
+    layerfs_cli("push", imported)
+    for name in ("built", "imported"):
+        source, target = f"{modern.host}/s1/{name}:1", f"{old.host}/s1/{name}:1"
+        _run([skopeo, "copy", "--format", "v2s1", "--src-tls-verify=false",
+              "--dest-tls-verify=false", f"docker://{source}", f"docker://{target}"],
+             env=_skopeo_env(tmp_path))  # fmt: skip
+        raw = _run([skopeo, "inspect", "--raw", "--tls-verify=false", f"docker://{target}"],
+                   env=_skopeo_env(tmp_path)).stdout  # fmt: skip
+        assert json.loads(raw)["schemaVersion"] == 1 and b'"signatures"' in raw
+        inspected = json.loads(
+            _run(
+                [skopeo, "inspect", "--tls-verify=false", f"docker://{target}"],
+                env=_skopeo_env(tmp_path),
+            ).stdout
+        )
+        out = layerfs_cli("pull", target).stdout.decode()
+        assert f"Digest: {inspected['Digest']}" in out
+        layerfs_id = json.loads(layerfs_cli("inspect", target).stdout)[0]["Id"]
+        docker_engine.run("pull", target)
+        docker_id = docker_engine.run("inspect", "-f", "{{.Id}}", target).stdout.decode().strip()
+        assert "sha256:" + layerfs_id.removeprefix("sha256:") == docker_id, name
+        by_digest = f"{old.host}/s1/{name}@{inspected['Digest']}"
+        layerfs_cli("pull", by_digest)
+        docker_engine.run("rmi", target)
+    docker_engine.run("rmi", built)
