@@ -7,6 +7,7 @@ Library code receives a :class:`Progress` (or ``None``) and calls ``start``,
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -40,6 +41,8 @@ class Progress:
     _last_draw: float = 0.0
     _drawn_lines: int = 0
     _total: _Task | None = None
+    # copy() may stream several layers at once: one thread draws at a time.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
         if self.tty is None:
@@ -50,48 +53,53 @@ class Progress:
         self._total = _Task(label, 0, 0, "")
 
     def start(self, key: str, label: str, total: int | None = None, status: str = "") -> None:
-        if key not in self._tasks:
-            self._order.append(key)
-        self._tasks[key] = _Task(label, total, 0, status)
-        if self._total is not None and total:
-            self._total.total = (self._total.total or 0) + total
-        if not self.tty and not self.quiet and status:
-            print(f"{label}: {status}", file=self.stream, flush=True)
-        self._draw(force=True)
+        with self._lock:
+            if key not in self._tasks:
+                self._order.append(key)
+            self._tasks[key] = _Task(label, total, 0, status)
+            if self._total is not None and total:
+                self._total.total = (self._total.total or 0) + total
+            if not self.tty and not self.quiet and status:
+                print(f"{label}: {status}", file=self.stream, flush=True)
+            self._draw(force=True)
 
     def advance(self, key: str, n: int) -> None:
-        task = self._tasks.get(key)
-        if task is None:
-            return
-        task.done += n
-        if self._total is not None:
-            self._total.done += n
-        self._draw()
+        with self._lock:
+            task = self._tasks.get(key)
+            if task is None:
+                return
+            task.done += n
+            if self._total is not None:
+                self._total.done += n
+            self._draw()
 
     def status(self, key: str, status: str) -> None:
-        task = self._tasks.get(key)
-        if task is None:
-            return
-        task.status = status
-        if not self.tty and not self.quiet:
-            print(f"{task.label}: {status}", file=self.stream, flush=True)
-        self._draw(force=True)
+        with self._lock:
+            task = self._tasks.get(key)
+            if task is None:
+                return
+            task.status = status
+            if not self.tty and not self.quiet:
+                print(f"{task.label}: {status}", file=self.stream, flush=True)
+            self._draw(force=True)
 
     def finish(self, key: str, status: str = "Done") -> None:
         self.status(key, status)
 
     def message(self, text: str) -> None:
         """A line that stays (not a bar)."""
-        if self.quiet:
-            return
-        self._clear()
-        print(text, file=self.stream, flush=True)
-        self._draw(force=True)
+        with self._lock:
+            if self.quiet:
+                return
+            self._clear()
+            print(text, file=self.stream, flush=True)
+            self._draw(force=True)
 
     def close(self) -> None:
-        if self.tty and not self.quiet:
-            self._draw(force=True)
-            self._drawn_lines = 0
+        with self._lock:
+            if self.tty and not self.quiet:
+                self._draw(force=True)
+                self._drawn_lines = 0
 
     def _clear(self) -> None:
         if self.tty and self._drawn_lines:
