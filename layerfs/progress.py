@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def human_size(n: float) -> str:
@@ -19,6 +20,20 @@ def human_size(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1000
     return f"{n:.1f}TB"
+
+
+class ReportingReader:
+    """A reader that reports how many bytes pass through it, so bars move while it streams."""
+
+    def __init__(self, stream: Any, report: Callable[[int], None]) -> None:
+        self._stream = stream
+        self._report = report
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._stream.read(size)
+        if data:
+            self._report(len(data))
+        return data
 
 
 @dataclass

@@ -35,6 +35,7 @@ from layerfs.model.reference import (
     normalize_local_name,
     parse_repository_tag,
 )
+from layerfs.progress import ReportingReader
 from layerfs.store.layers import StagedLayer
 from layerfs.store.store import Store
 from layerfs.transports.base import (
@@ -139,7 +140,7 @@ class StoreDestination:
         hashing = HashingReader(stream) if layer.digest else None
         reader: Any = hashing if hashing is not None else stream
         staged = self.store.layers.ingest(
-            reader if progress is None else _ReportingReader(reader, progress),
+            reader if progress is None else ReportingReader(reader, progress),
             expected_diff_id=layer.diff_id,
             what=what,
             progress=None,
@@ -274,20 +275,6 @@ class StoreDestination:
         for layer in staged:
             layer.discard()  # published ones were moved away already
         self.store.graph.release(self.session)
-
-
-class _ReportingReader:
-    """Reports the bytes of the blob as they are read, so progress bars move while streaming."""
-
-    def __init__(self, stream: Any, progress: ProgressFn) -> None:
-        self._stream = stream
-        self._progress = progress
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self._stream.read(size)
-        if data:
-            self._progress(len(data))
-        return data
 
 
 def _legacy_parent(raw: bytes) -> str:

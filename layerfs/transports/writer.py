@@ -28,6 +28,7 @@ from layerfs.errors import DigestMismatchError, FormatError, UsageError
 from layerfs.model.digest import HashingReader
 from layerfs.model.image import parse_created
 from layerfs.model.reference import Reference
+from layerfs.progress import ReportingReader
 from layerfs.store.files import fsync_dir, temp_path
 from layerfs.transports.base import LayerDesc, ProgressFn, SourceImage
 from layerfs.transports.documents import config_diff_ids
@@ -269,18 +270,6 @@ class WrittenLayer:
     name: str
 
 
-class _Reporting:
-    def __init__(self, stream: Any, progress: ProgressFn) -> None:
-        self._stream = stream
-        self._progress = progress
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self._stream.read(size)
-        if data:
-            self._progress(len(data))
-        return data
-
-
 def write_layer(
     writer: LayoutWriter,
     name_for: Callable[[str], str],
@@ -298,7 +287,8 @@ def write_layer(
     against ``layer.diff_id`` (each when known) before the member is kept.
     """
     blob = HashingReader(stream)
-    reader, kind = open_decompressed(blob if progress is None else _Reporting(blob, progress), what)
+    counted = blob if progress is None else ReportingReader(blob, progress)
+    reader, kind = open_decompressed(counted, what)
 
     def verify_blob() -> None:
         if reader.read(1):
