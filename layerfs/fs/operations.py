@@ -40,6 +40,7 @@ FOREVER = 24 * 3600.0 * 365
 """Entry and attribute timeout for a tree only this mount changes."""
 READ_BUFFER = 1 << 20
 THREAD_READ_MIN = 64 << 10  # cold reads at least this big go to a worker thread
+READ_AHEAD = 8 << 20  # ...and start reading this much of what follows
 THREAD_COPY_MIN = 1 << 20  # copy-ups at least this big go to a worker thread
 CONTROL_PREFIX = b"user.layerfs."
 
@@ -80,6 +81,13 @@ def fuse_error(exc: BaseException, what: str, *args: object) -> pyfuse3.FUSEErro
         return pyfuse3.FUSEError(errno.EIO)
     log.error("internal error in %s%r", what, args, exc_info=exc)
     return pyfuse3.FUSEError(errno.EIO)
+
+
+def _read_ahead(fd: int, size: int, pos: int, limit: int) -> bytes:
+    ahead = min(READ_AHEAD, limit - pos - size)
+    if ahead > 0:
+        os.posix_fadvise(fd, pos + size, ahead, os.POSIX_FADV_WILLNEED)
+    return os.pread(fd, size, pos)
 
 
 class Operations(pyfuse3.Operations):
@@ -186,7 +194,8 @@ class Operations(pyfuse3.Operations):
                 mode |= stat.S_ISGID
         return ctx.uid, gid, mode
 
-    async def _pread(self, fd: int, size: int, pos: int) -> bytes | memoryview:
+    async def _pread(self, fd: int, size: int, pos: int, limit: int) -> bytes | memoryview:
+        """``size`` bytes at ``pos`` of ``fd``, whose file's data ends at ``limit``."""
         if self._nowait and size <= READ_BUFFER:
             view = self._view[:size]
             try:
@@ -204,13 +213,15 @@ class Operations(pyfuse3.Operations):
                 return view
             if got:
                 head = bytes(view[:got])
-                return head + await self._pread_wait(fd, size - got, pos + got)
-        return await self._pread_wait(fd, size, pos)
+                return head + await self._pread_wait(fd, size - got, pos + got, limit)
+        return await self._pread_wait(fd, size, pos, limit)
 
     @staticmethod
-    async def _pread_wait(fd: int, size: int, pos: int) -> bytes:
+    async def _pread_wait(fd: int, size: int, pos: int, limit: int) -> bytes:
         if size >= THREAD_READ_MIN:
-            return await trio.to_thread.run_sync(os.pread, fd, size, pos)
+            # A big read that misses the cache is a sequential read: ask for what comes
+            # next too, so that the following requests find it in the page cache.
+            return await trio.to_thread.run_sync(_read_ahead, fd, size, pos, limit)
         return os.pread(fd, size, pos)
 
     async def _copy_up(self, ino: int, keep: int | None = None) -> None:
@@ -382,7 +393,7 @@ class Operations(pyfuse3.Operations):
                 pos = off
             else:
                 return b""
-            return await self._pread(fd, min(size, end - off), pos)
+            return await self._pread(fd, min(size, end - off), pos, pos - off + end)
         except Exception as exc:
             raise fuse_error(exc, "read", fh, off, size) from None
 
