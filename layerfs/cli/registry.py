@@ -272,6 +272,8 @@ def cmd_login(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     username = args.username
+    if username is None and password is None and sys.stdin.isatty():
+        username = input("Username: ").strip() or None  # like docker; empty: stored ones
     if username is not None and password is None:
         if not sys.stdin.isatty():
             raise UsageError("no password given: use --password-stdin")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import stat
@@ -441,3 +442,34 @@ def test_credential_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     with pytest.raises(CredentialsError, match="docker-credential-missing is not installed"):
         DockerConfig().get("special:1")
+
+
+def test_progress_speaks_docker():
+    from layerfs.cli.registry import PULL_WORDS, PUSH_WORDS, DockerProgress
+
+    out = io.StringIO()
+    progress = DockerProgress(PULL_WORDS, stream=out, tty=False)
+    progress.start("sha256:" + "a" * 64, "aaaaaaaaaaaa", 10, "Waiting")
+    progress.status("sha256:" + "a" * 64, "Copying")  # the pipeline's word: not shown
+    progress.status("sha256:" + "a" * 64, "Downloading")
+    progress.finish("sha256:" + "a" * 64, "Complete")
+    assert out.getvalue().splitlines() == [
+        "aaaaaaaaaaaa: Waiting",
+        "aaaaaaaaaaaa: Downloading",
+        "aaaaaaaaaaaa: Pull complete",
+    ]
+    out = io.StringIO()
+    progress = DockerProgress(PUSH_WORDS, stream=out, tty=False)
+    progress.note("k1", "Mounted from team/app")
+    progress.start("k1", "bbbbbbbbbbbb", None, "Already exists")
+    progress.start("k2", "cccccccccccc", None, "Already exists")
+    progress.start("k3", "dddddddddddd", 5, "Waiting")
+    progress.status("k3", "Copying")
+    progress.finish("k3", "Complete")
+    assert out.getvalue().splitlines() == [
+        "bbbbbbbbbbbb: Mounted from team/app",
+        "cccccccccccc: Layer already exists",
+        "dddddddddddd: Preparing",
+        "dddddddddddd: Pushing",
+        "dddddddddddd: Pushed",
+    ]
