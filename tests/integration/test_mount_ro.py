@@ -404,3 +404,20 @@ def test_foreground_mount_serves_until_a_signal(layerfs_cli: LayerfsCli, tmp_pat
         if proc.stderr is not None:
             proc.stderr.close()
         fuse_unmount(mnt)
+
+
+def test_image_deleted_underneath(layerfs_cli: LayerfsCli, tmp_path: Path):
+    import shutil
+
+    layer = Layer(tmp_path / "0.tar").file("f", b"still here").close()
+    image = build_image(layerfs_cli.root, [layer], "gone:1")
+    diff_id = Store.open(layerfs_cli.root).graph.get(image).layer
+    assert diff_id is not None
+    layer_dir = layerfs_cli.root / "layers" / diff_id.removeprefix("sha256:")
+    with mounted(layerfs_cli, "gone:1", tmp_path / "mnt") as mnt:
+        # Files removed behind the store's back: the open layer keeps serving.
+        shutil.move(layer_dir, tmp_path / "moved")
+        assert (mnt / "f").read_bytes() == b"still here"
+    (tmp_path / "mnt2").mkdir()
+    _one_line_error(layerfs_cli("mount", "gone:1", tmp_path / "mnt2", check=False),
+                    "not in the store")
