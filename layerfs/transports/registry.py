@@ -72,10 +72,6 @@ GZIP_TYPES = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP)
 _READ = 1 << 20
 
 
-def _short(digest: str | None) -> str:
-    return (digest or "").split(":")[-1][:12]
-
-
 # -- what the store remembers about blobs it has seen in registries ------------------------
 
 
@@ -412,7 +408,8 @@ class RegistryDestination:
                 if host != self.target.registry or name == self.repository.name:
                     continue
                 if self.repository.mount_blob(digest, name):
-                    self.mounted += 1
+                    with self._mutex:
+                        self.mounted += 1
                     status = f"Mounted from {name}"
                     self._found(
                         layer, Descriptor(record.media_type, digest, record.size), status, key
@@ -451,11 +448,12 @@ class RegistryDestination:
     ) -> None:
         compressed = _Compressed(stream, self.level, progress)
         digest = self.repository.upload_stream(compressed.pieces(), compressed.digest)
-        self.uploaded += 1
         desc = Descriptor(MEDIA_DOCKER_LAYER_GZIP, digest, compressed.size)
-        if layer.diff_id:
-            with self._mutex:
+        with self._mutex:
+            self.uploaded += 1
+            if layer.diff_id:
                 self._blobs[layer.diff_id] = desc
+        if layer.diff_id:
             self._remember(layer.diff_id, desc)
 
     def _remember(self, diff_id: str, desc: Descriptor) -> None:
