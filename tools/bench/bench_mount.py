@@ -398,7 +398,7 @@ def profile(seconds: int = 20) -> str:
     with mounted("layerfs", "debian") as (root, _):
         pid = server_pid(root)
         files = regular_files(root)
-        spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r",
+        spy = subprocess.Popen([_py_spy(), "record", "-p", str(pid), "-d", str(seconds), "-r",
                                 "1000", "-f", "raw", "-o", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + seconds - 1
@@ -406,14 +406,39 @@ def profile(seconds: int = 20) -> str:
             walk(root)
             read_files(files)
         spy.wait()
-    own: collections.Counter[str] = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
+    ours: collections.Counter[str] = collections.Counter()
     total = 0
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frame = stack.split(";")[-1]
-        own[frame] += int(count)
-        total += int(count)
-    return "\n".join(f"{100 * c / total:5.1f}% {f}" for f, c in own.most_common(15))
+        frames = stack.split(";")
+        n = int(count)
+        total += n
+        mine = [f for f in frames if "layerfs/fs/" in f and "layerfs/fs/mount.py" not in f]
+        leaf = frames[-1]
+        if "_thread_cache" in leaf or "get_events" in leaf or "_epoll_wait" in leaf:
+            kinds["idle: waiting for the kernel (epoll) or in worker threads"] += n
+        elif mine:
+            kinds["layerfs handlers (operations.py and below)"] += n
+            ours[mine[-1]] += n
+        elif "_pyfuse3.py" in leaf:
+            kinds["pyfuse3 in C: read /dev/fuse, decode, call, reply"] += n
+        else:
+            kinds["trio scheduling, locks and the rest"] += n
+    lines = [f"{100 * c / total:5.1f}% {k}" for k, c in kinds.most_common()]
+    lines += ["", "layerfs frames (self):"]
+    lines += [f"{100 * c / total:5.1f}% {f}" for f, c in ours.most_common(8)]
+    return "\n".join(lines)
+
+
+def _py_spy() -> str:
+    for candidate in (Path(sys.executable).with_name("py-spy"), Path(PYTHON).with_name("py-spy")):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("py-spy")
+    if found is None:
+        raise SystemExit("bench_mount: py-spy is missing (pip install py-spy)")
+    return found
 
 
 def main() -> int:
