@@ -55,6 +55,15 @@ export VAGRANT_CHECKPOINT_DISABLE=1
 export LAYERFS_BOX="$box_key"
 export LAYERFS_VM_SERIAL_LOG="$reports/vm-$box_key-serial.log"
 export LIBVIRT_DEFAULT_URI=qemu:///system
+# The VM reaches the network through this host: let it trust what the host trusts
+# (a TLS-intercepting proxy's CA, say). LAYERFS_VM_CA_CERTS= (empty) turns it off.
+if [[ -z "${LAYERFS_VM_CA_CERTS+set}" ]]; then
+    for bundle in "${PIP_CERT:-}" "${SSL_CERT_FILE:-}" /etc/ssl/certs/ca-certificates.crt; do
+        if [[ -n "$bundle" && -s "$bundle" ]]; then export LAYERFS_VM_CA_CERTS="$bundle"; break; fi
+    done
+fi
+first_provisioners=deps
+if [[ -n "${LAYERFS_VM_CA_CERTS:-}" ]]; then first_provisioners=ca-certs,deps; fi
 virsh() { command virsh -q "$@"; }
 # Vagrant draws progress bars with ESC[K even without a terminal: drop them.
 vagrant() {
@@ -215,7 +224,7 @@ fi
 # --- 4. up and the two runs ---------------------------------------------------------
 : >"$LAYERFS_VM_SERIAL_LOG"
 vm_created=1
-if ! timed "vagrant up (boot + deps)" vagrant up --provider=libvirt --provision-with deps; then
+if ! timed "vagrant up (boot + deps)" vagrant up --provider=libvirt --provision-with "$first_provisioners"; then
     say "the VM did not come up; last lines of its serial console:"
     tail -n 40 "$LAYERFS_VM_SERIAL_LOG" 2>/dev/null | sed 's/^/    /'
     exit 2

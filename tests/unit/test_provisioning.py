@@ -63,6 +63,8 @@ def vagrant_provisioners(text: str) -> list[tuple[str, str]]:
         r'^\s*config\.vm\.provision\s+"(?P<name>[^"]+)",\s*(?P<opts>.*)$', text, re.M
     ):
         opts = match["opts"]
+        if re.search(r'type:\s*"file"', opts):
+            continue  # uploads (the extra CA certificates), not scripts
         assert re.search(r'type:\s*"shell"', opts), f"{match['name']}: not a shell provisioner"
         inline = re.search(r"inline:\s*([A-Z_]+)", opts)
         assert inline, f"provisioner {match['name']} has no inline script constant: {opts}"
