@@ -14,8 +14,9 @@ running. When the file system is unmounted (``layerfs umount``,
 removes its record and exits.
 
 Control requests come in as ``getxattr`` of ``user.layerfs.<what>`` on the
-mount's root (as s3ql's control file does): ``info`` and ``sync`` (save the
-upper now) answer JSON.
+mount's root (as s3ql's control file does): ``info``, ``sync`` (save the
+upper now) and ``stats`` (requests per handler so far, when the
+server runs with ``LAYERFS_COUNT_REQUESTS=1``) answer JSON.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import trio
 from layerfs.errors import LayerfsError, MountError, UsageError
 from layerfs.fs.host import MountRecord, Records, check_mountpoint
 from layerfs.fs.lower import Lower, from_archive, from_store, is_archive
-from layerfs.fs.operations import Operations
+from layerfs.fs.operations import Operations, counting
 from layerfs.fs.upper import Upper
 from layerfs.model.digest import hex_of
 from layerfs.model.image import now_rfc3339
@@ -103,6 +104,7 @@ class _Server:
         self.record: MountRecord | None = None
         self.log_path = store.subdir("logs") / f"mount-{self.id}.log"
         self.mounted = False
+        self.ops: Operations | None = None
 
     def prepare(self) -> Operations:
         store, request = self.store, self.request
@@ -134,7 +136,7 @@ class _Server:
             started=now_rfc3339(), log=str(self.log_path),
             options=sorted(fuse_options(request, "layerfs")),
         )
-        return Operations(self.lower.tree, self.tars, upper=self.upper, control=self.control,
+        return _operations()(self.lower.tree, self.tars, upper=self.upper, control=self.control,
                           data_size=self.lower.data_size)
 
     def _prepare_archive(self, mountpoint: Path) -> Operations:
@@ -150,10 +152,13 @@ class _Server:
             id=self.id, mountpoint=str(mountpoint), image=self.lower.image_id,
             reference=request.image, mode="ro", pid=os.getpid(), started=now_rfc3339(),
             log=str(self.log_path), options=sorted(fuse_options(request, "layerfs")))
-        return Operations(self.lower.tree, self.tars, control=self.control)
+        return _operations()(self.lower.tree, self.tars, control=self.control)
 
     def control(self, what: bytes) -> bytes:
         assert self.record is not None
+        if what == b"stats":
+            assert self.ops is not None
+            return json.dumps(self.ops.counts, sort_keys=True).encode()
         doc = {"id": self.id, "image": self.record.image, "reference": self.record.reference,
                "mode": self.record.mode, "upper": self.record.upper,
                "upper_path": self.record.upper_path, "store": str(self.store.root),
@@ -189,7 +194,7 @@ def mount(store: Store, request: MountRequest) -> MountRecord:
     """Mount an image; returns once the server answers (or after it ends, in the foreground)."""
     server = _Server(store, request)
     try:
-        ops = server.prepare()
+        ops = server.ops = server.prepare()
         assert server.record is not None
         options = fuse_options(request, f"layerfs:{server.record.image[:12]}")
         try:
@@ -230,6 +235,11 @@ def mount(store: Store, request: MountRequest) -> MountRecord:
         raise MountError(f"the mount server for {record.mountpoint} exited during start-up",
                          hint=f"see its log: {server.log_path}")
     return record
+
+
+def _operations() -> type[Operations]:
+    """The handler class: counting requests too when LAYERFS_COUNT_REQUESTS is set."""
+    return counting(Operations) if os.environ.get("LAYERFS_COUNT_REQUESTS") else Operations
 
 
 def _raise_read_ahead(mountpoint: str) -> None:

@@ -126,6 +126,7 @@ class Operations(pyfuse3.Operations):
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
         self._negative.entry_timeout = timeout
+        self.counts: dict[str, int] = {}  # requests per handler, when counting() made us
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -619,3 +620,26 @@ class Operations(pyfuse3.Operations):
             self._writable().remove_xattr(inode, name.decode("utf-8", "surrogateescape"))
         except Exception as exc:
             raise fuse_error(exc, "removexattr", inode, name) from None
+
+
+_COUNTED = ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
+            "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush", "release",
+            "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "setxattr",
+            "getxattr", "listxattr", "removexattr", "access", "create")
+
+
+def counting(cls: type[Operations]) -> type[Operations]:
+    """A subclass that counts requests per handler in ``self.counts`` (for benchmarks)."""
+
+    def wrap(name: str) -> Any:
+        original = getattr(cls, name)
+
+        async def handler(self: Any, *args: Any) -> Any:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return await original(self, *args)
+
+        handler.__name__ = name
+        return handler
+
+    namespace: dict[str, Any] = {name: wrap(name) for name in _COUNTED}
+    return type("Counting" + cls.__name__, (cls,), namespace)
