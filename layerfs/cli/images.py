@@ -60,7 +60,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-prune", action="store_true", help="keep untagged parents")
     p.set_defaults(handler=cmd_rmi)
 
-    p = subparsers.add_parser("history", help="show the history of an image")
+    p = subparsers.add_parser(
+        "history",
+        help="show the history of an image",
+        description="Show IMAGE and its parents, newest first: when each was created, by what, "
+        "the size of its own layer and its comment, like docker history.",
+    )
     p.add_argument("image")
     p.add_argument("--no-trunc", action="store_true", help="do not truncate output")
     p.add_argument("-q", "--quiet", action="store_true", help="only show image IDs")

@@ -25,7 +25,12 @@ def register(subparsers: Any) -> None:
         help="remove unpublished staging leftovers and unused layers",
     )
     p.set_defaults(handler=cmd_fsck)
-    p = subparsers.add_parser("gc", help="remove layers no image uses and staging leftovers")
+    p = subparsers.add_parser(
+        "gc",
+        help="remove layers no image uses and staging leftovers",
+        description="Remove layers that no image uses, staging leftovers of interrupted "
+        "commands and released hold files, and print what was removed.",
+    )
     p.set_defaults(handler=cmd_gc)
 
 
