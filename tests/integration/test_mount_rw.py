@@ -170,3 +170,29 @@ def test_commit_then_mount_the_new_image(layerfs_cli: LayerfsCli, tmp_path: Path
         names = tar.getnames()
     assert "etc/added" in names and "etc/hostname.orig" not in names
     assert "usr/lib/only" in names and "usr/lib/deep" not in names
+
+
+@ROOT_ONLY
+def test_extracting_a_distribution_into_a_writable_mount(layerfs_cli: LayerfsCli,
+                                                         tmp_path: Path):
+    import shutil
+    import subprocess
+
+    from tests.integration.mounting import debian_rootfs_tar
+
+    if shutil.which("debootstrap") is None:
+        pytest.skip("debootstrap is not installed (apt-get install debootstrap)")
+    rootfs = debian_rootfs_tar()
+    tar = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", str(rootfs)]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    subprocess.run([*tar, "-C", str(plain)], check=True)
+    want = listing(plain)
+    base_image(layerfs_cli, tmp_path)
+    with mounted(layerfs_cli, "base:1", tmp_path / "mnt", "--rw", "--no-init") as mnt:
+        (mnt / "deb").mkdir()
+        subprocess.run([*tar, "-C", str(mnt / "deb")], check=True)
+        assert diff_listings(listing(mnt / "deb"), want) == []
+        layerfs_cli("commit", mnt, "base:deb")
+    with mounted(layerfs_cli, "base:deb", tmp_path / "mnt2", "--no-init") as mnt:
+        assert diff_listings(listing(mnt / "deb"), want) == []

@@ -392,6 +392,34 @@ def report(results: dict[str, dict[str, float]], memory: tuple[float, int],
     return "\n".join(lines)
 
 
+def request_counts() -> dict[str, dict[str, int]]:
+    """Requests the layerfs server gets for one warm walk and one warm read of every file."""
+    os.environ["LAYERFS_COUNT_REQUESTS"] = "1"
+    try:
+        with mounted("layerfs", "debian") as (root, _):
+            files = regular_files(root)
+            walk(root)
+            read_files(files)
+
+            def counts() -> dict[str, int]:
+                return json.loads(os.getxattr(root, "user.layerfs.stats"))  # type: ignore[no-any-return]
+
+            before = counts()
+            walk(root)
+            after_walk = counts()
+            read_files(files)
+            after_read = counts()
+    finally:
+        os.environ.pop("LAYERFS_COUNT_REQUESTS", None)
+
+    def delta(new: dict[str, int], old: dict[str, int]) -> dict[str, int]:
+        return {k: v - old.get(k, 0) for k, v in new.items()
+                if v - old.get(k, 0) and k != "getxattr"}
+
+    return {"warm tree walk": delta(after_walk, before),
+            "warm re-read, all files": delta(after_read, after_walk)}
+
+
 def profile(seconds: int = 20) -> str:
     """py-spy the layerfs server during warm walks and re-reads; top frames by self time."""
     out = WORK / "profile.txt"
@@ -462,6 +490,14 @@ def main() -> int:
     results = measure(args.rounds)
     memory = memory_per_entry()
     text = report(results, memory, info, args.rounds)
+    requests = request_counts()
+    text += "\n\nRequests the layerfs server answers (one pass, after a warm-up):\n\n"
+    for name, counts in requests.items():
+        listed = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        text += f"- {name}: {sum(counts.values())} ({listed})\n"
+    if args.doc:
+        text += "\nWhere the server's time goes (py-spy, warm walks and re-reads):\n\n```\n"
+        text += profile() + "\n```\n"
     print(text)
     if args.doc:
         update_section("mount", "Mount", text)
