@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import requests
-
 from layerfs.errors import FormatError, NotFoundError, RegistryError, UsageError
 from layerfs.fs.union import INIT_LAYER, MergedTree
 from layerfs.model.changes import apply_changes
@@ -49,6 +47,8 @@ def _open_source(source: str, stdin: BinaryIO) -> tuple[Any, int | None, Callabl
     if source == "-":
         return stdin, None, lambda: None
     if source.startswith(("http://", "https://")):
+        import requests  # only imports from a URL pay for loading requests
+
         try:
             response = requests.get(source, stream=True, timeout=(15, 300))
             response.raise_for_status()

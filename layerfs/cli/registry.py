@@ -6,14 +6,18 @@ import argparse
 import getpass
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import open_store
 from layerfs.errors import UsageError
 from layerfs.progress import Progress
-from layerfs.registry.client import RegistryOptions
 from layerfs.registry.platform import Platform
-from layerfs.registry.transfer import login, logout, pull, push
+
+if TYPE_CHECKING:
+    from layerfs.registry.client import RegistryOptions
+
+# The registry client (and requests under it) is imported by the commands that use it,
+# so that every other command starts without loading an HTTP stack.
 
 
 class DockerProgress(Progress):
@@ -91,6 +95,8 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> RegistryOptions:
+    from layerfs.registry.client import RegistryOptions
+
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     if args.retries < 0:
@@ -192,6 +198,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from layerfs.registry.transfer import pull
+
     if args.max_concurrent < 1:
         raise UsageError("--max-concurrent must be at least 1")
     options = _options(args)
@@ -230,6 +238,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from layerfs.registry.transfer import push
+
     if args.max_concurrent < 1:
         raise UsageError("--max-concurrent must be at least 1")
     options = _options(args)
@@ -259,6 +269,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
+    from layerfs.registry.transfer import login
+
     password = args.password
     if args.password_stdin:
         if password is not None:
@@ -283,5 +295,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
+    from layerfs.registry.transfer import logout
+
     print(logout(args.registry))
     return 0
