@@ -2,8 +2,9 @@
 
 Removing by reference untags; the image goes once no reference is left. Its
 parents follow when they are untagged, childless and not held. An image with
-children is never deleted (``-f`` only untags it); an image held by a pull, a
-load or a mount in any process is never deleted.
+children is never deleted: removing one of its names only untags it, removing
+it by ID is a conflict that ``-f`` turns into untagging it. An image held by a
+pull, a load or a mount in any process is never deleted.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def remove_image(store: Store, name: str, *, force: bool = False, prune: bool = 
                 )
             to_untag = refs
         children = store.graph.children(image.id)
+        by_reference = _is_reference(store, name)
         if children:
-            if force and to_untag:
+            # As docker does: removing a name untags; the image stays for its children.
+            # By ID it is a conflict that -f turns into untagging every name.
+            if (force or by_reference) and to_untag:
                 for ref in to_untag:
                     store.tags.delete(*_split_ref(ref))
                 return Removal(list(to_untag), [])

@@ -156,9 +156,19 @@ def test_an_image_with_children_is_not_deleted(store: Store, chain: list[str]) -
     _, middle, top = chain
     store.tags.tag("mid", "1", middle)
     with pytest.raises(ConflictError, match="image has dependent child images") as info:
-        remove_image(store, "mid:1")
+        remove_image(store, middle)
     assert "(cannot be forced)" in str(info.value) and top[:12] in str(info.value)
     assert store.tags.references(middle) == ["mid:1"]  # nothing was untagged either
+    assert exists(store, *chain) == [True, True, True]
+
+
+def test_removing_the_name_of_an_image_with_children_untags_it(
+    store: Store, chain: list[str]
+) -> None:
+    middle = chain[1]
+    store.tags.tag("mid", "1", middle)
+    assert remove_image(store, "mid:1") == Removal(["mid:1"], [])
+    assert store.tags.references(middle) == []
     assert exists(store, *chain) == [True, True, True]
 
 
