@@ -392,6 +392,44 @@ def report(results: dict[str, dict[str, float]], memory: tuple[float, int],
     return "\n".join(lines)
 
 
+def assessment(results: dict[str, dict[str, float]], per_entry: float) -> str:
+    """The issue's targets, each with what this run measured."""
+
+    def ratio(name: str, target: str = "layerfs") -> float:
+        return results[name][target] / results[name]["plain"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    mount127 = results["mount, 127 layers (s)"]["layerfs"]
+    bottom = results["cold stat, bottom-layer files"]["layerfs"]
+    top = results["cold stat, top-layer files"]["layerfs"]
+    rows = [
+        ("mount of a 127-layer image ready in under 1 s", f"{mount127:.2f} s", mount127 < 1),
+        ("stat from the bottom layer costs what one from the top costs",
+         f"{bottom * 1000:.1f} ms vs {top * 1000:.1f} ms for 200 files",
+         max(bottom, top) < 1.5 * min(bottom, top)),
+        ("warm tree walk within 2x of the plain directory",
+         f"{ratio('warm tree walk'):.1f}x", ratio("warm tree walk") <= 2),
+    ]
+    for name in ("warm re-read, all files", "cold tree walk", "cold read, all files",
+                 "cold sequential read, 2 GiB"):
+        ours, theirs = ratio(name), ratio(name, "fuse-overlayfs")
+        wanted = "faster than" if name.startswith("warm") else "at least as fast as"
+        rows.append((f"{name}: {wanted} fuse-overlayfs", f"{ours:.1f}x vs {theirs:.1f}x",
+                     ours < theirs if name.startswith("warm") else ours <= theirs))
+    deep = "cold tree walk, 127 layers"
+    walk127 = ratio(deep)
+    rows.append(("cold tree walk of 127 layers within 3x of the plain directory",
+                 f"{walk127:.1f}x (overlayfs {ratio(deep, 'overlayfs'):.1f}x, "
+                 f"fuse-overlayfs {ratio(deep, 'fuse-overlayfs'):.1f}x)", walk127 <= 3))
+    rows.append(("server memory under 300 bytes per merged entry at 100k entries",
+                 f"{per_entry:.0f} bytes", per_entry < 300))
+    lines = ["| target (issue 4) | this run | |", "|---|---|---|"]
+    lines += [f"| {what} | {got} | {verdict(ok)} |" for what, got, ok in rows]
+    return "\n".join(lines)
+
+
 def request_counts() -> dict[str, dict[str, int]]:
     """Requests the layerfs server gets for one warm walk and one warm read of every file."""
     os.environ["LAYERFS_COUNT_REQUESTS"] = "1"
@@ -469,6 +507,42 @@ def _py_spy() -> str:
     return found
 
 
+ANALYSIS = """\
+What the numbers say:
+
+- Everything that is a lookup is cheap and flat in depth: the merged tree is one
+  dictionary per directory in the server, so a cold stat costs the same from the
+  bottom of 127 layers as from the top (and less than ext4 reading its own inodes),
+  and a cold walk of the 127-layer image beats overlayfs and fuse-overlayfs, which
+  look each name up layer by layer.
+- Everything that is a round trip is expensive: each request costs tens of
+  microseconds of pyfuse3 and trio (the profile: the handlers themselves are under
+  5% of the server's busy time; reading /dev/fuse, decoding, replying and trio's
+  scheduling are the rest) where fuse-overlayfs spends a few microseconds of C.
+  Warm walks and warm re-reads are made of nothing else: the page cache and the
+  dentry cache answer the data and the lookups (long entry and attribute timeouts,
+  keep_cache, readdirplus), but the kernel still asks for every opendir, readdir
+  (twice per directory: the entries, then the end), releasedir, readlink, open and
+  release. pyfuse3 is what stands between layerfs and the kernel flags that would
+  remove them: `readdir` and `read` receive only the file handle, never the inode,
+  so answering OPENDIR or OPEN with ENOSYS (the kernel's "no open" mode, in which
+  it also caches directory listings, FOPEN_CACHE_DIR) would leave the handlers
+  unable to tell which directory or file is meant; `opendir` cannot return
+  FOPEN_CACHE_DIR; and FUSE_CAP_CACHE_SYMLINKS (cached readlink) is a connection
+  flag pyfuse3 never sets. FLUSH is answered ENOSYS once, which the kernel does
+  honour, saving one round trip per close.
+- Cold reads: small files come from one layer tar, read with pread and the tar's
+  own readahead; a big cold read goes to a worker thread and asks the kernel to
+  read the next 8 MiB of the tar (fadvise WILLNEED), and the server raises its
+  mount's read_ahead_kb to 1 MiB (a FUSE mount starts at 128 KiB and cannot ask
+  for more at init): sequential reads went from about 150 MiB/s to 1 GiB/s.
+- Mount latency is Python's start-up, imports (the command line imports every
+  command's module; pyfuse3 and trio alone take about 0.15 s) and reading 127
+  index files; memory is about 50 bytes of array columns per inode plus a name and
+  a dictionary slot in its directory.
+"""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -490,6 +564,7 @@ def main() -> int:
     results = measure(args.rounds)
     memory = memory_per_entry()
     text = report(results, memory, info, args.rounds)
+    text += "\n\n" + assessment(results, memory[0])
     requests = request_counts()
     text += "\n\nRequests the layerfs server answers (one pass, after a warm-up):\n\n"
     for name, counts in requests.items():
@@ -498,6 +573,7 @@ def main() -> int:
     if args.doc:
         text += "\nWhere the server's time goes (py-spy, warm walks and re-reads):\n\n```\n"
         text += profile() + "\n```\n"
+        text += "\n" + ANALYSIS
     print(text)
     if args.doc:
         update_section("mount", "Mount", text)
