@@ -36,7 +36,7 @@ import pyfuse3
 import trio
 
 from layerfs.errors import LayerfsError, MountError, UsageError
-from layerfs.fs.host import MountRecord, Records, check_mountpoint
+from layerfs.fs.host import MountRecord, Records, check_mountpoint, unmount
 from layerfs.fs.lower import Lower, from_archive, from_store, is_archive
 from layerfs.fs.operations import Operations, counting
 from layerfs.fs.upper import Upper
@@ -232,6 +232,11 @@ def mount(store: Store, request: MountRequest) -> MountRecord:
     os.close(ready_w)
     record.pid = pid
     if not _wait_ready(ready_r):
+        try:
+            unmount(record.mountpoint, lazy=True)
+        except MountError:
+            pass
+        server.records.remove(record.id)
         raise MountError(f"the mount server for {record.mountpoint} exited during start-up",
                          hint=f"see its log: {server.log_path}")
     return record

@@ -512,9 +512,9 @@ What the numbers say:
 
 - Everything that is a lookup is cheap and flat in depth: the merged tree is one
   dictionary per directory in the server, so a cold stat costs the same from the
-  bottom of 127 layers as from the top (and less than ext4 reading its own inodes),
-  and a cold walk of the 127-layer image beats overlayfs and fuse-overlayfs, which
-  look each name up layer by layer.
+  bottom of 127 layers as from the top, about what ext4 takes to read its own
+  inodes, and a cold walk of the 127-layer image beats overlayfs and fuse-overlayfs,
+  which look each name up layer by layer.
 - Everything that is a round trip is expensive: each request costs tens of
   microseconds of pyfuse3 and trio (the profile: the handlers themselves are under
   5% of the server's busy time; reading /dev/fuse, decoding, replying and trio's
@@ -535,7 +535,10 @@ What the numbers say:
   own readahead; a big cold read goes to a worker thread and asks the kernel to
   read the next 8 MiB of the tar (fadvise WILLNEED), and the server raises its
   mount's read_ahead_kb to 1 MiB (a FUSE mount starts at 128 KiB and cannot ask
-  for more at init): sequential reads went from about 150 MiB/s to 1 GiB/s.
+  for more at init): sequential reads went from about 150 MiB/s to 1 GiB/s. Where
+  cold reads still trail fuse-overlayfs (by 10-20% in these runs, inside the swing
+  machine load causes) the difference is again the round trips: one open, one read
+  and one release per file; the data itself comes off the disk as fast.
 - Mount latency is Python's start-up, imports (the command line imports every
   command's module; pyfuse3 and trio alone take about 0.15 s) and reading 127
   index files; memory is about 50 bytes of array columns per inode plus a name and
