@@ -276,10 +276,20 @@ def _detach(log_path: Path) -> None:
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
 
 
+class _Warnings(logging.Handler):
+    """Remembers whether anything worth keeping the log for was logged."""
+
+    seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _Warnings.seen = True
+
+
 def _configure_logging(log_path: Path, debug: bool, *, also_stderr: bool) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    root.addHandler(_Warnings(logging.WARNING))
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
@@ -320,6 +330,10 @@ def _serve(server: _Server, ready_fd: int | None) -> None:
             log.exception("closing the FUSE session")
         server.close()
         log.info("unmounted %s", record.mountpoint)
+        if not _Warnings.seen and not server.request.debug:
+            # A clean run leaves no log behind; one with warnings keeps it.
+            logging.shutdown()
+            server.log_path.unlink(missing_ok=True)
 
 
 async def _main(server: _Server, ready_fd: int | None) -> None:
