@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from layerfs.fs import whiteout
-from layerfs.fs.inodes import ROOT
+from layerfs.fs.inodes import ROOT, SOCKET
 from layerfs.store.tarindex import HARDLINK, REG
 
 if TYPE_CHECKING:
@@ -97,6 +97,8 @@ class _Diff:
                     saved, self.pending = self.pending, []
                     self.directory(child_path, child, 0)
                     self.pending = saved
+            elif t.kind(child) == SOCKET:
+                continue  # as Docker's diff: a socket lives only as long as its mount
             elif not same or child in upper.changed or child >= upper.n_lower:
                 self._emit(child_path, child)
 

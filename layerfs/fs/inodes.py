@@ -38,7 +38,9 @@ KIND_BITS = {
     BLOCKDEV: stat.S_IFBLK,
     FIFO: stat.S_IFIFO,
 }
-BITS_KIND = {bits: kind for kind, bits in KIND_BITS.items()}
+SOCKET = "s"
+"""A socket bound in a writable mount: served while mounted, never part of a layer."""
+BITS_KIND = {bits: kind for kind, bits in KIND_BITS.items()} | {stat.S_IFSOCK: SOCKET}
 _UINT32 = 0xFFFFFFFF
 
 

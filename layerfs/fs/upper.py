@@ -390,8 +390,6 @@ class Upper:
             stat.S_IFSOCK,
         ):
             raise _error(errno.EINVAL)
-        if kind_bits == stat.S_IFSOCK:
-            raise _error(errno.EOPNOTSUPP, "sockets cannot be stored in a layer")
         now = time.time_ns()
         perms = 0o777 if kind_bits == stat.S_IFLNK else mode & 0o7777
         offset = 0

@@ -76,6 +76,13 @@ def test_every_write_operation(layerfs_cli: LayerfsCli, tmp_path: Path):
         assert os.stat(mnt / "etc/new").st_nlink == 2
         os.mknod(mnt / "dir/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
         assert os.stat(mnt / "dir/null").st_rdev == os.makedev(1, 3)
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(mnt / "dir/sock"))  # a program's socket in its root file system
+            server.listen()
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(mnt / "dir/sock"))
         os.mkfifo(mnt / "dir/fifo")
         assert stat.S_ISFIFO(os.lstat(mnt / "dir/fifo").st_mode)
         os.chmod(mnt / "etc/passwd", 0o600)

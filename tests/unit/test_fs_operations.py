@@ -393,6 +393,10 @@ async def test_rmdir_mkdir_symlink_mknod_link(rw: Mounted):
     assert n.st_rdev == os.makedev(1, 3)
     f = await ops.mknod(ROOT, b"fifo", stat.S_IFIFO | 0o600, 0, Ctx())
     assert stat.S_ISFIFO(f.st_mode)
+    sock = await ops.mknod(ROOT, b"sock", stat.S_IFSOCK | 0o755, 0, Ctx())
+    assert stat.S_ISSOCK(sock.st_mode)
+    assert rw.upper is not None
+    assert b"sock" not in [row[0] for row in rw.upper.rows()]  # never in a layer
     linked = await ops.link(rw.ino("etc/new"), ROOT, b"newlink", Ctx())
     assert linked.st_nlink == 2
     assert (await ops.getattr(rw.ino("lib"), Ctx())).st_nlink == 3
