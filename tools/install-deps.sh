@@ -214,3 +214,6 @@ if ((!venv_only)); then
     ensure_fuse_module
 fi
 install_venv
+# Byte-compile the package: where PYTHONDONTWRITEBYTECODE is set, Python would
+# otherwise compile every module on each command (about 0.3 s per command).
+"$venv/bin/python" -m compileall -q "$repo/layerfs" >/dev/null || true
