@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import open_store
 from layerfs.errors import UsageError
+from layerfs.model.platform import Platform
 from layerfs.progress import Progress
-from layerfs.registry.platform import Platform
 
 if TYPE_CHECKING:
     from layerfs.registry.client import RegistryOptions

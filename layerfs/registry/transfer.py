@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 from layerfs.copy import copy
 from layerfs.errors import AuthenticationError, ConflictError, UsageError
+from layerfs.model.platform import Platform
 from layerfs.model.reference import Reference
 from layerfs.progress import Progress
 from layerfs.registry.auth import Credentials
 from layerfs.registry.client import RegistryClient, RegistryOptions
 from layerfs.registry.credentials import DockerConfig, check_username
-from layerfs.registry.platform import Platform
 from layerfs.store.store import Store
 from layerfs.transports.local import StoreDestination, StoreSource
 from layerfs.transports.registry import (

@@ -14,8 +14,9 @@ from typing import Any
 
 from layerfs.compression import detect
 from layerfs.errors import FormatError
+from layerfs.model import platform
 from layerfs.model.digest import is_oci_digest, is_sha256_digest
-from layerfs.model.image import host_architecture, parse_created
+from layerfs.model.image import parse_created
 from layerfs.transports.base import (
     MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_LAYER_TAR,
@@ -181,43 +182,8 @@ def layer_media_type(head: bytes) -> str:
     return MEDIA_OCI_LAYER_TAR
 
 
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386"}
-
-
-def _platform_of(desc: Descriptor) -> tuple[str, str, str]:
-    platform = desc.platform or {}
-
-    def text(key: str) -> str:
-        value = platform.get(key)
-        return value if isinstance(value, str) else ""
-
-    arch = text("architecture")
-    return text("os"), _ARCH_ALIASES.get(arch, arch), text("variant")
-
-
-def is_attestation(desc: Descriptor) -> bool:
-    if desc.annotations.get("vnd.docker.reference.type") == "attestation-manifest":
-        return True
-    return _platform_of(desc)[:2] == ("unknown", "unknown")
-
-
-def select_platform(
-    descriptors: list[Descriptor], what: str, *, os_name: str = "linux", arch: str | None = None
-) -> Descriptor:
-    """The entry of an index for this host (FORMATS §8.4, simplified).
-
-    Attestations are skipped. Entries naming this OS and architecture come first, in index
-    order; entries without a platform are taken only when none names one.
-    """
-    arch = arch or host_architecture()
-    candidates = [d for d in descriptors if not is_attestation(d)]
-    matching = [d for d in candidates if d.platform and _platform_of(d)[:2] == (os_name, arch)]
-    if matching:
-        return matching[0]
-    unplatformed = [d for d in candidates if not d.platform]
-    if unplatformed:
-        return unplatformed[0]
-    offered = ", ".join(sorted({"/".join(p for p in _platform_of(d) if p) for d in candidates}))
-    raise FormatError(
-        f"{what}: no image for {os_name}/{arch} in the index (it has {offered or 'none'})"
-    )
+def select_platform(descriptors: list[Descriptor], what: str) -> Descriptor:
+    """The entry of an index for this host, by the same rules as a registry pull."""
+    entries = [{"platform": d.platform, "annotations": d.annotations} for d in descriptors]
+    chosen = platform.select(entries, platform.host_platform(), what)
+    return next(d for d, e in zip(descriptors, entries, strict=True) if e is chosen)

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
 from layerfs.model.digest import is_sha256_digest, sha256_digest
+from layerfs.model.platform import Platform, host_platform, select
 from layerfs.model.reference import Reference, remote_name
 from layerfs.progress import Progress
 from layerfs.registry.blobs import Repository
@@ -45,7 +46,6 @@ from layerfs.registry.manifests import (
     parse,
     schema1_config,
 )
-from layerfs.registry.platform import Platform, host_platform, select
 from layerfs.store.files import atomic_write
 from layerfs.store.store import Store
 from layerfs.transports.base import (

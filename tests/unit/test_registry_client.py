@@ -20,11 +20,11 @@ from layerfs.errors import (
     RegistryError,
 )
 from layerfs.model.digest import sha256_digest
+from layerfs.model.platform import Platform, PlatformNotFoundError
 from layerfs.registry import client as client_module
 from layerfs.registry.auth import Credentials
 from layerfs.registry.client import RegistryClient, RegistryOptions
 from layerfs.registry.manifests import schema1_config
-from layerfs.registry.platform import Platform, PlatformNotFoundError
 from layerfs.registry.transfer import pull, push
 from layerfs.store.store import Store
 from tests.fake_registry import BlobHost, FakeRegistry, Fault, image_documents, running, sha256

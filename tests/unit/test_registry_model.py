@@ -13,6 +13,13 @@ import pytest
 
 from layerfs.errors import DigestMismatchError, FormatError, InvalidReferenceError
 from layerfs.model.digest import sha256_digest
+from layerfs.model.platform import (
+    Platform,
+    PlatformNotFoundError,
+    candidates,
+    normalize,
+    select,
+)
 from layerfs.registry.auth import Credentials, parse_challenges
 from layerfs.registry.blobs import parse_range
 from layerfs.registry.client import is_loopback, safe_url
@@ -26,13 +33,6 @@ from layerfs.registry.manifests import (
     parse,
     schema1_config,
     verify_digest,
-)
-from layerfs.registry.platform import (
-    Platform,
-    PlatformNotFoundError,
-    candidates,
-    normalize,
-    select,
 )
 
 # -- challenges ------------------------------------------------------------------------------

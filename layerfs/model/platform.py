@@ -174,6 +174,10 @@ def select(entries: list[dict[str, Any]], wanted: Platform, what: str) -> dict[s
         if best is None or rank < best:
             best, chosen = rank, entry
     if chosen is None:
+        # An index entry without a platform (common in single-image OCI layouts) is taken
+        # only when no entry names one that fits.
+        chosen = next((e for e in entries if not is_attestation(e) and not e.get("platform")), None)
+    if chosen is None:
         available = sorted(
             {
                 str(p)
