@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from layerfs.errors import FuseUnavailableError, MountError, MountpointBusyError
-from layerfs.store.files import FileLock, atomic_write
+from layerfs.store.files import FileLock, atomic_write, is_locked
 
 FSTYPE = "fuse.layerfs"
 
@@ -226,14 +226,7 @@ class Records:
         return lock
 
     def alive(self, mount_id: str) -> bool:
-        path = self.lock_path(mount_id)
-        if not path.exists():
-            return False
-        probe = FileLock(path)
-        if probe.acquire(exclusive=True, blocking=False):
-            probe.release()
-            return False
-        return True
+        return is_locked(self.lock_path(mount_id))
 
     def wait_released(self, mount_id: str, timeout: float) -> bool:
         """Wait until a mount's server has let go of its lock; False on timeout."""
@@ -263,8 +256,9 @@ class Records:
         return None
 
 
-def stop_mount(records: Records, mountpoint: str | Path, *, lazy: bool = False,
-               timeout: float = 60.0) -> None:
+def stop_mount(
+    records: Records, mountpoint: str | Path, *, lazy: bool = False, timeout: float = 60.0
+) -> None:
     """Unmount and wait for the server to finish (or clean up after a dead one)."""
     real = os.path.realpath(mountpoint)
     record = records.find(real)
@@ -288,6 +282,8 @@ def stop_mount(records: Records, mountpoint: str | Path, *, lazy: bool = False,
         except ProcessLookupError:
             pass
         if not records.wait_released(record.id, 10):
-            raise MountError(f"the server of {mountpoint} (pid {record.pid}) does not exit",
-                             hint=f"see its log: {record.log}")
+            raise MountError(
+                f"the server of {mountpoint} (pid {record.pid}) does not exit",
+                hint=f"see its log: {record.log}",
+            )
     records.remove(record.id)

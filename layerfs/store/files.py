@@ -153,6 +153,17 @@ class FileLock:
         return self._fd is not None
 
 
+def is_locked(path: Path) -> bool:
+    """True while some process (this one included) holds any flock on ``path``."""
+    if not path.exists():
+        return False
+    probe = FileLock(path)
+    if probe.acquire(exclusive=True, blocking=False):
+        probe.release()
+        return False
+    return True
+
+
 _held: dict[str, tuple[FileLock, int]] = {}
 _held_mutex = threading.RLock()
 

@@ -50,6 +50,7 @@ from layerfs.model.image import (
 from layerfs.store.files import (
     FileLock,
     atomic_write,
+    is_locked,
     locked,
     make_temp_dir,
     publish_dir,
@@ -407,15 +408,7 @@ class Graph:
                 self._holds.pop(session, None)
 
     def is_held(self, raw_id: str) -> bool:
-        key = hex_of(raw_id)
-        path = self.holds_root / key
-        if not path.exists():
-            return False
-        probe = FileLock(path)
-        if probe.acquire(exclusive=True, blocking=False):
-            probe.release()
-            return False
-        return True
+        return is_locked(self.holds_root / hex_of(raw_id))
 
     def prune_hold_files(self) -> int:
         """Remove hold files nobody holds (store lock held by the caller)."""
