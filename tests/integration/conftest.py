@@ -15,6 +15,7 @@ its directories), unmounts whatever is left under its directories and removes th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -271,6 +272,20 @@ def docker_engine() -> Iterator[DockerEngine]:
     Session scoped: under pytest-xdist each worker is its own session and so starts its
     own engine, with its own socket and directories.
     """
+    with running_docker_engine() as engine:
+        yield engine
+
+
+@pytest.fixture
+def fresh_docker_engine() -> Iterator[DockerEngine]:
+    """A second engine that has never seen any image, for this test alone."""
+    with running_docker_engine() as engine:
+        yield engine
+
+
+@contextlib.contextmanager
+def running_docker_engine() -> Iterator[DockerEngine]:
+    """dockerd on private directories, stopped and removed without a trace afterwards."""
     for path, package in (
         (DOCKERD, "docker.io"),
         (DOCKER, "docker.io"),

@@ -298,7 +298,10 @@ def test_layerfs_export_lists_what_docker_export_lists(
 
 
 def test_layerfs_save_then_docker_load_and_run(
-    docker_engine: DockerEngine, images: dict[str, str], docker_saved: Path, layerfs_cli: LayerfsCli
+    fresh_docker_engine: DockerEngine,
+    images: dict[str, str],
+    docker_saved: Path,
+    layerfs_cli: LayerfsCli,
 ) -> None:
     layerfs_cli("load", "-q", "-i", docker_saved)
     ours = layerfs_cli.root.parent / "ours.tar"
@@ -310,14 +313,15 @@ def test_layerfs_save_then_docker_load_and_run(
     # The same files with the same bytes as docker save wrote (order and tar headers aside).
     assert _archive_content(ours) == _archive_content(docker_saved)
 
-    # A docker that has none of these images loads ours and gets the same IDs.
-    docker_engine.run("rmi", *NAMES.values())
-    assert docker_engine.run("image", "inspect", NAMES["base"], check=False).returncode != 0
-    loaded = docker_engine.run("load", "-i", ours).stdout.decode().splitlines()
+    # A fresh engine, which never had any of these images or layers, loads ours and
+    # gets the same IDs.
+    docker = fresh_docker_engine
+    assert docker.run("images", "-q").stdout == b""
+    loaded = docker.run("load", "-i", ours).stdout.decode().splitlines()
     assert sorted(loaded) == sorted(f"Loaded image: {n}" for n in NAMES.values())
     for key, name in NAMES.items():
-        assert _docker_id(docker_engine, name) == images[key]
-    out = docker_engine.run("run", "--rm", "--network", "none", NAMES["built"]).stdout
+        assert _docker_id(docker, name) == images[key]
+    out = docker.run("run", "--rm", "--network", "none", NAMES["built"]).stdout
     assert out == b"hello\n"
 
 
