@@ -32,13 +32,30 @@ class Layer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8",  # noqa: SIM115
-                                 errors="surrogateescape")
+        self._tar = tarfile.open(
+            path,
+            "w",
+            format=tarfile.PAX_FORMAT,
+            encoding="utf-8",  # noqa: SIM115
+            errors="surrogateescape",
+        )
 
-    def add(self, name: str | bytes, kind: bytes = tarfile.REGTYPE, data: bytes | None = None,
-            *, mode: int | None = None, uid: int = 0, gid: int = 0, link: str | bytes = "",
-            dev: tuple[int, int] = (0, 0), xattrs: dict[str, bytes] | None = None,
-            stream: BinaryIO | None = None, size: int = 0, mtime: int = MTIME) -> Layer:
+    def add(
+        self,
+        name: str | bytes,
+        kind: bytes = tarfile.REGTYPE,
+        data: bytes | None = None,
+        *,
+        mode: int | None = None,
+        uid: int = 0,
+        gid: int = 0,
+        link: str | bytes = "",
+        dev: tuple[int, int] = (0, 0),
+        xattrs: dict[str, bytes] | None = None,
+        stream: BinaryIO | None = None,
+        size: int = 0,
+        mtime: int = MTIME,
+    ) -> Layer:
         info = tarfile.TarInfo(os.fsdecode(name))
         info.type = kind
         info.mode = mode if mode is not None else (0o755 if kind == tarfile.DIRTYPE else 0o644)
@@ -47,8 +64,9 @@ class Layer:
         info.linkname = os.fsdecode(link)
         info.devmajor, info.devminor = dev
         if xattrs:
-            info.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
-                                for k, v in xattrs.items()}
+            info.pax_headers = {
+                "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
+            }
         if kind == tarfile.REGTYPE:
             if stream is not None:
                 info.size = size
@@ -86,8 +104,13 @@ class Layer:
         return self.path
 
 
-def build_image(store_root: Path, layers: Sequence[Path], tag: str | None = None,
-                config: dict[str, Any] | None = None, parent: str = "") -> str:
+def build_image(
+    store_root: Path,
+    layers: Sequence[Path],
+    tag: str | None = None,
+    config: dict[str, Any] | None = None,
+    parent: str = "",
+) -> str:
     """Ingest layer tars as a chain of images (base first); returns the top image ID."""
     store = Store.open(store_root)
     if parent:
@@ -96,8 +119,7 @@ def build_image(store_root: Path, layers: Sequence[Path], tag: str | None = None
         with open(path, "rb") as stream:
             staged = store.layers.ingest(stream)
         last = number == len(layers) - 1
-        parent = store.graph.create(staged, parent=parent,
-                                    config=config if last else None).id
+        parent = store.graph.create(staged, parent=parent, config=config if last else None).id
     if tag:
         repo, _, name = tag.partition(":")
         store.tags.tag(repo, name or "latest", parent, force=True)
@@ -154,8 +176,12 @@ def extract_for_overlay(tar_path: Path, dest: Path) -> bool:
                 os.chmod(path, member.mode)
             for key, value in member.pax_headers.items():
                 if key.startswith("SCHILY.xattr."):
-                    os.setxattr(path, key[13:], value.encode("utf-8", "surrogateescape"),
-                                follow_symlinks=False)
+                    os.setxattr(
+                        path,
+                        key[13:],
+                        value.encode("utf-8", "surrogateescape"),
+                        follow_symlinks=False,
+                    )
             if member.isdir():
                 dir_times.append((path, member.mtime))
             else:
@@ -168,7 +194,7 @@ def extract_for_overlay(tar_path: Path, dest: Path) -> bool:
 def _copy_sparse(src: BinaryIO, out: BinaryIO) -> None:
     zero = bytes(1 << 20)
     while chunk := src.read(1 << 20):
-        if chunk == zero[:len(chunk)]:
+        if chunk == zero[: len(chunk)]:
             out.seek(len(chunk), os.SEEK_CUR)
         else:
             out.write(chunk)
@@ -189,8 +215,11 @@ def overlay_reference(layers: Sequence[Path], work: Path) -> Iterator[Path]:
     mnt = work / "overlay"
     mnt.mkdir()
     lower = ":".join(str(d) for d in reversed(dirs))
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lower}", mnt],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lower}", mnt],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield mnt
     finally:
@@ -239,9 +268,18 @@ def listing(root: Path, *, content: bool = True) -> dict[bytes, tuple[Any, ...]]
             digest = file_hash(full) if content and stat.S_ISREG(st.st_mode) else None
             target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else None
             rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
-            entries[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                            st.st_size if not stat.S_ISDIR(st.st_mode) else 0, digest, target,
-                            rdev, tuple(xattrs_of(full)), int(st.st_mtime))
+            entries[rel] = (
+                kind,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+                digest,
+                target,
+                rdev,
+                tuple(xattrs_of(full)),
+                int(st.st_mtime),
+            )
             if not stat.S_ISDIR(st.st_mode):
                 inodes.setdefault(st.st_ino, []).append(rel)
                 nlinks[rel] = st.st_nlink
@@ -303,7 +341,7 @@ class PatternStream(io.RawIOBase):
             take = min(n - len(out), (1 << 20) - offset)
             block = self._zero if self._is_zero(index) else self._block
             # Vary blocks so equal-looking files still differ.
-            piece = block[offset:offset + take]
+            piece = block[offset : offset + take]
             if block is self._block:
                 piece = bytes([index & 0xFF]) + piece[1:] if offset == 0 and take else piece
             out += piece
@@ -313,50 +351,21 @@ class PatternStream(io.RawIOBase):
 
 # -- a real distribution ------------------------------------------------------------------------
 
-CACHE = Path(os.environ.get("LAYERFS_TEST_CACHE", Path.home() / ".cache" / "layerfs-tests"))
-
-
-def apt_mirror() -> str:
-    """The first Debian archive URL apt uses on this machine."""
-    import re
-
-    texts = []
-    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d")
-                                                         .glob("*"))]:
-        with contextlib.suppress(OSError):
-            texts.append(path.read_text())
-    pattern = re.compile(r"^(?:deb|URIs:)\s+(?:\[[^\]]*\]\s+)?(https?://\S*/debian)/?(?:\s|$)",
-                         re.MULTILINE)
-    for text in texts:
-        match = pattern.search(text)
-        if match:
-            return match.group(1)
-    return "http://deb.debian.org/debian"
+DEBIAN_ROOTFS_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "debian-rootfs.sh"
 
 
 def debian_rootfs_tar(suite: str = "bookworm") -> Path:
-    """A debootstrap minbase root file system as a tar, built once and cached."""
-    import fcntl
-    import shutil
-    import tempfile
+    """A debootstrap minbase root file system as a tar, built once and cached.
 
-    CACHE.mkdir(parents=True, exist_ok=True)
-    out = CACHE / f"debian-{suite}-minbase.tar"
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if out.is_file() and out.stat().st_size > 0:
-            return out
-        work = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=CACHE))
-        try:
-            subprocess.run(["debootstrap", "--variant=minbase", suite, str(work / "root"),
-                            apt_mirror()], check=True, capture_output=True, timeout=1200)
-            for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for entry in (work / "root" / junk).glob("*"):
-                    if entry.is_file():
-                        entry.unlink()
-            subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(work / "root"),
-                            "-cf", str(work / "rootfs.tar"), "."], check=True)
-            os.rename(work / "rootfs.tar", out)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return out
+    tools/debian-rootfs.sh builds it (from the Debian mirror apt uses) and keeps it in
+    ~/.cache/layerfs, where the benchmarks find it too.
+    """
+    result = subprocess.run(
+        ["bash", str(DEBIAN_ROOTFS_SCRIPT), "minbase"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "DEBIAN_SUITE": suite},
+    )
+    return Path(result.stdout.strip())
