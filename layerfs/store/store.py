@@ -61,7 +61,14 @@ class Store:
 
     def _prepare(self, create: bool) -> None:
         marker = self.root / _MARKER
-        if marker.is_file():
+        try:
+            exists = marker.is_file()
+        except OSError as exc:  # e.g. a parent directory this user may not enter
+            raise StoreError(
+                f"cannot use the store at {self.root}: {exc.strerror}",
+                hint="use --root DIR or LAYERFS_ROOT to choose a directory you can write",
+            ) from exc
+        if exists:
             try:
                 version = json.loads(marker.read_bytes()).get("version")
             except (ValueError, AttributeError, OSError) as exc:
@@ -84,7 +91,7 @@ class Store:
             ):
                 raise StoreError(f"{self.root} is not empty and is not a layerfs store")
             atomic_write(marker, json.dumps({"version": STORE_VERSION}).encode(), self.tmp, 0o644)
-        except PermissionError as exc:
+        except OSError as exc:
             raise StoreError(
                 f"cannot create the store at {self.root}: {exc.strerror}",
                 hint="use --root DIR or LAYERFS_ROOT to choose a directory you can write",

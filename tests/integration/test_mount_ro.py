@@ -293,8 +293,15 @@ def test_missing_or_forbidden_dev_fuse_is_explained(layerfs_cli: LayerfsCli, tmp
          sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root), "mount", "x",
          str(tmp_path / "mnt")], capture_output=True, check=False)
     _one_line_error(hidden, "/dev/fuse does not exist")
+    # /dev/fuse is 0600 on some systems and 0666 on others: stage a root-only one in a
+    # private mount namespace, so that the user below cannot open it wherever this runs.
+    devdir = tmp_path / "dev"
+    devdir.mkdir()
     forbidden = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+        ["unshare", "-m", "sh", "-c",
+         'mount -t tmpfs none "$0" && mknod -m 600 "$0/fuse" c 10 229 '
+         '&& mount --bind "$0/fuse" /dev/fuse && exec "$@"', str(devdir),
+         "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
          "layerfs", "--root", str(tmp_path / "nobody-store"), "mount", "x",
          str(tmp_path / "mnt")], capture_output=True, check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}, cwd="/")
