@@ -107,6 +107,11 @@ def register_run(subparsers: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise UsageError(
+            "layerfs run needs root: it creates namespaces, mounts /proc and /dev and chroots",
+            hint="run it with sudo, or mount the image and use a rootless runtime on it",
+        )
     check_fuse(allow_other=True)
     store = open_store(args)
     from layerfs.container import RunSpec, run

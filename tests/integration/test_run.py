@@ -181,3 +181,20 @@ def test_debian_image_chroot_dpkg_install_and_busybox(layerfs_cli: LayerfsCli,
     assert result.stdout.splitlines() == [b"hello from a package",
                                           b"Status: install ok installed",
                                           b"BUSYBOX SAYS HI"]
+
+
+def test_run_without_root_says_it_needs_root(tmp_path: Path) -> None:
+    # Refused before the store is touched: this user could not even reach tmp_path.
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+         "layerfs", "--root", str(tmp_path / "store"), "run", "busybox:1", "true"],
+        capture_output=True, check=False, cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.decode().splitlines()
+    assert lines[0] == (
+        "layerfs: error: layerfs run needs root: it creates namespaces, mounts /proc and /dev "
+        "and chroots"
+    )
+    assert [line for line in lines[1:] if not line.startswith("hint: ")] == []
