@@ -18,6 +18,12 @@ from tests.integration.test_mount_ro import mounted
 
 pytestmark = [pytest.mark.fuse, pytest.mark.integration]
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown)")
+# A user's mount checks permissions (default_permissions): these write into root-owned
+# directories of their test images.
+ROOT_OWNED = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="writes into root-owned directories of its image, which a user's mount refuses",
+)
 RENAME_EXCHANGE = 2
 
 
@@ -110,6 +116,7 @@ def test_every_write_operation(layerfs_cli: LayerfsCli, tmp_path: Path):
         assert vfs.f_bavail > 0
 
 
+@ROOT_OWNED
 def test_copy_up_while_a_reader_holds_the_file(layerfs_cli: LayerfsCli, tmp_path: Path):
     base_image(layerfs_cli, tmp_path)
     with mounted(layerfs_cli, "base:1", tmp_path / "mnt", "--rw") as mnt:
@@ -122,6 +129,7 @@ def test_copy_up_while_a_reader_holds_the_file(layerfs_cli: LayerfsCli, tmp_path
         assert (mnt / "var/big").stat().st_size == 256 * 20_000
 
 
+@ROOT_OWNED
 def test_rename_of_a_lower_directory_delete_and_recreate_chmod_without_copy(
         layerfs_cli: LayerfsCli, tmp_path: Path):
     base_image(layerfs_cli, tmp_path)
