@@ -32,11 +32,11 @@ class Layer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._tar = tarfile.open(
+        self._tar = tarfile.open(  # noqa: SIM115 - closed by close()
             path,
             "w",
             format=tarfile.PAX_FORMAT,
-            encoding="utf-8",  # noqa: SIM115
+            encoding="utf-8",
             errors="surrogateescape",
         )
 
