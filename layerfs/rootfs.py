@@ -23,16 +23,14 @@ from layerfs.model.image import Image
 from layerfs.model.reference import Reference
 from layerfs.progress import Progress
 from layerfs.store.store import Store
-from layerfs.store.tarindex import BLOCKDEV, CHAR, DIR, FIFO, REG, SYMLINK
-
-_TAR_TYPES = {
-    REG: tarfile.REGTYPE,
-    DIR: tarfile.DIRTYPE,
-    SYMLINK: tarfile.SYMTYPE,
-    CHAR: tarfile.CHRTYPE,
-    BLOCKDEV: tarfile.BLKTYPE,
-    FIFO: tarfile.FIFOTYPE,
-}
+from layerfs.store.tarindex import (
+    BLOCKDEV,
+    CHAR,
+    REG,
+    SYMLINK,
+    TARFILE_TYPES,
+    open_pax_writer,
+)
 
 
 @dataclass
@@ -133,13 +131,7 @@ def export_image(
     if progress is not None:
         progress.start("export", "Exporting", None, "")
     try:
-        with tarfile.open(
-            fileobj=out,
-            mode="w|",
-            format=tarfile.PAX_FORMAT,
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as archive:
+        with open_pax_writer(out) as archive:
             for path, node in tree.walk():
                 if path == b"":
                     continue
@@ -161,7 +153,7 @@ def export_image(
                     archive.addfile(info)
                     count += 1
                     continue
-                info.type = _TAR_TYPES[entry.type]
+                info.type = TARFILE_TYPES[entry.type]
                 if entry.type == SYMLINK:
                     info.linkname = os.fsdecode(entry.linkname)
                 if entry.type in (CHAR, BLOCKDEV):

@@ -23,7 +23,16 @@ from layerfs.model.image import Image
 from layerfs.model.reference import Reference
 from layerfs.store import codec
 from layerfs.store.store import Store
-from layerfs.store.tarindex import BLOCKDEV, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK
+from layerfs.store.tarindex import (
+    BLOCKDEV,
+    CHAR,
+    DIR,
+    HARDLINK,
+    REG,
+    SYMLINK,
+    TARFILE_TYPES,
+    open_pax_writer,
+)
 
 
 def commit_upper(
@@ -46,8 +55,10 @@ def commit_upper(
         raise UsageError(f"cannot commit as {reference!r}: a digest cannot be a tag")
     state = read_state(upper_dir)
     if state.get("image") != image_id:
-        raise MountError(f"upper {upper_dir.name!r} belongs to image "
-                         f"{str(state.get('image'))[:12]}, not {image_id[:12]}")
+        raise MountError(
+            f"upper {upper_dir.name!r} belongs to image "
+            f"{str(state.get('image'))[:12]}, not {image_id[:12]}"
+        )
     parent = store.graph.get(image_id)
     config = apply_changes(dict(parent.config), changes or [])
     read_fd, write_fd = os.pipe()
@@ -66,8 +77,9 @@ def commit_upper(
     writer.start()
     try:
         with open(read_fd, "rb") as stream:
-            staged = store.layers.ingest(stream, what=f"commit of {upper_dir.name}",
-                                         decompress=False)
+            staged = store.layers.ingest(
+                stream, what=f"commit of {upper_dir.name}", decompress=False
+            )
     finally:
         writer.join()
     if failure:
@@ -77,8 +89,14 @@ def commit_upper(
             raise error
         raise MountError(f"cannot commit upper {upper_dir.name!r}: {error}") from error
     try:
-        image = store.graph.create(staged, parent=image_id, comment=message, author=author,
-                                   config=config, created_by=created_by)
+        image = store.graph.create(
+            staged,
+            parent=image_id,
+            comment=message,
+            author=author,
+            config=config,
+            created_by=created_by,
+        )
     except BaseException:
         staged.discard()
         raise
@@ -104,17 +122,6 @@ def read_state(directory: Path) -> dict[str, Any]:
     return doc
 
 
-_TAR_TYPES = {
-    REG: tarfile.REGTYPE,
-    DIR: tarfile.DIRTYPE,
-    SYMLINK: tarfile.SYMTYPE,
-    HARDLINK: tarfile.LNKTYPE,
-    CHAR: tarfile.CHRTYPE,
-    BLOCKDEV: tarfile.BLKTYPE,
-    FIFO: tarfile.FIFOTYPE,
-}
-
-
 def write_layer_tar(
     rows: Sequence[Row], directory: Path, out: BinaryIO, open_layer: Callable[[str], BinaryIO]
 ) -> int:
@@ -126,18 +133,12 @@ def write_layer_tar(
     layers: dict[str, BinaryIO] = {}
     count = 0
     try:
-        with tarfile.open(
-            fileobj=out,
-            mode="w|",
-            format=tarfile.PAX_FORMAT,
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as archive:
+        with open_pax_writer(out) as archive:
             for row in rows:
                 path, kind = row[0], row[1]
                 name = os.fsdecode(path) if path else "."
                 info = tarfile.TarInfo(name + "/" if kind == DIR and path else name)
-                info.type = _TAR_TYPES[kind]
+                info.type = TARFILE_TYPES[kind]
                 info.mode = row[2]
                 info.uid, info.gid = row[3], row[4]
                 info.uname = info.gname = ""

@@ -15,6 +15,7 @@ where the bytes go (the caller's sink), and layer semantics across layers
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
@@ -40,6 +41,29 @@ _TYPEFLAGS = {
     b"5": DIR,
     b"6": FIFO,
 }
+
+# Index types back to tarfile's, for the writers (export, commit).
+TARFILE_TYPES = {
+    REG: tarfile.REGTYPE,
+    DIR: tarfile.DIRTYPE,
+    SYMLINK: tarfile.SYMTYPE,
+    HARDLINK: tarfile.LNKTYPE,
+    CHAR: tarfile.CHRTYPE,
+    BLOCKDEV: tarfile.BLKTYPE,
+    FIFO: tarfile.FIFOTYPE,
+}
+
+
+def open_pax_writer(out: BinaryIO) -> tarfile.TarFile:
+    """A streaming tar writer as Docker writes layers: PAX, names kept as raw bytes."""
+    return tarfile.open(
+        fileobj=out,
+        mode="w|",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+    )
+
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
