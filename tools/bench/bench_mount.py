@@ -14,7 +14,9 @@ One more column, "pyfuse3 floor", is ``pyfuse3_floor.py``: a read-only mirror of
 the plain directory whose handlers are one dictionary lookup or one pread, with
 the kernel settings layerfs uses. It shows what any pyfuse3 file system pays per
 request, so that layerfs's own cost can be told apart from pyfuse3's. It serves a
-directory, not layers, so it has no 127-layer rows.
+directory, not layers, so it has no 127-layer rows. "pyfuse3 floor, 1 task" is the
+same with ``pyfuse3.main(max_tasks=1)`` (one worker instead of pyfuse3's default
+pool), for the 1-layer rows only.
 
 Each measurement runs every target in turn, ``--rounds`` times (rotating the
 order), and reports medians as ratios to the plain directory. Cold means
@@ -47,8 +49,8 @@ WORK = Path(os.environ.get("LAYERFS_BENCH_DIR", "/var/tmp/layerfs-bench"))
 DEPTH = 127
 BIG = 2 << 30
 SMALL_FILES = 100_000
-TARGETS = ("plain", "overlayfs", "fuse-overlayfs", "floor", "layerfs")
-TITLES = {"floor": "pyfuse3 floor"}
+TARGETS = ("plain", "overlayfs", "fuse-overlayfs", "floor", "floor1", "layerfs")
+TITLES = {"floor": "pyfuse3 floor", "floor1": "pyfuse3 floor, 1 task"}
 FLOOR = Path(__file__).resolve().parent / "pyfuse3_floor.py"
 _floors: dict[Path, subprocess.Popen[bytes]] = {}
 
@@ -216,8 +218,10 @@ def mount_target(target: str, scenario: str, mnt: Path) -> tuple[Path, float]:
         sh("mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowerdir}", mnt, cwd=WORK)
     elif target == "fuse-overlayfs":
         sh("fuse-overlayfs", "-o", f"lowerdir={lowerdir}", mnt, cwd=WORK)
-    elif target == "floor":
-        proc = subprocess.Popen([PYTHON, FLOOR, WORK / plain, mnt], stdout=subprocess.PIPE)
+    elif target in ("floor", "floor1"):
+        tasks = "1" if target == "floor1" else "99"
+        proc = subprocess.Popen([PYTHON, FLOOR, "--max-tasks", tasks, WORK / plain, mnt],
+                                stdout=subprocess.PIPE)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
             proc.kill()
@@ -233,9 +237,9 @@ def unmount_target(target: str, mnt: Path) -> None:
         return
     if target == "layerfs":
         layerfs("umount", mnt)
-    elif target in ("fuse-overlayfs", "floor"):
+    elif target in ("fuse-overlayfs", "floor", "floor1"):
         sh("fusermount3", "-u", mnt)
-        if target == "floor":
+        if target != "fuse-overlayfs":
             _floors.pop(mnt).wait(30)
     else:
         sh("umount", mnt)
@@ -352,7 +356,7 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
 
 def measure_target(target: str) -> Iterator[tuple[str, float]]:
     with mounted(target, "debian") as (root, took):
-        if target not in ("plain", "floor"):
+        if target not in ("plain", "floor", "floor1"):
             yield "mount, 1 layer (s)", took
         files = regular_files(root)
         yield "cold tree walk", timeit(partial(walk, root), cold=True)
@@ -361,6 +365,8 @@ def measure_target(target: str) -> Iterator[tuple[str, float]]:
         yield "cold read, all files", timeit(partial(read_files, files), cold=True)
         read_files(files)
         yield "warm re-read, all files", timeit(partial(read_files, files), cold=False)
+    if target == "floor1":
+        return
     if target != "floor":
         yield from measure_deep(target)
     with mounted(target, "big") as (root, _took):
