@@ -35,12 +35,20 @@ INSTALLERS = re.compile(
 def vagrantfile_heredocs(text: str) -> dict[str, str]:
     """NAME -> body for every ``NAME = <<~SHELL ... SHELL`` in the Vagrantfile.
 
-    Ruby's ``#{CONSTANT}`` is replaced by the constant's value when it is a plain string.
+    Ruby's ``#{CONSTANT}`` is replaced by the constant's value when it is a plain string,
+    by its name when it is computed (``TEST_TIMEOUT = ... ? 900 : 3600``); a constant the
+    Vagrantfile does not define is an error.
     """
     constants = dict(re.findall(r'^([A-Z_]+)\s*=\s*"([^"#\\]*)"\s*$', text, re.M))
+    computed = set(re.findall(r"^([A-Z_]+)\s*=", text, re.M))
 
     def interpolate(match: re.Match[str]) -> str:
-        return constants[match[1]]
+        name = match[1]
+        if name in constants:
+            return constants[name]
+        if name in computed:
+            return name
+        raise KeyError(f"the Vagrantfile uses #{{{name}}} but does not define it")
 
     docs = {}
     for match in re.finditer(
