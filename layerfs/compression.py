@@ -11,6 +11,8 @@ import bz2
 import gzip
 import lzma
 import os
+import queue
+import threading
 import zlib
 from typing import Any, BinaryIO
 
@@ -231,3 +233,73 @@ def open_decompressed(stream: BinaryIO | Any, what: str) -> tuple[Any, str]:
     if kind == "none":
         return source, kind
     return DecompressingReader(source, kind, what), kind
+
+
+class ReadAheadReader:
+    """Reads ``source`` in a worker thread, up to ``depth`` chunks ahead of the consumer.
+
+    Inflating (isal, zlib, zstd) and hashing release the GIL, so while the consumer
+    parses and hashes one chunk the next ones are being decompressed on the other
+    core. An error of the source is raised by the consumer's next read. ``close``
+    stops the worker; it must be called (ingest does, whatever happens).
+    """
+
+    def __init__(self, source: Any, *, chunk: int = _CHUNK, depth: int = 8) -> None:
+        self._source = source
+        self._chunk = chunk
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._rest = b""  # the chunk being handed out, from offset _at
+        self._at = 0
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="layerfs-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._source.read(self._chunk)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            return b"".join(iter(lambda: self.read(self._chunk), b""))
+        if self._at == len(self._rest):
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+                return b""
+            self._rest, self._at = item, 0
+        if self._at == 0 and size >= len(self._rest):
+            data = self._rest
+        else:
+            data = self._rest[self._at : self._at + size]
+        self._at += len(data)
+        return data
+
+    def close(self) -> None:
+        """Stop the worker and wait for it (a source that never answers is left behind)."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)

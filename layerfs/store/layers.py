@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from layerfs.compression import open_decompressed
+from layerfs.compression import ReadAheadReader, open_decompressed
 from layerfs.errors import (
     CorruptIndexError,
     DigestMismatchError,
@@ -123,8 +123,11 @@ class LayerStore:
     ) -> StagedLayer:
         """Stream a (possibly compressed) layer tar into tmp/: copy, hash, index, verify."""
         staging = make_temp_dir(self.tmp_root, "layer")
+        read_ahead: ReadAheadReader | None = None
         try:
-            reader = open_decompressed(stream, what)[0] if decompress else stream
+            reader, kind = open_decompressed(stream, what) if decompress else (stream, "none")
+            if kind != "none":  # inflate on one core while this one parses and hashes
+                reader = read_ahead = ReadAheadReader(reader)
             with open(staging / "layer.tar", "wb") as out:
                 result = index_tar(reader, out, progress=progress)
                 out.flush()
@@ -150,6 +153,9 @@ class LayerStore:
         except BaseException:
             remove_tree(staging)
             raise
+        finally:
+            if read_ahead is not None:
+                read_ahead.close()
         return StagedLayer(self, staging, info)
 
     def info(self, diff_id: str) -> LayerInfo:

@@ -315,3 +315,91 @@ def test_streamed_zstd_frames_without_a_content_size(level: int) -> None:
     for cut in (len(blob) // 3, len(blob) - 1):
         with pytest.raises(FormatError, match="truncated zstd stream"):
             decompress_all(blob[:cut])
+
+
+# --- ReadAheadReader ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 1 << 20, 3 << 20])
+def test_read_ahead_returns_the_source_bytes_in_order(size: int) -> None:
+    data = random.Random(size).randbytes((5 << 20) if size > 4096 else (1 << 20) + 3)
+    reader = compression.ReadAheadReader(io.BytesIO(data), chunk=1 << 20, depth=2)
+    try:
+        parts = []
+        while True:
+            part = reader.read(size)
+            assert len(part) <= size
+            if not part:
+                break
+            parts.append(part)
+        assert b"".join(parts) == data
+        assert reader.read(10) == b""  # and stays at the end
+    finally:
+        reader.close()
+
+
+def test_read_ahead_read_all() -> None:
+    data = random.Random(1).randbytes(3 << 20 | 5)
+    reader = compression.ReadAheadReader(io.BytesIO(data), chunk=1 << 20)
+    try:
+        assert reader.read(3) == data[:3]
+        assert reader.read() == data[3:]
+    finally:
+        reader.close()
+
+
+def test_read_ahead_raises_the_source_error_after_the_good_bytes() -> None:
+    class Failing:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def read(self, n: int) -> bytes:
+            self.calls += 1
+            if self.calls > 2:
+                raise FormatError("corrupt gzip stream")
+            return b"x" * n
+
+    reader = compression.ReadAheadReader(Failing(), chunk=10)
+    try:
+        assert reader.read(100) == b"x" * 10
+        assert reader.read(100) == b"x" * 10
+        with pytest.raises(FormatError, match="corrupt gzip stream"):
+            reader.read(100)
+        assert reader.read(100) == b""
+    finally:
+        reader.close()
+
+
+def test_read_ahead_close_stops_a_worker_that_waits_on_a_full_queue() -> None:
+    class Endless:
+        def read(self, n: int) -> bytes:
+            return b"y" * n
+
+    reader = compression.ReadAheadReader(Endless(), chunk=16, depth=2)
+    assert reader.read(16) == b"y" * 16
+    reader.close()
+    assert not reader._thread.is_alive()
+
+
+def test_ingest_of_a_compressed_layer_goes_through_read_ahead(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layerfs.store import layers
+
+    made: list[compression.ReadAheadReader] = []
+
+    class Recording(compression.ReadAheadReader):
+        def __init__(self, source: object) -> None:
+            super().__init__(source)
+            made.append(self)
+
+    monkeypatch.setattr(layers, "ReadAheadReader", Recording)
+    (tmp_path / "tmp").mkdir()
+    store = layers.LayerStore(tmp_path / "layers", tmp_path / "tmp")
+    tar = build_tar(tar_dir("etc"), tar_file("etc/hostname", b"box\n"))
+    plain = store.ingest(io.BytesIO(tar))
+    assert not made
+    packed = store.ingest(io.BytesIO(gzip.compress(tar)))
+    assert len(made) == 1 and not made[0]._thread.is_alive()
+    assert packed.diff_id == plain.diff_id
+    assert (packed.staging / "layer.tar").read_bytes() == tar
