@@ -214,7 +214,11 @@ class MergedTree:
     def _whiteout(self, parent: bytes, name: bytes, start: int, touched: dict[int, bool]) -> None:
         t = self.table
         d = t.resolve(parent)
-        if not d or not t.is_dir(d):
+        if not d:
+            # Docker creates the missing parents of every entry, a whiteout's too.
+            self._dir(parent, start, touched)
+            return
+        if not t.is_dir(d):
             return
         victim = t.children[d].get(name, 0)
         if not victim or victim >= start:

@@ -179,10 +179,10 @@ def test_aufs_metadata_is_never_visible():
     assert paths(tree) == [b"a"]
 
 
-def test_whiteout_in_a_directory_that_does_not_exist_is_ignored():
+def test_whiteout_in_a_directory_that_does_not_exist_creates_the_directory():
     tree = MergedTree.build([layer(f("a")), layer(f("nodir/.wh.x"))])
 
-    assert paths(tree) == [b"a"]
+    assert paths(tree) == [b"a", b"nodir"]  # as Docker's extraction does
 
 
 # -- hardlinks -----------------------------------------------------------------------------

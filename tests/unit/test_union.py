@@ -91,8 +91,18 @@ def test_whiteout_position_in_the_tar_is_irrelevant() -> None:
 
 
 def test_whiteout_of_something_absent_is_ignored() -> None:
-    tree = MergedTree.build([BASE, lay(tar_file(".wh.nothing"), tar_file("nodir/.wh.x"))])
+    tree = MergedTree.build([BASE, lay(tar_file(".wh.nothing"), tar_file("etc/.wh.nothing"))])
     assert paths(tree) == paths(MergedTree.build([BASE]))
+
+
+def test_a_whiteout_in_a_missing_directory_creates_it_as_docker_does() -> None:
+    # Docker's layer extraction makes the parents of every entry, whiteouts included.
+    tree = MergedTree.build([BASE, lay(tar_file("nodir/deeper/.wh.x"))])
+    assert paths(tree) == sorted([*paths(MergedTree.build([BASE])), b"nodir", b"nodir/deeper"])
+    node = tree.lookup(b"nodir/deeper")
+    assert node is not None and tree.listdir(b"nodir/deeper") == []
+    assert node.layer == IMPLIED and node.entry.type == DIR and node.entry.mode == 0o755
+    assert (node.entry.uid, node.entry.gid) == (0, 0)
 
 
 def test_a_whiteout_only_acts_on_lower_layers_not_upper_ones() -> None:
