@@ -51,6 +51,14 @@ SAVE_DELAY = 1.0  # seconds of quiet before the upper's state is saved
 SAVE_MAX_DELAY = 5.0  # ...but never later than this after the first unsaved change
 READY_TIMEOUT = 30.0
 READ_AHEAD_KB = 1024
+# pyfuse3.main's worker tasks. Its default pool hands every request from one task to
+# the next through a lock, which makes each round trip dearer (docs/benchmarks.md,
+# Mount: the two pyfuse3 floor columns). One worker is enough where the only handler
+# that waits is a big cold read (in a worker thread; sequential reads lose nothing);
+# a writable mount keeps the pool so that one copy-up or fsync never holds up every
+# other request.
+WORKERS_READ_ONLY = 1
+WORKERS_WRITABLE = 99  # pyfuse3's default
 _UPPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -343,7 +351,8 @@ async def _main(server: _Server, ready_fd: int | None) -> None:
             nursery.start_soon(_save_when_quiet, server.upper)
         assert server.record is not None
         nursery.start_soon(_announce, ready_fd, server.record.mountpoint)
-        await pyfuse3.main()
+        workers = WORKERS_READ_ONLY if server.upper is None else WORKERS_WRITABLE
+        await pyfuse3.main(min_tasks=1, max_tasks=workers)
         nursery.cancel_scope.cancel()
 
 
