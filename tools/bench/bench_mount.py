@@ -49,6 +49,7 @@ WORK = Path(os.environ.get("LAYERFS_BENCH_DIR", "/var/tmp/layerfs-bench"))
 DEPTH = 127
 BIG = 2 << 30
 SMALL_FILES = 100_000
+STAT_PASSES = 7
 TARGETS = ("plain", "overlayfs", "fuse-overlayfs", "floor", "floor1", "layerfs")
 TITLES = {"floor": "pyfuse3 floor", "floor1": "pyfuse3 floor, 1 task"}
 FLOOR = Path(__file__).resolve().parent / "pyfuse3_floor.py"
@@ -384,12 +385,16 @@ def measure_deep(target: str) -> Iterator[tuple[str, float]]:
         # Primed with one stat so that the server's own code is paged in: this
         # compares lookups in the bottom and the top layer, nothing else.
         prime = partial(os.lstat, root / "etc")
+        # Each layer has only about 50 files, a few milliseconds of stat: the median
+        # of several cold passes, bottom and top alternating, keeps the noise out.
         bottom = [str(root / p) for p in _layer_files(0)]
         top = [str(root / p) for p in _layer_files(DEPTH - 1)]
-        yield "cold stat, bottom-layer files", timeit(partial(stat_files, bottom), cold=True,
-                                                      prime=prime)
-        yield "cold stat, top-layer files", timeit(partial(stat_files, top), cold=True,
-                                                   prime=prime)
+        times: dict[str, list[float]] = {"bottom": [], "top": []}
+        for _ in range(STAT_PASSES):
+            for where, files in (("bottom", bottom), ("top", top)):
+                times[where].append(timeit(partial(stat_files, files), cold=True, prime=prime))
+        yield "cold stat, bottom-layer files", median(times["bottom"])
+        yield "cold stat, top-layer files", median(times["top"])
 
 
 def _layer_files(layer: int) -> list[str]:
@@ -442,7 +447,8 @@ def assessment(results: dict[str, dict[str, float]], per_entry: float) -> str:
         ("mount of a 127-layer image ready in under 1 s", f"{mount127:.2f} s", "-",
          mount127 < 1),
         ("stat from the bottom layer costs what one from the top costs",
-         f"{bottom * 1000:.1f} ms vs {top * 1000:.1f} ms for 200 files", "-",
+         f"{bottom * 1000:.1f} ms vs {top * 1000:.1f} ms (a layer's files, median of "
+         f"{STAT_PASSES} cold passes)", "-",
          max(bottom, top) < 1.5 * min(bottom, top)),
         ("warm tree walk within 2x of the plain directory",
          f"{ratio('warm tree walk'):.1f}x", floor("warm tree walk"),
@@ -551,30 +557,43 @@ What the numbers say:
   bottom of 127 layers as from the top, about what ext4 takes to read its own
   inodes, and a cold walk of the 127-layer image beats overlayfs and fuse-overlayfs,
   which look each name up layer by layer.
-- Everything that is a round trip is expensive: each request costs tens of
-  microseconds of pyfuse3 and trio (the profile: the handlers themselves are under
-  5% of the server's busy time; reading /dev/fuse, decoding, replying and trio's
-  scheduling are the rest) where fuse-overlayfs spends a few microseconds of C.
-  Warm walks and warm re-reads are made of nothing else: the page cache and the
-  dentry cache answer the data and the lookups (long entry and attribute timeouts,
-  keep_cache, readdirplus), but the kernel still asks for every opendir, readdir
-  (twice per directory: the entries, then the end), releasedir, readlink, open and
-  release. pyfuse3 is what stands between layerfs and the kernel flags that would
-  remove them: `readdir` and `read` receive only the file handle, never the inode,
-  so answering OPENDIR or OPEN with ENOSYS (the kernel's "no open" mode, in which
-  it also caches directory listings, FOPEN_CACHE_DIR) would leave the handlers
-  unable to tell which directory or file is meant; `opendir` cannot return
-  FOPEN_CACHE_DIR; and FUSE_CAP_CACHE_SYMLINKS (cached readlink) is a connection
-  flag pyfuse3 never sets. FLUSH is answered ENOSYS once, which the kernel does
-  honour, saving one round trip per close.
+- Everything that is a round trip is expensive, and that is pyfuse3's cost, not
+  layerfs's. The "pyfuse3 floor" columns are a pyfuse3 file system with nothing to
+  do (`tools/bench/pyfuse3_floor.py`: the whole tree in dictionaries before the
+  mount, each handler one lookup or one pread, layerfs's kernel settings). It misses
+  the same targets layerfs misses: no pyfuse3 file system reaches them. With the same
+  single worker it walks somewhat faster than layerfs (it keeps a ready-made
+  attribute object per entry, about 200 bytes each, where layerfs builds one from its
+  compact inode table per request) and reads slower. Each request costs tens of microseconds of
+  reading /dev/fuse, decoding, calling into Python, replying and trio's scheduling
+  (the profile: layerfs's handlers are a few percent of the server's time) where
+  fuse-overlayfs spends a few microseconds of C. Warm walks and warm re-reads are
+  made of nothing else: the page cache and the dentry cache answer the data and the
+  lookups (long entry and attribute timeouts, keep_cache, readdirplus), but the
+  kernel still asks for every opendir, readdir (twice per directory: the entries,
+  then the end), releasedir, readlink, open and release. pyfuse3 is also what
+  stands between layerfs and the kernel flags that would remove those requests:
+  `readdir` and `read` receive only the file handle, never the inode, so answering
+  OPENDIR or OPEN with ENOSYS (the kernel's "no open" mode, in which it also caches
+  directory listings, FOPEN_CACHE_DIR) would leave the handlers unable to tell
+  which directory or file is meant; `opendir` cannot return FOPEN_CACHE_DIR; and
+  FUSE_CAP_CACHE_SYMLINKS (cached readlink) is a connection flag pyfuse3 never sets.
+  What layerfs does about round trips: FLUSH is answered ENOSYS once, which the
+  kernel honours (one round trip less per close), and a read-only mount runs one
+  pyfuse3 worker task instead of pyfuse3's default pool, which hands every request
+  from task to task through a lock (compare the two floor columns); a writable
+  mount keeps the pool, so that a long copy-up never holds up other requests.
 - Cold reads: small files come from one layer tar, read with pread and the tar's
   own readahead; a big cold read goes to a worker thread and asks the kernel to
   read the next 8 MiB of the tar (fadvise WILLNEED), and the server raises its
   mount's read_ahead_kb to 1 MiB (a FUSE mount starts at 128 KiB and cannot ask
-  for more at init): sequential reads went from about 150 MiB/s to 1 GiB/s. Where
-  cold reads still trail fuse-overlayfs (by 10-20% in these runs, inside the swing
-  machine load causes) the difference is again the round trips: one open, one read
-  and one release per file; the data itself comes off the disk as fast.
+  for more at init), so that the kernel sends 1 MiB reads: sequential reads went
+  from about 150 MiB/s to 1 GiB/s. What is left between layerfs and fuse-overlayfs
+  on a big sequential read is again pyfuse3's: fuse-overlayfs answers a read with
+  the file descriptor and offset (`fuse_reply_data` with an fd buffer, which libfuse
+  reads or splices straight into its reply), while a pyfuse3 `read` must return the
+  bytes, so every MiB is copied into Python and out again; the floor, with a plain
+  pread, is no faster.
 - Mount latency is Python's start-up, imports (the command line imports every
   command's module; pyfuse3 and trio alone take about 0.15 s) and reading 127
   index files; memory is about 50 bytes of array columns per inode plus a name and
