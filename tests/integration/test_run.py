@@ -19,11 +19,8 @@ from tests.integration.conftest import LayerfsCli
 from tests.integration.mounting import Layer, build_image, debian_rootfs_tar
 from tests.integration.test_mount_ro import mounted
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, namespaces)"),
-]
+pytestmark = [pytest.mark.fuse, pytest.mark.integration]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, namespaces)")
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +41,7 @@ def busybox(layerfs_cli: LayerfsCli, tmp_path: Path) -> str:
     return "busybox:test"
 
 
+@needs_root
 def test_chroot_into_a_mounted_busybox_image(layerfs_cli: LayerfsCli, busybox: str,
                                              tmp_path: Path):
     with mounted(layerfs_cli, busybox, tmp_path / "mnt") as mnt:
@@ -53,6 +51,7 @@ def test_chroot_into_a_mounted_busybox_image(layerfs_cli: LayerfsCli, busybox: s
         assert result.stdout.split() == [b"HELLO", b"13"]
 
 
+@needs_root
 def test_layerfs_run_a_pipeline_returns_output_and_exit_code(layerfs_cli: LayerfsCli,
                                                              busybox: str):
     result = layerfs_cli("run", "--rm", "-e", "GREETING=hi there", busybox, "sh", "-c",
@@ -65,6 +64,7 @@ def test_layerfs_run_a_pipeline_returns_output_and_exit_code(layerfs_cli: Layerf
     assert layerfs_cli("mounts", "-q").stdout == b""
 
 
+@needs_root
 def test_layerfs_run_user_workdir_default_cmd_and_kept_upper(layerfs_cli: LayerfsCli,
                                                              busybox: str):
     result = layerfs_cli("run", "-u", "nobody", "-w", "/tmp", busybox, "sh", "-c",
@@ -78,6 +78,7 @@ def test_layerfs_run_user_workdir_default_cmd_and_kept_upper(layerfs_cli: Layerf
     assert default.stdout == b"from stdin\n"
 
 
+@needs_root
 def test_layerfs_run_forwards_signals(layerfs_cli: LayerfsCli, busybox: str):
     proc = subprocess.Popen(
         [sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root), "run", "--rm",
@@ -98,6 +99,7 @@ def test_layerfs_run_forwards_signals(layerfs_cli: LayerfsCli, busybox: str):
             proc.wait()
 
 
+@needs_root
 def test_layerfs_run_refuses_a_chain_too_deep_for_a_container(layerfs_cli: LayerfsCli,
                                                                tmp_path: Path):
     store = Store.open(layerfs_cli.root)
@@ -112,6 +114,7 @@ def test_layerfs_run_refuses_a_chain_too_deep_for_a_container(layerfs_cli: Layer
     assert b"Cannot create container with more than 127 parents" in result.stderr
 
 
+@needs_root
 def test_runc_runs_a_bundle_whose_root_is_a_layerfs_mount(layerfs_cli: LayerfsCli,
                                                           busybox: str, tmp_path: Path):
     if shutil.which("runc") is None:
@@ -153,6 +156,7 @@ def _hello_deb(work: Path) -> Path:
     return deb
 
 
+@needs_root
 def test_debian_image_chroot_dpkg_install_and_busybox(layerfs_cli: LayerfsCli,
                                                       debian_tar: Path, tmp_path: Path):
     layerfs_cli("import", "-q", "-c", 'CMD ["/bin/bash"]', debian_tar, "debian:test")
@@ -184,9 +188,11 @@ def test_debian_image_chroot_dpkg_install_and_busybox(layerfs_cli: LayerfsCli,
 
 
 def test_run_without_root_says_it_needs_root(tmp_path: Path) -> None:
-    # Refused before the store is touched: this user could not even reach tmp_path.
+    # Refused before the store is touched: as root, the test drops to a user who could
+    # not even reach tmp_path; a normal user runs it as is.
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+        [*(drop if os.geteuid() == 0 else []), sys.executable, "-m",
          "layerfs", "--root", str(tmp_path / "store"), "run", "busybox:1", "true"],
         capture_output=True, check=False, cwd="/",
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
