@@ -17,7 +17,7 @@ from typing import Any
 from layerfs.cli.common import open_store, table
 from layerfs.errors import MountError, UsageError
 from layerfs.fs.host import Records, check_fuse, is_mounted, stop_mount
-from layerfs.store.store import Store
+from layerfs.store.store import Store, in_user_namespace
 
 _OPTIONS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
 
@@ -111,6 +111,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(
             "layerfs run needs root: it creates namespaces, mounts /proc and /dev and chroots",
             hint="run it with sudo, or mount the image and use a rootless runtime on it",
+        )
+    if in_user_namespace():
+        raise UsageError(
+            "layerfs run needs the host's root; it does not run inside a user namespace",
+            hint="run it with sudo, or use a rootless runtime on a mount made in here",
         )
     check_fuse(allow_other=True)
     store = open_store(args)

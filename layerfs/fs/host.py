@@ -256,6 +256,14 @@ class Records:
         return None
 
 
+def _other_mount_namespace(pid: int) -> bool:
+    """True if process ``pid`` is known to live in another mount namespace than ours."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return False
+
+
 def stop_mount(
     records: Records, mountpoint: str | Path, *, lazy: bool = False, timeout: float = 60.0
 ) -> None:
@@ -268,6 +276,10 @@ def stop_mount(
             return
         if record is None:
             raise MountError(f"{mountpoint} is not mounted")
+        if _other_mount_namespace(record.pid):
+            # Mounted in a mount namespace of its own (unshare --mount) that this
+            # process cannot see into: the server unmounts there on SIGTERM.
+            timeout = min(timeout, 2.0)
     elif not is_layerfs_mount(real):
         raise MountError(f"{mountpoint} is not a layerfs mount")
     else:

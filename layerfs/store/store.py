@@ -30,12 +30,26 @@ STORE_VERSION = 1
 _MARKER = "layerfs-store.json"
 
 
+UID_MAP = Path("/proc/self/uid_map")
+
+
+def in_user_namespace() -> bool:
+    """True inside a user namespace (``unshare --map-root-user``): its root is a user."""
+    try:
+        return UID_MAP.read_text().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
 def default_root() -> Path:
-    """``LAYERFS_ROOT``, else /var/lib/layerfs for root, else the XDG data directory."""
+    """``LAYERFS_ROOT``, else /var/lib/layerfs for root, else the XDG data directory.
+
+    The root of a user namespace is the user who made it: it gets the user's store.
+    """
     env = os.environ.get("LAYERFS_ROOT")
     if env:
         return Path(env)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not in_user_namespace():
         return Path("/var/lib/layerfs")
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "share"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,8 @@ def test_mount_options():
     assert parse_options(["allow_other,ro", "suid"]) == {"allow_other", "ro", "suid"}
     with pytest.raises(UsageError, match="unsupported mount option 'exec'"):
         parse_options(["exec"])
+
+
+def test_other_mount_namespace_is_false_for_our_own_and_for_unknown_processes() -> None:
+    assert host._other_mount_namespace(os.getpid()) is False
+    assert host._other_mount_namespace(2**22 + 12345) is False  # no such process

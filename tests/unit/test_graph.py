@@ -124,7 +124,17 @@ def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LAYERFS_ROOT", str(tmp_path / "env"))
     assert default_root() == tmp_path / "env"
     monkeypatch.delenv("LAYERFS_ROOT")
+    uid_map = tmp_path / "uid_map"
+    monkeypatch.setattr(store_module, "UID_MAP", uid_map)
+    uid_map.write_text("         0          0 4294967295\n")  # the initial namespace
     monkeypatch.setattr(store_module.os, "geteuid", lambda: 0)
+    assert default_root() == Path("/var/lib/layerfs")
+    # `unshare --map-root-user` as user 1000: root in there is that user, with its store.
+    uid_map.write_text("         0       1000          1\n")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_root() == tmp_path / "xdg" / "layerfs"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    uid_map.unlink()  # no /proc: not known to be a user namespace
     assert default_root() == Path("/var/lib/layerfs")
     monkeypatch.setattr(store_module.os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
