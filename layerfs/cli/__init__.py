@@ -59,7 +59,7 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         "--root",
         metavar="DIR",
         help="the store (default: $LAYERFS_ROOT, /var/lib/layerfs as root, "
-        "else $XDG_DATA_HOME/layerfs)",
+        "else $XDG_DATA_HOME/layerfs, also in a user namespace)",
     )
     parser.add_argument(
         "--debug", action="store_true", help="show debug logs and tracebacks of errors"
