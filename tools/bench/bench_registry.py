@@ -172,23 +172,23 @@ def gzip_codecs() -> str:
     return "\n".join(rows)
 
 
-def inflate_and_hash(blob: Path, out: Path) -> int:
-    """Hash ``blob``, inflate it, hash and write what comes out, fsync: bytes written."""
+def inflate_and_hash(blob: Path, out: Path) -> None:
+    """Hash ``blob`` (checked against its name), inflate it, hash and write it, fsync."""
     from isal import isal_zlib
 
     blob_hash, tar_hash = hashlib.sha256(), hashlib.sha256()
     inflater = isal_zlib.decompressobj(31)
-    size = 0
     with open(blob, "rb") as src, open(out, "wb") as dst:
         while chunk := src.read(1 << 20):
             blob_hash.update(chunk)
             data = inflater.decompress(chunk)
             tar_hash.update(data)
             dst.write(data)
-            size += len(data)
         dst.flush()
         os.fsync(dst.fileno())
-    return size
+    # docker-registry keeps a blob as blobs/sha256/<2 hex>/<hex>/data.
+    if blob_hash.hexdigest() != blob.parent.name:
+        raise RuntimeError(f"{blob}: content does not hash to its name")
 
 
 def pull_floor(pool: ProcessPoolExecutor, blobs: list[Path], out: Path) -> float:

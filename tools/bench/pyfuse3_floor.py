@@ -43,7 +43,6 @@ class Floor(pyfuse3.Operations):
         self.parent: dict[int, int] = {}
         self.links: dict[int, bytes] = {}
         self.paths: dict[int, bytes] = {}
-        self.files: dict[int, int] = {}  # fh -> fd
         self.dirs: dict[int, list[tuple[bytes, int]]] = {}
         self.next_fh = 1
         self._load(os.fsencode(source))
@@ -128,8 +127,8 @@ class Floor(pyfuse3.Operations):
         del self.dirs[fh]
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        # The file handle is the file descriptor.
         fd = os.open(self.paths[inode], os.O_RDONLY)
-        self.files[fd] = fd
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -139,7 +138,7 @@ class Floor(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
-        os.close(self.files.pop(fh))
+        os.close(fh)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         raise pyfuse3.FUSEError(errno.ENODATA)
