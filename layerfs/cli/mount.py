@@ -16,7 +16,7 @@ from typing import Any
 
 from layerfs.cli.common import open_store, table
 from layerfs.errors import MountError, UsageError
-from layerfs.fs.host import Records, check_fuse, is_mounted, stop_mount
+from layerfs.fs.host import ENGINES, Records, check_fuse, is_mounted, stop_mount
 from layerfs.store.store import Store, in_user_namespace
 
 _OPTIONS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
@@ -46,6 +46,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dev", action="store_true", help="allow device nodes to be opened")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="serve in this process until unmounted (logs also to stderr)")
+    add_engine_option(p)
     p.set_defaults(handler=cmd_mount)
 
     p = subparsers.add_parser(
@@ -58,7 +59,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=cmd_umount)
 
     p = subparsers.add_parser("mounts", help="list live mounts",
-                              description="List the mounts of this store: image and mode.")
+                              description="List the mounts of this store: image, mode, "
+                                          "engine and whether the server runs.")
     p.add_argument("-q", "--quiet", action="store_true", help="only show mountpoints")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(handler=cmd_mounts)
@@ -79,6 +81,13 @@ def register(subparsers: Any) -> None:
 
     register_run(subparsers)
 
+
+
+def add_engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["auto", *ENGINES], default="auto",
+                   help="FUSE engine: native (layerfs's own, speaking the kernel's protocol "
+                        "on /dev/fuse) or pyfuse3 (libfuse); auto: native, or pyfuse3 on a "
+                        "kernel too old for it (default)")
 
 
 def register_run(subparsers: Any) -> None:
@@ -103,6 +112,7 @@ def register_run(subparsers: Any) -> None:
                    help="name of the upper directory (kept without --rm; mount it with "
                         "--upper NAME, commit it from there)")
     p.add_argument("--hostname", metavar="NAME", help="host name (default: a random ID)")
+    add_engine_option(p)
     p.set_defaults(handler=cmd_run)
 
 
@@ -117,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "layerfs run needs the host's root; it does not run inside a user namespace",
             hint="run it with sudo, or use a rootless runtime on a mount made in here",
         )
-    check_fuse(allow_other=True)
+    check_fuse(allow_other=True, engine=args.engine)
     store = open_store(args)
     from layerfs.container import RunSpec, run
 
@@ -126,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     return run(store, RunSpec(image=args.image, command=command, env=args.env,
                               workdir=args.workdir, user=args.user, remove=args.remove,
-                              name=args.name, hostname=args.hostname,
+                              name=args.name, hostname=args.hostname, engine=args.engine,
                               debug=bool(getattr(args, "debug", False))))
 
 
@@ -150,7 +160,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if writable and "ro" in options:
         raise UsageError("-o ro and --rw (or --upper) contradict each other")
     allow_other = "allow_other" in options
-    check_fuse(allow_other=allow_other)
+    check_fuse(allow_other=allow_other, engine=args.engine)
     store = open_store(args)
     from layerfs.fs.mount import MountRequest, mount
 
@@ -160,6 +170,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         suid=bool(args.suid or "suid" in options) and "nosuid" not in options,
         dev=bool(args.dev or "dev" in options) and "nodev" not in options,
         foreground=args.foreground, debug=bool(getattr(args, "debug", False)),
+        engine=args.engine,
     ))
     return 0
 
@@ -186,7 +197,8 @@ def cmd_mounts(args: argparse.Namespace) -> int:
         status = "running" if alive and mounted else "dead" if mounted else "stopping"
         rows.append({"Mountpoint": record.mountpoint, "Image": record.reference,
                      "ID": record.image, "Mode": record.mode, "Upper": record.upper or "",
-                     "Pid": record.pid, "Status": status, "Log": record.log})
+                     "Engine": record.engine, "Pid": record.pid, "Status": status,
+                     "Log": record.log})
     if args.quiet:
         for row in rows:
             print(row["Mountpoint"])
@@ -196,8 +208,9 @@ def cmd_mounts(args: argparse.Namespace) -> int:
             print(json.dumps(row, sort_keys=True))
         return 0
     print(table([[r["Mountpoint"], r["Image"], r["ID"][:12], r["Mode"], r["Upper"],
-                  str(r["Pid"]), r["Status"]] for r in rows],
-                ["MOUNTPOINT", "IMAGE", "IMAGE ID", "MODE", "UPPER", "PID", "STATUS"]))
+                  r["Engine"], str(r["Pid"]), r["Status"]] for r in rows],
+                ["MOUNTPOINT", "IMAGE", "IMAGE ID", "MODE", "UPPER", "ENGINE", "PID",
+                 "STATUS"]))
     return 0
 
 

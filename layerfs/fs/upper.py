@@ -322,7 +322,7 @@ class Upper:
             except FileNotFoundError:
                 pass
 
-    def write(self, ino: int, offset: int, data: bytes) -> int:
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
         fd = self.copy_up(ino)
         written = os.pwrite(fd, data, offset)
         t = self.table
