@@ -84,10 +84,11 @@ def register(subparsers: Any) -> None:
 
 
 def add_engine_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=["auto", *ENGINES], default="auto",
+    p.add_argument("--engine", choices=["auto", *ENGINES],
+                   default=os.environ.get("LAYERFS_ENGINE") or "auto",
                    help="FUSE engine: native (layerfs's own, speaking the kernel's protocol "
                         "on /dev/fuse) or pyfuse3 (libfuse); auto: native, or pyfuse3 on a "
-                        "kernel too old for it (default)")
+                        "kernel too old for it (default: $LAYERFS_ENGINE, else auto)")
 
 
 def register_run(subparsers: Any) -> None:

@@ -215,10 +215,6 @@ def fuse_unavailable_reason() -> str | None:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except OSError as err:
         return f"/dev/fuse cannot be opened: {err.strerror}"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as err:
-        return f"pyfuse3 cannot be imported ({err}); apt-get install libfuse3-dev, then make deps"
     return None
 
 
@@ -228,6 +224,26 @@ def fuse_available() -> None:
     reason = fuse_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
+
+
+ENGINES = ("native", "pyfuse3")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each mount engine in turn: every ``layerfs`` started by the test mounts with it.
+
+    A test module of mounts runs on both with ``pytestmark = ...usefixtures("engine")``.
+    """
+    name: str = request.param
+    if name == "pyfuse3":
+        try:
+            import pyfuse3  # noqa: F401
+        except ImportError as err:
+            pytest.skip(f"pyfuse3 cannot be imported ({err}); apt-get install libfuse3-dev, "
+                        "then make deps")
+    monkeypatch.setenv("LAYERFS_ENGINE", name)
+    return name
 
 
 @pytest.fixture(autouse=True)
