@@ -448,6 +448,10 @@ class Pyfuse3Session:
     def counts(self) -> dict[str, int]:
         return dict(self.handlers.counts)
 
+    def info(self) -> dict[str, Any]:
+        return {"pyfuse3": getattr(pyfuse3, "__version__", "unknown"),
+                "workers": WORKERS_WRITABLE if self.ops.writable else WORKERS_READ_ONLY}
+
     def serve(self, ready: Callable[[], None], save: Callable[[], None] | None,
               save_pending: Callable[[], tuple[bool, int]] | None) -> None:
         """Serve until unmounted or signalled; ``ready`` runs once requests are answered."""

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -28,6 +29,8 @@ import tarfile
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,55 @@ def stats(mnt: Path) -> dict[str, int]:
 def info(mnt: Path) -> dict[str, object]:
     doc: dict[str, object] = json.loads(os.getxattr(mnt, "user.layerfs.info"))
     return doc
+
+
+def caches_dropped() -> int:
+    """How often the page cache was dropped since boot (/proc/vmstat drop_pagecache)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "drop_pagecache":
+            return int(value)
+    return 0
+
+
+def refaulted() -> int:
+    """File pages this process's memory cgroup had to read again after the kernel
+    evicted them (memory.stat workingset_refault_file; /proc/vmstat without cgroups)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for stat_file in (Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.stat",
+                          Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.stat"):
+            if ("memory" in controllers.split(",") or not controllers) and stat_file.is_file():
+                for row in stat_file.read_text().splitlines():
+                    key, _, value = row.partition(" ")
+                    if key == "workingset_refault_file":
+                        return int(value)
+    for row in Path("/proc/vmstat").read_text().splitlines():
+        key, _, value = row.partition(" ")
+        if key == "workingset_refault_file":
+            return int(value)
+    return 0
+
+
+@contextmanager
+def pinned(files: list[str]) -> Iterator[None]:
+    """Every page of ``files`` mapped (and so spared by reclaim of unmapped page cache)."""
+    maps = []
+    try:
+        for path in files:
+            if os.path.getsize(path):
+                with open(path, "rb") as handle:
+                    maps.append(mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ,
+                                          flags=mmap.MAP_SHARED | mmap.MAP_POPULATE))
+        yield
+    finally:
+        for mapping in maps:
+            mapping.close()
+
+
+def regular_files(root: Path) -> list[str]:
+    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+            if stat.S_ISREG(os.lstat(os.path.join(d, n)).st_mode)]
 
 
 def walk_and_read(root: Path) -> int:
@@ -163,10 +215,17 @@ def test_both_engines_make_the_same_changes(layerfs_cli: LayerfsCli, tmp_path: P
         with tarfile.open(out) as tar:
             exported[engine] = sorted((m.name, m.type, m.mode, m.uid, m.gid, m.size, m.linkname)
                                       for m in tar)
-    assert diff_listings(seen["native"], seen["pyfuse3"]) == []
+    # Changed entries got "now" as their mtime, which differs between the two runs.
+    assert seen["native"][b"etc/new"][9] == seen["pyfuse3"][b"etc/new"][9] == 1_600_000_000
+    assert diff_listings(without_mtimes(seen["native"]), without_mtimes(seen["pyfuse3"])) == []
     assert exported["native"] == exported["pyfuse3"]
     got = seen["native"]
     assert got[b"etc/motd"][4] == 6 and got[b"data/medium"][4] == 4 << 20
+    assert got[b"opt/sparse"][4] == 1 << 20 and got[b"opt/big"][4] == 8 << 20
+
+
+def without_mtimes(entries: dict[bytes, tuple[object, ...]]) -> dict[bytes, tuple[object, ...]]:
+    return {path: (*value[:9], *value[10:]) for path, value in entries.items()}
 
 
 # -- what the native engine asks of the kernel ------------------------------------------------
@@ -184,18 +243,28 @@ def test_a_second_pass_sends_no_open_opendir_read_or_readdir(layerfs_cli: Layerf
         first = walk_and_read(mnt)
         during = {k: v - before.get(k, 0) for k, v in stats(mnt).items()}
         # The first pass asked: one OPEN and one OPENDIR (answered ENOSYS), every file's
-        # data, every directory's listing.
-        assert during["read"] > 1000 and during["readdirplus"] > 500 and during["lookup"] > 0
-        assert during.get("open", 0) <= 1 and during.get("opendir", 0) <= 1
+        # data, every directory's listing, every symlink's target.
+        assert during["read"] > 1000 and during["readdirplus"] > 500
+        assert during["lookup"] > 0 and during["readlink"] > 0
+        assert during.get("open", 0) == 1 and during.get("opendir", 0) == 1
         assert "release" not in during and "releasedir" not in during
-        middle = stats(mnt)
-        assert walk_and_read(mnt) == first
-        second = {k: v - middle.get(k, 0) for k, v in stats(mnt).items()
-                  if v - middle.get(k, 0)}
-        for opcode in ("open", "opendir", "read", "readdir", "readdirplus", "readlink",
-                       "release", "releasedir", "lookup", "getattr"):
-            assert opcode not in second, second
-        assert sum(second.values()) <= 2, second  # a FLUSH the kernel tries once at most
+        # The kernel may drop page cache behind everyone's back: drop_caches, or a
+        # machine's proactive reclaim (this one pages out cold unmapped page cache with
+        # DAMON). Cached file data is kept mapped, which such reclaim spares; a second
+        # pass during which the kernel still reloaded evicted pages for this process's
+        # memory cgroup (the listings and symlink targets cannot be mapped) is made again.
+        with pinned(regular_files(mnt)):
+            for _attempt in range(5):
+                dropped, refaults = caches_dropped(), refaulted()
+                middle = stats(mnt)
+                assert walk_and_read(mnt) == first
+                second = {k: v - middle.get(k, 0) for k, v in stats(mnt).items()
+                          if v - middle.get(k, 0)}
+                if (caches_dropped(), refaulted()) == (dropped, refaults):
+                    break
+            else:
+                pytest.fail("the kernel dropped cached pages during every second pass")
+        assert second == {}, second
 
 
 @ROOT_ONLY
