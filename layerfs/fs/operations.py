@@ -79,20 +79,11 @@ Control = Callable[[bytes], bytes]
 """Answers ``getxattr(mountpoint, "user.layerfs.<what>")``, the control channel."""
 
 
-class Attr(NamedTuple):
-    """An inode's attributes as the kernel wants them (times in nanoseconds)."""
-
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
+Attr = tuple[int, int, int, int, int, int, int, int, int, int, int]
+"""An inode's attributes as the kernel wants them, in this order: ino, mode, nlink, uid,
+gid, rdev, size, blocks (512 bytes), atime, mtime, ctime (nanoseconds). A plain tuple:
+the kernel asks for one on almost every request, and a NamedTuple costs several times
+as much to make."""
 
 
 class Statfs(NamedTuple):
@@ -174,8 +165,8 @@ class Operations:
             self._take_over_data_changes(ino)
         size = t.size[ino]
         mtime = t.mtime[ino]
-        return Attr(ino, t.mode[ino], t.nlink[ino], t.uid[ino], t.gid[ino], t.rdev.get(ino, 0),
-                    size, (size + 511) >> 9, mtime, mtime, t.ctime.get(ino, mtime))
+        return (ino, t.mode[ino], t.nlink[ino], t.uid[ino], t.gid[ino], t.rdev.get(ino, 0),
+                size, (size + 511) >> 9, mtime, mtime, t.ctime.get(ino, mtime))
 
     def alive(self, ino: int) -> None:
         if not self.t.alive(ino):

@@ -27,7 +27,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from layerfs.fs.operations import Attr, Operations, errno_of
+from layerfs.fs.operations import BLKSIZE, Operations, errno_of
 from layerfs.fs.upper import Upper
 
 log = logging.getLogger(__name__)
@@ -82,22 +82,22 @@ class Pyfuse3Operations(pyfuse3.Operations):
     # -- helpers ------------------------------------------------------------------------
 
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
-        a: Attr = self.ops.attr(ino)
+        _, mode, nlink, uid, gid, rdev, size, blocks, atime, mtime, ctime = self.ops.attr(ino)
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
         attr.entry_timeout = attr.attr_timeout = self.ops.timeout
-        attr.st_mode = a.mode
-        attr.st_nlink = a.nlink
-        attr.st_uid = a.uid
-        attr.st_gid = a.gid
-        attr.st_size = a.size
-        attr.st_blksize = 65536
-        attr.st_blocks = a.blocks
-        attr.st_mtime_ns = a.mtime_ns
-        attr.st_atime_ns = a.atime_ns
-        attr.st_ctime_ns = a.ctime_ns
-        if a.rdev:
-            attr.st_rdev = a.rdev
+        attr.st_mode = mode
+        attr.st_nlink = nlink
+        attr.st_uid = uid
+        attr.st_gid = gid
+        attr.st_size = size
+        attr.st_blksize = BLKSIZE
+        attr.st_blocks = blocks
+        attr.st_mtime_ns = mtime
+        attr.st_atime_ns = atime
+        attr.st_ctime_ns = ctime
+        if rdev:
+            attr.st_rdev = rdev
         return attr
 
     async def _pread(self, fd: int, size: int, pos: int, limit: int) -> bytes | memoryview:

@@ -55,9 +55,14 @@ READ_ONLY = EVERY_MOUNT | protocol.NO_OPEN_SUPPORT | protocol.NO_OPENDIR_SUPPORT
 WRITABLE = EVERY_MOUNT | protocol.ATOMIC_O_TRUNC
 
 
+_NS = 1_000_000_000
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
 def _split(ns: float | int) -> tuple[int, int]:
-    sec, nsec = divmod(int(ns), 1_000_000_000)
-    return sec & 0xFFFFFFFFFFFFFFFF, nsec
+    """Seconds (as the kernel's u64, before 1970 wrapping) and nanoseconds."""
+    sec, nsec = divmod(int(ns), _NS)
+    return sec & _U64, nsec
 
 
 def _read_ahead(fd: int, size: int, pos: int, limit: int) -> bytes:
@@ -173,12 +178,18 @@ class NativeDispatcher(Dispatcher):
 
     # -- encoding ----------------------------------------------------------------------------
 
-    def _attr_fields(self, a: Attr) -> tuple[int, ...]:
-        asec, ansec = _split(a.atime_ns)
-        msec, mnsec = _split(a.mtime_ns)
-        csec, cnsec = _split(a.ctime_ns)
-        return (a.ino, a.size, a.blocks, asec, msec, csec, ansec, mnsec, cnsec, a.mode, a.nlink,
-                a.uid, a.gid, _encode_dev(a.rdev), BLKSIZE, 0)
+    @staticmethod
+    def _attr_fields(a: Attr) -> tuple[int, ...]:
+        """``fuse_attr``'s fields in its order (times split into seconds, nanoseconds)."""
+        ino, mode, nlink, uid, gid, rdev, size, blocks, atime, mtime, ctime = a
+        msec, mnsec = divmod(mtime, _NS)
+        if msec < 0:
+            msec &= _U64
+        # Most inodes have one time for all three: split it once.
+        asec, ansec = (msec, mnsec) if atime == mtime else _split(atime)
+        csec, cnsec = (msec, mnsec) if ctime == mtime else _split(ctime)
+        return (ino, size, blocks, asec, msec, csec, ansec, mnsec, cnsec, mode, nlink, uid, gid,
+                _encode_dev(rdev) if rdev else 0, BLKSIZE, 0)
 
     def _entry(self, ino: int) -> bytes:
         valid, nsec = self._valid
@@ -276,14 +287,14 @@ class NativeDispatcher(Dispatcher):
             if end > size:
                 break
             a = ops.attr(ino)
+            kind = (a[1] >> 12) & 0xF
             if name == b"." or name == b"..":
                 # The kernel links neither: no reference is taken.
                 pack_entry(buf, pos, 0, 0, 0, 0, 0, 0, *fields(a))
             else:
                 pack_entry(buf, pos, ino, 0, valid, valid, nsec, nsec, *fields(a))
                 ops.referenced(ino)
-            protocol.pack_dirent(buf, pos + entry_size, ino, next_off, (a.mode >> 12) & 0xF,
-                                 name)
+            protocol.pack_dirent(buf, pos + entry_size, ino, next_off, kind, name)
             pos = end
         return memoryview(buf)[:pos]
 

@@ -16,7 +16,7 @@ to it. Nothing here does I/O: :mod:`.session` reads and writes the device.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 KERNEL_VERSION = 7
 OUR_MINOR = 41
@@ -311,6 +311,11 @@ LAYOUTS: dict[int, Layout] = {
 }
 
 
+_LAYOUT = {opcode: (layout.body, layout.names, layout.data)
+           for opcode, layout in LAYOUTS.items()}
+EMPTY_VIEW = memoryview(b"")
+
+
 class ProtocolError(Exception):
     """A request that does not decode; ``unique`` is 0 when even its header is unreadable."""
 
@@ -319,61 +324,78 @@ class ProtocolError(Exception):
         self.unique = unique
 
 
-@dataclass(slots=True)
 class Request:
     """One decoded request: the header's fields, the fixed body, names and a data tail."""
 
-    opcode: int
-    unique: int
-    nodeid: int
-    uid: int
-    gid: int
-    pid: int
-    args: tuple[int, ...] = ()
-    names: tuple[bytes, ...] = ()
-    data: memoryview = field(default_factory=lambda: memoryview(b""))
-    interrupted: bool = False
+    __slots__ = ("args", "data", "gid", "interrupted", "names", "nodeid", "opcode", "pid",
+                 "uid", "unique")
+
+    def __init__(self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, pid: int,
+                 args: tuple[int, ...] = (), names: tuple[bytes, ...] = (),
+                 data: memoryview = EMPTY_VIEW) -> None:
+        self.opcode = opcode
+        self.unique = unique
+        self.nodeid = nodeid
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.args = args
+        self.names = names
+        self.data = data
+        self.interrupted = False
 
     @property
     def name(self) -> str:
         return OPCODE_NAMES.get(self.opcode, f"opcode {self.opcode}")
 
+    def __repr__(self) -> str:
+        return (f"Request({self.name}, unique={self.unique}, nodeid={self.nodeid}, "
+                f"args={self.args}, names={self.names})")
+
+
+_header = IN_HEADER.unpack_from
+_HEADER_SIZE = IN_HEADER.size
+
 
 def decode(buf: memoryview, *, setxattr_ext: bool = False) -> Request:
     """Decode the request in ``buf`` (exactly what one read of the device returned)."""
     size = len(buf)
-    if size < IN_HEADER.size:
-        raise ProtocolError(f"short request: {size} bytes, a header alone is {IN_HEADER.size}")
-    length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = IN_HEADER.unpack_from(buf)
+    if size < _HEADER_SIZE:
+        raise ProtocolError(f"short request: {size} bytes, a header alone is {_HEADER_SIZE}")
+    length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _header(buf)
     if length != size:
         raise ProtocolError(f"request length {length} but {size} bytes were read", unique)
     end = size - 8 * extlen  # extensions (security context, groups) sit at the end: unused
-    if end < IN_HEADER.size:
+    if end < _HEADER_SIZE:
         raise ProtocolError(f"extension length {8 * extlen} exceeds the request", unique)
-    layout = LAYOUTS.get(opcode)
+    layout = _LAYOUT.get(opcode)
     if layout is None:
-        return Request(opcode, unique, nodeid, uid, gid, pid, data=buf[IN_HEADER.size:end])
-    body = layout.body
-    if opcode == SETXATTR and setxattr_ext:
+        return Request(opcode, unique, nodeid, uid, gid, pid, (), (), buf[_HEADER_SIZE:end])
+    body, count, has_data = layout
+    if setxattr_ext and opcode == SETXATTR:
         body = SETXATTR_IN_EXT
-    offset = IN_HEADER.size + body.size
+    offset = _HEADER_SIZE + body.size
     if offset > end:
         raise ProtocolError(
-            f"{OPCODE_NAMES[opcode]}: body of {end - IN_HEADER.size} bytes, needs {body.size}",
+            f"{OPCODE_NAMES[opcode]}: body of {end - _HEADER_SIZE} bytes, needs {body.size}",
             unique)
-    args = body.unpack_from(buf, IN_HEADER.size)
+    args = body.unpack_from(buf, _HEADER_SIZE) if body.size else ()
     names: tuple[bytes, ...] = ()
-    if layout.names:
-        found = []
-        for _ in range(layout.names):
-            tail = buf[offset:end]
-            stop = bytes(tail).find(b"\0")
-            if stop < 0:
+    if count:
+        tail = bytes(buf[offset:end])
+        first = tail.find(b"\0")
+        if first < 0:
+            raise ProtocolError(f"{OPCODE_NAMES[opcode]}: a name is not terminated", unique)
+        if count == 1:
+            names = (tail[:first],)
+            offset += first + 1
+        else:
+            second = tail.find(b"\0", first + 1)
+            if second < 0:
                 raise ProtocolError(f"{OPCODE_NAMES[opcode]}: a name is not terminated", unique)
-            found.append(bytes(tail[:stop]))
-            offset += stop + 1
-        names = tuple(found)
-    data = buf[offset:end] if layout.data else memoryview(b"")
+            names = (tail[:first], tail[first + 1:second])
+            offset += second + 1
+    data = buf[offset:end] if has_data else EMPTY_VIEW
     return Request(opcode, unique, nodeid, uid, gid, pid, args, names, data)
 
 
@@ -387,13 +409,6 @@ def reply_header(unique: int, length: int, error: int = 0) -> bytes:
 
 def error_reply(unique: int, errno_: int) -> bytes:
     return OUT_HEADER.pack(OUT_HEADER.size, -errno_, unique)
-
-
-def split_ns(ns: int) -> tuple[int, int]:
-    """Seconds and nanoseconds of a time in nanoseconds (times before 1970 wrap as the
-    kernel's ``u64`` seconds field expects)."""
-    sec, nsec = divmod(ns, 1_000_000_000)
-    return sec & 0xFFFFFFFFFFFFFFFF, nsec
 
 
 def pack_dirent(buf: bytearray, pos: int, ino: int, off: int, kind: int, name: bytes) -> int:

@@ -54,6 +54,8 @@ IO_THREADS = 4
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _EARLY_INTERRUPTS = 256  # INTERRUPTs remembered for requests not waiting (yet)
 _FLAGS2 = struct.Struct("=I")  # fuse_init_in.flags2, after the 7.23 part
+_out = protocol.OUT_HEADER.pack
+_OUT_SIZE = protocol.OUT_HEADER.size
 
 
 class UnsupportedKernelError(Exception):
@@ -211,6 +213,7 @@ class Session:
                 self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _wait(self, tick: Callable[[], None] | None, tick_every: float) -> None:
+        """Wait for the workers to end, for a signal, and run ``tick`` now and then."""
         deadline = 0.0
         next_tick = time.monotonic() + tick_every
         while any(t.is_alive() for t in self._threads):
@@ -218,17 +221,22 @@ class Session:
             if deadline and now > deadline:
                 log.info("the mount is still in use: leaving it to the kernel")
                 return
-            info = signal.sigtimedwait(_SIGNALS, max(0.0, min(0.2, next_tick - now)))
-            if info is not None and not deadline:
+            if now >= next_tick:
+                next_tick = now + tick_every
+                if tick is not None:
+                    try:
+                        tick()
+                    except Exception:
+                        log.exception("internal error in the periodic task")
+            # The workers end only when the kernel ends the session: a quarter of a
+            # second is how long noticing that may take.
+            wait = min(0.25, max(0.01, next_tick - time.monotonic()))
+            info = signal.sigtimedwait(_SIGNALS, wait)
+            # A debugger attaching (ptrace) can end the wait with no signal in it.
+            if info is not None and info.si_signo in _SIGNALS and not deadline:
                 log.info("%s: unmounting", signal.Signals(info.si_signo).name)
                 device.unmount_lazily(self.conn.mountpoint)
                 deadline = time.monotonic() + 2.0
-            if tick is not None and time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + tick_every
-                try:
-                    tick()
-                except Exception:
-                    log.exception("internal error in the periodic task")
 
     def counts(self) -> dict[str, int]:
         """Requests served so far, by opcode name."""
@@ -273,14 +281,6 @@ class Session:
             log.exception("a FUSE worker failed")
 
     def _handle(self, fd: int, data: memoryview, counts: list[int]) -> None:
-        # Python's open() asks isatty() of every file it opens: an IOCTL, answered here
-        # before anything else is decoded.
-        if len(data) >= protocol.IN_HEADER.size and \
-                protocol.IN_HEADER.unpack_from(data)[1] == protocol.IOCTL:
-            unique = protocol.IN_HEADER.unpack_from(data)[2]
-            counts[protocol.IOCTL] += 1
-            self._write(fd, [protocol.error_reply(unique, errno.ENOTTY)])
-            return
         try:
             req = protocol.decode(data)
         except protocol.ProtocolError as exc:
@@ -290,6 +290,12 @@ class Session:
             return
         opcode = req.opcode
         counts[opcode if opcode < 64 else 0] += 1
+        if opcode == protocol.IOCTL:
+            # Python's open() asks isatty() of every file it opens: the kernel forwards
+            # it each time (it never remembers an answer to IOCTL). No file here is a
+            # terminal or anything else an ioctl could ask about.
+            self._write(fd, [protocol.error_reply(req.unique, errno.ENOTTY)])
+            return
         if opcode == protocol.INTERRUPT:
             self._interrupt(req.args[0])
             return
@@ -315,11 +321,11 @@ class Session:
             return
         if result is None:
             return
-        if isinstance(result, bytes | bytearray | memoryview):
-            self._write(fd, [protocol.reply_header(req.unique, len(result)), result])
-        else:
+        if isinstance(result, list | tuple):
             parts = list(result)
-            self._write(fd, [protocol.reply_header(req.unique, sum(map(len, parts))), *parts])
+            self._write(fd, [_out(_OUT_SIZE + sum(map(len, parts)), 0, req.unique), *parts])
+        else:
+            self._write(fd, [_out(_OUT_SIZE + len(result), 0, req.unique), result])
 
     # -- blocking work and INTERRUPT ----------------------------------------------------------
 
