@@ -52,6 +52,7 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 SEEK_DATA = 3
 SEEK_HOLE = 4
+_LISTINGS_KEPT = 8
 
 _QUIET_ERRNOS = frozenset(
     {
@@ -145,6 +146,7 @@ class Operations:
         self._next_fh = 1
         self._files: dict[int, int] = {}  # fh -> inode
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}  # fh -> names at opendir
+        self._listings: dict[int, list[tuple[bytes, int]]] = {}  # see listing()
         self._open: dict[int, int] = {}  # inode -> open handles (writable mounts)
         self._lookups: dict[int, int] = {}  # inode -> kernel references (writable mounts)
         # Upper files the kernel writes itself (passthrough): inode -> the data file's
@@ -278,20 +280,30 @@ class Operations:
                 yield index + 1, name, ino
 
     def listing(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int]]:
-        """The same without a handle, for a tree that never changes (a read-only mount)."""
+        """The same without a handle, for a tree that never changes (a read-only mount).
+
+        A listing read in several requests is indexed once (the few most recent stay),
+        so that each request starts where the last one ended without walking to it.
+        """
         names = self._names(ino)
         if start == 0:
             yield 1, b".", ino
         if start <= 1:
             yield 2, b"..", self.t.parent[ino]
-        index = max(start, 2)
-        items = iter(names.items())
-        for _ in range(index - 2):
-            if next(items, None) is None:
-                return
-        for name, child in items:
-            index += 1
-            yield index, name, child
+        if start <= 2:
+            index = 2
+            for name, child in names.items():
+                index += 1
+                yield index, name, child
+            return
+        entries = self._listings.get(ino)
+        if entries is None:
+            entries = self._listings[ino] = list(names.items())
+            while len(self._listings) > _LISTINGS_KEPT:
+                self._listings.pop(next(iter(self._listings)), None)
+        for index in range(start - 2, len(entries)):
+            name, child = entries[index]
+            yield index + 3, name, child
 
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
