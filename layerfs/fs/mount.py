@@ -137,7 +137,7 @@ class _Server:
         if not store.graph.exists(image.id):
             raise MountError(f"cannot mount {request.image}: the image was deleted while it "
                              "was being mounted")
-        self.lower = from_store(store, image, request.image, init=request.init)
+        self.lower = from_store(store, image, request.image, init=request.init, chain=chain)
         self.tars = self.lower.open_tars()
         upper_name = None
         if request.writable:

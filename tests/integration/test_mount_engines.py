@@ -190,6 +190,8 @@ def change_everything(mnt: Path) -> None:
         os.pwrite(fd, b"end", (1 << 20) - 3)
     finally:
         os.close(fd)
+    with open(mnt / "data/h1", "rb") as src, open(mnt / "opt/copied", "wb") as dst:
+        os.copy_file_range(src.fileno(), dst.fileno(), 1 << 20, 0, 0)  # a lower file's data
     with open(mnt / "opt/big", "wb") as handle:
         for block in range(8):
             handle.write(bytes([block]) * (1 << 20))
@@ -222,6 +224,7 @@ def test_both_engines_make_the_same_changes(layerfs_cli: LayerfsCli, tmp_path: P
     got = seen["native"]
     assert got[b"etc/motd"][4] == 6 and got[b"data/medium"][4] == 4 << 20
     assert got[b"opt/sparse"][4] == 1 << 20 and got[b"opt/big"][4] == 8 << 20
+    assert got[b"opt/copied"][5] == got[b"data/h1"][5]
 
 
 def without_mtimes(entries: dict[bytes, tuple[object, ...]]) -> dict[bytes, tuple[object, ...]]:

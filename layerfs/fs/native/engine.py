@@ -15,12 +15,11 @@ from typing import Any
 
 from layerfs.fs.native import device
 from layerfs.fs.native.handlers import NativeDispatcher, describe
-from layerfs.fs.native.session import Session
+from layerfs.fs.native.session import WORKERS, Session
 from layerfs.fs.operations import Operations
 
 log = logging.getLogger(__name__)
 
-WORKERS = 4
 
 
 class NativeEngine:

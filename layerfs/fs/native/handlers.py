@@ -446,6 +446,11 @@ class NativeDispatcher(Dispatcher):
     def _copy_up(self, ino: int, keep: int | None = None) -> None:
         """Copy a lower file up (unless done) without holding the lock while bytes move."""
         ops = self.ops
+        with ops.lock:
+            if not ops.needs_copy(ino):
+                return
+        assert self.session is not None
+        self.session.step_aside()  # copying (or waiting for a copy) may take a while
         while True:
             with ops.lock:
                 if not ops.needs_copy(ino):

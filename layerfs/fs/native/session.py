@@ -51,6 +51,7 @@ Handler = Callable[[Request], Reply]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MAX_PAGES = 256  # the kernel's FUSE_MAX_MAX_PAGES: 1 MiB requests with 4 KiB pages
 IO_THREADS = 4
+WORKERS = 8
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _EARLY_INTERRUPTS = 256  # INTERRUPTs remembered for requests not waiting (yet)
 _FLAGS2 = struct.Struct("=I")  # fuse_init_in.flags2, after the 7.23 part
@@ -102,7 +103,7 @@ class Dispatcher:
 
 class Session:
     def __init__(self, conn: device.Connection, dispatcher: Dispatcher, *,
-                 workers: int = 4) -> None:
+                 workers: int = WORKERS) -> None:
         self.conn = conn
         self.fd = conn.fd
         self.dispatcher = dispatcher
@@ -114,6 +115,8 @@ class Session:
         self._fds: list[int] = []
         self._pool: ThreadPoolExecutor | None = None
         self._ilock = threading.Lock()
+        self._lead = threading.Lock()  # held by the worker that reads the device
+        self._local = threading.local()
         self._waiting: dict[int, threading.Event] = {}
         self._early: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._bufsize = (MAX_PAGES + 1) * PAGE
@@ -269,16 +272,39 @@ class Session:
                 log.error("cannot write a reply of %d bytes: %s", sum(map(len, parts)), exc)
 
     def _work(self, fd: int, counts: list[int]) -> None:
+        """Leader and followers: one worker at a time reads the device (the leader) and
+        answers what it read itself, so that a stream of quick requests is served by one
+        thread that stays awake; a worker about to wait (:meth:`step_aside`) hands the
+        reading over first. Were all of them to read at once, the kernel would wake the
+        one that has slept longest for each request, every round trip a cold one: twice
+        the latency here."""
         buf = bytearray(self._bufsize)
         view = memoryview(buf)
+        local = self._local
+        self._lead.acquire()
+        local.leading = True
         try:
             while True:
                 n = self._read(fd, buf)
                 if n is None:
                     return
                 self._handle(fd, view[:n], counts)
+                if not local.leading:
+                    self._lead.acquire()
+                    local.leading = True
         except Exception:
             log.exception("a FUSE worker failed")
+        finally:
+            if local.leading:
+                local.leading = False
+                self._lead.release()
+
+    def step_aside(self) -> None:
+        """The calling worker is about to wait: another one reads the device meanwhile."""
+        local = self._local
+        if getattr(local, "leading", False):
+            local.leading = False
+            self._lead.release()
 
     def _handle(self, fd: int, data: memoryview, counts: list[int]) -> None:
         try:
@@ -333,6 +359,7 @@ class Session:
         """``fn(*args)`` in the I/O pool; raises InterruptedError if the kernel interrupts
         ``req`` first (the work then finishes unseen)."""
         assert self._pool is not None
+        self.step_aside()
         future = self._pool.submit(fn, *args)
         event = threading.Event()
         with self._ilock:
