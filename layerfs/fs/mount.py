@@ -32,6 +32,7 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,7 +73,13 @@ class MountRequest:
 
 
 class Engine(Protocol):
+    """What mounting needs of an engine (``native.engine.NativeEngine``,
+    ``pyfuse3_engine.Pyfuse3Session``): ``mount`` in the calling process (its options
+    differ by engine), then ``serve`` in the server."""
+
     name: str
+
+    def serve(self, ready: Callable[[], None], tick: Callable[[], None] | None) -> None: ...
 
     def counts(self) -> dict[str, int]: ...
 
@@ -120,7 +127,7 @@ class _Server:
         self.log_path = store.subdir("logs") / f"mount-{self.id}.log"
         self.mounted = False
         self.ops: Operations | None = None
-        self.engine: Any = None  # an Engine
+        self.engine: Engine | None = None
 
     def prepare(self) -> Operations:
         store, request = self.store, self.request
@@ -414,12 +421,7 @@ def _serve(server: _Server, ready_fd: int | None) -> None:
         _raise_read_ahead(record.mountpoint)
 
     try:
-        if engine.name == "native":
-            _serve_native(server, engine, ready, ready_fd)
-        else:
-            saver = server.save if server.upper is not None else None
-            pending = server.pending if server.upper is not None else None
-            engine.serve(ready, saver, pending)
+        _serve_with(server, engine, ready, ready_fd)
     finally:
         server.close()
         log.info("unmounted %s", record.mountpoint)
@@ -429,7 +431,9 @@ def _serve(server: _Server, ready_fd: int | None) -> None:
             server.log_path.unlink(missing_ok=True)
 
 
-def _serve_native(server: _Server, engine: Any, ready: Any, ready_fd: int | None) -> None:
+def _serve_with(server: _Server, engine: Any, ready: Any, ready_fd: int | None) -> None:
+    """Serve with the engine until the mount ends; a writable mount saves its upper's
+    state a moment after changes stop (every engine calls ``tick`` once a second)."""
     from layerfs.fs.native.session import UnsupportedKernelError
     from layerfs.fs.saving import SaveClock
 

@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import stat
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -452,11 +451,11 @@ class Pyfuse3Session:
         return {"pyfuse3": getattr(pyfuse3, "__version__", "unknown"),
                 "workers": WORKERS_WRITABLE if self.ops.writable else WORKERS_READ_ONLY}
 
-    def serve(self, ready: Callable[[], None], save: Callable[[], None] | None,
-              save_pending: Callable[[], tuple[bool, int]] | None) -> None:
-        """Serve until unmounted or signalled; ``ready`` runs once requests are answered."""
+    def serve(self, ready: Callable[[], None], tick: Callable[[], None] | None) -> None:
+        """Serve until unmounted or signalled; ``ready`` runs once requests are answered,
+        ``tick`` every second (the writable mount's saver)."""
         try:
-            trio.run(_main, ready, save, save_pending, self.ops.writable)
+            trio.run(_main, ready, tick, self.ops.writable)
         finally:
             try:
                 pyfuse3.close(unmount=True)
@@ -464,12 +463,12 @@ class Pyfuse3Session:
                 log.exception("closing the FUSE session")
 
 
-async def _main(ready: Callable[[], None], save: Callable[[], None] | None,
-                save_pending: Callable[[], tuple[bool, int]] | None, writable: bool) -> None:
+async def _main(ready: Callable[[], None], tick: Callable[[], None] | None,
+                writable: bool) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals)
-        if save is not None and save_pending is not None:
-            nursery.start_soon(_save_when_quiet, save, save_pending)
+        if tick is not None:
+            nursery.start_soon(_every_second, tick)
         nursery.start_soon(_announce, ready)
         workers = WORKERS_WRITABLE if writable else WORKERS_READ_ONLY
         await pyfuse3.main(min_tasks=1, max_tasks=workers)
@@ -490,13 +489,10 @@ async def _watch_signals() -> None:
             return
 
 
-async def _save_when_quiet(save: Callable[[], None],
-                           pending: Callable[[], tuple[bool, int]]) -> None:
-    from layerfs.fs.saving import SaveClock
-
-    clock = SaveClock()
+async def _every_second(tick: Callable[[], None]) -> None:
     while True:
-        await trio.sleep(clock.delay)
-        dirty, generation = pending()
-        if clock.due(dirty, generation, time.monotonic()):
-            save()
+        await trio.sleep(1.0)
+        try:
+            tick()
+        except Exception:
+            log.exception("internal error in the periodic task")
