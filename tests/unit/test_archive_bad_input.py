@@ -471,7 +471,9 @@ def test_one_broken_image_among_good_ones(env: dict[str, Path], capsys: pytest.C
 
     assert code == 1
     assert out == ["Loaded image: first:1", "Loaded image: last:1"]
-    assert err[0].startswith("layerfs: error: cannot load bad:1: layer 2/2: diff ID mismatch")
+    assert err[0].startswith(
+        f"layerfs: error: cannot load bad:1: layer 2/2 ({BAD.diff_ids[1][:19]}): diff ID mismatch"
+    )
     assert err[1] == "layerfs: 1 of 3 images were not loaded"
     store = Store.open(env["root"])
     assert store.tags.lookup_image("first:1").id == first.image_id
