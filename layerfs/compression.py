@@ -163,6 +163,11 @@ class _ZstdFrames:
             self._state = "magic"
 
 
+# Compressed bytes handed to a decoder at a time: small enough that the count of
+# bytes consumed, which the expansion cap divides by, follows the decoder closely.
+_INPUT_CHUNK = 64 << 10
+
+
 class _ReadInto:
     """``read`` plus the ``readinto`` igzip's reader asks its file object for."""
 
@@ -173,7 +178,7 @@ class _ReadInto:
         return bytes(self._source.read(size))
 
     def readinto(self, buffer: Any) -> int:
-        data = self._source.read(len(buffer))
+        data = self._source.read(min(len(buffer), _INPUT_CHUNK))
         buffer[: len(data)] = data
         return len(data)
 
@@ -196,7 +201,9 @@ class DecompressingReader:
             self._reader = _GzipFile(fileobj=_ReadInto(raw), mode="rb")
         elif kind == "zstd":
             self._frames = raw = _ZstdFrames(source)
-            self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            self._reader = zstandard.ZstdDecompressor().stream_reader(
+                raw, read_size=_INPUT_CHUNK, read_across_frames=True
+            )
         elif kind == "bzip2":
             self._reader = bz2.BZ2File(raw)
         else:
