@@ -104,3 +104,58 @@ def write_zstd_bomb(path: Path, size: int = BOMB_SIZE) -> Path:
         if rest:
             out.write(compressor.compress(bytes(rest)))
     return path
+
+
+# -- tar streams that are never held whole ----------------------------------------------------
+
+
+
+_EMPTY_FILE = tarfile.TarInfo("x")
+_EMPTY_FILE.mtime = 1_700_000_000
+_TEMPLATE = _EMPTY_FILE.tobuf(tarfile.USTAR_FORMAT)
+_TEMPLATE_SUM = sum(_TEMPLATE[100:148]) + 8 * 32 + sum(_TEMPLATE[156:])
+
+
+class EmptyEntries:
+    """A tar stream of ``count`` empty files ``d/f0000000``... made as it is read.
+
+    A million of them is a 512 MB tar that never exists anywhere: each ``read``
+    makes the next headers (their checksums from a precomputed sum of the rest).
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._next = 0
+        self._end = bytes(1024)
+
+    def _header(self, number: int) -> bytes:
+        name = b"d/f%07d" % number
+        checksum = _TEMPLATE_SUM + sum(name)
+        return name.ljust(100, b"\0") + _TEMPLATE[100:148] + b"%06o\0 " % checksum + _TEMPLATE[156:]
+
+    def read(self, size: int = -1) -> bytes:
+        wanted = max(size, 512) // 512 if size > 0 else self.count
+        stop = min(self.count, self._next + wanted)
+        data = b"".join(self._header(n) for n in range(self._next, stop))
+        self._next = stop
+        if stop == self.count and self._end:
+            data, self._end = data + self._end, b""
+        return data
+
+
+class Endless:
+    """``head`` then a byte pattern forever: a header that promises more than anyone reads."""
+
+    def __init__(self, head: bytes, fill: bytes = b"a") -> None:
+        self._head = head
+        self._fill = fill * (1 << 16)
+        self.served = 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = 1 << 20 if size is None or size < 0 else size
+        if self._head:
+            data, self._head = self._head[:size], self._head[size:]
+        else:
+            data = (self._fill * (size // len(self._fill) + 1))[:size]
+        self.served += len(data)
+        return data

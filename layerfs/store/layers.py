@@ -39,7 +39,7 @@ from layerfs.store.files import (
     remove_tree,
     trash,
 )
-from layerfs.store.tarindex import Entry, index_tar
+from layerfs.store.tarindex import Entry, IndexResult, index_tar
 
 INDEX_VERSION = 1
 
@@ -77,6 +77,17 @@ class LayerInfo:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"corrupt layer info {where}: {exc}") from exc
+
+
+def write_index(out: Any, result: IndexResult) -> None:
+    """The index of an indexed layer, streamed row by row (see docs/store-format.md)."""
+    codec.pack_streaming(
+        out,
+        {"version": INDEX_VERSION, "diff_id": result.diff_id},
+        "entries",
+        (e.to_row() for e in result.entries),
+        len(result.entries),
+    )
 
 
 class StagedLayer:
@@ -145,13 +156,8 @@ class LayerStore:
                 raise DigestMismatchError(
                     f"{what}: diff ID mismatch: expected {expected_diff_id}, got {result.diff_id}"
                 )
-            index = {
-                "version": INDEX_VERSION,
-                "diff_id": result.diff_id,
-                "entries": [e.to_row() for e in result.entries],
-            }
             with open_private(staging / "index") as out:
-                SpaceGuard(out, self.tmp_root, what).write(codec.pack(index))
+                write_index(SpaceGuard(out, self.tmp_root, what), result)
             info = LayerInfo(
                 result.diff_id,
                 result.tar_size,
