@@ -31,7 +31,9 @@ from layerfs.store.files import SpaceGuard, temp_path
 
 _CHUNK = 1 << 20
 _MAX_HOPS = 40  # symlinks followed while resolving one name, as Linux's MAXSYMLINKS
-MAX_DOCUMENT = 32 << 20  # manifests, configs, index.json: far below this in practice
+# manifests, configs, index.json: far below this in practice. Parsed, 8 MiB of the
+# worst JSON (``[{},{},...]``) takes ~200 MB; the registry's limit for configs is the same.
+MAX_DOCUMENT = 8 << 20
 
 
 def split_name(name: str, where: str) -> list[str]:

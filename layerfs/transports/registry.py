@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
 from layerfs.model.digest import is_sha256_digest, sha256_digest
+from layerfs.model.image import decode_json_object
 from layerfs.model.platform import Platform, host_platform, select
 from layerfs.model.reference import Reference, remote_name
 from layerfs.progress import Progress
@@ -239,10 +240,10 @@ class RegistrySource:
                 f"config of {self.what}: digest mismatch: expected {manifest.config.digest}, "
                 f"got {sha256_digest(config)}"
             )
+        doc = decode_json_object(config, f"config of {self.what}")
         try:
-            doc = json.loads(config)
             diff_ids = doc["rootfs"]["diff_ids"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise FormatError(f"config of {self.what} has no rootfs.diff_ids: {exc}") from None
         if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
             raise FormatError(

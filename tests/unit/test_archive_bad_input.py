@@ -310,10 +310,19 @@ def test_decompression_bombs(
 
 
 def test_path_traversal_inside_a_layer(env: dict[str, Path], capsys: pytest.CaptureFixture[str]):
-    for name in ("../canary/pwned", "../../canary/pwned", "/abs/pwned"):
+    for name in ("../canary/pwned", "../../canary/pwned", "/../canary/pwned"):
         evil = make_image([build_tar(tar_file(name, b"pwned"))], ["evil:1"])
         result = run_load(env, capsys, pack(docker_members([evil])))
         assert_one_line_error(result, "evil:1")
+
+
+def test_an_absolute_name_inside_a_layer_stays_inside(env: dict[str, Path], capsys) -> None:  # type: ignore[no-untyped-def]
+    # As in Docker, "/abs/pwned" is the layer's own abs/pwned.
+    image = make_image([build_tar(tar_file("/abs/pwned", b"inside"))], ["abs:1"])
+    code, _, _ = run_load(env, capsys, pack(docker_members([image])))
+    assert code == 0
+    store = Store.open(env["root"])
+    assert [e.path for e in store.layers.entries(image.diff_ids[0])] == [b"abs/pwned"]
 
 
 def test_layer_writing_through_its_own_symlink(env, capsys) -> None:  # type: ignore[no-untyped-def]
