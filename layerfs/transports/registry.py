@@ -132,12 +132,12 @@ class BlobRecords:
                 record.repositories.remove(repository)
             record.repositories.insert(0, repository)  # the latest first
             del record.repositories[20:]
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.parent.mkdir(mode=0o700, exist_ok=True)
+            self.root.mkdir(mode=0o700, exist_ok=True)
             atomic_write(
                 self.root / f"{digest[7:]}.json",
                 json.dumps(record.__dict__, sort_keys=True).encode(),
                 self.store.tmp,
-                0o644,
             )
 
 
