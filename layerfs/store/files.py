@@ -100,8 +100,8 @@ class SpaceGuard:
                 f"{self._what}: stopped after writing {_show_size(self.written)}: the file "
                 f"system of {self._directory} has {_show_size(free)} free and layerfs keeps "
                 f"{_show_size(self._reserve)} free ({RESERVE_VARIABLE})",
-                hint=f"free some space (layerfs rmi, layerfs gc), or lower the reserve: "
-                f"{RESERVE_VARIABLE}=100M (0 turns it off)",
+                hint=f"free some space (layerfs rmi, layerfs gc), or set a smaller reserve, "
+                f"e.g. {RESERVE_VARIABLE}={max(self._reserve >> 21, 1)}M (0 turns it off)",
             )
         # Ask again once half of what is left above the reserve is used, or after 64 MiB.
         self._headroom = min((free - self._reserve) // 2, 64 << 20) - size
