@@ -6,8 +6,9 @@ so that it knows the exact data offset of every entry, keeps names as bytes
 entries that a container runtime must never apply: names escaping the root,
 entries written through a link of the same layer, hardlinks to something that
 is not an earlier entry of the same layer, names Linux cannot create, numbers
-out of range. Like Docker it takes ``/etc/passwd`` for ``etc/passwd`` and lets
-the last of several entries of one path win.
+out of range. Like Docker it takes ``/etc/passwd`` for ``etc/passwd``; like
+Docker's extractor and containerd (not ``docker load``, whose tar-split record
+refuses a path seen twice) it lets the last of several entries of one path win.
 
 What this module leaves to others: decompression (``layerfs.compression``),
 where the bytes go (the caller's sink), and layer semantics across layers

@@ -18,7 +18,7 @@ import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -303,3 +303,115 @@ def test_the_reserve_stops_a_commit(small_store: Path, tmp_path: Path) -> None:
         assert cli("inspect", "big:1", check=False).returncode != 0
         cli("commit", mnt, "big:1")
     assert cli("fsck").returncode == 0
+
+
+# -- hostile names as Docker applies them -----------------------------------------------------
+
+
+def _raw_member(name: bytes, data: bytes = b"", kind: bytes = b"0", link: bytes = b"",
+                size_field: bytes | None = None) -> bytes:  # fmt: skip
+    info = tarfile.TarInfo("x")
+    info.mtime, info.mode = 1_700_000_000, 0o755 if kind == b"5" else 0o644
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[0:100] = name.ljust(100, b"\0")
+    block[156:157] = kind
+    block[157:257] = link.ljust(100, b"\0")
+    block[124:136] = size_field or b"%011o\0" % len(data)
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + data + bytes(-len(data) % 512)
+
+
+HOSTILE_NAMES = [
+    _raw_member(b"./", kind=b"5"),
+    _raw_member(b"/abs/file", b"absolute"),  # no /abs directory entry either
+    _raw_member(b"dup", b"the file"),
+    _raw_member(b"s", kind=b"2", link=b"dup"),
+    _raw_member(b"h", kind=b"1", link=b"s"),  # a second name of the symlink
+    _raw_member(b"/abs-link", kind=b"1", link=b"/dup"),
+    _raw_member(b"b256", b"base-256 size", size_field=b"\x80" + (13).to_bytes(11, "big")),
+]
+DUPLICATES = [
+    _raw_member(b"dup", b"first"),
+    _raw_member(b"./dup", b"second wins"),
+    _raw_member(b"a", b"old a"),
+    _raw_member(b"b", kind=b"1", link=b"a"),  # keeps "old a"
+    _raw_member(b"a", b"new a"),
+    _raw_member(b"d/", kind=b"5"),
+    _raw_member(b"d/x", b"goes with d"),
+    _raw_member(b"d", b"d is a file now"),
+]
+
+
+def _applied(tar_bytes: bytes, names: set[str]) -> dict[str, tuple[str, str]]:
+    """name → (kind, content or link target) of ``names``, hardlinks resolved to content."""
+    content: dict[str, tuple[str, str]] = {}
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for member in tar:
+            name = member.name.removeprefix("./").rstrip("/")
+            if member.isfile():
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                content[name] = ("file", data.decode())
+            elif member.islnk():
+                content[name] = content[member.linkname.removeprefix("./")]
+            elif member.issym():
+                content[name] = ("symlink", member.linkname)
+            elif member.isdir():
+                content[name] = ("dir", "")
+    return {name: content[name] for name in names if name in content}
+
+
+def _load_in_docker(engine: Any, archive: Path, tag: str, names: set[str]) -> Any:
+    """What Docker's load and a container export make of ``names``, or its error."""
+    loaded = engine.run("load", "-i", archive, check=False)
+    if loaded.returncode != 0:
+        return loaded.stderr.decode().strip()
+    container = engine.run("create", tag, "true").stdout.decode().strip()
+    try:
+        return _applied(engine.run("export", container).stdout, names)
+    finally:
+        engine.run("rm", container)
+        engine.run("rmi", tag)
+
+
+@pytest.mark.docker
+def test_hostile_names_apply_as_in_docker(
+    docker_engine: Any, layerfs_cli: LayerfsCli, tmp_path: Path
+) -> None:
+    from tests.archive_builders import docker_members, make_image, pack
+
+    names = {"abs", "abs/file", "dup", "s", "h", "abs-link", "b256"}
+    image = make_image([b"".join(HOSTILE_NAMES) + bytes(1024)], ["layerfs-hostile/names:1"])
+    archive = tmp_path / "names.tar"
+    archive.write_bytes(pack(docker_members([image])))
+    docker = _load_in_docker(docker_engine, archive, "layerfs-hostile/names:1", names)
+    layerfs_cli("load", "-i", archive)
+    ours = _applied(layerfs_cli("export", "layerfs-hostile/names:1").stdout, names)
+    assert ours == docker
+    assert ours == {
+        "abs": ("dir", ""), "abs/file": ("file", "absolute"), "dup": ("file", "the file"),
+        "s": ("symlink", "dup"), "h": ("symlink", "dup"), "abs-link": ("file", "the file"),
+        "b256": ("file", "base-256 size"),
+    }  # fmt: skip
+
+
+@pytest.mark.docker
+def test_duplicate_paths_the_last_wins_where_docker_refuses_the_layer(
+    docker_engine: Any, layerfs_cli: LayerfsCli, tmp_path: Path
+) -> None:
+    # Docker's load records every layer with tar-split, which refuses a path seen twice;
+    # its extractor alone (and containerd's) would apply them in order, the last winning.
+    from tests.archive_builders import docker_members, make_image, pack
+
+    image = make_image([b"".join(DUPLICATES) + bytes(1024)], ["layerfs-hostile/dups:1"])
+    archive = tmp_path / "dups.tar"
+    archive.write_bytes(pack(docker_members([image])))
+    docker = _load_in_docker(docker_engine, archive, "layerfs-hostile/dups:1", {"dup"})
+    assert "duplicates of file paths not supported" in docker
+    layerfs_cli("load", "-i", archive)
+    ours = _applied(layerfs_cli("export", "layerfs-hostile/dups:1").stdout,
+                    {"dup", "a", "b", "d", "d/x"})  # fmt: skip
+    assert ours == {
+        "dup": ("file", "second wins"), "a": ("file", "new a"), "b": ("file", "old a"),
+        "d": ("file", "d is a file now"),
+    }  # fmt: skip
