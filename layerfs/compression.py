@@ -36,8 +36,8 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 
 # Output may exceed the input by this factor once it is past FREE_OUTPUT bytes.
 # Real layers measured here (tools/expansion-ratios.py, docs/store-format.md)
-# expand at most 4x, at any point of the stream; deflate cannot exceed ~1032x
-# (a file of zeros), zstd goes far beyond. 100x leaves 25 times the worst real
+# expand at most 5x, at any point of the stream; deflate cannot exceed ~1032x
+# (a file of zeros), zstd goes far beyond. 100x leaves 20 times the worst real
 # layer seen and stops a gzip bomb of zeros after FREE_OUTPUT bytes, before it
 # has cost a second. LAYERFS_MAX_EXPANSION_RATIO (0: no cap) and
 # LAYERFS_EXPANSION_FREE_BYTES change them.
