@@ -101,6 +101,10 @@ class StoreLockedError(StoreError):
     pass
 
 
+class NoSpaceError(StoreError):
+    """The store's file system is full, or would drop below the free-space reserve."""
+
+
 class RegistryError(LayerfsError):
     """A registry answered with an error, or could not be reached."""
 

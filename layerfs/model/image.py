@@ -91,7 +91,13 @@ def decode_json(data: bytes, what: str) -> Any:
         return json.loads(
             data, object_pairs_hook=no_duplicates, parse_constant=no_constants, parse_float=finite
         )
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        # Python's parser recurses once per level and stops near 1000 (Go's, Docker's,
+        # at 10000); image documents nest a handful of levels deep.
+        raise FormatError(
+            f"{what}: JSON nested too deeply (arrays or objects about 1000 levels deep)"
+        ) from None
+    except ValueError as exc:
         raise FormatError(f"{what}: malformed JSON: {str(exc)[:200]}") from None
 
 

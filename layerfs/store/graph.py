@@ -382,7 +382,7 @@ class Graph:
 
     def retain(self, session: str, *ids: str) -> None:
         """Hold image IDs or layer IDs (hex) for ``session``, visible to every process."""
-        self.holds_root.mkdir(exist_ok=True)
+        self.holds_root.mkdir(mode=0o700, exist_ok=True)
         with locked(self.lock_path):
             for raw_id in ids:
                 key = hex_of(raw_id)

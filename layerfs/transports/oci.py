@@ -372,6 +372,14 @@ class OciLayoutDestination(LayoutDestination):
         )
 
 
+def _read_small(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_DOCUMENT + 1)
+    if len(data) > MAX_DOCUMENT:
+        raise FormatError(f"{path} is larger than {MAX_DOCUMENT} bytes")
+    return data
+
+
 def existing_index(root: Path) -> list[dict[str, Any]] | None:
     """The descriptors of a layout already in ``root`` (to add to), or None if there is none."""
     if not (root / "index.json").is_file():
@@ -379,9 +387,9 @@ def existing_index(root: Path) -> list[dict[str, Any]] | None:
             raise UsageError(f"{root} is not empty and is not an OCI layout")
         return None
     try:
-        layout = json.loads((root / "oci-layout").read_bytes())
-        index = decode_json((root / "index.json").read_bytes(), f"{root}/index.json")
-    except (OSError, ValueError) as exc:
+        layout = decode_json(_read_small(root / "oci-layout"), f"{root}/oci-layout")
+        index = decode_json(_read_small(root / "index.json"), f"{root}/index.json")
+    except OSError as exc:
         raise FormatError(f"{root} is not a usable OCI layout: {exc}") from None
     if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != LAYOUT_VERSION:
         raise FormatError(f"{root}: unsupported OCI layout version")
