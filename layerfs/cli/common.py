@@ -69,8 +69,12 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def print_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=4, ensure_ascii=False))
+def print_json(doc: Any, *, escape_html: bool = False) -> None:
+    """Indented JSON; ``escape_html`` writes <, > and & as Go's encoder does (\\u003c)."""
+    text = json.dumps(doc, indent=4, ensure_ascii=False)
+    if escape_html:  # these characters only occur inside JSON strings
+        text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    print(text)
 
 
 def binary_output(path: str | None, what: str) -> tuple[BinaryIO, bool]:
