@@ -79,7 +79,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("-a", "--author", default="", help="author (\"Name <email>\")")
     p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
                    help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
-                        "LABEL, EXPOSE, VOLUME, STOPSIGNAL (repeatable)")
+                        "LABEL, EXPOSE, VOLUME, STOPSIGNAL, ONBUILD, HEALTHCHECK (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="only print the image ID")
     p.set_defaults(handler=cmd_commit)
 

@@ -31,10 +31,11 @@ class Removal:
 
 
 class _Conflict(ConflictError):
-    def __init__(self, message: str, *, used: bool = False, hard: bool = False) -> None:
-        super().__init__(message)
-        self.used = used
-        self.hard = hard
+    used = False  # the image is in use (docker: by a running container)
+
+
+class _HeldConflict(_Conflict, ImageHeldError):
+    used = True
 
 
 def _is_id_prefix(image_id: str, name: str) -> bool:
@@ -113,15 +114,12 @@ def _conflict(store: Store, image: Image, *, force: bool, names: bool) -> _Confl
     if children:
         return _Conflict(
             f"conflict: unable to delete {short} (cannot be forced) - image has dependent "
-            f"child images ({', '.join(c[:12] for c in children)})",
-            hard=True,
+            f"child images ({', '.join(c[:12] for c in children)})"
         )
     if _held(store, image):
-        return _Conflict(
+        return _HeldConflict(
             f"conflict: unable to delete {short} (cannot be forced) - image is held by an "
-            "ongoing pull, load or mount",
-            used=True,
-            hard=True,
+            "ongoing pull, load or mount"
         )
     if names and not force and store.tags.references(image.id):
         return _Conflict(
@@ -141,8 +139,6 @@ def _delete(
             dangling = not store.tags.references(image.id) and not store.graph.children(image.id)
             if quiet and (not dangling or conflict.used):
                 return
-            if conflict.used:
-                raise ImageHeldError(conflict.message)
             raise conflict
         for ref in store.tags.references(image.id):
             _untag(store, *_split_ref(ref), removal)
