@@ -381,8 +381,9 @@ class StoreSource:
     def _resolve(self, name: str) -> list[tuple[Image, list[str]]]:
         """Images named by ``name`` with the references to save them under.
 
-        As with docker save: a bare repository name means every tag of it, a
-        ``repo:tag`` that tag, an ID or prefix the image alone (no names).
+        As with docker save: a bare repository name means every tag of it (a repository
+        with digests only: its images, unnamed), a ``repo:tag`` that tag, an ID, prefix or
+        ``repo@digest`` the image alone (no names).
         """
         tags = self.store.tags
         repo, ref = parse_repository_tag(name)
@@ -394,8 +395,10 @@ class StoreSource:
                 for key, image_id in sorted(refs.items()):
                     if ":" not in key:  # digest keys are never written as names
                         grouped.setdefault(image_id, []).append(image_reference(local, key))
-                if grouped:
-                    return [(self.store.graph.get(i), r) for i, r in grouped.items()]
+                if not grouped:
+                    # A repository known only by digests: its images, without names.
+                    grouped = {image_id: [] for image_id in sorted(set(refs.values()))}
+                return [(self.store.graph.get(i), r) for i, r in grouped.items()]
         image = tags.lookup_image(name)
         try:
             parsed = Reference.parse(name)
