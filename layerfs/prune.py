@@ -4,8 +4,9 @@ Without ``all_images`` the candidates are the dangling images: heads of the grap
 tag (an image known only by ``repo@digest`` counts). With it, every image that is tagged
 or has no children. Filters narrow them: ``until=TIME`` (created before: a duration such as
 ``24h`` back from now, an RFC 3339 date or time, or Unix seconds), ``label=K[=V]`` and
-``label!=K[=V]``. Each candidate goes through ``rmi`` without force, children first, so an
-image held by a mount, a pull or a load stays and nothing is ever forced. The report lists
+``label!=K[=V]``. An image held by a mount, a pull or a load keeps its names and stays;
+every other candidate goes through ``rmi`` without force, children first, so nothing is
+ever forced. The report lists
 what was untagged and deleted, in docker's words, and the bytes the store got back.
 """
 
@@ -65,6 +66,8 @@ def prune_images(
     for image in sorted(candidates, key=lambda i: _depth(images, i.id), reverse=True):
         if not store.graph.exists(image.id):
             continue  # already gone as the parent of another candidate
+        if store.graph.is_held(image.id) or (image.layer and store.graph.is_held(image.layer)):
+            continue  # in use: not even a name of it goes
         refs = store.tags.references(image.id)
         for name in refs or [image.id]:
             try:
