@@ -87,7 +87,9 @@ def _truncate(text: Any, length: Any) -> str:
 
 
 def _len(value: Any) -> int:
-    if isinstance(value, str | list | tuple | Mapping):
+    if isinstance(value, str):
+        return len(value.encode())  # Go counts a string's bytes
+    if isinstance(value, list | tuple | Mapping):
         return len(value)
     if isinstance(value, GoMap):
         return len(value.items)
@@ -125,12 +127,15 @@ def _slice(item: Any, *indexes: Any) -> Any:
         raise FunctionError(f"can't slice item of type {gv.type_name(item)}")
     if len(indexes) > 3 or (len(indexes) == 3 and isinstance(item, str)):
         raise FunctionError("too many slice indexes")
+    data = item.encode() if isinstance(item, str) else item  # Go slices a string's bytes
     bounds = [_int_arg(i) for i in indexes]
     start = bounds[0] if bounds else 0
-    end = bounds[1] if len(bounds) > 1 else len(item)
-    if not 0 <= start <= end <= len(item):
-        raise FunctionError(f"index out of range: {end if end > len(item) else start}")
-    return item[start:end]
+    end = bounds[1] if len(bounds) > 1 else len(data)
+    if not 0 <= start <= end <= len(data):
+        raise FunctionError(f"index out of range: {end if end > len(data) else start}")
+    if isinstance(data, bytes):
+        return data[start:end].decode(errors="replace")
+    return data[start:end]
 
 
 def _not(value: Any) -> bool:

@@ -239,10 +239,10 @@ def test_an_image_in_several_repositories_needs_force(store: Store, chain: list[
 def test_a_held_image_is_not_deleted(store: Store, chain: list[str]) -> None:
     top = chain[2]
     store.graph.retain("pull", top)
-    with pytest.raises(ImageHeldError, match="must force.* is held by an ongoing pull"):
+    with pytest.raises(ImageHeldError, match=r"must force.* is held by an ongoing pull"):
         remove_image(store, "app:latest")
     assert store.tags.references(top) == ["app:latest"]  # not untagged either
-    with pytest.raises(ImageHeldError, match="cannot be forced.* held by an ongoing pull"):
+    with pytest.raises(ImageHeldError, match=r"cannot be forced.* held by an ongoing pull"):
         remove_image(store, top, force=True)
     # Like docker with a running container: -f on the name untags, the image stays.
     assert remove_image(store, "app:latest", force=True) == Removal(["app:latest"], [])
