@@ -9,8 +9,6 @@ header row. A function that refuses its arguments raises :class:`FunctionError`.
 
 from __future__ import annotations
 
-import html
-import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -210,11 +208,15 @@ def _js(*args: Any) -> str:
 
 
 def _html(*args: Any) -> str:
+    import html
+
     text = html.escape(gv.sprint_args(args), quote=True)
     return text.replace("&#x27;", "&#39;").replace("&quot;", "&#34;")
 
 
 def _urlquery(*args: Any) -> str:
+    import urllib.parse
+
     return urllib.parse.quote_plus(gv.sprint_args(args))
 
 

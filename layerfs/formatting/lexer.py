@@ -8,7 +8,6 @@ message carries.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from layerfs.errors import TemplateError
@@ -38,12 +37,15 @@ _NUMBER = re.compile(
 )
 
 
-@dataclass
 class Token:
-    kind: str  # text, left, right, space, field, variable, ident, string, char, number,
-    # bool, nil, pipe, lparen, rparen, declare, assign, comma, keyword, eof
-    value: Any
-    pos: int
+    __slots__ = ("kind", "pos", "value")
+
+    def __init__(self, kind: str, value: Any, pos: int) -> None:
+        # text, left, right, space, field, variable, ident, string, char, number, bool,
+        # nil, pipe, lparen, rparen, declare, assign, comma, keyword, eof
+        self.kind = kind
+        self.value = value
+        self.pos = pos
 
 
 class Lexer:

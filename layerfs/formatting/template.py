@@ -20,9 +20,7 @@ template: :1:2: executing "" at <.Foo>: can't evaluate field Foo in type image``
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from layerfs.errors import TemplateError
@@ -42,21 +40,31 @@ __all__ = ["HEADER_FUNCTIONS", "Template"]
 # -- the parse tree ----------------------------------------------------------------------------
 
 
-@dataclass
 class _Node:
-    pos: int
+    # Plain classes, not dataclasses: defining a dataclass costs a millisecond at import,
+    # and every listing command imports this module.
+    __slots__ = ("pos",)
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
 
 
-@dataclass
 class _Text(_Node):
-    text: str
+    __slots__ = ("text",)
+
+    def __init__(self, pos: int, text: str) -> None:
+        super().__init__(pos)
+        self.text = text
 
 
-@dataclass
 class _Operand(_Node):
-    kind: str  # field, variable, dot, ident, literal, nil, pipe
-    value: Any = None  # field: names; variable: (name, names); ident: name; literal: value
-    chain: list[str] = field(default_factory=list)  # fields after a parenthesised pipeline
+    __slots__ = ("chain", "kind", "value")
+
+    def __init__(self, pos: int, kind: str, value: Any = None) -> None:
+        super().__init__(pos)
+        self.kind = kind  # field, variable, dot, ident, literal, nil, pipe
+        self.value = value  # field: names; variable: (name, names); ident: name; literal
+        self.chain: list[str] = []  # fields after a parenthesised pipeline
 
     def source(self) -> str:
         if self.kind == "field":
@@ -75,19 +83,25 @@ class _Operand(_Node):
         return gv.quote(self.value) if isinstance(self.value, str) else gv.sprint(self.value)
 
 
-@dataclass
 class _Command(_Node):
-    args: list[_Operand]
+    __slots__ = ("args",)
+
+    def __init__(self, pos: int, args: list[_Operand]) -> None:
+        super().__init__(pos)
+        self.args = args
 
     def source(self) -> str:
         return " ".join(a.source() for a in self.args)
 
 
-@dataclass
 class _Pipeline(_Node):
-    declare: list[str]
-    assign: bool  # "=" instead of ":="
-    commands: list[_Command]
+    __slots__ = ("assign", "commands", "declare")
+
+    def __init__(self, pos: int, declare: list[str], assign: bool, commands: list[_Command]):
+        super().__init__(pos)
+        self.declare = declare
+        self.assign = assign  # "=" instead of ":="
+        self.commands = commands
 
     def source(self) -> str:
         text = " | ".join(c.source() for c in self.commands)
@@ -96,22 +110,33 @@ class _Pipeline(_Node):
         return text
 
 
-@dataclass
 class _Action(_Node):
-    pipe: _Pipeline
+    __slots__ = ("pipe",)
+
+    def __init__(self, pos: int, pipe: _Pipeline) -> None:
+        super().__init__(pos)
+        self.pipe = pipe
 
 
-@dataclass
 class _Branch(_Node):
-    kind: str  # if, range, with
-    pipe: _Pipeline
-    body: list[_Node]
-    otherwise: list[_Node] | None
+    __slots__ = ("body", "kind", "otherwise", "pipe")
+
+    def __init__(
+        self, pos: int, kind: str, pipe: _Pipeline, body: list[_Node], otherwise: list[_Node] | None
+    ) -> None:
+        super().__init__(pos)
+        self.kind = kind  # if, range, with
+        self.pipe = pipe
+        self.body = body
+        self.otherwise = otherwise
 
 
-@dataclass
 class _Jump(_Node):
-    kind: str  # break, continue
+    __slots__ = ("kind",)
+
+    def __init__(self, pos: int, kind: str) -> None:
+        super().__init__(pos)
+        self.kind = kind  # break, continue
 
 
 class _Parser:
@@ -333,14 +358,20 @@ class _Continue(Exception):
     pass
 
 
-@dataclass
 class Template:
     """A parsed template; ``execute(data)`` renders it."""
 
-    text: str
-    nodes: list[_Node]
-    functions: Mapping[str, Function]
-    missing_key_error: bool = False
+    def __init__(
+        self,
+        text: str,
+        nodes: list[_Node],
+        functions: Mapping[str, Function],
+        missing_key_error: bool = False,
+    ) -> None:
+        self.text = text
+        self.nodes = nodes
+        self.functions = functions
+        self.missing_key_error = missing_key_error
 
     @classmethod
     def parse(
@@ -588,6 +619,8 @@ def _sort_key(key: Any) -> Any:
 
 
 def _arity(function: Function, args: list[Any]) -> str:
+    import inspect  # only for this error message: it is slow to import
+
     try:
         params = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):

@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 
@@ -35,11 +33,15 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
-@dataclass(frozen=True)
 class GoNil:
     """A typed nil: ``kind`` is "slice", "map" or "ptr"."""
 
-    kind: str
+    # Plain classes, not dataclasses: listing commands import this module, and defining a
+    # dataclass costs about a millisecond at start-up.
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
 
 
 NIL_SLICE = GoNil("slice")
@@ -47,15 +49,16 @@ NIL_MAP = GoNil("map")
 NIL_PTR = GoNil("ptr")
 
 
-@dataclass
 class GoMap:
     """A typed map: ``index`` of a missing key gives ``zero`` (None: an invalid value)."""
 
-    items: Mapping[Any, Any]
-    zero: Any = None
+    __slots__ = ("items", "zero")
+
+    def __init__(self, items: Mapping[Any, Any], zero: Any = None) -> None:
+        self.items = items
+        self.zero = zero
 
 
-@dataclass
 class GoStruct:
     """A struct value: ordered fields, JSON names equal to field names.
 
@@ -66,17 +69,28 @@ class GoStruct:
     ``<``, ``>`` and ``&`` escaped, as ``json.Marshal`` of a map writes them.
     """
 
-    values: dict[str, Any]
-    type_name: str | None = None
-    omitempty: frozenset[str] = field(default_factory=frozenset)
-    context: bool = False
+    __slots__ = ("context", "omitempty", "type_name", "values")
+
+    def __init__(
+        self,
+        values: dict[str, Any],
+        type_name: str | None = None,
+        omitempty: frozenset[str] = frozenset(),
+        context: bool = False,
+    ) -> None:
+        self.values = values
+        self.type_name = type_name
+        self.omitempty = omitempty
+        self.context = context
 
 
-@dataclass(frozen=True)
 class GoTime:
     """A ``time.Time`` given as RFC 3339 text (JSON) and printed as Go's Time.String()."""
 
-    rfc3339: str
+    __slots__ = ("rfc3339",)
+
+    def __init__(self, rfc3339: str) -> None:
+        self.rfc3339 = rfc3339
 
     def __str__(self) -> str:
         match = re.fullmatch(
@@ -92,17 +106,16 @@ class GoTime:
         return f"{day} {clock}{frac} {offset} {offset}"
 
 
-@dataclass(frozen=True)
 class GoDuration:
     """A ``time.Duration`` in nanoseconds."""
 
-    nanoseconds: int
+    __slots__ = ("nanoseconds",)
+
+    def __init__(self, nanoseconds: int) -> None:
+        self.nanoseconds = nanoseconds
 
     def __str__(self) -> str:
         return duration_string(self.nanoseconds)
-
-
-ZERO_TIME = GoTime("0001-01-01T00:00:00Z")
 
 
 # -- printing ------------------------------------------------------------------------------
@@ -178,6 +191,8 @@ def float_string(value: float, exponent_from: int = 6) -> str:
         return "+Inf" if value > 0 else "-Inf"
     if value == 0:
         return "0"
+    from decimal import Decimal  # floats are rare in templates; decimal is slow to import
+
     number = Decimal(repr(value)).normalize()
     exp = number.adjusted()
     if exp < -4 or exp >= exponent_from:
