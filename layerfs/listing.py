@@ -19,7 +19,6 @@ from typing import Any
 
 from layerfs.errors import UsageError
 from layerfs.model.image import Image, parse_created
-from layerfs.model.reference import image_reference
 from layerfs.store.store import Store
 
 IMAGE_FILTERS = ("dangling", "label", "before", "since", "reference")
@@ -284,15 +283,3 @@ def _matches(pattern: Pattern, ref: str) -> bool:
         return True
     repo = ref.partition("@")[0] if "@" in ref else ref.rpartition(":")[0]
     return bool(pattern.regex.fullmatch(repo))
-
-
-def references_matching(store: Store, pattern: str) -> list[str]:
-    """Every ``repo:tag``/``repo@digest`` of the store that ``pattern`` matches."""
-    compiled = compile_pattern(pattern)
-    found = []
-    for name, refs in store.tags.all().items():
-        for ref in refs:
-            full = image_reference(name, ref)
-            if _matches(compiled, full):
-                found.append(full)
-    return sorted(found)
