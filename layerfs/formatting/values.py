@@ -300,7 +300,7 @@ def json_string(text: str, escape_html: bool) -> str:
         elif ch < " ":
             out.append(f"\\u{ord(ch):04x}")
         elif "\ud800" <= ch <= "\udfff":
-            out.append("\ufffd")  # a lone surrogate (undecodable bytes): Go writes U+FFFD
+            out.append("\\ufffd")  # a lone surrogate (undecodable bytes), as Go escapes it
         else:
             out.append(ch)
     out.append('"')
