@@ -21,7 +21,15 @@ from layerfs.errors import LayerfsError
 Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add commands; each has register(subparsers).
-COMMAND_MODULES = ("images", "rootfs", "maintenance", "archive", "mount", "registry")
+COMMAND_MODULES = (
+    "images",
+    "rootfs",
+    "maintenance",
+    "archive",
+    "mount",
+    "registry",
+    "system",  # last: "image ls" and friends copy the parsers registered before it
+)
 
 PROG_DESCRIPTION = """\
 layerfs keeps Docker-style images (chains of layers) in one store on disk,

@@ -197,11 +197,13 @@ def build_config(
     author: str = "",
     created_by: str = "",
     created: str | None = None,
+    platform: tuple[str, str, str] | None = None,
 ) -> dict[str, Any]:
     """A modern image config for a new image on top of ``parent``.
 
     ``rootfs.diff_ids`` and ``history`` continue the parent's, so the config
     describes the whole chain and its digest is the image ID Docker computes.
+    ``platform`` (os, architecture, variant) overrides the parent's or this host's.
     """
     created = created or now_rfc3339()
     history: list[dict[str, Any]] = list(parent.history) if parent and parent.is_config else []
@@ -226,6 +228,10 @@ def build_config(
         "history": history,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
+    if platform is not None:
+        doc["os"], doc["architecture"] = platform[0], platform[1]
+        if platform[2]:
+            doc["variant"] = platform[2]
     if author:
         doc["author"] = author
     if comment:

@@ -125,7 +125,9 @@ class Sink(Protocol):
 class IndexResult:
     diff_id: str
     tar_size: int
-    content_size: int  # sum of regular file sizes, Docker's layer "Size"
+    # Docker's layer "Size" as overlay2 measures the unpacked layer: the bytes of every
+    # regular file plus the length of every symlink's target (what lstat reports).
+    content_size: int
     entries: list[Entry] = field(default_factory=list)
 
 
@@ -539,6 +541,8 @@ def index_tar(
             entries.append(entry)
         if kind == REG:
             content_size += size
+        elif kind == SYMLINK:
+            content_size += len(linkname)
         # Only regular files have data: like Go's archive/tar and Python's tarfile, the
         # size field of link, directory, device and FIFO headers is ignored.
         reader.skip(padded if kind == REG else 0, "entry data")

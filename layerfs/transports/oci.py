@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 from layerfs.errors import FormatError, LayerfsError, UsageError
 from layerfs.model.digest import hex_of, sha256_digest
 from layerfs.model.image import decode_json
+from layerfs.model.platform import Platform
 from layerfs.model.reference import Reference
 from layerfs.transports.archive import DockerManifest, containerd_name
 from layerfs.transports.base import (
@@ -103,6 +104,7 @@ class OciLayoutSource:
         self.files = files
         self.description = files.description
         self.reference = reference
+        self.platform: Platform | None = None  # the entry an index gives (None: this host)
         self.rejected: list[tuple[str, LayerfsError]] = []
         self._images: list[SourceImage] | None = None
 
@@ -194,7 +196,7 @@ class OciLayoutSource:
                     parse_descriptor(m, f"{what}: index manifests")
                     for m in expect_list(doc.get("manifests"), f"{what}: index manifests")
                 ]
-                desc = select_platform(children, what)
+                desc = select_platform(children, what, self.platform)
                 continue
             if media in _MANIFEST_TYPES or (not media and "layers" in doc):
                 return desc, doc, raw

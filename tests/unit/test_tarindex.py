@@ -191,9 +191,12 @@ def test_offsets_match_tarfile_offset_data() -> None:
             assert data[entry.offset : entry.offset + entry.size] == content
 
 
-def test_content_size_sums_regular_files_only() -> None:
+def test_content_size_is_what_overlay2_measures() -> None:
+    # Docker's layer Size: regular files' bytes plus symlink targets' lengths (lstat).
     result = index(sample_tar())
-    assert result.content_size == len(b"root:x:0:0::/root:/bin/sh\n") + 256 * 50
+    assert result.content_size == len(b"root:x:0:0::/root:/bin/sh\n") + 256 * 50 + len(
+        b"/proc/mounts"
+    )
 
 
 def test_entries_keep_tar_order_and_metadata() -> None:
