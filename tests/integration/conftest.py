@@ -7,6 +7,7 @@
 - ``registry_server``: a factory starting Debian's ``docker-registry`` on 127.0.0.1,
   plain http, TLS, htpasswd or token auth.
 - ``layerfs_cli``: runs ``python -m layerfs --root <per-test store>``.
+- ``engine``: each mount engine in turn (native, pyfuse3), through ``$LAYERFS_ENGINE``.
 
 Each fixture stops what it started (whole process groups, then any process still naming
 its directories), unmounts whatever is left under its directories and removes them in a
