@@ -101,6 +101,10 @@ class StoreLockedError(StoreError):
     pass
 
 
+class NoSpaceError(StoreError):
+    """The file system ran out of space (or quota) while writing: nothing was published."""
+
+
 class RegistryError(LayerfsError):
     """A registry answered with an error, or could not be reached."""
 

@@ -15,14 +15,25 @@ def register(subparsers: Any) -> None:
         "fsck",
         help="verify the store",
         description=(
-            "Re-hash every layer against its diff ID, check every index, image, "
-            "parent, layer and tag. Exit 0 when clean, 1 when something is wrong."
+            "Check every layer's files and size, every image (json, parent, layer, a "
+            "config's hash against its ID and its diff IDs against its chain) and every tag. "
+            "It first finishes or undoes what an interrupted command left pending and removes "
+            "the staging files of processes that are gone. With --verify it also re-hashes "
+            "every layer tar against its diff ID and rebuilds every index, and names the "
+            "images that use a damaged layer (a later pull of such an image fetches the layer "
+            "again). Exit 0 when clean, 1 when something is wrong."
         ),
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every layer and rebuild every index (reads every byte of the store)",
     )
     p.add_argument(
         "--repair",
         action="store_true",
-        help="remove unpublished staging leftovers and unused layers",
+        help="remove unused layers and released hold files; with --verify also remove the "
+        "images (and their tags) whose chain holds a damaged layer, and the layer",
     )
     p.set_defaults(handler=cmd_fsck)
     p = subparsers.add_parser(
@@ -38,7 +49,12 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     store = open_store(args)
     progress = make_progress(args)
     progress.tty = progress.tty and not progress.quiet
-    report = fsck(store, repair=args.repair, progress=progress if progress.tty else None)
+    report = fsck(
+        store,
+        repair=args.repair,
+        verify=args.verify,
+        progress=progress if progress.tty else None,
+    )
     progress.close()
     for line in report.repaired:
         print(f"repaired: {line}")

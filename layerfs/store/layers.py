@@ -14,6 +14,7 @@ module knows nothing of images.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -30,10 +31,20 @@ from layerfs.errors import (
 )
 from layerfs.model.digest import hex_of, is_sha256_digest, validate_digest
 from layerfs.store import codec
-from layerfs.store.files import atomic_write, make_temp_dir, publish_dir, remove_tree, trash
+from layerfs.store.faults import fault
+from layerfs.store.files import (
+    atomic_write,
+    fsync_dir,
+    make_temp_dir,
+    publish_dir,
+    remove_tree,
+    reporting_no_space,
+    trash,
+)
 from layerfs.store.tarindex import Entry, index_tar
 
 INDEX_VERSION = 1
+DAMAGED = "damaged"  # a layer's mark: fsck --verify found its bytes wrong
 
 
 @dataclass
@@ -84,12 +95,33 @@ class StagedLayer:
         return self.info.diff_id
 
     def publish(self) -> bool:
-        """Make the layer visible (caller holds the store lock). False if already stored."""
+        """Make the layer visible (caller holds the store lock). False if already stored.
+
+        A stored copy that ``fsck --verify`` marked damaged is replaced file by file
+        (each a rename of verified bytes); its mark goes last.
+        """
         final = self._store.path(self.diff_id)
         if final.exists():
+            if self._store.is_damaged(self.diff_id):
+                self._replace(final)
+                return True
             remove_tree(self.staging)
             return False
         return publish_dir(self.staging, final)
+
+    def _replace(self, final: Path) -> None:
+        for name in ("layer.tar", "index", "info.json"):
+            fd = os.open(self.staging / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fault("publish.before-rename")
+            os.rename(self.staging / name, final / name)
+            fsync_dir(final)
+        (final / DAMAGED).unlink(missing_ok=True)
+        fsync_dir(final)
+        remove_tree(self.staging)
 
     def discard(self) -> None:
         remove_tree(self.staging)
@@ -105,6 +137,17 @@ class LayerStore:
 
     def exists(self, diff_id: str) -> bool:
         return is_sha256_digest(diff_id) and (self.path(diff_id) / "info.json").is_file()
+
+    def is_damaged(self, diff_id: str) -> bool:
+        """True when ``fsck --verify`` found this layer's bytes wrong (a pull fetches it again)."""
+        return is_sha256_digest(diff_id) and (self.path(diff_id) / DAMAGED).is_file()
+
+    def mark_damaged(self, diff_id: str, reason: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to mark
+            atomic_write(self.path(diff_id) / DAMAGED, reason.encode(), self.tmp_root, 0o644)
+
+    def clear_damaged(self, diff_id: str) -> None:
+        (self.path(diff_id) / DAMAGED).unlink(missing_ok=True)
 
     def diff_ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -122,34 +165,44 @@ class LayerStore:
         decompress: bool = True,
     ) -> StagedLayer:
         """Stream a (possibly compressed) layer tar into tmp/: copy, hash, index, verify."""
-        staging = make_temp_dir(self.tmp_root, "layer")
+        with reporting_no_space(self.tmp_root.parent, what):
+            staging = make_temp_dir(self.tmp_root, "layer")
         read_ahead: ReadAheadReader | None = None
         try:
-            reader, kind = open_decompressed(stream, what) if decompress else (stream, "none")
-            if kind != "none":  # inflate on one core while this one parses and hashes
-                reader = read_ahead = ReadAheadReader(reader)
-            with open(staging / "layer.tar", "wb") as out:
-                result = index_tar(reader, out, progress=progress)
-                out.flush()
-                os.fsync(out.fileno())
-            if expected_diff_id is not None and result.diff_id != expected_diff_id:
-                raise DigestMismatchError(
-                    f"{what}: diff ID mismatch: expected {expected_diff_id}, got {result.diff_id}"
+            with reporting_no_space(self.tmp_root.parent, what):
+                reader, kind = open_decompressed(stream, what) if decompress else (stream, "none")
+                if kind != "none":  # inflate on one core while this one parses and hashes
+                    reader = read_ahead = ReadAheadReader(reader)
+                with open(staging / "layer.tar", "wb") as out:
+                    result = index_tar(reader, out, progress=progress)
+                    out.flush()
+                    os.fsync(out.fileno())
+                fault("stage.layer-written")
+                if expected_diff_id is not None and result.diff_id != expected_diff_id:
+                    raise DigestMismatchError(
+                        f"{what}: diff ID mismatch: expected {expected_diff_id}, "
+                        f"got {result.diff_id}"
+                    )
+                index = {
+                    "version": INDEX_VERSION,
+                    "diff_id": result.diff_id,
+                    "entries": [e.to_row() for e in result.entries],
+                }
+                packed = codec.pack(index)
+                with open(staging / "index", "wb") as out:
+                    out.write(packed[: len(packed) // 2])
+                    out.flush()
+                    fault("stage.mid-index")
+                    out.write(packed[len(packed) // 2 :])
+                info = LayerInfo(
+                    result.diff_id,
+                    result.tar_size,
+                    result.content_size,
+                    len(result.entries),
+                    [blob_digest] if blob_digest else [],
                 )
-            index = {
-                "version": INDEX_VERSION,
-                "diff_id": result.diff_id,
-                "entries": [e.to_row() for e in result.entries],
-            }
-            (staging / "index").write_bytes(codec.pack(index))
-            info = LayerInfo(
-                result.diff_id,
-                result.tar_size,
-                result.content_size,
-                len(result.entries),
-                [blob_digest] if blob_digest else [],
-            )
-            (staging / "info.json").write_bytes(info.to_json())
+                (staging / "info.json").write_bytes(info.to_json())
+            fault("stage.done")
         except BaseException:
             remove_tree(staging)
             raise

@@ -31,11 +31,14 @@ from layerfs.model.digest import HashingReader, hex_of, is_sha256_digest, sha256
 from layerfs.model.image import MAX_IMAGE_DEPTH, Image, canonical_json
 from layerfs.model.reference import (
     Reference,
+    familiar_name,
     image_reference,
     normalize_local_name,
     parse_repository_tag,
 )
 from layerfs.progress import ReportingReader
+from layerfs.store.faults import fault
+from layerfs.store.journal import CREATE, Record
 from layerfs.store.layers import StagedLayer
 from layerfs.store.store import Store
 from layerfs.transports.base import (
@@ -126,7 +129,7 @@ class StoreDestination:
         with self._mutex:
             if diff_id in self._staged:
                 return True
-        if self.store.layers.exists(diff_id):
+        if self.store.layers.exists(diff_id) and not self.store.layers.is_damaged(diff_id):
             # Hold it so that no rmi removes it before our nodes reference it.
             self.store.graph.retain(self.session, diff_id)
             if self.store.layers.exists(diff_id):
@@ -198,8 +201,6 @@ class StoreDestination:
     def put_image(self, image: SourceImage) -> None:
         nodes = self._plan(image)
         graph = self.store.graph
-        created: list[str] = []
-        messages: list[str] = []
         with graph.transaction():
             parent = ""
             if image.legacy:
@@ -216,22 +217,28 @@ class StoreDestination:
                     f"max depth exceeded: {image.name or 'image'} has "
                     f"{base_depth + len(nodes)} layers, the limit is {MAX_IMAGE_DEPTH}"
                 )
-            try:
+            top = nodes[-1][0]
+            refs = self._refs(image, top) if self.tag else []
+            record = Record(
+                "pull" if image.manifest_digest else "load",
+                CREATE,
+                [n for n, _, _ in nodes if not (graph.root / n / "json").is_file()],
+                sorted({d for _, _, d in nodes if d and not self.store.layers.exists(d)}),
+                refs,
+            )
+            with self.store.journal.pending(record):
                 for node_id, raw, diff_id in nodes:
                     layer: StagedLayer | str | None = diff_id
                     if diff_id is not None:
                         with self._mutex:
                             staged = self._staged.get(diff_id)
-                        if staged is not None and not self.store.layers.exists(diff_id):
+                        if staged is not None and (
+                            not self.store.layers.exists(diff_id)
+                            or self.store.layers.is_damaged(diff_id)
+                        ):
                             layer = staged
-                    if graph.register(raw, node_id, parent=parent, layer=layer):
-                        created.append(node_id)
+                    graph.register(raw, node_id, parent=parent, layer=layer)
                     parent = node_id
-                    if image.legacy and diff_id:
-                        desc = next((d for d in image.layers if d.diff_id == diff_id), None)
-                        if desc is not None and desc.digest and desc.digest != diff_id:
-                            self.store.layers.add_blob_digest(diff_id, desc.digest)
-                top = nodes[-1][0]
                 for desc in image.layers:
                     if (
                         desc.diff_id
@@ -240,30 +247,21 @@ class StoreDestination:
                         and self.store.layers.exists(desc.diff_id)
                     ):
                         self.store.layers.add_blob_digest(desc.diff_id, desc.digest)
-                if self.tag:
-                    for ref in image.references:
-                        repo, tag_or_digest = parse_repository_tag(ref)
-                        if ":" in tag_or_digest:
-                            self.store.tags.set_digest(repo, tag_or_digest, top)
-                        else:
-                            message = self.store.tags.tag(
-                                repo, tag_or_digest or "latest", top, force=True
-                            )
-                            if message:
-                                messages.append(message)
-                    if image.manifest_digest:
-                        for ref in image.references:
-                            repo, _ = parse_repository_tag(ref)
-                            self.store.tags.set_digest(repo, image.manifest_digest, top)
-            except BaseException:
-                for node_id in reversed(created):
-                    try:
-                        graph.delete(node_id)
-                    except LayerfsError:
-                        log.warning("cannot roll back image %s", node_id[:12], exc_info=True)
-                raise
+                fault("publish.between-image-and-tag")
+                messages = self.store.tags.set_refs(refs) if refs else []
         self.rename_messages.extend(messages)
         self.loaded.append((image, messages))
+
+    @staticmethod
+    def _refs(image: SourceImage, top: str) -> list[tuple[str, str, str]]:
+        """(repository, tag or digest, image ID) for every name the image is loaded under."""
+        refs: list[tuple[str, str, str]] = []
+        for ref in image.references:
+            repo, tag_or_digest = parse_repository_tag(ref)
+            refs.append((familiar_name(repo), tag_or_digest or "latest", top))
+            if image.manifest_digest:
+                refs.append((familiar_name(repo), image.manifest_digest, top))
+        return list(dict.fromkeys(refs))
 
     def commit(self) -> None:
         pass
