@@ -17,6 +17,7 @@ from layerfs.cli.common import make_progress, open_store
 from layerfs.copy import copy
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.progress import Progress
+from layerfs.store.files import reporting_no_space
 from layerfs.transports import SOURCES, open_source, split_spec
 from layerfs.transports.archive import DockerArchiveDestination
 from layerfs.transports.base import ImageDestination, SourceImage
@@ -174,8 +175,10 @@ def cmd_save(args: argparse.Namespace) -> int:
     source.images()  # unknown names fail here, before any output exists
     destination, to_stdout = _destination(args, store.tmp)
     progress = _progress(args)
+    output = Path(args.output).absolute().parent if args.output not in (None, "-") else Path("-")
     try:
-        result = copy(source, destination, progress=progress, keep_going=False)
+        with reporting_no_space(output, f"cannot save to {args.output or 'standard output'}"):
+            result = copy(source, destination, progress=progress, keep_going=False)
     finally:
         progress.close()
     if not args.quiet and not getattr(args, "global_quiet", False):

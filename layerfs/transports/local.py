@@ -38,6 +38,7 @@ from layerfs.model.reference import (
 )
 from layerfs.progress import ReportingReader
 from layerfs.store.faults import fault
+from layerfs.store.files import check_free_space
 from layerfs.store.journal import CREATE, Record
 from layerfs.store.layers import StagedLayer
 from layerfs.store.store import Store
@@ -117,6 +118,16 @@ class StoreDestination:
         self._mutex = threading.Lock()
         self.loaded: list[tuple[SourceImage, list[str]]] = []  # image, messages
         self.rename_messages: list[str] = []
+
+    def begin_image(self, image: SourceImage) -> None:
+        """Refuse at once when the layers this image still needs cannot fit (known sizes)."""
+        needed = sum(
+            layer.size or 0
+            for layer in image.layers
+            if not (layer.diff_id and self.store.layers.exists(layer.diff_id))
+        )
+        what = "pull" if image.manifest_digest else "load"
+        check_free_space(self.store.root, needed, f"cannot {what} {image.name or 'image'}")
 
     def has_layer(self, layer: LayerDesc) -> bool:
         diff_id = layer.diff_id
@@ -219,6 +230,14 @@ class StoreDestination:
                 )
             top = nodes[-1][0]
             refs = self._refs(image, top) if self.tag else []
+            known = self.store.tags.all()
+            for ref in [r for r in refs if ":" in r[1]]:
+                current = known.get(ref[0], {}).get(ref[1])
+                if current is not None and current != top:
+                    # As docker: the digest keeps naming the first image (an index pulled
+                    # for two platforms); the tags still move.
+                    log.warning("digest %s@%s already names image %s", *ref[:2], current[:12])
+                    refs.remove(ref)
             record = Record(
                 "pull" if image.manifest_digest else "load",
                 CREATE,
@@ -261,6 +280,9 @@ class StoreDestination:
             refs.append((familiar_name(repo), tag_or_digest or "latest", top))
             if image.manifest_digest:
                 refs.append((familiar_name(repo), image.manifest_digest, top))
+        digest_ref = image.extra.get("digest_ref")
+        if digest_ref:
+            refs.append((familiar_name(digest_ref[0]), digest_ref[1], top))
         return list(dict.fromkeys(refs))
 
     def commit(self) -> None:
