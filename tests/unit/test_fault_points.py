@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import signal
+import ssl
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -221,7 +222,13 @@ def in_child(command: Callable[[Path, Path], int], root: Path, env: dict[str, st
 
 @pytest.fixture(scope="module")
 def registry() -> Iterator[FakeRegistry]:
-    with running() as reg:
+    with running() as reg, pytest.MonkeyPatch.context() as patch:
+        # A plain-HTTP registry needs no certificates; loading the system's costs 0.1 s
+        # per client, twice per step here.
+        patch.setattr(
+            "layerfs.registry.client.ssl.create_default_context",
+            lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
+        )
         blobs = [__import__("gzip").compress(x, mtime=0) for x in (BASE, TOP)]
         from tests.archive_builders import sha256
 
@@ -292,9 +299,9 @@ def test_a_kill_at_every_named_step_leaves_the_store_whole(
             assert seen[1] == before[1] and set(after[0]) <= set(seen[0]) <= set(before[0])
         else:
             assert seen in allowed, f"{where}: a state between before and after: {seen}"
-        assert problems(root) == before_problems or (
-            command.removes and problems(root) == []
-        ), f"{where}: {problems(root)}"
+        assert problems(root) == before_problems or (command.removes and problems(root) == []), (
+            f"{where}: {problems(root)}"
+        )
         assert os.listdir(root / "tmp") == [], where
         assert os.listdir(root / "journal") == [], where
         now = outside(work)
