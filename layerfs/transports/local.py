@@ -317,6 +317,12 @@ class StoreSource:
         self.session = f"source-{uuid.uuid4().hex}"
 
     def images(self) -> list[SourceImage]:
+        # Resolved and held in one locked section: an rmi comes wholly before (the name is
+        # unknown) or after (the image is held and stays).
+        with self.store.graph.transaction():
+            return self._images()
+
+    def _images(self) -> list[SourceImage]:
         result: list[SourceImage] = []
         by_id: dict[str, SourceImage] = {}
         for name in self.names:

@@ -459,3 +459,80 @@ def test_fsck_right_after_kill_9_of_a_125_layer_load_is_clean(
     out = layerfs_cli("load", "-i", archive).stdout.decode()
     assert out.splitlines()[-1] == "Loaded image: deep/img:1"
     assert layerfs_cli("fsck", "--verify").returncode == 0
+
+
+def test_two_processes_tagging_one_name_one_wins_the_other_says_why(
+    layerfs_cli: LayerfsCli, tmp_path: Path
+) -> None:
+    for name in ("a", "b"):
+        tar = tmp_path / f"{name}.tar"
+        with tarfile.open(tar, "w") as archive:
+            info = tarfile.TarInfo(name)
+            archive.addfile(info, io.BytesIO())
+        layerfs_cli("import", tar, f"src/{name}")
+    base = [sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root), "tag"]
+    for _ in range(3):
+        procs = [
+            subprocess.Popen([*base, f"src/{n}", "same/name:1"], stderr=subprocess.PIPE)
+            for n in ("a", "b")
+        ]
+        results = [(p.communicate(timeout=60)[1], p.returncode)[::-1] for p in procs]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        refused = next(err for code, err in results if code == 1).decode()
+        assert refused.startswith("layerfs: error: Conflict: Tag same/name:1 is already set")
+        assert len(refused.splitlines()) == 1
+        layerfs_cli("rmi", "same/name:1")
+    assert layerfs_cli("fsck").returncode == 0
+
+
+def test_rmi_during_a_save_waits_for_nothing_and_fails_clearly(
+    layerfs_cli: LayerfsCli, tmp_path: Path
+) -> None:
+    layerfs_cli("import", _big_rootfs(tmp_path / "big.tar", files=300), "saved/img")
+    out = tmp_path / "out.tar"
+    save = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root)),
+            *("save", "-o", out, "saved/img"),
+        ],
+        stderr=subprocess.PIPE,
+    )
+    refusals = 0
+    removed = False
+    while save.poll() is None and not removed:
+        result = layerfs_cli("rmi", "saved/img", check=False)
+        removed = result.returncode == 0  # the save had not taken its hold yet, or was done
+        if not removed:
+            assert b"held by an ongoing pull, load or mount" in result.stderr, result.stderr
+            refusals += 1
+    _, err = save.communicate(timeout=120)
+    if save.returncode != 0:  # the rmi came first: a clear error, no output
+        assert err.decode().startswith("layerfs: error: No such image: saved/img"), err
+        assert not out.exists()
+    else:
+        with tarfile.open(out) as archive:
+            assert "manifest.json" in archive.getnames()
+    assert refusals or removed
+    assert layerfs_cli("fsck", "--verify").returncode == 0
+
+
+def test_gc_during_a_load_touches_nothing_of_it(layerfs_cli: LayerfsCli, tmp_path: Path) -> None:
+    from tests.archive_builders import docker_members, make_image, make_layer, pack
+
+    layers = [make_layer(f"g{i}", ("data", os.urandom(64 << 10))) for i in range(40)]
+    archive = tmp_path / "load.tar"
+    archive.write_bytes(pack(docker_members([make_image(layers, ["gc/during:1"])])))
+    load = subprocess.Popen(
+        [sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root), "load", "-i", archive],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    runs = 0
+    while load.poll() is None or runs == 0:
+        assert layerfs_cli("gc").returncode == 0
+        runs += 1
+    stdout, _ = load.communicate(timeout=120)
+    assert load.returncode == 0
+    assert stdout.strip().endswith(b"gc/during:1")
+    assert len(layerfs_cli("images", "-a", "-q").stdout.split()) == 40
+    assert layerfs_cli("fsck", "--verify").returncode == 0
