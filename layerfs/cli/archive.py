@@ -40,9 +40,11 @@ def register(subparsers: Any) -> None:
             "tarball (any Docker version, legacy ones included), an OCI image layout as a tar "
             "or a directory, plain or compressed with gzip, zstd, bzip2 or xz. Every layer "
             "and config is verified against its digest before anything is stored; layers "
-            "already in the store are not stored again. Prints 'Loaded image: NAME:TAG' or "
-            "'Loaded image ID: sha256:...' per image; if some images of the archive cannot "
-            "be loaded it says which, loads the others and exits with status 1."
+            "already in the store are not stored again. An archive loads image by image: "
+            "each image appears with all its tags in one step, or not at all. Prints "
+            "'Loaded image: NAME:TAG' or 'Loaded image ID: sha256:...' for exactly the "
+            "images loaded; if some images of the archive cannot be loaded it says which, "
+            "loads the others and exits with status 1."
         ),
         epilog=GLOBALS_NOTE,
     )

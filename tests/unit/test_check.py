@@ -337,3 +337,34 @@ def test_gc_keeps_held_layers(store: Store) -> None:
     assert store.layers.exists(DIFF_C)
     store.graph.release("mount")
     assert gc(store) == [DIFF_C]
+
+
+def test_a_pull_fetches_a_damaged_layer_again(tmp_path: Path) -> None:
+    import gzip
+
+    from layerfs.registry.client import RegistryOptions
+    from layerfs.registry.transfer import pull
+    from tests.fake_registry import image_documents, running
+
+    store = Store.open(tmp_path / "pulled")
+    blobs = [gzip.compress(x, mtime=0) for x in (LAYER_A, LAYER_B)]
+    config, manifest = image_documents(blobs, [DIFF_A, DIFF_B])
+    with running() as reg:
+        for blob in [*blobs, config]:
+            reg.add_blob("lib/app", blob)
+        reg.add_manifest(
+            "lib/app", "1", manifest, "application/vnd.docker.distribution.manifest.v2+json"
+        )
+        options = RegistryOptions(insecure_registries=(reg.host,), retries=0, use_config=False)
+        name = f"{reg.host}/lib/app:1"
+        assert pull(store, name, options=options).layers_copied == 2
+        assert pull(store, name, options=options).layers_copied == 0  # up to date
+        tar = store.layers.tar_path(DIFF_B)
+        tar.write_bytes(tar.read_bytes().replace(b"box", b"Box"))
+        assert pull(store, name, options=options).layers_copied == 0  # not verified yet
+        assert not fsck(store, verify=True).clean
+        again = pull(store, name, options=options)
+        assert (again.layers_copied, again.layers_skipped) == (1, 1)
+    assert fsck(store, verify=True).clean
+    assert not store.layers.is_damaged(DIFF_B)
+    assert store.layers.tar_path(DIFF_B).read_bytes() == LAYER_B
