@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from layerfs.cli.common import make_progress, open_store
 from layerfs.store.check import fsck, gc
+from layerfs.store.store import Store
 
 
 def register(subparsers: Any) -> None:
@@ -32,8 +34,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--repair",
         action="store_true",
-        help="remove unused layers and released hold files; with --verify also remove the "
-        "images (and their tags) whose chain holds a damaged layer, and the layer",
+        help="remove unused layers and released hold files; with --verify also fetch a "
+        "damaged layer again from the registry it was pulled from, or where none is "
+        "recorded (or none answers) remove the images (and their tags) whose chain holds "
+        "it, and the layer",
     )
     p.set_defaults(handler=cmd_fsck)
     p = subparsers.add_parser(
@@ -54,6 +58,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         repair=args.repair,
         verify=args.verify,
         progress=progress if progress.tty else None,
+        refetch=_refetcher(store) if args.repair and args.verify else None,
     )
     progress.close()
     for line in report.repaired:
@@ -74,6 +79,15 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         return 1
     print(summary + "clean")
     return 0
+
+
+def _refetcher(store: Store) -> Callable[[str], str | None]:
+    def refetch(diff_id: str) -> str | None:
+        from layerfs.registry.refetch import refetch_layer  # only a repair pays for requests
+
+        return refetch_layer(store, diff_id)
+
+    return refetch
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ hold files, and drops the images of damaged layers (a remove record, like rmi).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +111,9 @@ def fsck(
     repair: bool = False,
     verify: bool = False,
     progress: Progress | None = None,
+    refetch: Callable[[str], str | None] | None = None,
 ) -> Report:
+    """Check the store; ``refetch(diff_id)`` fetches a damaged layer again (its source)."""
     report = Report()
     if not _settle(store):
         for path in stale_tmp_entries(store):
@@ -155,7 +158,7 @@ def fsck(
         if diff_id not in used_layers and not store.graph.is_held(diff_id):
             report.leftovers.append(f"layer {diff_id} is used by no image")
     if repair:
-        _repair(store, report)
+        _repair(store, report, refetch)
     return report
 
 
@@ -185,7 +188,14 @@ def _check_image(store: Store, image_id: str, used_layers: set[str]) -> list[str
     return problems
 
 
-def _repair(store: Store, report: Report) -> None:
+def _repair(store: Store, report: Report, refetch: Callable[[str], str | None] | None) -> None:
+    for diff_id in list(report.damaged_layers):
+        source = refetch(diff_id) if refetch is not None else None  # outside the lock
+        if source is not None and not list(store.layers.verify(diff_id)):
+            store.layers.clear_damaged(diff_id)
+            report.damaged_layers.remove(diff_id)
+            report.repaired.append(f"fetched layer {diff_id} again from {source}")
+            report.problems = [p for p in report.problems if not _about(p, set(), [diff_id])]
     with locked(store.lock_path):
         for path in stale_tmp_entries(store):
             remove_tree(path)

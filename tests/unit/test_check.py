@@ -368,3 +368,34 @@ def test_a_pull_fetches_a_damaged_layer_again(tmp_path: Path) -> None:
     assert fsck(store, verify=True).clean
     assert not store.layers.is_damaged(DIFF_B)
     assert store.layers.tar_path(DIFF_B).read_bytes() == LAYER_B
+
+
+def test_repair_fetches_a_damaged_layer_again_from_where_it_was_pulled(tmp_path: Path) -> None:
+    import gzip
+
+    from layerfs.registry.client import RegistryOptions
+    from layerfs.registry.refetch import refetch_layer
+    from layerfs.registry.transfer import pull
+    from tests.fake_registry import image_documents, running
+
+    store = Store.open(tmp_path / "pulled")
+    blobs = [gzip.compress(x, mtime=0) for x in (LAYER_A, LAYER_B)]
+    config, manifest = image_documents(blobs, [DIFF_A, DIFF_B])
+    options = RegistryOptions(retries=0, use_config=False)
+    with running() as reg:
+        for blob in [*blobs, config]:
+            reg.add_blob("lib/app", blob)
+        media = "application/vnd.docker.distribution.manifest.v2+json"
+        reg.add_manifest("lib/app", "1", manifest, media)
+        pull(store, f"{reg.host}/lib/app:1", options=options)
+        before = sorted(store.graph.ids())
+        tar = store.layers.tar_path(DIFF_B)
+        tar.write_bytes(tar.read_bytes().replace(b"box", b"Box"))
+        report = fsck(
+            store, verify=True, repair=True, refetch=lambda d: refetch_layer(store, d, options)
+        )
+    assert report.problems == []
+    assert report.repaired == [f"fetched layer {DIFF_B} again from {reg.host}/lib/app"]
+    assert sorted(store.graph.ids()) == before  # no image was dropped
+    assert store.layers.tar_path(DIFF_B).read_bytes() == LAYER_B
+    assert fsck(store, verify=True).clean
