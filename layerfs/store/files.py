@@ -14,7 +14,6 @@ PID namespace. :func:`sweep_stale` removes the entries of owners that are gone.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import fcntl
@@ -108,7 +107,12 @@ def owners_dir(tmp_root: Path) -> Path:
 
 
 def owner_name(tmp_root: Path) -> str:
-    """This process's owner name for staging under ``tmp_root``; its lock lives with it."""
+    """This process's owner name for staging under ``tmp_root``; its lock lives with it.
+
+    The owner file stays when the process ends: a child it forked (a mount server)
+    may share the lock and go on using the staging; the next sweep removes the file
+    once nobody holds it.
+    """
     owners = owners_dir(tmp_root)
     key = str(owners)
     pid = os.getpid()
@@ -134,22 +138,10 @@ def owner_name(tmp_root: Path) -> str:
         return name
 
 
-@atexit.register
-def _drop_owner_files() -> None:
-    """A process ending normally leaves no owner file (a forked child leaves its parent's)."""
-    pid = os.getpid()
-    for key, (name, fd, owner_pid) in list(_owners.items()):
-        if owner_pid == pid:
-            with contextlib.suppress(OSError):
-                os.unlink(Path(key) / name)
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            del _owners[key]
-
-
-def _owner_of(name: str) -> str | None:
+def owner_of(name: str) -> str | None:
+    """The owner in a ``<kind>-<owner>-<random>`` name (the kind may have dashes)."""
     parts = name.split("-")
-    return parts[1] if len(parts) >= 3 and parts[1] else None
+    return parts[-2] if len(parts) >= 3 and parts[-2] else None
 
 
 def owner_alive(tmp_root: Path, owner: str) -> bool:
@@ -176,7 +168,7 @@ def stale_entries(tmp_root: Path) -> list[Path]:
     alive: dict[str, bool] = {}
     stale = []
     for name in names:
-        owner = _owner_of(name)
+        owner = owner_of(name)
         if owner is None:
             stale.append(tmp_root / name)
             continue

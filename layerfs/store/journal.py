@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from layerfs.errors import IntegrityError
 from layerfs.store.faults import fault
-from layerfs.store.files import atomic_write, owner_alive, owner_name, trash
+from layerfs.store.files import atomic_write, owner_alive, owner_name, owner_of, trash
 
 if TYPE_CHECKING:
     from layerfs.store.store import Store
@@ -108,7 +108,7 @@ class Journal:
     def has_dead_records(self) -> bool:
         """True when some record's writer is gone (checked without the store lock)."""
         for path in self._paths():
-            owner = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
+            owner = owner_of(path.name.removesuffix(".json"))
             if not owner or not owner_alive(self.store.tmp, owner):
                 return True
         return False

@@ -524,3 +524,38 @@ lock.acquire()
 print("held", flush=True)
 sys.stdin.readline()
 """
+
+
+FORK_THEN_EXIT = """
+import os, sys
+from pathlib import Path
+from layerfs.store.files import make_temp_dir
+path = make_temp_dir(Path(sys.argv[1]), "mount-layer")
+if os.fork() == 0:  # a server going on with the staging its parent made
+    print(path.name, flush=True)
+    sys.stdin.readline()
+    os._exit(0)
+"""
+
+
+def test_staging_a_forked_child_goes_on_using_outlives_its_parent(tmp_root: Path) -> None:
+    parent = spawn_python(FORK_THEN_EXIT, str(tmp_root))
+    try:
+        assert parent.stdout is not None
+        staged = tmp_root / parent.stdout.readline().strip()
+        while parent.poll() is None:  # the parent exits; the child holds the owner lock
+            pass
+        assert files.sweep_stale(tmp_root) == []
+        assert staged.exists()
+        assert parent.stdin is not None
+        parent.stdin.write("done\n")
+        parent.stdin.close()
+        while files.stale_entries(tmp_root) == []:  # the child reads and exits
+            pass
+        assert files.sweep_stale(tmp_root) == [f"tmp/{staged.name}"]
+        assert list(files.owners_dir(tmp_root).iterdir()) == []  # its owner file went too
+    finally:
+        parent.kill()
+        parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
