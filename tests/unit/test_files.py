@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -543,15 +544,15 @@ def test_staging_a_forked_child_goes_on_using_outlives_its_parent(tmp_root: Path
     try:
         assert parent.stdout is not None
         staged = tmp_root / parent.stdout.readline().strip()
-        while parent.poll() is None:  # the parent exits; the child holds the owner lock
-            pass
+        parent.wait(timeout=60)  # the parent exits; the child holds the owner lock
         assert files.sweep_stale(tmp_root) == []
         assert staged.exists()
         assert parent.stdin is not None
         parent.stdin.write("done\n")
         parent.stdin.close()
-        while files.stale_entries(tmp_root) == []:  # the child reads and exits
-            pass
+        deadline = time.monotonic() + 60
+        while files.stale_entries(tmp_root) == [] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the child reads the line and exits
         assert files.sweep_stale(tmp_root) == [f"tmp/{staged.name}"]
         assert list(files.owners_dir(tmp_root).iterdir()) == []  # its owner file went too
     finally:
