@@ -102,7 +102,7 @@ class Journal:
     def _paths(self) -> list[Path]:
         try:
             return sorted(self.root / n for n in os.listdir(self.root) if n.endswith(".json"))
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):  # no store yet, or not this user's
             return []
 
     def has_dead_records(self) -> bool:

@@ -183,3 +183,20 @@ def test_a_copy_up_on_a_full_disk_keeps_the_lower_file(cli: LayerfsCli, small: P
         data_files = [p for p in upper.rglob("data/*") if p.is_file()]
         assert data_files == []  # no upper file, not even a part of one
     assert cli("fsck", "--verify").returncode == 0
+
+
+def test_a_commit_on_a_full_disk_keeps_the_upper(cli: LayerfsCli, small: Path) -> None:
+    before = _state(cli)
+    with mounted(cli, "seed/img:1", small.parent / "mnt", "--rw", "--upper", "work") as mnt:
+        (mnt / "new").write_bytes(os.urandom(3 << 20))
+        filler = _fill(small, 1 << 20)
+        try:
+            result = cli("commit", mnt, "committed/img:1", check=False)
+        finally:
+            filler.unlink()
+        line = _failed_cleanly(cli, result)
+        assert "no space left on the file system of " + str(cli.root) in line
+        assert _state(cli) == before
+        assert len((mnt / "new").read_bytes()) == 3 << 20  # the change is still there
+        cli("commit", mnt, "committed/img:1")  # with room again
+    assert cli("fsck", "--verify").returncode == 0
