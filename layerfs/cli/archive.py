@@ -108,7 +108,9 @@ def cmd_load(args: argparse.Namespace) -> int:
     spec = args.input or "-"
     if split_spec(spec, SOURCES)[0] is None and spec != "-" and not Path(spec).exists():
         raise UsageError(f"cannot read {spec!r}: no such file or directory")
-    source = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
+    # Standard input and compressed archives are spooled (decompressed) into the store.
+    with reporting_no_space(store.root, f"cannot load {spec if spec != '-' else 'standard input'}"):
+        source = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
     try:
         source.images()  # an archive-level problem: one line naming the archive
     except LayerfsError as exc:
