@@ -71,16 +71,14 @@ class Lower:
         return fds
 
 
-def chain_of(
-    store: Store, image: Image, reference: str, *, limit: int = MAX_IMAGE_DEPTH
-) -> list[Image]:
+def chain_of(store: Store, image: Image, reference: str, *, limit: int = MAX_IMAGE_DEPTH
+             ) -> list[Image]:
     """The image and its ancestors (image first), refused past ``limit`` images."""
     chain = store.graph.walk_history(image)
     if len(chain) > limit:
         raise DepthLimitError(
             f"cannot mount {reference}: its chain has {len(chain)} images, more than the "
-            f"{limit} a mount allows (Docker's MaxImageDepth)"
-        )
+            f"{limit} a mount allows (Docker's MaxImageDepth)")
     return chain
 
 
@@ -90,16 +88,9 @@ def from_store(store: Store, image: Image, reference: str, *, init: bool = True)
     diff_ids = [i.layer for i in reversed(chain) if i.layer]
     tar_paths = [store.layers.tar_path(d) for d in diff_ids]
     tree = MergedTree.from_rows((store.layers.index_rows(d) for d in diff_ids), init=init)
-    return Lower(
-        image_id=image.id,
-        reference=reference,
-        config=dict(image.config),
-        diff_ids=diff_ids,
-        tar_paths=tar_paths,
-        tree=tree,
-        chain=[i.id for i in chain],
-        init=init,
-    )
+    return Lower(image_id=image.id, reference=reference, config=dict(image.config),
+                 diff_ids=diff_ids, tar_paths=tar_paths, tree=tree,
+                 chain=[i.id for i in chain], init=init)
 
 
 # -- archives --------------------------------------------------------------------------------
@@ -112,9 +103,8 @@ def is_archive(name: str) -> bool:
     path = Path(name)
     if path.is_file():
         return True
-    return path.is_dir() and any(
-        (path / marker).exists() for marker in ("oci-layout", "manifest.json", "index.json")
-    )
+    return path.is_dir() and any((path / marker).exists()
+                                 for marker in ("oci-layout", "manifest.json", "index.json"))
 
 
 def from_archive(spec: str, tmp_root: Path, *, init: bool = True) -> Lower:
@@ -131,56 +121,38 @@ def from_archive(spec: str, tmp_root: Path, *, init: bool = True) -> Lower:
             raise FormatError(f"cannot mount {spec}: it holds no usable image{reason}")
         if len(images) > 1:
             names = ", ".join(r for i in images for r in i.references[:1]) or "untagged"
-            raise UsageError(
-                f"cannot mount {spec}: it holds {len(images)} images ({names})",
-                hint="name one: docker-archive:PATH:REF, oci:DIR:REF or oci-archive:PATH:REF",
-            )
+            raise UsageError(f"cannot mount {spec}: it holds {len(images)} images ({names})",
+                             hint="name one: docker-archive:PATH:REF, oci:DIR:REF or "
+                                  "oci-archive:PATH:REF")
         image = images[0]
         if len(image.layers) > MAX_IMAGE_DEPTH:
             raise DepthLimitError(
                 f"cannot mount {spec}: it has {len(image.layers)} layers, more than the "
-                f"{MAX_IMAGE_DEPTH} a mount allows (Docker's MaxImageDepth)"
-            )
+                f"{MAX_IMAGE_DEPTH} a mount allows (Docker's MaxImageDepth)")
         config = decode_json_object(image.config, f"config of {image.name or spec}")
-        expected = (
-            config.get("rootfs", {}).get("diff_ids")
-            if isinstance(config.get("rootfs"), dict)
-            else None
-        )
+        expected = config.get("rootfs", {}).get("diff_ids") if isinstance(
+            config.get("rootfs"), dict) else None
         layers: list[list[Entry]] = []
         bases: list[int] = []
         diff_ids: list[str] = []
         for number in range(len(image.layers)):
             fd, base, entries, diff_id = _layer(source, image, number, tmp_root)
             fds.append(fd)
-            if (
-                isinstance(expected, list)
-                and number < len(expected)
-                and expected[number] != diff_id
-            ):
+            if isinstance(expected, list) and number < len(expected) and \
+                    expected[number] != diff_id:
                 raise DigestMismatchError(
                     f"cannot mount {spec}: layer {number + 1} has diff ID {diff_id}, the "
-                    f"config says {expected[number]}"
-                )
+                    f"config says {expected[number]}")
             layers.append(entries)
             bases.append(base)
             diff_ids.append(diff_id)
-        tree = MergedTree.from_rows(
-            (_shifted(entries, base) for entries, base in zip(layers, bases, strict=True)),
-            init=init,
-        )
+        tree = MergedTree.from_rows((_shifted(entries, base) for entries, base
+                                     in zip(layers, bases, strict=True)), init=init)
         run_config = config.get("config")
-        return Lower(
-            image_id=sha256_digest(image.config)[7:],
-            reference=spec,
-            config=dict(run_config) if isinstance(run_config, dict) else {},
-            diff_ids=diff_ids,
-            tar_paths=[],
-            tree=tree,
-            init=init,
-            fds=fds,
-            archive=True,
-        )
+        return Lower(image_id=sha256_digest(image.config)[7:], reference=spec,
+                     config=dict(run_config) if isinstance(run_config, dict) else {},
+                     diff_ids=diff_ids, tar_paths=[], tree=tree, init=init, fds=fds,
+                     archive=True)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -196,9 +168,8 @@ def _shifted(entries: list[Entry], base: int) -> Iterator[list[Any]]:
         yield row
 
 
-def _layer(
-    source: Any, image: Any, number: int, tmp_root: Path
-) -> tuple[int, int, list[Entry], str]:
+def _layer(source: Any, image: Any, number: int, tmp_root: Path) -> tuple[int, int, list[Entry],
+                                                                          str]:
     """(descriptor, offset of the tar in it, entries, diff ID) of one layer."""
     what = f"layer {number + 1} of {image.name or 'the image'}"
     stream = source.open_layer(image, number)

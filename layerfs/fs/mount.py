@@ -91,10 +91,8 @@ def fuse_options(request: MountRequest, fsname: str) -> set[str]:
 
 def validate_upper_name(name: str) -> str:
     if not _UPPER_NAME.match(name):
-        raise UsageError(
-            f"invalid upper name {name!r}: use letters, digits, '_', '.', '-' "
-            "(at most 128, starting with a letter or digit)"
-        )
+        raise UsageError(f"invalid upper name {name!r}: use letters, digits, '_', '.', '-' "
+                         "(at most 128, starting with a letter or digit)")
     return name
 
 
@@ -129,66 +127,39 @@ class _Server:
         layers = [hex_of(i.layer) for i in chain if i.layer]
         store.graph.retain(self.session, *(i.id for i in chain), *layers)
         if not store.graph.exists(image.id):
-            raise MountError(
-                f"cannot mount {request.image}: the image was deleted while it was being mounted"
-            )
+            raise MountError(f"cannot mount {request.image}: the image was deleted while it "
+                             "was being mounted")
         self.lower = from_store(store, image, request.image, init=request.init)
         self.tars = self.lower.open_tars()
         upper_name = None
         if request.writable:
             upper_name = validate_upper_name(request.upper or f"mount-{self.id}")
-            self.upper = Upper.open(
-                self.lower.tree,
-                store.subdir("upper") / upper_name,
-                image_id=image.id,
-                diff_ids=self.lower.diff_ids,
-                tars=self.tars,
-                init=request.init,
-                tmp_root=store.tmp,
-            )
+            self.upper = Upper.open(self.lower.tree, store.subdir("upper") / upper_name,
+                                    image_id=image.id, diff_ids=self.lower.diff_ids,
+                                    tars=self.tars, init=request.init, tmp_root=store.tmp)
         self.record = MountRecord(
-            id=self.id,
-            mountpoint=str(mountpoint),
-            image=image.id,
-            reference=request.image,
-            mode="rw" if request.writable else "ro",
-            upper=upper_name,
-            upper_path=str(self.upper.directory) if self.upper else None,
-            pid=os.getpid(),
-            started=now_rfc3339(),
-            log=str(self.log_path),
+            id=self.id, mountpoint=str(mountpoint), image=image.id, reference=request.image,
+            mode="rw" if request.writable else "ro", upper=upper_name,
+            upper_path=str(self.upper.directory) if self.upper else None, pid=os.getpid(),
+            started=now_rfc3339(), log=str(self.log_path),
             options=sorted(fuse_options(request, "layerfs")),
         )
-        return _operations()(
-            self.lower.tree,
-            self.tars,
-            upper=self.upper,
-            control=self.control,
-            data_size=self.lower.data_size,
-        )
+        return _operations()(self.lower.tree, self.tars, upper=self.upper, control=self.control,
+                          data_size=self.lower.data_size)
 
     def _prepare_archive(self, mountpoint: Path) -> Operations:
         """An image in a docker-archive or OCI layout, mounted from the file: read-only."""
         request = self.request
         if request.writable:
-            raise UsageError(
-                f"cannot mount {request.image} writable: an archive is mounted read-only",
-                hint="load it (layerfs load) to mount it with --rw",
-            )
+            raise UsageError(f"cannot mount {request.image} writable: an archive is mounted "
+                             "read-only", hint="load it (layerfs load) to mount it with --rw")
         self.lock = self.records.hold(self.id)
         self.lower = from_archive(request.image, self.store.tmp, init=request.init)
         self.tars = self.lower.open_tars()
         self.record = MountRecord(
-            id=self.id,
-            mountpoint=str(mountpoint),
-            image=self.lower.image_id,
-            reference=request.image,
-            mode="ro",
-            pid=os.getpid(),
-            started=now_rfc3339(),
-            log=str(self.log_path),
-            options=sorted(fuse_options(request, "layerfs")),
-        )
+            id=self.id, mountpoint=str(mountpoint), image=self.lower.image_id,
+            reference=request.image, mode="ro", pid=os.getpid(), started=now_rfc3339(),
+            log=str(self.log_path), options=sorted(fuse_options(request, "layerfs")))
         return _operations()(self.lower.tree, self.tars, control=self.control)
 
     def control(self, what: bytes) -> bytes:
@@ -196,16 +167,10 @@ class _Server:
         if what == b"stats":
             assert self.ops is not None
             return json.dumps(self.ops.counts, sort_keys=True).encode()
-        doc = {
-            "id": self.id,
-            "image": self.record.image,
-            "reference": self.record.reference,
-            "mode": self.record.mode,
-            "upper": self.record.upper,
-            "upper_path": self.record.upper_path,
-            "store": str(self.store.root),
-            "pid": os.getpid(),
-        }
+        doc = {"id": self.id, "image": self.record.image, "reference": self.record.reference,
+               "mode": self.record.mode, "upper": self.record.upper,
+               "upper_path": self.record.upper_path, "store": str(self.store.root),
+               "pid": os.getpid()}
         if what == b"sync" and self.upper is not None:
             if self.upper.dirty or not (self.upper.directory / "state").exists():
                 self.upper.save()
@@ -243,10 +208,8 @@ def mount(store: Store, request: MountRequest) -> MountRecord:
         try:
             pyfuse3.init(ops, server.record.mountpoint, options)
         except RuntimeError as exc:
-            raise MountError(
-                f"cannot mount on {server.record.mountpoint}: {exc} (the FUSE "
-                "library printed why above)"
-            ) from None
+            raise MountError(f"cannot mount on {server.record.mountpoint}: {exc} (the FUSE "
+                             "library printed why above)") from None
         server.mounted = True
     except BaseException:
         server.close()
@@ -282,10 +245,8 @@ def mount(store: Store, request: MountRequest) -> MountRecord:
         except MountError:
             pass
         server.records.remove(record.id)
-        raise MountError(
-            f"the mount server for {record.mountpoint} exited during start-up",
-            hint=f"see its log: {server.log_path}",
-        )
+        raise MountError(f"the mount server for {record.mountpoint} exited during start-up",
+                         hint=f"see its log: {server.log_path}")
     return record
 
 
@@ -366,13 +327,8 @@ def _wait_ready(fd: int) -> bool:
 def _serve(server: _Server, ready_fd: int | None) -> None:
     record = server.record
     assert record is not None
-    log.info(
-        "serving %s (image %s, %s) on %s",
-        record.reference,
-        record.image[:12],
-        record.mode,
-        record.mountpoint,
-    )
+    log.info("serving %s (image %s, %s) on %s", record.reference, record.image[:12],
+             record.mode, record.mountpoint)
     try:
         trio.run(_main, server, ready_fd)
     finally:

@@ -622,37 +622,10 @@ class Operations(pyfuse3.Operations):
             raise fuse_error(exc, "removexattr", inode, name) from None
 
 
-_COUNTED = (
-    "lookup",
-    "forget",
-    "getattr",
-    "setattr",
-    "readlink",
-    "mknod",
-    "mkdir",
-    "unlink",
-    "rmdir",
-    "symlink",
-    "rename",
-    "link",
-    "open",
-    "read",
-    "write",
-    "flush",
-    "release",
-    "fsync",
-    "opendir",
-    "readdir",
-    "releasedir",
-    "fsyncdir",
-    "statfs",
-    "setxattr",
-    "getxattr",
-    "listxattr",
-    "removexattr",
-    "access",
-    "create",
-)
+_COUNTED = ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
+            "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush", "release",
+            "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "setxattr",
+            "getxattr", "listxattr", "removexattr", "access", "create")
 
 
 def counting(cls: type[Operations]) -> type[Operations]:

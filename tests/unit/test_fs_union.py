@@ -15,22 +15,12 @@ from layerfs.store.tarindex import DIR, REG, SYMLINK, Entry, index_tar
 MTIME = 1_700_000_000
 
 
-def member(
-    name: str | bytes,
-    kind: bytes = tarfile.REGTYPE,
-    data: bytes = b"",
-    *,
-    mode: int | None = None,
-    link: str = "",
-    uid: int = 0,
-    gid: int = 0,
-    mtime: int = MTIME,
-    dev: tuple[int, int] = (0, 0),
-    xattrs: dict[str, bytes] | None = None,
-) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(
-        name if isinstance(name, str) else name.decode("utf-8", "surrogateescape")
-    )
+def member(name: str | bytes, kind: bytes = tarfile.REGTYPE, data: bytes = b"", *,
+           mode: int | None = None, link: str = "", uid: int = 0, gid: int = 0,
+           mtime: int = MTIME, dev: tuple[int, int] = (0, 0),
+           xattrs: dict[str, bytes] | None = None) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name if isinstance(name, str) else name.decode("utf-8",
+                                                                          "surrogateescape"))
     info.type = kind
     info.mode = mode if mode is not None else (0o755 if kind == tarfile.DIRTYPE else 0o644)
     info.size = len(data) if kind == tarfile.REGTYPE else 0
@@ -38,9 +28,8 @@ def member(
     info.uid, info.gid, info.mtime = uid, gid, mtime
     info.devmajor, info.devminor = dev
     if xattrs:
-        info.pax_headers = {
-            "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
-        }
+        info.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+                            for k, v in xattrs.items()}
     return info, data
 
 
@@ -62,9 +51,8 @@ def hard(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
 
 def layer(*members: tuple[tarfile.TarInfo, bytes]) -> list[Entry]:
     buf = io.BytesIO()
-    with tarfile.open(
-        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
-    ) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
     buf.seek(0)
@@ -185,9 +173,8 @@ def test_opaque_at_the_root():
 
 
 def test_aufs_metadata_is_never_visible():
-    tree = MergedTree.build(
-        [layer(d(".wh..wh.plnk"), f(".wh..wh.plnk/123.456"), f(".wh..wh.aufs"), f("a"))]
-    )
+    tree = MergedTree.build([layer(d(".wh..wh.plnk"), f(".wh..wh.plnk/123.456"),
+                                   f(".wh..wh.aufs"), f("a"))])
 
     assert paths(tree) == [b"a"]
 
@@ -202,9 +189,8 @@ def test_whiteout_in_a_directory_that_does_not_exist_creates_the_directory():
 
 
 def test_hardlinks_share_one_inode_and_count_links():
-    tree = MergedTree.build(
-        [layer(d("a"), f("a/f", b"data"), hard("a/g", "a/f"), hard("h", "a/f"))]
-    )
+    tree = MergedTree.build([layer(d("a"), f("a/f", b"data"), hard("a/g", "a/f"),
+                                   hard("h", "a/f"))])
 
     f_node, g_node, h_node = (tree.lookup(p) for p in (b"a/f", b"a/g", b"h"))
     assert f_node and g_node and h_node
@@ -241,19 +227,14 @@ def test_replacing_one_name_of_a_hardlink_group_in_a_later_layer():
 
 
 def test_special_files_and_attributes_are_kept():
-    tree = MergedTree.build(
-        [
-            layer(
-                member("dev/null", tarfile.CHRTYPE, mode=0o666, dev=(1, 3)),
-                member("dev/sda", tarfile.BLKTYPE, mode=0o660, dev=(8, 0), gid=6),
-                member("fifo", tarfile.FIFOTYPE, mode=0o600),
-                f("suid", mode=0o4755, uid=1234567, gid=7654321),
-                f("cap", xattrs={"security.capability": b"\x01\x00\x00\x02\x00\x20\x00\x00"}),
-                sym("abs", "/etc/passwd"),
-                sym("dangling", "../nowhere"),
-            )
-        ]
-    )
+    tree = MergedTree.build([layer(
+        member("dev/null", tarfile.CHRTYPE, mode=0o666, dev=(1, 3)),
+        member("dev/sda", tarfile.BLKTYPE, mode=0o660, dev=(8, 0), gid=6),
+        member("fifo", tarfile.FIFOTYPE, mode=0o600),
+        f("suid", mode=0o4755, uid=1234567, gid=7654321),
+        f("cap", xattrs={"security.capability": b"\x01\x00\x00\x02\x00\x20\x00\x00"}),
+        sym("abs", "/etc/passwd"), sym("dangling", "../nowhere"),
+    )])
 
     t = tree.table
     null = t.resolve(b"dev/null")
@@ -287,14 +268,8 @@ def test_init_layer_adds_placeholders():
     for path in (b"dev/pts", b"dev/shm", b"proc", b"sys"):
         node = tree.lookup(path)
         assert node is not None and node.entry.type == DIR and node.layer == LAYER_INIT
-    for path in (
-        b".dockerenv",
-        b".dockerinit",
-        b"etc/hosts",
-        b"etc/hostname",
-        b"etc/resolv.conf",
-        b"dev/console",
-    ):
+    for path in (b".dockerenv", b".dockerinit", b"etc/hosts", b"etc/hostname",
+                 b"etc/resolv.conf", b"dev/console"):
         node = tree.lookup(path)
         assert node is not None and node.entry.type == REG and node.entry.size == 0
         assert node.entry.mode == 0o755
@@ -303,14 +278,8 @@ def test_init_layer_adds_placeholders():
 
 
 def test_init_layer_replaces_files_and_symlinks_but_keeps_directories():
-    image = layer(
-        d("etc", mode=0o750),
-        f("etc/hosts", b"127.0.0.1 x\n"),
-        d("etc/hostname"),
-        sym("etc/mtab", "/somewhere"),
-        d("proc", mode=0o555),
-        sym("dev", "/other"),
-    )
+    image = layer(d("etc", mode=0o750), f("etc/hosts", b"127.0.0.1 x\n"), d("etc/hostname"),
+                  sym("etc/mtab", "/somewhere"), d("proc", mode=0o555), sym("dev", "/other"))
 
     tree = MergedTree.build([image], init=True)
 
@@ -384,6 +353,5 @@ def test_rows_streamed_from_the_store_build_the_same_tree(tmp_path):
     assert rows == [e.to_row() for e in store.layers.entries(staged.diff_id)]
     streamed = MergedTree.from_rows([iter(rows)])
     built = MergedTree.build([store.layers.entries(staged.diff_id)])
-    assert [(p, n.entry, n.ino) for p, n in streamed.walk()] == [
-        (p, n.entry, n.ino) for p, n in built.walk()
-    ]
+    assert [(p, n.entry, n.ino) for p, n in streamed.walk()] == \
+        [(p, n.entry, n.ino) for p, n in built.walk()]

@@ -70,11 +70,8 @@ def layerfs(*args: str | Path) -> str:
 def compile_once() -> None:
     """Users run layerfs with its bytecode cached: make sure it is, and used."""
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    sh(
-        PYTHON,
-        "-c",
-        "import layerfs.cli, layerfs.fs.mount, layerfs.container; layerfs.cli.build_parser()",
-    )
+    sh(PYTHON, "-c", "import layerfs.cli, layerfs.fs.mount, layerfs.container; "
+                     "layerfs.cli.build_parser()")
 
 
 # -- building the inputs (cached) ---------------------------------------------------------------
@@ -117,10 +114,8 @@ def split_layers(source: Path, out_dir: Path, count: int) -> list[Path]:
 
 def big_tar(path: Path) -> Path:
     block = hashlib.sha256(b"big").digest() * (1 << 15)  # 1 MiB
-    with (
-        open(path, "wb") as raw,
-        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar,
-    ):
+    with open(path, "wb") as raw, tarfile.open(fileobj=raw, mode="w",
+                                               format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("big")
         info.size = BIG
 
@@ -206,11 +201,8 @@ def prepare() -> dict[str, object]:
 SCENARIOS = {
     # name: (plain dir, overlay lowerdirs relative to WORK (top first), layerfs image)
     "debian": ("plain-debian", ["plain-debian", "empty"], "bench/debian:1"),
-    "debian127": (
-        "plain-debian",
-        [f"layers/{i}" for i in reversed(range(DEPTH))],
-        "bench/debian:127",
-    ),
+    "debian127": ("plain-debian", [f"layers/{i}" for i in reversed(range(DEPTH))],
+                  "bench/debian:127"),
     "big": ("plain-big", ["plain-big", "empty"], "bench/big:1"),
 }
 
@@ -229,9 +221,8 @@ def mount_target(target: str, scenario: str, mnt: Path) -> tuple[Path, float]:
         sh("fuse-overlayfs", "-o", f"lowerdir={lowerdir}", mnt, cwd=WORK)
     elif target in ("floor", "floor1"):
         tasks = "1" if target == "floor1" else "99"
-        proc = subprocess.Popen(
-            [PYTHON, FLOOR, "--max-tasks", tasks, WORK / plain, mnt], stdout=subprocess.PIPE
-        )
+        proc = subprocess.Popen([PYTHON, FLOOR, "--max-tasks", tasks, WORK / plain, mnt],
+                                stdout=subprocess.PIPE)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
             proc.kill()
@@ -306,9 +297,8 @@ def stat_files(files: list[str]) -> None:
         os.lstat(path)
 
 
-def timeit(
-    fn: Callable[[], object], *, cold: bool, prime: Callable[[], object] | None = None
-) -> float:
+def timeit(fn: Callable[[], object], *, cold: bool, prime: Callable[[], object] | None = None
+           ) -> float:
     """Seconds ``fn`` takes; cold: caches dropped first (then ``prime`` runs, untimed)."""
     if cold:
         drop_caches()
@@ -355,10 +345,9 @@ def memory_per_entry() -> tuple[float, int]:
 
 def measure(rounds: int) -> dict[str, dict[str, float]]:
     samples: dict[str, dict[str, list[float]]] = collections.defaultdict(
-        lambda: collections.defaultdict(list)
-    )
+        lambda: collections.defaultdict(list))
     for r in range(rounds):
-        order = TARGETS[r % len(TARGETS) :] + TARGETS[: r % len(TARGETS)]
+        order = TARGETS[r % len(TARGETS):] + TARGETS[:r % len(TARGETS)]
         for target in order:
             print(f"round {r + 1}/{rounds}: {target}", file=sys.stderr)
             for name, seconds in measure_target(target):
@@ -382,10 +371,8 @@ def measure_target(target: str) -> Iterator[tuple[str, float]]:
     if target != "floor":
         yield from measure_deep(target)
     with mounted(target, "big") as (root, _took):
-        yield (
-            "cold sequential read, 2 GiB",
-            timeit(partial(read_files, [str(root / "big")]), cold=True),
-        )
+        yield "cold sequential read, 2 GiB", timeit(partial(read_files, [str(root / "big")]),
+                                                    cold=True)
 
 
 def measure_deep(target: str) -> Iterator[tuple[str, float]]:
@@ -415,40 +402,29 @@ def _layer_files(layer: int) -> list[str]:
         return [m.name.removeprefix("./") for m in tar if m.isreg()][:200]
 
 
-def report(
-    results: dict[str, dict[str, float]],
-    memory: tuple[float, int],
-    info: dict[str, object],
-    rounds: int,
-) -> str:
-    lines = [
-        stamp(),
-        "",
-        f"Inputs: Debian 12 minbase ({info['debian_entries']} entries, "
-        f"{int(info['debian_bytes']) // 2**20} MiB) as 1 layer and spread over "  # type: ignore[call-overload]
-        f"{DEPTH} layers (file k in layer k % {DEPTH}); one 2 GiB file. Medians of "
-        f"{rounds} interleaved rounds; ratios to the plain directory (lower is better), "
-        "mount times in seconds. Cold = `echo 3 > /proc/sys/vm/drop_caches` first. "
-        "FUSE ratios move by up to 3x with machine load: compare columns of one run only.",
-        "",
-        "| measurement | plain s | " + " | ".join(TITLES.get(t, t) for t in TARGETS[1:]) + " |",
-        "|---" * (len(TARGETS) + 1) + "|",
-    ]
+def report(results: dict[str, dict[str, float]], memory: tuple[float, int],
+           info: dict[str, object], rounds: int) -> str:
+    lines = [stamp(), "",
+             f"Inputs: Debian 12 minbase ({info['debian_entries']} entries, "
+             f"{int(info['debian_bytes']) // 2**20} MiB) as 1 layer and spread over "  # type: ignore[call-overload]
+             f"{DEPTH} layers (file k in layer k % {DEPTH}); one 2 GiB file. Medians of "
+             f"{rounds} interleaved rounds; ratios to the plain directory (lower is better), "
+             "mount times in seconds. Cold = `echo 3 > /proc/sys/vm/drop_caches` first. "
+             "FUSE ratios move by up to 3x with machine load: compare columns of one run only.",
+             "", "| measurement | plain s | "
+             + " | ".join(TITLES.get(t, t) for t in TARGETS[1:]) + " |",
+             "|---" * (len(TARGETS) + 1) + "|"]
     for name, per in results.items():
         if name.endswith("(s)"):
             cells = ["-"] + [f"{per[t]:.3f} s" if t in per else "-" for t in TARGETS[1:]]
         else:
             base = per["plain"]
-            cells = [f"{base:.3f}"] + [
-                f"{per[t] / base:.1f}x" if t in per else "-" for t in TARGETS[1:]
-            ]
+            cells = [f"{base:.3f}"] + [f"{per[t] / base:.1f}x" if t in per else "-"
+                                        for t in TARGETS[1:]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     per_entry, entries = memory
-    lines += [
-        "",
-        f"layerfs server memory: {per_entry:.0f} bytes per merged entry "
-        f"(RSS growth from an empty image to {entries} entries, after a full walk).",
-    ]
+    lines += ["", f"layerfs server memory: {per_entry:.0f} bytes per merged entry "
+                  f"(RSS growth from an empty image to {entries} entries, after a full walk)."]
     return "\n".join(lines)
 
 
@@ -468,56 +444,29 @@ def assessment(results: dict[str, dict[str, float]], per_entry: float) -> str:
     bottom = results["cold stat, bottom-layer files"]["layerfs"]
     top = results["cold stat, top-layer files"]["layerfs"]
     rows = [
-        ("mount of a 127-layer image ready in under 1 s", f"{mount127:.2f} s", "-", mount127 < 1),
-        (
-            "stat from the bottom layer costs what one from the top costs",
-            f"{bottom * 1000:.1f} ms vs {top * 1000:.1f} ms (a layer's files, median of "
-            f"{STAT_PASSES} cold passes)",
-            "-",
-            max(bottom, top) < 1.5 * min(bottom, top),
-        ),
-        (
-            "warm tree walk within 2x of the plain directory",
-            f"{ratio('warm tree walk'):.1f}x",
-            floor("warm tree walk"),
-            ratio("warm tree walk") <= 2,
-        ),
+        ("mount of a 127-layer image ready in under 1 s", f"{mount127:.2f} s", "-",
+         mount127 < 1),
+        ("stat from the bottom layer costs what one from the top costs",
+         f"{bottom * 1000:.1f} ms vs {top * 1000:.1f} ms (a layer's files, median of "
+         f"{STAT_PASSES} cold passes)", "-",
+         max(bottom, top) < 1.5 * min(bottom, top)),
+        ("warm tree walk within 2x of the plain directory",
+         f"{ratio('warm tree walk'):.1f}x", floor("warm tree walk"),
+         ratio("warm tree walk") <= 2),
     ]
-    for name in (
-        "warm re-read, all files",
-        "cold tree walk",
-        "cold read, all files",
-        "cold sequential read, 2 GiB",
-    ):
+    for name in ("warm re-read, all files", "cold tree walk", "cold read, all files",
+                 "cold sequential read, 2 GiB"):
         ours, theirs = ratio(name), ratio(name, "fuse-overlayfs")
         wanted = "faster than" if name.startswith("warm") else "at least as fast as"
-        rows.append(
-            (
-                f"{name}: {wanted} fuse-overlayfs",
-                f"{ours:.1f}x vs {theirs:.1f}x",
-                floor(name),
-                ours < theirs if name.startswith("warm") else ours <= theirs,
-            )
-        )
+        rows.append((f"{name}: {wanted} fuse-overlayfs", f"{ours:.1f}x vs {theirs:.1f}x",
+                     floor(name), ours < theirs if name.startswith("warm") else ours <= theirs))
     deep = "cold tree walk, 127 layers"
     walk127 = ratio(deep)
-    rows.append(
-        (
-            "cold tree walk of 127 layers within 3x of the plain directory",
-            f"{walk127:.1f}x (overlayfs {ratio(deep, 'overlayfs'):.1f}x, "
-            f"fuse-overlayfs {ratio(deep, 'fuse-overlayfs'):.1f}x)",
-            "-",
-            walk127 <= 3,
-        )
-    )
-    rows.append(
-        (
-            "server memory under 300 bytes per merged entry at 100k entries",
-            f"{per_entry:.0f} bytes",
-            "-",
-            per_entry < 300,
-        )
-    )
+    rows.append(("cold tree walk of 127 layers within 3x of the plain directory",
+                 f"{walk127:.1f}x (overlayfs {ratio(deep, 'overlayfs'):.1f}x, "
+                 f"fuse-overlayfs {ratio(deep, 'fuse-overlayfs'):.1f}x)", "-", walk127 <= 3))
+    rows.append(("server memory under 300 bytes per merged entry at 100k entries",
+                 f"{per_entry:.0f} bytes", "-", per_entry < 300))
     lines = ["| target (issue 4) | this run | pyfuse3 floor | |", "|---|---|---|---|"]
     lines += [f"| {what} | {got} | {low} | {verdict(ok)} |" for what, got, low, ok in rows]
     return "\n".join(lines)
@@ -544,14 +493,11 @@ def request_counts() -> dict[str, dict[str, int]]:
         os.environ.pop("LAYERFS_COUNT_REQUESTS", None)
 
     def delta(new: dict[str, int], old: dict[str, int]) -> dict[str, int]:
-        return {
-            k: v - old.get(k, 0) for k, v in new.items() if v - old.get(k, 0) and k != "getxattr"
-        }
+        return {k: v - old.get(k, 0) for k, v in new.items()
+                if v - old.get(k, 0) and k != "getxattr"}
 
-    return {
-        "warm tree walk": delta(after_walk, before),
-        "warm re-read, all files": delta(after_read, after_walk),
-    }
+    return {"warm tree walk": delta(after_walk, before),
+            "warm re-read, all files": delta(after_read, after_walk)}
 
 
 def profile(seconds: int = 20) -> str:
@@ -560,24 +506,9 @@ def profile(seconds: int = 20) -> str:
     with mounted("layerfs", "debian") as (root, _):
         pid = server_pid(root)
         files = regular_files(root)
-        spy = subprocess.Popen(
-            [
-                _py_spy(),
-                "record",
-                "-p",
-                str(pid),
-                "-d",
-                str(seconds),
-                "-r",
-                "1000",
-                "-f",
-                "raw",
-                "-o",
-                str(out),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        spy = subprocess.Popen([_py_spy(), "record", "-p", str(pid), "-d", str(seconds), "-r",
+                                "1000", "-f", "raw", "-o", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + seconds - 1
         while time.monotonic() < deadline:
             walk(root)
