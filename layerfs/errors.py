@@ -33,6 +33,10 @@ class InvalidReferenceError(UsageError):
     """A name, tag, digest or image ID that does not follow Docker's rules."""
 
 
+class TemplateError(UsageError):
+    """A --format template that does not parse or cannot run on the data."""
+
+
 class ConflictError(LayerfsError):
     """The operation conflicts with the store's state (tag set, image held, has children)."""
 
@@ -102,7 +106,8 @@ class StoreLockedError(StoreError):
 
 
 class NoSpaceError(StoreError):
-    """The file system ran out of space (or quota) while writing: nothing was published."""
+    """The store's file system is full (or over quota), or would drop below the free-space
+    reserve: nothing was published."""
 
 
 class RegistryError(LayerfsError):

@@ -47,6 +47,7 @@ from layerfs.model.image import (
     canonical_json,
     decode_json_object,
 )
+from layerfs.store.faults import fault
 from layerfs.store.files import (
     FileLock,
     atomic_write,
@@ -310,6 +311,7 @@ class Graph:
         config: dict[str, Any] | None = None,
         created_by: str = "",
         created: str | None = None,
+        platform: tuple[str, str, str] | None = None,
     ) -> Image:
         """A new image on top of ``parent`` (or a base image): its config, ID and node.
 
@@ -325,6 +327,7 @@ class Graph:
                 config=config,
                 created_by=created_by,
                 created=created,
+                platform=platform,
             )
             self._register_locked(raw, image_id, parent_id, layer, None, None)
             return self._load(image_id)
@@ -339,6 +342,7 @@ class Graph:
         config: dict[str, Any] | None = None,
         created_by: str = "",
         created: str | None = None,
+        platform: tuple[str, str, str] | None = None,
     ) -> tuple[bytes, str, str]:
         """(config bytes, image ID, parent ID) of a new image, registering nothing."""
         parent_image = self._load(self.resolve(parent)) if parent else None
@@ -352,6 +356,7 @@ class Graph:
             author=author,
             created_by=created_by,
             created=created,
+            platform=platform,
         )
         raw = canonical_json(doc)
         return raw, hex_of(sha256_digest(raw)), parent_image.id if parent_image else ""
@@ -381,6 +386,7 @@ class Graph:
                 "ongoing pull, load or mount"
             )
         trash(self.root / image_id, self.tmp_root)
+        fault("remove.between-image-and-layer")
         removed: list[str] = []
         if image.layer and not self.layer_in_use(image.layer):
             self.layers.delete(image.layer)
@@ -406,7 +412,7 @@ class Graph:
 
     def retain(self, session: str, *ids: str) -> None:
         """Hold image IDs or layer IDs (hex) for ``session``, visible to every process."""
-        self.holds_root.mkdir(exist_ok=True)
+        self.holds_root.mkdir(mode=0o700, exist_ok=True)
         with locked(self.lock_path):
             for raw_id in ids:
                 key = hex_of(raw_id)

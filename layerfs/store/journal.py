@@ -16,9 +16,14 @@ else:
   got through. Otherwise it is *discarded*: the images and layers it names that
   exist are removed (they did not exist when the record was written), and no
   tag of it was written.
-* a ``remove`` record (rmi, fsck --repair) is *finished*: the tags it names that
+* a ``remove`` record (fsck --repair) is *finished*: the tags it names that
   still point at their image are removed, then its images and the layers no
   image uses any more.
+* an ``undo`` record (rmi, whose docker rules decide step by step what goes) holds
+  the tag file as it was, and the nodes and layers the command removes are moved
+  into ``<record>.d/`` beside it instead of being deleted. Found pending, it is
+  *undone*: the tag file is put back and so is everything in ``.d/``. Once the
+  command is done the record goes first, then ``.d/``.
 
 This module knows the record format and how to settle one; the graph, tags and
 layers do the work. ``docs/store-format.md`` describes the format.
@@ -38,7 +43,16 @@ from typing import TYPE_CHECKING, Any
 
 from layerfs.errors import IntegrityError
 from layerfs.store.faults import fault
-from layerfs.store.files import atomic_write, owner_alive, owner_name, owner_of, trash
+from layerfs.store.files import (
+    atomic_write,
+    fsync_dir,
+    keeping_removed,
+    owner_alive,
+    owner_name,
+    owner_of,
+    remove_tree,
+    trash,
+)
 
 if TYPE_CHECKING:
     from layerfs.store.store import Store
@@ -48,6 +62,7 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 CREATE = "create"
 REMOVE = "remove"
+UNDO = "undo"
 
 
 @dataclass
@@ -105,6 +120,15 @@ class Journal:
         except (FileNotFoundError, PermissionError):  # no store yet, or not this user's
             return []
 
+    def _kept_without_record(self) -> list[Path]:
+        try:
+            names = os.listdir(self.root)
+        except (FileNotFoundError, PermissionError):
+            return []
+        return [
+            self.root / n for n in names if n.endswith(".d") and f"{n[:-2]}.json" not in names
+        ]
+
     def has_dead_records(self) -> bool:
         """True when some record's writer is gone (checked without the store lock)."""
         for path in self._paths():
@@ -137,10 +161,77 @@ class Journal:
         fault("publish.before-record-removal")
         path.unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def undoable(self, command: str) -> Iterator[None]:
+        """Run the block (store lock held) so that all of it happens, or none of it."""
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        owner = owner_name(self.store.tmp)
+        base = f"{command}-{owner}-{secrets.token_hex(6)}"
+        path, kept = self.root / f"{base}.json", self.root / f"{base}.d"
+        kept.mkdir(mode=0o700)
+        try:
+            tags: str | None = self.store.tags.path.read_bytes().decode()
+        except FileNotFoundError:
+            tags = None
+        doc = {"version": RECORD_VERSION, "command": command, "kind": UNDO, "owner": owner}
+        atomic_write(path, json.dumps({**doc, "tags": tags}).encode(), self.store.tmp)
+        fault("record.written")
+        try:
+            with keeping_removed(kept):
+                yield
+        except BaseException:
+            self._undo(tags, kept)
+            path.unlink(missing_ok=True)
+            remove_tree(kept)
+            raise
+        fault("publish.before-record-removal")
+        path.unlink()
+        fsync_dir(self.root)
+        self._drop(kept)
+
+    def _undo(self, tags: str | None, kept: Path) -> None:
+        if tags is None:
+            self.store.tags.path.unlink(missing_ok=True)
+        else:
+            atomic_write(self.store.tags.path, tags.encode(), self.store.tmp, 0o600)
+        for name in sorted(os.listdir(kept)) if kept.is_dir() else []:
+            kind, _, entry = name.partition("-")
+            if kind in ("graph", "layers") and not (self.store.root / kind / entry).exists():
+                os.rename(kept / name, self.store.root / kind / entry)
+        for kind in ("graph", "layers"):
+            if (self.store.root / kind).is_dir():
+                fsync_dir(self.store.root / kind)
+
+    def _drop(self, kept: Path) -> None:
+        """Delete what a finished command removed (a named step half way)."""
+        names = sorted(os.listdir(kept)) if kept.is_dir() else []
+        for number, name in enumerate(names):
+            remove_tree(kept / name)
+            if number == 0 and len(names) > 1:
+                fault("remove.mid-unlink")
+        remove_tree(kept)
+
     def recover(self) -> list[str]:
         """Settle every record left by a process that is gone (store lock held)."""
         settled = []
+        for kept in self._kept_without_record():
+            self._drop(kept)  # the command was done; only the deleting was left
         for path in self._paths():
+            try:
+                doc = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict) and doc.get("kind") == UNDO:
+                kept = path.with_suffix(".d")
+                tags = doc.get("tags")
+                self._undo(tags if isinstance(tags, str) else None, kept)
+                path.unlink(missing_ok=True)
+                fsync_dir(self.root)
+                remove_tree(kept)
+                settled.append(f"undid the interrupted {doc.get('command')}")
+                continue
             try:
                 record, _owner = Record.from_json(path.read_bytes(), str(path))
             except FileNotFoundError:

@@ -33,15 +33,17 @@ from layerfs.model.digest import hex_of, is_sha256_digest, validate_digest
 from layerfs.store import codec
 from layerfs.store.faults import fault
 from layerfs.store.files import (
+    SpaceGuard,
     atomic_write,
     fsync_dir,
     make_temp_dir,
+    open_private,
     publish_dir,
     remove_tree,
     reporting_no_space,
     trash,
 )
-from layerfs.store.tarindex import Entry, index_tar
+from layerfs.store.tarindex import Entry, IndexResult, index_tar
 
 INDEX_VERSION = 1
 DAMAGED = "damaged"  # a layer's mark: fsck --verify found its bytes wrong
@@ -80,6 +82,35 @@ class LayerInfo:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"corrupt layer info {where}: {exc}") from exc
+
+
+def write_index(out: Any, result: IndexResult) -> None:
+    """The index of an indexed layer, streamed row by row (see docs/store-format.md)."""
+    codec.pack_streaming(
+        out,
+        {"version": INDEX_VERSION, "diff_id": result.diff_id},
+        "entries",
+        (e.to_row() for e in result.entries),
+        len(result.entries),
+    )
+
+
+class _HalfThenFault:
+    """Passes writes on; the named step ``stage.mid-index`` falls half way into the first."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self._first = True
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self._first:
+            self._first = False
+            half = len(data) // 2
+            self._out.write(data[:half])
+            fault("stage.mid-index")
+            self._out.write(data[half:])
+            return len(data)
+        return int(self._out.write(data))
 
 
 class StagedLayer:
@@ -173,8 +204,9 @@ class LayerStore:
                 reader, kind = open_decompressed(stream, what) if decompress else (stream, "none")
                 if kind != "none":  # inflate on one core while this one parses and hashes
                     reader = read_ahead = ReadAheadReader(reader)
-                with open(staging / "layer.tar", "wb") as out:
-                    result = index_tar(reader, out, progress=progress)
+                with open_private(staging / "layer.tar") as out:
+                    guard = SpaceGuard(out, self.tmp_root, what)
+                    result = index_tar(reader, guard, progress=progress)
                     out.flush()
                     os.fsync(out.fileno())
                 fault("stage.layer-written")
@@ -183,17 +215,8 @@ class LayerStore:
                         f"{what}: diff ID mismatch: expected {expected_diff_id}, "
                         f"got {result.diff_id}"
                     )
-                index = {
-                    "version": INDEX_VERSION,
-                    "diff_id": result.diff_id,
-                    "entries": [e.to_row() for e in result.entries],
-                }
-                packed = codec.pack(index)
-                with open(staging / "index", "wb") as out:
-                    out.write(packed[: len(packed) // 2])
-                    out.flush()
-                    fault("stage.mid-index")
-                    out.write(packed[len(packed) // 2 :])
+                with open_private(staging / "index") as out:
+                    write_index(_HalfThenFault(SpaceGuard(out, self.tmp_root, what)), result)
                 info = LayerInfo(
                     result.diff_id,
                     result.tar_size,
@@ -201,7 +224,8 @@ class LayerStore:
                     len(result.entries),
                     [blob_digest] if blob_digest else [],
                 )
-                (staging / "info.json").write_bytes(info.to_json())
+                with open_private(staging / "info.json") as out:
+                    out.write(info.to_json())
             fault("stage.done")
         except BaseException:
             remove_tree(staging)
@@ -223,7 +247,7 @@ class LayerStore:
         info = self.info(diff_id)
         if blob_digest not in info.blob_digests:
             info.blob_digests.append(blob_digest)
-            atomic_write(self.path(diff_id) / "info.json", info.to_json(), self.tmp_root, 0o644)
+            atomic_write(self.path(diff_id) / "info.json", info.to_json(), self.tmp_root)
 
     def find_by_blob_digest(self, blob_digest: str) -> str | None:
         for diff_id in self.diff_ids():

@@ -30,6 +30,7 @@ def publish_new_image(
     config: dict[str, Any] | None = None,
     created_by: str = "",
     tags: list[tuple[str, str]] | None = None,
+    platform: tuple[str, str, str] | None = None,
 ) -> tuple[Image, list[str]]:
     """Create the image with ``layer`` on ``parent`` and tag it; (image, rename messages).
 
@@ -45,6 +46,7 @@ def publish_new_image(
                 author=author,
                 config=config,
                 created_by=created_by,
+                platform=platform,
             )
             refs = [(familiar_name(repo), tag or "latest", image_id) for repo, tag in tags or []]
             new_layers = (
