@@ -44,7 +44,11 @@ def small(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def cli(small: Path, layerfs_cli: LayerfsCli) -> LayerfsCli:
+def cli(small: Path, layerfs_cli: LayerfsCli, monkeypatch: pytest.MonkeyPatch) -> LayerfsCli:
+    # The disk itself runs out here: no free-space reserve, no expansion cap (both have
+    # their own tests) stop the commands before it does.
+    monkeypatch.setenv("LAYERFS_MIN_FREE", "0")
+    monkeypatch.setenv("LAYERFS_MAX_EXPANSION_RATIO", "0")
     cli = LayerfsCli(small / "store")
     layerfs_cli.root = cli.root  # its cleanup (mounts, processes) covers this store
     seed = small.parent / "seed.tar"
