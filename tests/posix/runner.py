@@ -1,0 +1,163 @@
+"""Run one sequence of calls on a host directory and on a mount; report the first difference.
+
+``python -m tests.posix.runner --host DIR --mount DIR [--traits JSON] < sequence.json``
+reads ``{"calls": [...]}`` and prints one JSON report: the number of steps run and, if
+the trees ever disagreed, the step, its call, both answers and every path whose state
+differs. After each call it compares the two answers and the two complete states
+(``snapshot.py``); it stops at the first difference, since what follows would only
+repeat it.
+
+Both trees are driven from this one process, call by call, with the same umask and the
+same working directory relative to each root, as the user this process runs as.
+
+``--traits`` names what the mount's engine cannot offer (``{"lseek": false,
+"fallocate": false}``); such a call is held to the engine's documented answer instead
+of the host's (docs/guide.md, "Where a mount differs from a local file system"):
+
+- without lseek, the kernel treats a whole file as data: ``SEEK_DATA`` at an offset
+  inside the file answers that offset, ``SEEK_HOLE`` the file's size. Afterwards both
+  descriptors are set to the mount's answer so that the sequence goes on comparably;
+- the kernel reads and writes a FIFO itself, and a FUSE server never hears of it: the
+  times of a FIFO that was read or written are not compared from then on;
+- without fallocate, a call that passes the kernel's checks gets ``EOPNOTSUPP`` and
+  is then not made on the host; one the kernel refuses must be refused alike.
+
+Standard library only (see ``calls.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import stat
+import sys
+from typing import Any
+
+from tests.posix.calls import Answer, Call, Tree
+from tests.posix.snapshot import differences, snapshot
+
+_EOPNOTSUPP = errno.errorcode[errno.EOPNOTSUPP]
+
+
+class Run:
+    def __init__(self, host: str, mount: str, traits: dict[str, bool]) -> None:
+        self.host = Tree(host)
+        self.mount = Tree(mount)
+        self.traits = traits
+        self.umask = 0o022
+        self.tally: dict[str, dict[str, int]] = {}  # call -> answer -> how often
+        self.untimed: tuple[set[int], set[int]] = (set(), set())  # FIFO inodes: host, mount
+
+    def answers(self, call: Call) -> tuple[Answer, Answer, Answer]:
+        """(host's answer, mount's answer, what the mount must answer)."""
+        name = call[0]
+        if name == "fallocate" and not self.traits.get("fallocate", True):
+            # The kernel's own checks come first and must agree with the host's; what
+            # reaches the engine is refused, and then the host is not asked.
+            got = self._on(self.mount, call)
+            if got == ["err", _EOPNOTSUPP]:
+                return ["not called"], got, got
+            want = self._on(self.host, call)
+            return want, got, want
+        want = self._on(self.host, call)
+        got = self._on(self.mount, call)
+        if name in ("read", "write") and got[0] == "ok" and got[1]:
+            self._note_fifo(call[1])
+        if name == "fstat":
+            want, got = (
+                self._untimed(self.host, 0, call[1], want),
+                self._untimed(self.mount, 1, call[1], got),
+            )
+        seeks_holes = name == "lseek" and call[3] in ("SEEK_DATA", "SEEK_HOLE")
+        if seeks_holes and not self.traits.get("lseek", True):
+            want = self._whole_file_is_data(call)
+        return want, got, want
+
+    def _note_fifo(self, slot: int) -> None:
+        for tree, inodes in zip((self.host, self.mount), self.untimed, strict=True):
+            st = os.fstat(tree.fds[slot])
+            if stat.S_ISFIFO(st.st_mode):
+                inodes.add(st.st_ino)
+
+    def _untimed(self, tree: Tree, side: int, slot: int, answer: Answer) -> Answer:
+        """An fstat answer without the times of an inode whose times are not compared."""
+        if answer[0] == "ok" and os.fstat(tree.fds[slot]).st_ino in self.untimed[side]:
+            return ["ok", [*answer[1][:-2], "untimed", "untimed"]]
+        return answer
+
+    def _whole_file_is_data(self, call: Call) -> Answer:
+        slot, offset, whence = call[1:]
+        try:
+            size = os.fstat(self.host.fd(slot)).st_size
+        except OSError:
+            return ["err", "EBADF"]
+        if offset < 0 or offset >= size:
+            return ["err", "ENXIO"]
+        answer = offset if whence == "SEEK_DATA" else size
+        os.lseek(self.host.fds[slot], answer, os.SEEK_SET)
+        return ["ok", answer]
+
+    def _on(self, tree: Tree, call: Call) -> Answer:
+        os.chdir(tree.root)
+        os.umask(self.umask)
+        try:
+            return tree.run(call)
+        finally:
+            self.umask = os.umask(self.umask)
+            os.umask(self.umask)
+            os.chdir("/")
+
+    def sequence(self, calls: list[Call]) -> dict[str, Any]:
+        host_before = snapshot(self.host.root)
+        mount_before = snapshot(self.mount.root)
+        report: dict[str, Any] = {"steps": 0, "answers": self.tally, "difference": None}
+        diffs = differences(host_before, None, mount_before, None)
+        if diffs:
+            report["difference"] = {"step": -1, "call": None, "state": diffs}
+            return report
+        try:
+            for step, call in enumerate(calls):
+                want_host, got, want = self.answers(call)
+                tally = self.tally.setdefault(call[0], {})
+                outcome = got[1] if got[0] == "err" else "ok"
+                tally[outcome] = tally.get(outcome, 0) + 1
+                host_now = snapshot(self.host.root)
+                mount_now = snapshot(self.mount.root)
+                diffs = differences(host_now, host_before, mount_now, mount_before, self.untimed)
+                report["steps"] = step + 1
+                if got != want or diffs:
+                    report["difference"] = {
+                        "step": step,
+                        "call": call,
+                        "host": want_host,
+                        "mount": got,
+                        "expected": want,
+                        "state": diffs,
+                        "before": calls[max(0, step - 8) : step],
+                    }
+                    return report
+                host_before, mount_before = host_now, mount_now
+        finally:
+            self.host.close_all()
+            self.mount.close_all()
+        report["untimed"] = sorted(p for p, e in host_before.items() if e.ino in self.untimed[0])
+        return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--mount", required=True)
+    parser.add_argument("--traits", default="{}")
+    args = parser.parse_args(argv)
+    doc = json.load(sys.stdin)
+    run = Run(os.path.abspath(args.host), os.path.abspath(args.mount), json.loads(args.traits))
+    json.dump(run.sequence(doc["calls"]), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
