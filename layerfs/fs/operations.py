@@ -30,7 +30,7 @@ import trio
 
 from layerfs.errors import LayerfsError
 from layerfs.fs.inodes import LAYER_UPPER, NAME_MAX, ROOT, InodeTable
-from layerfs.fs.posix import Caller
+from layerfs.fs.posix import Caller, get_xattr, listed_xattrs
 from layerfs.fs.union import MergedTree
 from layerfs.fs.upper import Upper
 
@@ -60,6 +60,7 @@ _QUIET_ERRNOS = frozenset(
         errno.ENAMETOOLONG,
         errno.ELOOP,
         errno.ERANGE,
+        errno.EOPNOTSUPP,
     }
 )
 
@@ -564,18 +565,15 @@ class Operations(pyfuse3.Operations):
         try:
             if inode == ROOT and name.startswith(CONTROL_PREFIX) and self.control is not None:
                 return self.control(name[len(CONTROL_PREFIX) :])
-            xattrs = self.t.xattrs.get(inode)
-            value = xattrs.get(name.decode("utf-8", "surrogateescape")) if xattrs else None
-            if value is None:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-            return value
+            return get_xattr(self.t, inode, name.decode("utf-8", "surrogateescape"))
         except Exception as exc:
             raise fuse_error(exc, "getxattr", inode, name) from None
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         try:
             self._alive(inode)
-            return [k.encode("utf-8", "surrogateescape") for k in self.t.xattrs.get(inode, ())]
+            names = listed_xattrs(self.t, inode, self._caller(ctx))
+            return [k.encode("utf-8", "surrogateescape") for k in names]
         except Exception as exc:
             raise fuse_error(exc, "listxattr", inode) from None
 

@@ -34,14 +34,37 @@ RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 """The kernel's limit; ext4 keeps values up to a block unless it has ``ea_inode``."""
+XATTR_NAMESPACES = frozenset({"user", "trusted", "security"})
 
 _error = datafile.error
 
 
-def _check_xattr_name(name: str) -> None:
+def check_xattr_name(name: str) -> None:
+    """The names ext4 takes: 1 to 255 bytes in the user, trusted or security namespace.
+
+    Any other namespace is EOPNOTSUPP, a namespace alone EINVAL. (POSIX ACLs,
+    ``system.posix_acl_*``, never get here: the kernel answers them for a FUSE file
+    system that does not enable them.)
+    """
     size = len(name.encode("utf-8", "surrogateescape"))
     if not size or size > XATTR_NAME_MAX:
         raise _error(errno.ERANGE, "an extended attribute name has 1 to 255 bytes")
+    namespace, dot, rest = name.partition(".")
+    if not dot or namespace not in XATTR_NAMESPACES:
+        raise _error(errno.EOPNOTSUPP, "unknown extended attribute namespace")
+    if not rest:
+        raise _error(errno.EINVAL, "an extended attribute name needs more than its namespace")
+
+
+def get_xattr(table: InodeTable, ino: int, name: str) -> bytes:
+    """getxattr(2): ENODATA where the inode has no attribute ``name``."""
+    if not table.alive(ino):
+        raise _error(errno.ENOENT)
+    check_xattr_name(name)
+    value = (table.xattrs.get(ino) or {}).get(name)
+    if value is None:
+        raise _error(errno.ENODATA)
+    return value
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,19 @@ class Caller:
 
 
 ROOT_CALLER = Caller(0, 0)
+
+
+def listed_xattrs(table: InodeTable, ino: int, caller: Caller) -> list[str]:
+    """The names listxattr(2) shows ``caller``: ``trusted.*`` only to root, as ext4 lists.
+
+    (The kernel itself refuses to read or write ``trusted.*`` for anyone else.)
+    """
+    names = table.xattrs.get(ino)
+    if not names:
+        return []
+    if caller.privileged:
+        return list(names)
+    return [name for name in names if not name.startswith("trusted.")]
 
 
 class PosixRules:
@@ -401,7 +437,7 @@ class PosixRules:
         t = self.table
         if not t.alive(ino):
             raise _error(errno.ENOENT)
-        _check_xattr_name(name)
+        check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise _error(errno.E2BIG)
         current = t.xattrs.get(ino) or {}
@@ -420,7 +456,7 @@ class PosixRules:
         t = self.table
         if not t.alive(ino):
             raise _error(errno.ENOENT)
-        _check_xattr_name(name)
+        check_xattr_name(name)
         current = t.xattrs.get(ino) or {}
         if name not in current:
             raise _error(errno.ENODATA)

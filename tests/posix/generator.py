@@ -80,12 +80,14 @@ TREE = [
     Node(LONG_NAME, "f", data=b"long name\n"),
 ]
 
-_DIRS = ["", "d", "d/e", "tmp", "sg", "home", "home/sub", "priv", "xd", "sl", "f", "new"]
+_USER_DIRS = ("home/", "tmp/", "sg/")
+_DIRS = ["", "d", "d/e", "tmp", "sg", "home", "home/sub", "priv", "xd", "sl", "f", "new",
+         "home/new", "sg/new"]
 _NEW = ["n", "m", "new", "deep"]
 PATHS = sorted(
     {n.path for n in TREE}
     | {f"{d}/{n}" if d else n for d in _DIRS for n in _NEW}
-    | {"new/deep/n", "d/" + LONG_NAME, TOO_LONG_NAME, "home/" + TOO_LONG_NAME}
+    | {"new/deep/n", "home/new/deep/n", "d/" + LONG_NAME, TOO_LONG_NAME, "home/" + TOO_LONG_NAME}
 )
 MODES = [0o644, 0o600, 0o755, 0o777, 0o4755, 0o2755, 0o6775, 0o1777, 0o2775, 0o444, 0o000, 0o7777]
 UIDS = [0, USER, OTHER, -1]
@@ -141,16 +143,21 @@ _WEIGHTS = {
 }
 
 
-def sequence(seed: int, steps: int) -> list[Call]:
-    """``steps`` calls, the same for the same seed on every machine."""
-    return _Generator(seed).calls(steps)
+def sequence(seed: int, steps: int, *, user: bool = False) -> list[Call]:
+    """``steps`` calls, the same for the same seed on every machine.
+
+    ``user``: for the unprivileged run, aim most calls at what :data:`USER` may change
+    (``home``, ``tmp``, ``sg``), so that permission errors do not make up the sequence.
+    """
+    return _Generator(seed, user).calls(steps)
 
 
 class _Generator:
     """Calls drawn mostly from what probably exists (a rough guess, no file system)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, user: bool) -> None:
         self.rng = random.Random(seed)
+        self.user = user
         self.files = {n.path for n in TREE if n.kind in "fh"}
         self.dirs = {n.path for n in TREE if n.kind == "d"}
         self.others = {n.path for n in TREE if n.kind not in "fhd"}
@@ -164,6 +171,10 @@ class _Generator:
     def path(self, *kinds: set[str]) -> str:
         """A path of one of ``kinds`` (as guessed) mostly, else any path of the pool."""
         pool = sorted(set().union(*kinds)) if kinds else []
+        if self.user and self.rng.random() < 0.75:
+            pool = [p for p in pool if p.startswith(_USER_DIRS)] or [
+                p for p in PATHS if p.startswith(_USER_DIRS)
+            ]
         if pool and self.rng.random() < 0.75:
             return self.rng.choice(pool)
         return self.rng.choice(PATHS)

@@ -7,6 +7,11 @@ differs. After each call it compares the two answers and the two complete states
 (``snapshot.py``); it stops at the first difference, since what follows would only
 repeat it.
 
+Two calls are the runner's own: ``["case", NAME]`` names the hand-written case the
+calls after it belong to, and ``["expect", ANSWER, CALL]`` makes CALL on the mount
+alone and requires ANSWER, for a difference the guide documents where the host's
+answer would change the host tree (a name reserved for whiteouts, ``RENAME_WHITEOUT``).
+
 Both trees are driven from this one process, call by call, with the same umask and the
 same working directory relative to each root, as the user this process runs as.
 
@@ -47,12 +52,19 @@ class Run:
         self.mount = Tree(mount)
         self.traits = traits
         self.umask = 0o022
+        self.case = ""  # the hand-written case under way (named by a "case" call)
         self.tally: dict[str, dict[str, int]] = {}  # call -> answer -> how often
         self.untimed: tuple[set[int], set[int]] = (set(), set())  # FIFO inodes: host, mount
 
     def answers(self, call: Call) -> tuple[Answer, Answer, Answer]:
         """(host's answer, mount's answer, what the mount must answer)."""
         name = call[0]
+        if name == "case":
+            self.case = call[1]
+            return ["ok", None], ["ok", None], ["ok", None]
+        if name == "expect":
+            # A documented difference: the mount alone, held to its documented answer.
+            return ["not called"], self._on(self.mount, call[2]), call[1]
         if name == "fallocate" and not self.traits.get("fallocate", True):
             # The kernel's own checks come first and must agree with the host's; what
             # reaches the engine is refused, and then the host is not asked.
@@ -130,6 +142,7 @@ class Run:
                 if got != want or diffs:
                     report["difference"] = {
                         "step": step,
+                        "case": self.case,
                         "call": call,
                         "host": want_host,
                         "mount": got,
