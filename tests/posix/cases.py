@@ -394,7 +394,6 @@ ATTRIBUTES: list[Call] = [
 CASES = {"files": FILES, "names": NAMES, "attributes": ATTRIBUTES}
 
 
-
 def documented() -> list[Call]:
     """Documented differences whose host answer would change the host tree."""
     return [

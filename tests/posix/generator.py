@@ -80,9 +80,23 @@ TREE = [
     Node(LONG_NAME, "f", data=b"long name\n"),
 ]
 
-_USER_DIRS = ("home/", "tmp/", "sg/")
-_DIRS = ["", "d", "d/e", "tmp", "sg", "home", "home/sub", "priv", "xd", "sl", "f", "new",
-         "home/new", "sg/new"]
+_USER_DIRS = ("home", "tmp", "sg")
+_DIRS = [
+    "",
+    "d",
+    "d/e",
+    "tmp",
+    "sg",
+    "home",
+    "home/sub",
+    "priv",
+    "xd",
+    "sl",
+    "f",
+    "new",
+    "home/new",
+    "sg/new",
+]
 _NEW = ["n", "m", "new", "deep"]
 PATHS = sorted(
     {n.path for n in TREE}
@@ -182,6 +196,19 @@ class _Generator:
     def any_path(self) -> str:
         return self.path(self.files, self.dirs, self.others)
 
+    def new_path(self) -> str:
+        """Where something new may go: a new name in a directory that probably exists."""
+        if self.rng.random() < 0.3:
+            return self.path()
+        dirs = sorted(d for d in self.dirs if not self.user or d.startswith(_USER_DIRS))
+        if self.user:
+            dirs += ["home", "tmp", "sg"]
+        else:
+            dirs.append("")
+        parent = self.rng.choice(dirs)
+        name = self.rng.choice(_NEW)
+        return f"{parent}/{name}" if parent else name
+
     def slot(self) -> int:
         if self.open_slots and self.rng.random() < 0.85:
             return self.rng.choice(self.open_slots)
@@ -223,17 +250,19 @@ class _Generator:
         elif name == "truncate":
             call[1] = self.path(self.files)
         elif name in ("mkdir",):
-            call[1] = self.path()
+            call[1] = self.new_path()
             self.dirs.add(call[1])
         elif name in ("mknod", "mkfifo", "symlink"):
-            self.others.add(call[2] if name == "symlink" else call[1])
+            where = 2 if name == "symlink" else 1
+            call[where] = self.new_path()
+            self.others.add(call[where])
         elif name == "link":
             call[1] = self.path(self.files, self.others)
+            call[2] = self.new_path()
             self.files.add(call[2])
         elif name == "rename":
             call[1] = self.any_path()
-            if rng.random() < 0.5:
-                call[2] = self.any_path()
+            call[2] = self.any_path() if rng.random() < 0.4 else self.new_path()
             if not call[3]:
                 for group in (self.files, self.dirs, self.others):
                     if call[1] in group:
@@ -310,7 +339,9 @@ def _call(rng: random.Random, name: str) -> Call:
     if name == "link":
         return ["link", path, rng.choice(PATHS)]
     if name == "symlink":
-        return ["symlink", c(["f", "d", "../f", "nowhere", "/", path]), path]
+        # Never an absolute target: the runner does not chroot, and "/" would be the
+        # machine's. "../f" from the top leads to the tree's own parent (session.py).
+        return ["symlink", c(["f", "d", "../f", "nowhere", "sl/g", path]), path]
     if name == "rename":
         flags = c([[], [], [], ["RENAME_NOREPLACE"], ["RENAME_EXCHANGE"]])
         return ["rename", path, rng.choice(PATHS), flags]

@@ -46,6 +46,23 @@ from tests.posix.snapshot import differences, snapshot
 _EOPNOTSUPP = errno.errorcode[errno.EOPNOTSUPP]
 
 
+def check_contained(call: Call) -> None:
+    """Refuse a call that could reach outside the trees: this process is not chrooted.
+
+    Paths and symlink targets must be relative; a target may climb one level (to the
+    tree's own directory, see session.py), a path not at all.
+    """
+    name, args = call[0], call[1:]
+    paths = [a for a in args if isinstance(a, str) and ("/" in a or a[:1] in ".")]
+    if name == "symlink":
+        target, paths = args[0], [args[1]]
+        if target.startswith("/") or target.split("/").count("..") > 1:
+            raise ValueError(f"a symlink target must stay near the tree: {call}")
+    for path in paths:
+        if path.startswith("/") or ".." in path.split("/"):
+            raise ValueError(f"a path must stay in the tree: {call}")
+
+
 class Run:
     def __init__(self, host: str, mount: str, traits: dict[str, bool]) -> None:
         self.host = Tree(host)
@@ -112,6 +129,7 @@ class Run:
         return ["ok", answer]
 
     def _on(self, tree: Tree, call: Call) -> Answer:
+        check_contained(call)
         os.chdir(tree.root)
         os.umask(self.umask)
         try:

@@ -148,10 +148,14 @@ class Session:
     def run(self, name: str, calls: list[Call]) -> Outcome:
         self.count += 1
         number = self.count
-        host = self.work / f"host{number}"
-        mnt = self.work / f"mnt{number}"
-        mnt.mkdir()
-        mnt.chmod(0o755)
+        # Each tree in a directory of its own: what a symlink reaches above a tree's
+        # root ("../f" from the top) stays apart for the two and inside the work area.
+        host = self.work / f"host{number}" / "tree"
+        mnt = self.work / f"mnt{number}" / "tree"
+        for side in (host.parent, mnt.parent):
+            side.mkdir(mode=0o755)
+            side.chmod(0o755)
+        mnt.mkdir(mode=0o755)
         make_host_tree(host)
         with _bind_noatime(host):
             self.cli(
@@ -175,8 +179,8 @@ class Session:
         self._export(f"posix:result{number}", export)
         commit = compare_export(export, host, untimed=report.get("untimed") or [])
         export.unlink()
-        shutil.rmtree(host)
-        mnt.rmdir()
+        shutil.rmtree(host.parent)
+        shutil.rmtree(mnt.parent)
         return Outcome(name, report, commit)
 
     def _export(self, reference: str, path: Path) -> None:
