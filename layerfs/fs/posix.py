@@ -105,6 +105,7 @@ class PosixRules:
     """The rules of :class:`~layerfs.fs.upper.Upper` that are not about storage."""
 
     table: InodeTable
+    linkable: set[int]  # unnamed files (O_TMPFILE) that link may name
 
     def truncate(self, ino: int, size: int, now: int = 0) -> None:
         raise NotImplementedError
@@ -246,6 +247,12 @@ class PosixRules:
     ) -> int:
         """A new entry; ``mode`` carries the type bits (S_IFREG, S_IFDIR, S_IFLNK...)."""
         self._check_new_name(parent, name)
+        ino = self._new_inode(mode, uid, gid, rdev, target)
+        self.table.add_name(parent, name, ino)
+        self._dir_modified(parent)
+        return ino
+
+    def _new_inode(self, mode: int, uid: int, gid: int, rdev: int, target: bytes) -> int:
         t = self.table
         kind_bits = stat.S_IFMT(mode)
         if kind_bits not in (
@@ -270,17 +277,29 @@ class PosixRules:
             t.targets[ino] = target
         if kind_bits in (stat.S_IFCHR, stat.S_IFBLK):
             t.rdev[ino] = rdev
-        t.add_name(parent, name, ino)
-        self._dir_modified(parent)
+        return ino
+
+    def make_unnamed(self, parent: int, mode: int, flags: int, caller: Caller) -> int:
+        """``open(dir, O_TMPFILE)``: a regular file with no name, as ``make_node`` would make
+        it in ``parent``, which does not change. It lives while it is open; ``link`` may
+        give it a name unless ``flags`` has ``O_EXCL``."""
+        t = self.table
+        self._check_dir(parent)
+        gid = t.gid[parent] if t.mode[parent] & stat.S_ISGID else caller.gid
+        mode = stat.S_IFREG | (mode & 0o7777 & ~(caller.umask & 0o777))
+        ino = self._new_inode(mode, caller.uid, gid, 0, b"")
+        if not flags & os.O_EXCL:
+            self.linkable.add(ino)
         return ino
 
     def link(self, ino: int, parent: int, name: bytes) -> None:
         t = self.table
         if t.is_dir(ino):
             raise _error(errno.EPERM, "cannot hardlink a directory")
-        if not t.alive(ino) or t.nlink[ino] == 0:
+        if not t.alive(ino) or (t.nlink[ino] == 0 and ino not in self.linkable):
             raise _error(errno.ENOENT)
         self._check_new_name(parent, name)
+        self.linkable.discard(ino)
         t.add_name(parent, name, ino)
         self._touch_ctime(ino)
         self._dir_modified(parent)

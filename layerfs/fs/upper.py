@@ -94,6 +94,7 @@ class Upper(PosixRules):
         self.dirty = False
         self.generation = 0  # bumped by every change; a save records the one it saw
         self._fds: dict[int, int] = {}
+        self.linkable: set[int] = set()
         self._lock = FileLock(directory / "lock") if directory else None
 
     # -- opening and saving ---------------------------------------------------------
@@ -328,6 +329,7 @@ class Upper(PosixRules):
         """An inode is gone for good: close and delete its data file."""
         t = self.table
         self.close_fd(ino)
+        self.linkable.discard(ino)
         if t.layer[ino] == LAYER_UPPER and stat.S_ISREG(t.mode[ino]):
             try:
                 os.unlink(self.data_path(t.offset[ino]))

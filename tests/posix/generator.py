@@ -305,6 +305,7 @@ def _call(rng: random.Random, name: str) -> Call:
             ("O_APPEND", 0.2),
             ("O_NOFOLLOW", 0.1),
             ("O_DIRECTORY", 0.05),
+            ("O_TMPFILE", 0.03),
         ):
             if rng.random() < chance:
                 flags.append(flag)

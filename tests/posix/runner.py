@@ -16,16 +16,23 @@ Both trees are driven from this one process, call by call, with the same umask a
 same working directory relative to each root, as the user this process runs as.
 
 ``--traits`` names what the mount's engine cannot offer (``{"lseek": false,
-"fallocate": false}``); such a call is held to the engine's documented answer instead
-of the host's (docs/guide.md, "Where a mount differs from a local file system"):
+"fallocate": false, "tmpfile": false}``); such a call is held to the engine's
+documented answer instead of the host's (docs/guide.md, "Where a mount differs from a
+local file system"):
 
 - without lseek, the kernel treats a whole file as data: ``SEEK_DATA`` at an offset
   inside the file answers that offset, ``SEEK_HOLE`` the file's size. Afterwards both
   descriptors are set to the mount's answer so that the sequence goes on comparably;
+- without O_TMPFILE or fallocate, a call that passes the kernel's checks gets
+  ``EOPNOTSUPP`` and is then not made on the host; one the kernel refuses must be
+  refused alike.
+
+Two differences hold for every FUSE file system, and the mount is held to them too:
+
+- the kernel seeks in a FUSE directory itself, by its generic rules (ext4 has its own
+  for directories): such an lseek must answer what those rules give;
 - the kernel reads and writes a FIFO itself, and a FUSE server never hears of it: the
-  times of a FIFO that was read or written are not compared from then on;
-- without fallocate, a call that passes the kernel's checks gets ``EOPNOTSUPP`` and
-  is then not made on the host; one the kernel refuses must be refused alike.
+  times of a FIFO that was read or written are not compared from then on.
 
 Standard library only (see ``calls.py``).
 """
@@ -82,6 +89,14 @@ class Run:
         if name == "expect":
             # A documented difference: the mount alone, held to its documented answer.
             return ["not called"], self._on(self.mount, call[2]), call[1]
+        if name == "open" and "O_TMPFILE" in call[2] and not self.traits.get("tmpfile", True):
+            # As fallocate below; the host's slot is closed as the mount's was.
+            got = self._on(self.mount, call)
+            if got == ["err", _EOPNOTSUPP]:
+                self._on(self.host, ["close", call[4]])
+                return ["not called"], got, got
+            want = self._on(self.host, call)
+            return want, got, want
         if name == "fallocate" and not self.traits.get("fallocate", True):
             # The kernel's own checks come first and must agree with the host's; what
             # reaches the engine is refused, and then the host is not asked.
@@ -90,6 +105,9 @@ class Run:
                 return ["not called"], got, got
             want = self._on(self.host, call)
             return want, got, want
+        if name == "lseek" and self._is_dir(call[1]):
+            want = self._generic_dir_seek(call)
+            return self._on(self.host, call), self._on(self.mount, call), want
         want = self._on(self.host, call)
         got = self._on(self.mount, call)
         if name in ("read", "write") and got[0] == "ok" and got[1]:
@@ -115,6 +133,29 @@ class Run:
         if answer[0] == "ok" and os.fstat(tree.fds[slot]).st_ino in self.untimed[side]:
             return ["ok", [*answer[1][:-2], "untimed", "untimed"]]
         return answer
+
+    def _is_dir(self, slot: int) -> bool:
+        fd = self.mount.fds.get(slot)
+        return fd is not None and stat.S_ISDIR(os.fstat(fd).st_mode)
+
+    def _generic_dir_seek(self, call: Call) -> Answer:
+        """What the kernel's generic llseek answers on a directory of the mount.
+
+        Seeking in a directory is the kernel's own business on FUSE: no server sees it.
+        The mount's directories have size 0 (ext4 refuses SEEK_END on small ones).
+        """
+        slot, offset, whence = call[1:]
+        fd = self.mount.fds[slot]
+        size = os.fstat(fd).st_size
+        position = os.lseek(fd, 0, os.SEEK_CUR)
+        if whence in ("SEEK_DATA", "SEEK_HOLE"):
+            if offset < 0 or offset >= size:
+                return ["err", "ENXIO"]
+            return ["ok", offset if whence == "SEEK_DATA" else size]
+        base = {"SEEK_SET": 0, "SEEK_CUR": position, "SEEK_END": size}[whence]
+        if base + offset < 0:
+            return ["err", "EINVAL"]
+        return ["ok", base + offset]
 
     def _whole_file_is_data(self, call: Call) -> Answer:
         slot, offset, whence = call[1:]

@@ -56,8 +56,8 @@ class Engine:
 
 
 ENGINES = {
-    # pyfuse3 has no lseek and no fallocate handler (docs/guide.md says what that means).
-    "pyfuse3": Engine("pyfuse3", (), {"lseek": False, "fallocate": False}),
+    # pyfuse3 has no lseek, fallocate or tmpfile handler (docs/guide.md says what it means).
+    "pyfuse3": Engine("pyfuse3", (), {"lseek": False, "fallocate": False, "tmpfile": False}),
 }
 
 

@@ -448,3 +448,18 @@ def test_seek_data_and_hole(upper: Upper) -> None:
         upper.seek(sparse, (1 << 20) + 4, os.SEEK_DATA)
     with oserror(errno.EINVAL):
         upper.seek(sparse, 0, os.SEEK_SET)
+
+
+def test_an_unnamed_file_lives_until_linked_and_o_excl_keeps_it_unnamed(upper: Upper) -> None:
+    t = upper.table
+    d = ino(upper, "sgid")
+    mtime = t.mtime[d]
+    node = upper.make_unnamed(d, 0o666, os.O_RDWR, Caller(1000, 1000, 0o022))
+    assert t.nlink[node] == 0 and t.gid[node] == 50
+    assert stat.S_IMODE(t.mode[node]) == 0o644 and t.mtime[d] == mtime
+    upper.write(node, 0, b"made unnamed")
+    upper.link(node, d, b"named")
+    assert t.resolve(b"sgid/named") == node and t.nlink[node] == 1
+    sealed = upper.make_unnamed(d, 0o600, os.O_RDWR | os.O_EXCL, ROOT_CALLER)
+    with oserror(errno.ENOENT):
+        upper.link(sealed, d, b"never")
