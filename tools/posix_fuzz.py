@@ -89,6 +89,7 @@ def main() -> int:
     seeds = parse_seeds(args.seeds)
     users = {"root": [False], "user": [True], "both": [False, True]}[args.who]
     work = Path(tempfile.mkdtemp(prefix="layerfs-posix-fuzz-", dir="/tmp"))
+    work.chmod(0o755)  # the normal user's run must reach the trees
     failed: list[str] = []
     answers: Counter[str] = Counter()
     started = time.monotonic()

@@ -104,6 +104,13 @@ class Session:
         self.count = 0
         work.mkdir(parents=True, exist_ok=True)
         work.chmod(0o755)
+        if user:
+            for parent in work.parents:
+                if not parent.stat().st_mode & 0o001:
+                    raise PermissionError(
+                        f"{parent} is closed to other users: {USER} cannot "
+                        f"reach the trees in {work}"
+                    )
         self.image = self._build_image()
         self.python = self._user_python() if user else [sys.executable]
 
