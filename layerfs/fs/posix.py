@@ -85,8 +85,6 @@ class Caller:
         return self.uid == 0
 
 
-ROOT_CALLER = Caller(0, 0)
-
 
 def listed_xattrs(table: InodeTable, ino: int, caller: Caller) -> list[str]:
     """The names listxattr(2) shows ``caller``: ``trusted.*`` only to root, as ext4 lists.
@@ -129,7 +127,8 @@ class PosixRules:
         the inode decides is here. ``O_TRUNC`` truncates a regular file, with
         ``O_RDONLY`` too as Linux does, before anything else: a lower file is then
         copied up with nothing to copy. As any truncation by a caller other than
-        root, it drops setuid and setgid.
+        root, it drops setuid and setgid; here the kernel leaves that to the server
+        whatever else it does itself.
         """
         t = self.table
         if not t.alive(ino):
@@ -415,7 +414,9 @@ class PosixRules:
         root clears them too. A request that changes nothing at all is how the
         kernel asks a server that handles setuid/setgid itself (FUSE's
         HANDLE_KILLPRIV) to clear them before another user's write, and what
-        ``chown(path, -1, -1)`` sends: both clear them and move ctime. The kernel
+        ``chown(path, -1, -1)`` sends: both clear them and move ctime. (A kernel
+        that clears them itself, as for pyfuse3, whose libfuse does not ask for
+        HANDLE_KILLPRIV, sends the cleared mode along: the same result.) The kernel
         has checked permissions (``default_permissions``) and cleared setgid of a
         chmod by someone outside the file's group.
         """
