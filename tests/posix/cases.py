@@ -143,6 +143,8 @@ FILES: list[Call] = [
     ["lseek", 3, 0, "SEEK_DATA"],
     ["lseek", 3, 5, "SEEK_SET"],
     ["lseek", 3, 1, "SEEK_CUR"],
+    ["lseek", 3, MIB + 5, "SEEK_HOLE"],
+    ["read", 3, 100],
     ["close", 3],
     ["case", "O_TMPFILE"],
     _open("home", RW, "O_TMPFILE", mode=0o600),
