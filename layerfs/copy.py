@@ -64,7 +64,10 @@ def copy_image(
     def one(index: int) -> None:
         layer = image.layers[index]
         key = _layer_key(image, index)
-        what = f"{image.name or 'image'}: layer {index + 1}/{len(image.layers)}"
+        named = layer.diff_id or layer.digest
+        what = f"{image.name or 'image'}: layer {index + 1}/{len(image.layers)}" + (
+            f" ({named[:19]})" if named else ""
+        )
         if progress is not None:
             progress.status(key, "Copying")
         stream = source.open_layer(image, index)

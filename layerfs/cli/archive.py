@@ -16,12 +16,14 @@ from typing import Any
 from layerfs.cli.common import make_progress, open_store
 from layerfs.copy import copy
 from layerfs.errors import LayerfsError, UsageError
+from layerfs.model.platform import Platform
 from layerfs.progress import Progress
 from layerfs.transports import SOURCES, open_source, split_spec
 from layerfs.transports.archive import DockerArchiveDestination
-from layerfs.transports.base import ImageDestination, SourceImage
+from layerfs.transports.base import ImageDestination, ImageSource, SourceImage
 from layerfs.transports.local import StoreDestination, StoreSource
 from layerfs.transports.oci import OciLayoutDestination, existing_index
+from layerfs.transports.platforms import PlatformSource
 from layerfs.transports.writer import DirWriter, TarWriter
 
 GLOBALS_NOTE = (
@@ -52,6 +54,12 @@ def register(subparsers: Any) -> None:
         help="read from FILE (a tarball, an OCI layout directory, or docker-archive:PATH, "
         "oci-archive:PATH[:REF], oci:DIR[:REF]) instead of standard input",
     )
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="load only the images for this platform (of a multi-platform OCI index: its "
+        "entry for it)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=cmd_load)
 
@@ -80,6 +88,11 @@ def register(subparsers: Any) -> None:
         help="docker (default), oci (a tar) or oci-dir (a directory)",
     )
     p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="refuse an image that is not for this platform",
+    )
+    p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress and no 'Saved image' lines"
     )
     p.set_defaults(handler=cmd_save)
@@ -105,7 +118,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     spec = args.input or "-"
     if split_spec(spec, SOURCES)[0] is None and spec != "-" and not Path(spec).exists():
         raise UsageError(f"cannot read {spec!r}: no such file or directory")
-    source = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
+    platform = Platform.parse(args.platform) if args.platform else None
+    source: ImageSource = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
+    if platform is not None:
+        source = PlatformSource(source, platform)
     try:
         source.images()  # an archive-level problem: one line naming the archive
     except LayerfsError as exc:
@@ -169,8 +185,11 @@ def _destination(args: argparse.Namespace, tmp: Path) -> tuple[ImageDestination,
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    platform = Platform.parse(args.platform) if args.platform else None
     store = open_store(args)
-    source = StoreSource(store, args.images)
+    source: ImageSource = StoreSource(store, args.images)
+    if platform is not None:
+        source = PlatformSource(source, platform, strict=True)
     source.images()  # unknown names fail here, before any output exists
     destination, to_stdout = _destination(args, store.tmp)
     progress = _progress(args)
