@@ -6,9 +6,9 @@
   (``python -m tests.posix.runner``, standard library only, so that it runs as any
   user from a virtualenv of the system's Python);
 - ``generator.py``: the starting tree and seeded random sequences over it;
-- ``cases.py``: the hand-written sequences (every case the issue names);
+- ``cases.py``: the hand-written sequences (every case the mount was found wrong in);
 - ``session.py``: the host side of a run (starting tree, image, mount, commit, export).
 
-Only ``session.py`` needs layerfs; the other modules are copied next to the runner
-when it runs as a normal user.
+Only ``session.py`` needs layerfs; the runner and what it imports use the standard
+library alone.
 """

@@ -12,10 +12,10 @@ directory on the way), and a Python for the runner. For each sequence,
 - a fresh writable mount of the image (``--no-init``, ``-o allow_other``, a new upper),
 
 runs the runner on both (as root, or as :data:`~tests.posix.generator.USER` through
-``setpriv`` with a virtualenv of the system's Python, since root's Python may live where
-that user cannot go), then commits the mount, exports the committed image and compares
-the export with the host tree. Sockets are left out of that comparison: a layer never
-holds one (docs/guide.md).
+``setpriv`` with a virtualenv of the system's Python, ``tests.helpers.make_user_venv``,
+since root's Python may live where that user cannot go), then commits the mount,
+exports the committed image and compares the export with the host tree. Sockets are
+left out of that comparison: a layer never holds one (docs/guide.md).
 
 Needs root: it builds root-owned trees, device nodes and bind mounts.
 """
@@ -43,7 +43,11 @@ from tests.posix.generator import TREE, TREE_TIME_NS, USER, Node
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 RUNNER_TIMEOUT = 600
-_RUNNER_FILES = ("__init__.py", "calls.py", "snapshot.py", "runner.py", "generator.py")
+_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LC_ALL": "C.UTF-8"}
+
+
+def _as_user() -> list[str]:
+    return ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups"]
 
 
 @dataclass(frozen=True)
@@ -134,21 +138,22 @@ class Session:
         return build_image(self.store, tars, tag="posix:start")
 
     def _user_python(self) -> list[str]:
-        """A virtualenv of the system's Python beside a copy of the runner's modules."""
-        venv = self.work / "venv"
-        subprocess.run(
-            [SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)],
-            check=True,
+        """A virtualenv of the system's Python that :data:`USER` can run the runner from."""
+        from tests.helpers import make_user_venv
+
+        python = make_user_venv(self.work)
+        probe = subprocess.run(
+            [*_as_user(), python, "-c", "import tests.posix.runner"],
             capture_output=True,
+            check=False,
+            cwd="/",
+            env=_ENV,
         )
-        package = self.work / "lib" / "tests" / "posix"
-        package.mkdir(parents=True)
-        (package.parent / "__init__.py").write_text("")
-        for name in _RUNNER_FILES:
-            shutil.copy(Path(__file__).parent / name, package / name)
-        for path in (self.work / "lib", package.parent, package):
-            path.chmod(0o755)
-        return [str(venv / "bin" / "python")]
+        if probe.returncode != 0:
+            raise PermissionError(
+                f"uid {USER} cannot run the runner from {python}: {probe.stderr.decode()}"
+            )
+        return [python]
 
     # -- one sequence ---------------------------------------------------------------------
 
@@ -212,10 +217,9 @@ class Session:
             "--traits",
             json.dumps(self.engine.traits),
         ]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+        env = dict(_ENV)
         if self.user:
-            argv = ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups", *argv]
-            env["PYTHONPATH"] = str(self.work / "lib")
+            argv = [*_as_user(), *argv]
         else:
             env["PYTHONPATH"] = str(REPO)
         result = subprocess.run(
