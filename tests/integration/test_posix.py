@@ -84,4 +84,6 @@ def test_hand_written_sequences(session: Session, group: str) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_seeded_random_sequences(session: Session, seed: int) -> None:
     calls = sequence(seed, STEPS, user=session.user)
-    _check(session.run(f"seed {seed}", calls), calls, least_ok=0.25)
+    # Random calls are refused often (a normal user's most of all): the bound only
+    # catches a sequence that does nothing at all.
+    _check(session.run(f"seed {seed}", calls), calls, least_ok=0.1)
