@@ -154,8 +154,8 @@ class InodeTable:
         """The inode of ``name`` in ``parent`` (``.`` and ``..`` too), or 0 if it has none.
 
         OSError ENOENT/ENOTDIR for a parent that is gone or no directory, and
-        ENAMETOOLONG for a name longer than NAME_MAX that it has not (a layer may
-        hold a longer one, and what a layer holds stays reachable).
+        ENAMETOOLONG for a name longer than NAME_MAX (checked only when the name is
+        not there: no layer holds one, the tar index refuses them).
         """
         if name == b".":
             return parent
