@@ -10,6 +10,7 @@ is a bug and shows its traceback. Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import traceback
@@ -104,14 +105,25 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(prog)
+        # A write that no layerfs code wrapped: still one line, naming the file.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror}{where}", file=sys.stderr)
+        return 1
     except Exception:
-        traceback.print_exc()
-        print(
-            f"{prog}: internal error: this is a bug in layerfs; please report it with "
-            "the traceback above",
-            file=sys.stderr,
-        )
-        return 70
+        return _internal_error(prog)
+
+
+def _internal_error(prog: str) -> int:
+    traceback.print_exc()
+    print(
+        f"{prog}: internal error: this is a bug in layerfs; please report it with "
+        "the traceback above",
+        file=sys.stderr,
+    )
+    return 70
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from layerfs.cli.common import make_progress, open_store
 from layerfs.store.check import fsck, gc
+from layerfs.store.store import Store
 
 
 def register(subparsers: Any) -> None:
@@ -15,14 +17,27 @@ def register(subparsers: Any) -> None:
         "fsck",
         help="verify the store",
         description=(
-            "Re-hash every layer against its diff ID, check every index, image, "
-            "parent, layer and tag. Exit 0 when clean, 1 when something is wrong."
+            "Check every layer's files and size, every image (json, parent, layer, a "
+            "config's hash against its ID and its diff IDs against its chain) and every tag. "
+            "It first finishes or undoes what an interrupted command left pending and removes "
+            "the staging files of processes that are gone. With --verify it also re-hashes "
+            "every layer tar against its diff ID and rebuilds every index, and names the "
+            "images that use a damaged layer (a later pull of such an image fetches the layer "
+            "again). Exit 0 when clean, 1 when something is wrong."
         ),
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every layer and rebuild every index (reads every byte of the store)",
     )
     p.add_argument(
         "--repair",
         action="store_true",
-        help="remove unpublished staging leftovers and unused layers",
+        help="remove unused layers and released hold files; with --verify also fetch a "
+        "damaged layer again from the registry it was pulled from, or where none is "
+        "recorded (or none answers) remove the images (and their tags) whose chain holds "
+        "it, and the layer",
     )
     p.set_defaults(handler=cmd_fsck)
     p = subparsers.add_parser(
@@ -38,7 +53,13 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     store = open_store(args)
     progress = make_progress(args)
     progress.tty = progress.tty and not progress.quiet
-    report = fsck(store, repair=args.repair, progress=progress if progress.tty else None)
+    report = fsck(
+        store,
+        repair=args.repair,
+        verify=args.verify,
+        progress=progress if progress.tty else None,
+        refetch=_refetcher(store) if args.repair and args.verify else None,
+    )
     progress.close()
     for line in report.repaired:
         print(f"repaired: {line}")
@@ -58,6 +79,15 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         return 1
     print(summary + "clean")
     return 0
+
+
+def _refetcher(store: Store) -> Callable[[str], str | None]:
+    def refetch(diff_id: str) -> str | None:
+        from layerfs.registry.refetch import refetch_layer  # only a repair pays for requests
+
+        return refetch_layer(store, diff_id)
+
+    return refetch
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

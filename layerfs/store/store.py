@@ -7,6 +7,8 @@
 <root>/layers/<hex>/        layer.tar, index, info.json (see layers.py)
 <root>/graph/<id>/          json, parent, layer, layersize, checksum, v1Compatibility
 <root>/holds/<hex>          hold files: shared flocks of retain()
+<root>/owners/<owner>       one per process staging in tmp/: an flock held while it lives
+<root>/journal/<cmd>-<owner>-<random>.json  pending records (see journal.py)
 <root>/repositories.json    the TagStore, in Docker's legacy format
 <root>/mounts/ upper/ logs/ live mounts, writable upper directories, server logs
 ```
@@ -15,19 +17,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from layerfs.errors import StoreError
-from layerfs.store.files import atomic_write
+from layerfs.errors import LayerfsError, StoreError
+from layerfs.store.files import atomic_write, locked, set_lock_hook, sweep_stale
 from layerfs.store.graph import Graph
+from layerfs.store.journal import Journal
 from layerfs.store.layers import LayerStore
 from layerfs.store.tags import TagStore
 
+log = logging.getLogger(__name__)
+
 STORE_VERSION = 1
 _MARKER = "layerfs-store.json"
+_SUBDIRS = ("tmp", "layers", "graph", "holds", "owners", "journal")
 
 
 UID_MAP = Path("/proc/self/uid_map")
@@ -66,11 +73,32 @@ class Store:
             self.root / "graph", self.layers, self.tmp, self.lock_path, self.root / "holds"
         )
         self.tags = TagStore(self.root / "repositories.json", self.graph, self.tmp, self.lock_path)
+        self.journal = Journal(self)
+        set_lock_hook(self.lock_path, self._on_lock)
+
+    def _on_lock(self) -> None:
+        """Taking the store lock: settle dead commands' records, sweep dead staging."""
+        try:
+            self.journal.recover()
+            for name in sweep_stale(self.tmp):
+                log.debug("removed %s of a process that is gone", name)
+        except (OSError, LayerfsError) as exc:
+            log.warning("cannot clean up after an interrupted command in %s: %s", self.root, exc)
+
+    def recover(self) -> None:
+        """Settle what dead processes left pending, if anything (takes the lock only then)."""
+        try:
+            if self.journal.has_dead_records():
+                with locked(self.lock_path):
+                    pass  # the lock hook does the work
+        except (OSError, LayerfsError) as exc:
+            log.warning("cannot clean up after an interrupted command in %s: %s", self.root, exc)
 
     @classmethod
     def open(cls, root: Path | None = None, *, create: bool = True) -> Store:
         store = cls(root if root is not None else default_root())
         store._prepare(create)
+        store.recover()
         return store
 
     def _prepare(self, create: bool) -> None:
@@ -99,12 +127,9 @@ class Store:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             _make_private(self.root)
-            for sub in ("tmp", "layers", "graph", "holds"):
+            for sub in _SUBDIRS:
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
-            if any(
-                p.name not in ("tmp", "layers", "graph", "holds", "lock")
-                for p in self.root.iterdir()
-            ):
+            if any(p.name not in (*_SUBDIRS, "lock") for p in self.root.iterdir()):
                 raise StoreError(f"{self.root} is not empty and is not a layerfs store")
             atomic_write(marker, json.dumps({"version": STORE_VERSION}).encode(), self.tmp)
         except OSError as exc:

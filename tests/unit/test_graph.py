@@ -93,8 +93,10 @@ def test_store_open_creates_the_layout(tmp_path: Path) -> None:
     assert sorted(p.name for p in store.root.iterdir()) == [
         "graph",
         "holds",
+        "journal",
         "layerfs-store.json",
         "layers",
+        "owners",
         "tmp",
     ]
     assert json.loads((store.root / "layerfs-store.json").read_bytes()) == {"version": 1}
