@@ -16,7 +16,9 @@ kernel and the merged tree:
 
 Semantics live in the model: names and attributes in the inode table
 (``inodes.py``, built by ``union.py``), every change in the writable layer
-(``upper.py``). Methods raise ``OSError`` with the errno a file system would
+(``upper.py``, its POSIX rules in ``posix.py``). A change names its
+:class:`~layerfs.fs.posix.Caller` (uid, gid, umask), which the engine reads from
+the request. Methods raise ``OSError`` with the errno a file system would
 return. None of them blocks for long except the copy-up they may start
 (:meth:`Operations.plan_copy` lets an engine run a big one elsewhere).
 
@@ -26,7 +28,7 @@ A writable mount served by several threads calls everything while holding
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import logging
 import os
@@ -37,9 +39,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from layerfs.errors import LayerfsError
-from layerfs.fs.inodes import LAYER_UPPER, ROOT, InodeTable
+from layerfs.fs import datafile
+from layerfs.fs.datafile import CopyPlan
+from layerfs.fs.inodes import LAYER_UPPER, NAME_MAX, ROOT, InodeTable
+from layerfs.fs.posix import Caller, get_xattr, listed_xattrs
 from layerfs.fs.union import MergedTree
-from layerfs.fs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, CopyPlan, Upper
+from layerfs.fs.upper import Upper
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +52,6 @@ FOREVER = 24 * 3600.0 * 365
 """Entry and attribute timeout for a tree only this mount changes."""
 BLKSIZE = 65536
 CONTROL_PREFIX = b"user.layerfs."
-NAME_MAX = 255
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-SEEK_DATA = 3
-SEEK_HOLE = 4
 _LISTINGS_KEPT = 8
 
 _QUIET_ERRNOS = frozenset(
@@ -72,9 +72,10 @@ _QUIET_ERRNOS = frozenset(
         errno.ENAMETOOLONG,
         errno.EOPNOTSUPP,
         errno.ERANGE,
+        errno.ELOOP,
+        errno.E2BIG,
     }
 )
-_RENAME_KNOWN = RENAME_EXCHANGE | RENAME_NOREPLACE
 
 Control = Callable[[bytes], bytes]
 """Answers ``getxattr(mountpoint, "user.layerfs.<what>")``, the control channel."""
@@ -168,7 +169,7 @@ class Operations:
         size = t.size[ino]
         mtime = t.mtime[ino]
         return (ino, t.mode[ino], t.nlink[ino], t.uid[ino], t.gid[ino], t.rdev.get(ino, 0),
-                size, (size + 511) >> 9, mtime, mtime, t.ctime.get(ino, mtime))
+                size, (size + 511) >> 9, t.atime.get(ino, mtime), mtime, t.ctime.get(ino, mtime))
 
     def alive(self, ino: int) -> None:
         if not self.t.alive(ino):
@@ -219,23 +220,9 @@ class Operations:
 
     def lookup(self, parent: int, name: bytes) -> int:
         """The inode of ``name`` in ``parent`` (referenced), or 0 when there is none."""
-        t = self.t
-        if name == b".":
-            ino = parent
-            self.alive(ino)
-        elif name == b"..":
-            self.alive(parent)
-            ino = t.parent[parent]
-        else:
-            names = t.children.get(parent)
-            if names is None:
-                raise oserror(errno.ENOTDIR if t.alive(parent) else errno.ENOENT)
-            ino = names.get(name, 0)
-            if not ino:
-                if len(name) > NAME_MAX:
-                    raise oserror(errno.ENAMETOOLONG)
-                return 0
-        self.referenced(ino)
+        ino = self.t.lookup(parent, name)
+        if ino:
+            self.referenced(ino)
         return ino
 
     def readlink(self, ino: int) -> bytes:
@@ -310,15 +297,19 @@ class Operations:
 
     # -- file data ----------------------------------------------------------------------------
 
-    def open(self, ino: int, flags: int) -> int:
-        """A handle for ``ino``. ``O_TRUNC`` empties it (the copy-up then copies nothing)."""
+    def open(self, ino: int, flags: int, caller: Caller) -> int:
+        """A handle for ``ino``; what opening does to the inode (``O_TRUNC``...) is the
+        model's (a lower file truncated on open is copied up with nothing to copy)."""
         self.alive(ino)
-        writing = flags & os.O_ACCMODE != os.O_RDONLY
         if self.upper is None:
-            if writing or flags & os.O_TRUNC:
+            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
                 raise oserror(errno.EROFS)
-        elif flags & os.O_TRUNC and stat.S_ISREG(self.t.mode[ino]):
-            self.truncate(ino, 0)
+        else:
+            with self._data_changing(ino):
+                self.upper.open_file(ino, flags, caller)
+        return self._handle(ino)
+
+    def _handle(self, ino: int) -> int:
         fh = self._new_fh()
         self._files[fh] = ino
         if self.upper is not None:
@@ -378,9 +369,10 @@ class Operations:
     def abort_copy(self, plan: CopyPlan) -> None:
         self._writable().abort_copy(plan)
 
-    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+    def write(self, ino: int, offset: int, data: bytes | memoryview, *,
+              kill_privs: bool = False) -> int:
         upper = self._writable()
-        return upper.write(ino, offset, data)  # copies up first, if nobody did
+        return upper.write(ino, offset, data, kill_privs=kill_privs)  # copies up, if need be
 
     def data_fd(self, ino: int) -> int | None:
         """The upper data file of ``ino`` (to fsync, or to let the kernel use), if it has one."""
@@ -412,6 +404,15 @@ class Operations:
             self._written_outside[ino] = st.st_mtime_ns
             t.set_attrs(ino, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
+    @contextlib.contextmanager
+    def _data_changing(self, ino: int) -> Iterator[None]:
+        """Around a change of a file's data by the server: what the kernel wrote to it
+        first comes into the table, and only what it writes later counts after."""
+        if ino in self._written_outside:
+            self._take_over_data_changes(ino)
+        yield
+        self._data_seen(ino)
+
     def _data_seen(self, ino: int) -> None:
         """The table now says what the data file says: only later writes count."""
         fd = self.data_fd(ino)
@@ -420,94 +421,53 @@ class Operations:
 
     # -- changes ------------------------------------------------------------------------------
 
-    def truncate(self, ino: int, size: int) -> None:
-        t = self.t
-        if t.is_dir(ino):
-            raise oserror(errno.EISDIR)
-        if not stat.S_ISREG(t.mode[ino]):
-            raise oserror(errno.EINVAL)
-        upper = self._writable()
-        if ino in self._written_outside:
-            self._take_over_data_changes(ino)
-        upper.truncate(ino, size)  # copies up the first ``size`` bytes, if nobody did
-        t.set_attrs(ino, mtime_ns=time.time_ns())
-        self._data_seen(ino)
-        if not self._open.get(ino):
-            upper.close_fd(ino)
-
     def setattr(
         self,
         ino: int,
+        caller: Caller,
         *,
         mode: int | None = None,
         uid: int | None = None,
         gid: int | None = None,
         size: int | None = None,
+        atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> None:
-        """Change what is given. The caller resolves "now" for times; atime is not kept
-        (a lower file's never changes, an upper file's reads as its mtime)."""
+        """Change what is given (the caller resolves "now" for times)."""
         self.alive(ino)
-        self._writable()
-        outside = ino in self._written_outside
-        if outside:
-            self._take_over_data_changes(ino)  # what the kernel wrote comes first
-        if size is not None:
-            self.truncate(ino, size)
-        changes: dict[str, int] = {}
-        if mode is not None:
-            changes["mode"] = mode
-        if uid is not None:
-            changes["uid"] = uid
-        if gid is not None:
-            changes["gid"] = gid
-        if mtime_ns is not None:
-            changes["mtime_ns"] = mtime_ns
-        if changes or size is not None:
-            changes["ctime_ns"] = time.time_ns()
-            self.t.set_attrs(ino, **changes)
-        if outside:
-            self._data_seen(ino)
+        upper = self._writable()
+        with self._data_changing(ino):
+            upper.setattr(ino, caller, mode=mode, uid=uid, gid=gid, size=size,
+                          atime_ns=atime_ns, mtime_ns=mtime_ns)
+        if size is not None and not self._open.get(ino):
+            upper.close_fd(ino)
 
-    def _owner(self, parent: int, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
-        """uid, gid and mode of a new entry (a setgid directory passes its group on)."""
-        t = self.t
-        if t.mode[parent] & stat.S_ISGID:
-            gid = t.gid[parent]
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        return uid, gid, mode
-
-    def _check_name(self, name: bytes) -> None:
-        if len(name) > NAME_MAX:
-            raise oserror(errno.ENAMETOOLONG)
-
-    def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, rdev: int = 0,
+    def make(self, parent: int, name: bytes, mode: int, caller: Caller, *, rdev: int = 0,
              target: bytes = b"") -> int:
         """A new directory, node, symlink or (closed) file; ``mode`` has the type bits."""
         upper = self._writable()
-        self._check_name(name)
-        uid, gid, mode = self._owner(parent, uid, gid, mode)
-        ino = upper.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
+        ino = upper.make_node(parent, name, mode, caller, rdev=rdev, target=target)
         if stat.S_ISREG(mode):
             upper.close_fd(ino)  # reopened by open()
         self.referenced(ino)
         return ino
 
-    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[int, int]:
-        """A new regular file, opened: (handle, inode)."""
+    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+               ) -> tuple[int, int]:
+        """``open(O_CREAT)`` of a name: (handle, inode), the file new or (without
+        ``O_EXCL``) the one that is there."""
         upper = self._writable()
-        self._check_name(name)
-        uid, gid, mode = self._owner(parent, uid, gid, stat.S_IFREG | (mode & 0o7777))
-        ino = upper.create(parent, name, mode, uid, gid)
+        ino = upper.create_file(parent, name, mode, flags, caller)
         self.referenced(ino)
-        fh = self._new_fh()
-        self._files[fh] = ino
-        self._open[ino] = self._open.get(ino, 0) + 1
-        return fh, ino
+        return self._handle(ino), ino
+
+    def tmpfile(self, parent: int, mode: int, flags: int, caller: Caller) -> tuple[int, int]:
+        """``open(dir, O_TMPFILE)``: (handle, inode) of a new file with no name."""
+        ino = self._writable().make_unnamed(parent, mode, flags, caller)
+        self.referenced(ino)
+        return self._handle(ino), ino
 
     def link(self, ino: int, parent: int, name: bytes) -> None:
-        self._check_name(name)
         self._writable().link(ino, parent, name)
         self.referenced(ino)
 
@@ -519,35 +479,22 @@ class Operations:
 
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                flags: int = 0) -> None:
-        if flags & ~_RENAME_KNOWN:
-            raise oserror(errno.EINVAL)
-        self._check_name(new_name)
         replaced = self._writable().rename(parent, name, new_parent, new_name, flags)
         if replaced:
             self._maybe_free(replaced)
 
     def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         upper = self._writable()
-        if not stat.S_ISREG(self.t.mode[ino]):
-            raise oserror(errno.ENODEV)
-        fd = upper.copy_up(ino)
-        _fallocate(fd, mode, offset, length)
-        size = os.fstat(fd).st_size
-        if size != self.t.size[ino]:
-            self.t.set_attrs(ino, size=size, mtime_ns=time.time_ns())
-        self._data_seen(ino)
+        with self._data_changing(ino):
+            upper.fallocate(ino, mode, offset, length)
 
     def lseek(self, ino: int, offset: int, whence: int) -> int:
         """SEEK_DATA and SEEK_HOLE: an upper file asks its data file; a lower one is data."""
-        if whence not in (SEEK_DATA, SEEK_HOLE):
+        if self.upper is not None:
+            return self.upper.seek(ino, offset, whence)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise oserror(errno.EINVAL)
-        fd = self.data_fd(ino)
-        if fd is not None:
-            return os.lseek(fd, offset, whence)
-        size = self.t.size[ino]
-        if offset >= size or offset < 0:
-            raise oserror(errno.ENXIO)
-        return offset if whence == SEEK_DATA else size
+        return datafile.seek_contiguous(self.t.size[ino], offset, whence)
 
     def copy_range(self, ino_in: int, offset_in: int, ino_out: int, offset_out: int,
                    length: int) -> int:
@@ -555,15 +502,15 @@ class Operations:
         upper = self._writable()
         if not stat.S_ISREG(self.t.mode[ino_out]) or not stat.S_ISREG(self.t.mode[ino_in]):
             raise oserror(errno.EINVAL)
-        dst = upper.copy_up(ino_out)
-        src, pos, count, _ = self.extent(ino_in, offset_in, length)
-        if not count:
-            return 0
-        copied = os.copy_file_range(src, dst, count, pos, offset_out)
-        t = self.t
-        t.set_attrs(ino_out, size=max(t.size[ino_out], offset_out + copied),
-                    mtime_ns=time.time_ns())
-        self._data_seen(ino_out)
+        with self._data_changing(ino_out):
+            dst = upper.copy_up(ino_out)
+            src, pos, count, _ = self.extent(ino_in, offset_in, length)
+            if not count:
+                return 0
+            copied = os.copy_file_range(src, dst, count, pos, offset_out)
+            t = self.t
+            t.set_attrs(ino_out, size=max(t.size[ino_out], offset_out + copied),
+                        mtime_ns=time.time_ns())
         return copied
 
     # -- extended attributes ------------------------------------------------------------------
@@ -571,47 +518,19 @@ class Operations:
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT and name.startswith(CONTROL_PREFIX) and self.control is not None:
             return self.control(name[len(CONTROL_PREFIX):])
-        self.alive(ino)
-        xattrs = self.t.xattrs.get(ino)
-        value = xattrs.get(name.decode("utf-8", "surrogateescape")) if xattrs else None
-        if value is None:
-            raise oserror(errno.ENODATA)
-        return value
+        return get_xattr(self.t, ino, name.decode("utf-8", "surrogateescape"))
 
-    def listxattr(self, ino: int) -> list[bytes]:
+    def listxattr(self, ino: int, caller: Caller) -> list[bytes]:
         self.alive(ino)
-        return [k.encode("utf-8", "surrogateescape") for k in self.t.xattrs.get(ino, ())]
+        return [k.encode("utf-8", "surrogateescape")
+                for k in listed_xattrs(self.t, ino, caller)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         self.alive(ino)
         if name.startswith(CONTROL_PREFIX):
             raise oserror(errno.EPERM)
-        upper = self._writable()
-        key = name.decode("utf-8", "surrogateescape")
-        present = key in (self.t.xattrs.get(ino) or {})
-        if flags & XATTR_CREATE and present:
-            raise oserror(errno.EEXIST)
-        if flags & XATTR_REPLACE and not present:
-            raise oserror(errno.ENODATA)
-        upper.set_xattr(ino, key, value)
+        self._writable().set_xattr(ino, name.decode("utf-8", "surrogateescape"), value, flags)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         self.alive(ino)
         self._writable().remove_xattr(ino, name.decode("utf-8", "surrogateescape"))
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with its mode (os.posix_fallocate knows only mode 0)."""
-    global _libc
-    if mode == 0:
-        os.posix_fallocate(fd, offset, length)
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise oserror(code)

@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from layerfs.fs.operations import BLKSIZE, Operations, errno_of
+from layerfs.fs.posix import Caller
 from layerfs.fs.upper import Upper
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self.counts: dict[str, int] = {}  # requests per handler, when counting() made us
 
     # -- helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+        return Caller(ctx.uid, ctx.gid, ctx.umask)
 
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
         _, mode, nlink, uid, gid, rdev, size, blocks, atime, mtime, ctime = self.ops.attr(ino)
@@ -227,9 +232,11 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         try:
+            # libfuse asks the kernel for atomic O_TRUNC: the truncation is ours.
             if flags & os.O_TRUNC and self.ops.writable and self.ops.needs_copy(inode):
                 await self._copy_up(inode, keep=0)
-            return pyfuse3.FileInfo(fh=self.ops.open(inode, flags), keep_cache=True)
+            fh = self.ops.open(inode, flags, self._caller(ctx))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         except Exception as exc:
             raise fuse_error(exc, "open", inode, flags) from None
 
@@ -285,12 +292,16 @@ class Pyfuse3Operations(pyfuse3.Operations):
             size = attr.st_size if fields.update_size else None
             if size is not None and ops.writable and ops.needs_copy(inode):
                 await self._copy_up(inode, keep=size)
+            # pyfuse3 passes FATTR_CTIME (writeback caching only) as update_ctime: the
+            # model moves ctime with every change anyway.
             ops.setattr(
                 inode,
+                self._caller(ctx),
                 mode=attr.st_mode if fields.update_mode else None,
                 uid=attr.st_uid if fields.update_uid else None,
                 gid=attr.st_gid if fields.update_gid else None,
                 size=size,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
             return self._attr(inode)
@@ -302,7 +313,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         try:
             return self._attr(self.ops.make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777),
-                                            ctx.uid, ctx.gid))
+                                            self._caller(ctx)))
         except Exception as exc:
             raise fuse_error(exc, "mkdir", parent_inode, name) from None
 
@@ -310,7 +321,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            return self._attr(self.ops.make(parent_inode, name, mode, ctx.uid, ctx.gid,
+            return self._attr(self.ops.make(parent_inode, name, mode, self._caller(ctx),
                                             rdev=rdev))
         except Exception as exc:
             raise fuse_error(exc, "mknod", parent_inode, name) from None
@@ -319,8 +330,8 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            return self._attr(self.ops.make(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid,
-                                            ctx.gid, target=target))
+            return self._attr(self.ops.make(parent_inode, name, stat.S_IFLNK | 0o777,
+                                            self._caller(ctx), target=target))
         except Exception as exc:
             raise fuse_error(exc, "symlink", parent_inode, name) from None
 
@@ -328,7 +339,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         try:
-            fh, ino = self.ops.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+            fh, ino = self.ops.create(parent_inode, name, mode, flags, self._caller(ctx))
             return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino)
         except Exception as exc:
             raise fuse_error(exc, "create", parent_inode, name) from None
@@ -380,7 +391,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         try:
-            return self.ops.listxattr(inode)
+            return self.ops.listxattr(inode, self._caller(ctx))
         except Exception as exc:
             raise fuse_error(exc, "listxattr", inode) from None
 

@@ -41,6 +41,7 @@ from layerfs.fs.native import device, protocol
 from layerfs.fs.native.protocol import Request
 from layerfs.fs.native.session import Dispatcher, Handler, Negotiated, Reply, Session, Wanted
 from layerfs.fs.operations import BLKSIZE, Attr, Operations
+from layerfs.fs.posix import Caller
 from layerfs.fs.upper import Upper
 
 log = logging.getLogger(__name__)
@@ -154,14 +155,15 @@ class NativeDispatcher(Dispatcher):
             protocol.SETXATTR: self.setxattr,
             protocol.REMOVEXATTR: self.removexattr,
             protocol.CREATE: self.create,
+            protocol.TMPFILE: self.tmpfile,
             protocol.FALLOCATE: self.fallocate,
             protocol.COPY_FILE_RANGE: self.copy_file_range,
         }
         if self.writable:
             # Everything under the lock but what waits; those take it themselves.
             unlocked = {protocol.READ, protocol.WRITE, protocol.FSYNC, protocol.OPEN,
-                        protocol.CREATE, protocol.SETATTR, protocol.FALLOCATE,
-                        protocol.COPY_FILE_RANGE}
+                        protocol.CREATE, protocol.TMPFILE, protocol.SETATTR,
+                        protocol.FALLOCATE, protocol.COPY_FILE_RANGE}
             for opcode, handler in list(table.items()):
                 if opcode not in unlocked:
                     table[opcode] = self._locked(handler)
@@ -320,7 +322,7 @@ class NativeDispatcher(Dispatcher):
         if copy:
             self._copy_up(ino, keep=0 if truncating else None)
         with ops.lock:
-            fh = ops.open(ino, flags)
+            fh = ops.open(ino, flags, Caller(req.uid, req.gid))
             open_flags, backing = self._io_mode(ino, fh, writing)
         return protocol.OPEN_OUT.pack(fh, open_flags, backing)
 
@@ -477,7 +479,7 @@ class NativeDispatcher(Dispatcher):
         done.set()
 
     def setattr(self, req: Request) -> Reply:
-        (valid, _pad, _fh, size, _owner, _atime, mtime, _ctime, _ansec, mtime_nsec, _cnsec,
+        (valid, _pad, _fh, size, _owner, atime, mtime, _ctime, atime_nsec, mtime_nsec, _cnsec,
          mode, _u4, uid, gid, _u5) = req.args
         ops = self.ops
         ino = req.nodeid
@@ -487,40 +489,51 @@ class NativeDispatcher(Dispatcher):
                 copy = ops.writable and ops.needs_copy(ino)
             if copy:
                 self._copy_up(ino, keep=new_size)
+        now = time.time_ns()
         mtime_ns: int | None = None
         if valid & protocol.FATTR_MTIME_NOW:
-            mtime_ns = time.time_ns()
+            mtime_ns = now
         elif valid & protocol.FATTR_MTIME:
-            mtime_ns = _signed(mtime) * 1_000_000_000 + mtime_nsec
+            mtime_ns = _signed(mtime) * _NS + mtime_nsec
+        atime_ns: int | None = None
+        if valid & protocol.FATTR_ATIME_NOW:
+            atime_ns = now
+        elif valid & protocol.FATTR_ATIME:
+            atime_ns = _signed(atime) * _NS + atime_nsec
         with ops.lock:
-            if valid & (protocol.FATTR_MODE | protocol.FATTR_UID | protocol.FATTR_GID
-                        | protocol.FATTR_SIZE | protocol.FATTR_MTIME | protocol.FATTR_MTIME_NOW):
+            if ops.writable:
+                # Every request changes something: one that asks nothing is how a chown
+                # to (-1, -1) reaches the server (the model moves ctime, drops setuid).
                 ops.setattr(
                     ino,
+                    Caller(req.uid, req.gid),
                     mode=mode if valid & protocol.FATTR_MODE else None,
                     uid=uid if valid & protocol.FATTR_UID else None,
                     gid=gid if valid & protocol.FATTR_GID else None,
                     size=new_size,
+                    atime_ns=atime_ns,
                     mtime_ns=mtime_ns,
                 )
-            elif not ops.writable and valid & ~(protocol.FATTR_FH | protocol.FATTR_LOCKOWNER):
+            elif valid & ~(protocol.FATTR_FH | protocol.FATTR_LOCKOWNER):
                 raise OSError(errno.EROFS, "read-only")
             return self._attr_out(ino)
 
     def mknod(self, req: Request) -> Reply:
-        mode, rdev, _umask, _pad = req.args
-        return self._entry(self.ops.make(req.nodeid, req.names[0], mode, req.uid, req.gid,
+        mode, rdev, umask, _pad = req.args
+        return self._entry(self.ops.make(req.nodeid, req.names[0], mode,
+                                         Caller(req.uid, req.gid, umask),
                                          rdev=_decode_dev(rdev)))
 
     def mkdir(self, req: Request) -> Reply:
-        mode, _umask = req.args
+        mode, umask = req.args
         return self._entry(self.ops.make(req.nodeid, req.names[0],
-                                         stat.S_IFDIR | (mode & 0o7777), req.uid, req.gid))
+                                         stat.S_IFDIR | (mode & 0o7777),
+                                         Caller(req.uid, req.gid, umask)))
 
     def symlink(self, req: Request) -> Reply:
         name, target = req.names
-        return self._entry(self.ops.make(req.nodeid, name, stat.S_IFLNK | 0o777, req.uid,
-                                         req.gid, target=target))
+        return self._entry(self.ops.make(req.nodeid, name, stat.S_IFLNK | 0o777,
+                                         Caller(req.uid, req.gid), target=target))
 
     def link(self, req: Request) -> Reply:
         (old,) = req.args
@@ -543,10 +556,19 @@ class NativeDispatcher(Dispatcher):
         return b""
 
     def create(self, req: Request) -> Reply:
-        _flags, mode, _umask, _open_flags = req.args
+        flags, mode, umask, _open_flags = req.args
         ops = self.ops
         with ops.lock:
-            fh, ino = ops.create(req.nodeid, req.names[0], mode, req.uid, req.gid)
+            fh, ino = ops.create(req.nodeid, req.names[0], mode, flags,
+                                 Caller(req.uid, req.gid, umask))
+            open_flags, backing = self._io_mode(ino, fh, True)
+            return [self._entry(ino), protocol.OPEN_OUT.pack(fh, open_flags, backing)]
+
+    def tmpfile(self, req: Request) -> Reply:
+        flags, mode, umask, _open_flags = req.args
+        ops = self.ops
+        with ops.lock:
+            fh, ino = ops.tmpfile(req.nodeid, mode, flags, Caller(req.uid, req.gid, umask))
             open_flags, backing = self._io_mode(ino, fh, True)
             return [self._entry(ino), protocol.OPEN_OUT.pack(fh, open_flags, backing)]
 
@@ -578,7 +600,7 @@ class NativeDispatcher(Dispatcher):
         return self._sized(self.ops.getxattr(req.nodeid, req.names[0]), req.args[0])
 
     def listxattr(self, req: Request) -> Reply:
-        names = self.ops.listxattr(req.nodeid)
+        names = self.ops.listxattr(req.nodeid, Caller(req.uid, req.gid))
         return self._sized(b"".join(name + b"\0" for name in names), req.args[0])
 
     def setxattr(self, req: Request) -> Reply:
