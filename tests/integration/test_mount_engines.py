@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import make_user_venv
 from tests.integration.conftest import ENGINES, LayerfsCli
 from tests.integration.mounting import (
     Layer,
@@ -49,7 +50,6 @@ from tests.integration.test_mount_ro import mounted, torture_layers
 
 pytestmark = [pytest.mark.fuse, pytest.mark.integration]
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, mount(2))")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def stats(mnt: Path) -> dict[str, int]:
@@ -509,26 +509,6 @@ echo done
 """
 
 
-def _user_venv(where: Path) -> Path:
-    """A venv of the system's Python that sees this checkout and its .venv's packages."""
-    python = Path("/usr/bin/python3")
-    if not python.exists():
-        pytest.skip("/usr/bin/python3 is missing (apt-get install python3)")
-    venv = where / "venv"
-    subprocess.run([str(python), "-m", "venv", "--without-pip", str(venv)], check=True,
-                   capture_output=True)
-    version = subprocess.run([str(venv / "bin/python"), "-c",
-                              "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    if version != ours:
-        pytest.skip(f"/usr/bin/python3 is {version}, the .venv's packages are for {ours}")
-    site = venv / "lib" / f"python{version}" / "site-packages"
-    packages = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
-    (site / "layerfs-checkout.pth").write_text("\n".join([str(REPO), *packages]) + "\n")
-    return venv
-
-
 @pytest.mark.usefixtures("engine")
 @pytest.mark.skipif(os.geteuid() != 0, reason="stages a user and a /dev/fuse it may open")
 def test_a_normal_user_mounts_reads_writes_in_a_user_namespace(tmp_path: Path, engine: str):
@@ -538,7 +518,9 @@ def test_a_normal_user_mounts_reads_writes_in_a_user_namespace(tmp_path: Path, e
     home = Path(tempfile.mkdtemp(prefix="layerfs-user-"))
     try:
         home.chmod(0o755)
-        venv = _user_venv(home)
+        if not os.access("/usr/bin/python3", os.X_OK):
+            pytest.skip("/usr/bin/python3 is missing (apt-get install python3-venv)")
+        venv = Path(make_user_venv(home)).parents[1]
         layer = Layer(home / "image.tar").dir("etc").file("etc/motd", b"from the image\n")
         layer.dir("root", mode=0o755).close()
         for path in [home, *home.rglob("*")]:
