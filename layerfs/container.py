@@ -64,6 +64,7 @@ class RunSpec:
     remove: bool = False
     name: str | None = None
     hostname: str | None = None
+    engine: str = "auto"
     debug: bool = False
 
 
@@ -102,7 +103,7 @@ def run(store: Store, spec: RunSpec) -> int:
     try:
         mount(store, MountRequest(image=image.id, mountpoint=root, writable=True,
                                   upper=upper_name, allow_other=True, suid=True, dev=True,
-                                  container=True, debug=spec.debug))
+                                  container=True, debug=spec.debug, engine=spec.engine))
         mounted = True
         _host_files(etc_copy, hostname)
         env = _environment(config, spec.env, hostname)

@@ -110,8 +110,8 @@ check_venv() {
     fi
 }
 
-# pyfuse3 builds against libfuse3; without it, install the rest so that the
-# store, the transports and the unit tests still work.
+# pyfuse3 (the second mount engine) builds against libfuse3; without it, install the rest:
+# the store, the transports, the native mount engine and the unit tests still work.
 wanted_extras() {
     if pkg-config --exists fuse3 2>/dev/null; then echo "fuse,test,dev"; else echo "test,dev"; fi
 }
@@ -196,7 +196,7 @@ install_venv() {
     local extras
     extras=$(wanted_extras)
     [[ "$extras" == *fuse* ]] ||
-        warn "libfuse3 not found by pkg-config: installing without pyfuse3 (no mounts)"
+        warn "libfuse3 not found by pkg-config: installing without pyfuse3 (mounts use the native engine only)"
     say "pip install -e '.[$extras]'"
     rm -f "$stamp"
     (cd "$repo" && "$venv/bin/python" -m pip install --disable-pip-version-check -q -e ".[$extras]") ||

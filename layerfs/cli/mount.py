@@ -17,7 +17,7 @@ from typing import Any
 
 from layerfs.cli.common import open_store
 from layerfs.errors import MountError, UsageError
-from layerfs.fs.host import Records, check_fuse, is_mounted, stop_mount
+from layerfs.fs.host import ENGINES, Records, check_fuse, is_mounted, stop_mount
 from layerfs.store.store import Store, in_user_namespace
 
 _OPTIONS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
@@ -47,6 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dev", action="store_true", help="allow device nodes to be opened")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="serve in this process until unmounted (logs also to stderr)")
+    add_engine_option(p)
     p.set_defaults(handler=cmd_mount)
 
     p = subparsers.add_parser(
@@ -60,13 +61,14 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("mounts", help="list live mounts",
                               description="List the mounts of this store (layerfs's ps): "
-                                          "mountpoint, image, mode, upper directory, server.")
+                                          "mountpoint, image, mode, upper directory, engine, "
+                                          "server.")
     p.add_argument("-q", "--quiet", action="store_true", help="only show mountpoints")
     p.add_argument("--no-trunc", action="store_true", help="do not truncate image IDs")
     p.add_argument("--format", metavar="FORMAT",
                    help="'table' (default), 'table TEMPLATE', 'json' (one object per line) or "
                         "a Go template, as docker's --format (fields: Mountpoint, Image, ID, "
-                        "Mode, Upper, Pid, Status, Log)")
+                        "Mode, Upper, Engine, Pid, Status, Log)")
     p.set_defaults(handler=cmd_mounts)
 
     p = subparsers.add_parser(
@@ -85,6 +87,14 @@ def register(subparsers: Any) -> None:
 
     register_run(subparsers)
 
+
+
+def add_engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["auto", *ENGINES],
+                   default=os.environ.get("LAYERFS_ENGINE") or "auto",
+                   help="FUSE engine: native (layerfs's own, speaking the kernel's protocol "
+                        "on /dev/fuse) or pyfuse3 (libfuse); auto: native, or pyfuse3 on a "
+                        "kernel too old for it (default: $LAYERFS_ENGINE, else auto)")
 
 
 def register_run(subparsers: Any) -> None:
@@ -109,6 +119,7 @@ def register_run(subparsers: Any) -> None:
                    help="name of the upper directory (kept without --rm; mount it with "
                         "--upper NAME, commit it from there)")
     p.add_argument("--hostname", metavar="NAME", help="host name (default: a random ID)")
+    add_engine_option(p)
     p.set_defaults(handler=cmd_run)
 
 
@@ -123,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "layerfs run needs the host's root; it does not run inside a user namespace",
             hint="run it with sudo, or use a rootless runtime on a mount made in here",
         )
-    check_fuse(allow_other=True)
+    check_fuse(allow_other=True, engine=args.engine)
     store = open_store(args)
     from layerfs.container import RunSpec, run
 
@@ -132,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     return run(store, RunSpec(image=args.image, command=command, env=args.env,
                               workdir=args.workdir, user=args.user, remove=args.remove,
-                              name=args.name, hostname=args.hostname,
+                              name=args.name, hostname=args.hostname, engine=args.engine,
                               debug=bool(getattr(args, "debug", False))))
 
 
@@ -156,7 +167,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if writable and "ro" in options:
         raise UsageError("-o ro and --rw (or --upper) contradict each other")
     allow_other = "allow_other" in options
-    check_fuse(allow_other=allow_other)
+    check_fuse(allow_other=allow_other, engine=args.engine)
     store = open_store(args)
     from layerfs.fs.mount import MountRequest, mount
 
@@ -166,6 +177,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         suid=bool(args.suid or "suid" in options) and "nosuid" not in options,
         dev=bool(args.dev or "dev" in options) and "nodev" not in options,
         foreground=args.foreground, debug=bool(getattr(args, "debug", False)),
+        engine=args.engine,
     ))
     return 0
 
@@ -195,7 +207,8 @@ def cmd_mounts(args: argparse.Namespace) -> int:
         status = "running" if alive and mounted else "dead" if mounted else "stopping"
         rows.append(contexts.mount_context(
             record.mountpoint, record.reference, "sha256:" + record.image, record.mode,
-            record.upper or "", record.pid, status, record.log, trunc=not args.no_trunc))
+            record.upper or "", record.engine, record.pid, status, record.log,
+            trunc=not args.no_trunc))
     sys.stdout.write(render(rows, args.format, contexts.MOUNT_HEADERS,
                             default_table=contexts.MOUNT_TABLE, quiet=args.quiet,
                             quiet_format=contexts.MOUNT_QUIET))

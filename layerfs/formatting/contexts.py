@@ -137,12 +137,14 @@ MOUNT_HEADERS = {
     "ID": "IMAGE ID",
     "Mode": "MODE",
     "Upper": "UPPER",
+    "Engine": "ENGINE",
     "Pid": "PID",
     "Status": "STATUS",
     "Log": "LOG",
 }
 MOUNT_TABLE = (
-    "table {{.Mountpoint}}\\t{{.Image}}\\t{{.ID}}\\t{{.Mode}}\\t{{.Upper}}\\t{{.Pid}}\\t{{.Status}}"
+    "table {{.Mountpoint}}\\t{{.Image}}\\t{{.ID}}\\t{{.Mode}}\\t{{.Upper}}\\t{{.Engine}}\\t{{.Pid}}"
+    "\\t{{.Status}}"
 )
 MOUNT_QUIET = "{{.Mountpoint}}"
 
@@ -153,6 +155,7 @@ def mount_context(
     image_id: str,
     mode: str,
     upper: str,
+    engine: str,
     pid: int,
     status: str,
     log: str,
@@ -162,6 +165,7 @@ def mount_context(
     return context(
         "mount",
         {
+            "Engine": engine,
             "ID": truncate_id(image_id) if trunc else image_id,
             "Image": image,
             "Log": log,

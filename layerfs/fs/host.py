@@ -27,10 +27,16 @@ from layerfs.errors import FuseUnavailableError, MountError, MountpointBusyError
 from layerfs.store.files import FileLock, atomic_write, is_locked
 
 FSTYPE = "fuse.layerfs"
+ENGINES = ("native", "pyfuse3")
+"""The mount engines: layerfs's own FUSE protocol engine, and pyfuse3 (libfuse)."""
 
 
-def check_fuse(*, allow_other: bool = False) -> None:
-    """Raise :class:`FuseUnavailableError` saying what is missing, or return."""
+def check_fuse(*, allow_other: bool = False, engine: str = "auto") -> None:
+    """Raise :class:`FuseUnavailableError` saying what is missing, or return.
+
+    pyfuse3 is needed only by its own engine (``auto`` falls back to it only on a
+    kernel too old for the native one).
+    """
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailableError(
             "cannot mount: /dev/fuse does not exist (the fuse kernel module is not loaded)",
@@ -54,6 +60,8 @@ def check_fuse(*, allow_other: bool = False) -> None:
             "cannot mount with -o allow_other: /etc/fuse.conf does not say user_allow_other",
             hint="add the line 'user_allow_other' to /etc/fuse.conf (as root)",
         )
+    if engine != "pyfuse3":
+        return
     try:
         import pyfuse3  # noqa: F401
     except ImportError as exc:
@@ -185,6 +193,7 @@ class MountRecord:
     started: str = ""
     log: str = ""
     options: list[str] = field(default_factory=list)
+    engine: str = "pyfuse3"  # records written before the native engine came were pyfuse3's
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -82,9 +82,12 @@ def chain_of(store: Store, image: Image, reference: str, *, limit: int = MAX_IMA
     return chain
 
 
-def from_store(store: Store, image: Image, reference: str, *, init: bool = True) -> Lower:
-    """The merged tree of a stored image (the caller holds the image against deletion)."""
-    chain = chain_of(store, image, reference)
+def from_store(store: Store, image: Image, reference: str, *, init: bool = True,
+               chain: list[Image] | None = None) -> Lower:
+    """The merged tree of a stored image (the caller holds the image against deletion;
+    ``chain``: its :func:`chain_of`, when the caller has it already)."""
+    if chain is None or len(chain) > MAX_IMAGE_DEPTH:
+        chain = chain_of(store, image, reference)
     diff_ids = [i.layer for i in reversed(chain) if i.layer]
     tar_paths = [store.layers.tar_path(d) for d in diff_ids]
     tree = MergedTree.from_rows((store.layers.index_rows(d) for d in diff_ids), init=init)

@@ -1,22 +1,26 @@
-"""Mounting an image: holds, the merged tree, FUSE init, the server process, clean unmount.
+"""Mounting an image: holds, the merged tree, the engine, the server process, clean unmount.
 
 :func:`mount` does everything that can fail with a clear message in the
 calling process: it checks the mountpoint, resolves the image, holds its
 chain and layers against ``rmi`` (shared flocks that live as long as the
 server), builds the merged tree, opens the layer tars, takes the upper
-directory and mounts (``pyfuse3.init``). Then it forks the server, which
-detaches (new session, cwd ``/``, output to the store's ``logs/``) and runs
-one trio loop: pyfuse3's workers, a signal watcher (SIGTERM, SIGINT, SIGHUP
-unmount cleanly) and, for a writable mount, a task that saves the upper's
-state a moment after changes. The caller returns once the server's loop is
-running. When the file system is unmounted (``layerfs umount``,
-``fusermount3 -u``, a signal) the server saves the upper, releases its holds,
-removes its record and exits.
+directory and mounts through the chosen engine (:data:`ENGINES`: ``native``,
+layerfs's own FUSE protocol engine, or ``pyfuse3``). Then it forks the
+server, which detaches (new session, cwd ``/``, output to the store's
+``logs/``) and serves: the engine's workers, signals (SIGTERM, SIGINT, SIGHUP
+unmount cleanly) and, for a writable mount, saving the upper's state a moment
+after changes. The caller returns once the server answers requests. When the
+file system is unmounted (``layerfs umount``, ``fusermount3 -u``, a signal)
+the server saves the upper, releases its holds, removes its record and exits.
+
+The default engine, ``auto``, is the native one; should the kernel speak a
+FUSE protocol older than it serves, the mount is made again with pyfuse3.
 
 Control requests come in as ``getxattr`` of ``user.layerfs.<what>`` on the
 mount's root (as s3ql's control file does): ``info``, ``sync`` (save the
-upper now) and ``stats`` (requests per handler so far, when the
-server runs with ``LAYERFS_COUNT_REQUESTS=1``) answer JSON.
+upper now) and ``stats`` (requests served so far; the native engine always
+counts them, pyfuse3 when the server runs with ``LAYERFS_COUNT_REQUESTS=1``)
+answer JSON.
 """
 
 from __future__ import annotations
@@ -26,19 +30,17 @@ import logging
 import os
 import re
 import secrets
-import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pyfuse3
-import trio
+from typing import Any, Protocol
 
 from layerfs.errors import LayerfsError, MountError, UsageError
-from layerfs.fs.host import MountRecord, Records, check_mountpoint, unmount
+from layerfs.fs.host import ENGINES, MountRecord, Records, check_mountpoint, unmount
 from layerfs.fs.lower import Lower, from_archive, from_store, is_archive
-from layerfs.fs.operations import Operations, counting
+from layerfs.fs.operations import Operations
 from layerfs.fs.upper import Upper
 from layerfs.model.digest import hex_of
 from layerfs.model.image import now_rfc3339
@@ -47,19 +49,10 @@ from layerfs.store.store import Store
 
 log = logging.getLogger(__name__)
 
-SAVE_DELAY = 1.0  # seconds of quiet before the upper's state is saved
-SAVE_MAX_DELAY = 5.0  # ...but never later than this after the first unsaved change
 READY_TIMEOUT = 30.0
 READ_AHEAD_KB = 1024
-# pyfuse3.main's worker tasks. Its default pool hands every request from one task to
-# the next through a lock, which makes each round trip dearer (docs/benchmarks.md,
-# Mount: the two pyfuse3 floor columns). One worker is enough where the only handler
-# that waits is a big cold read (in a worker thread; sequential reads lose nothing);
-# a writable mount keeps the pool so that one copy-up or fsync never holds up every
-# other request.
-WORKERS_READ_ONLY = 1
-WORKERS_WRITABLE = 99  # pyfuse3's default
 _UPPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_UNSUPPORTED = "unsupported: "
 
 
 @dataclass
@@ -75,7 +68,22 @@ class MountRequest:
     foreground: bool = False
     debug: bool = False
     container: bool = False  # apply Docker's container depth rule (layerfs run)
+    engine: str = "auto"  # "auto", "native" or "pyfuse3"
     extra_options: list[str] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    """What mounting needs of an engine (``native.engine.NativeEngine``,
+    ``pyfuse3_engine.Pyfuse3Session``): ``mount`` in the calling process (its options
+    differ by engine), then ``serve`` in the server."""
+
+    name: str
+
+    def serve(self, ready: Callable[[], None], tick: Callable[[], None] | None) -> None: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def info(self) -> dict[str, Any]: ...
 
 
 def fuse_options(request: MountRequest, fsname: str) -> set[str]:
@@ -96,6 +104,12 @@ def validate_upper_name(name: str) -> str:
     return name
 
 
+def validate_engine(name: str) -> str:
+    if name != "auto" and name not in ENGINES:
+        raise UsageError(f"unknown engine {name!r}: use auto, {', '.join(ENGINES)}")
+    return name
+
+
 class _Server:
     """Everything a mount holds; :meth:`close` gives it all back."""
 
@@ -113,6 +127,7 @@ class _Server:
         self.log_path = store.subdir("logs") / f"mount-{self.id}.log"
         self.mounted = False
         self.ops: Operations | None = None
+        self.engine: Engine | None = None
 
     def prepare(self) -> Operations:
         store, request = self.store, self.request
@@ -129,7 +144,7 @@ class _Server:
         if not store.graph.exists(image.id):
             raise MountError(f"cannot mount {request.image}: the image was deleted while it "
                              "was being mounted")
-        self.lower = from_store(store, image, request.image, init=request.init)
+        self.lower = from_store(store, image, request.image, init=request.init, chain=chain)
         self.tars = self.lower.open_tars()
         upper_name = None
         if request.writable:
@@ -144,7 +159,7 @@ class _Server:
             started=now_rfc3339(), log=str(self.log_path),
             options=sorted(fuse_options(request, "layerfs")),
         )
-        return _operations()(self.lower.tree, self.tars, upper=self.upper, control=self.control,
+        return Operations(self.lower.tree, self.tars, upper=self.upper, control=self.control,
                           data_size=self.lower.data_size)
 
     def _prepare_archive(self, mountpoint: Path) -> Operations:
@@ -160,31 +175,66 @@ class _Server:
             id=self.id, mountpoint=str(mountpoint), image=self.lower.image_id,
             reference=request.image, mode="ro", pid=os.getpid(), started=now_rfc3339(),
             log=str(self.log_path), options=sorted(fuse_options(request, "layerfs")))
-        return _operations()(self.lower.tree, self.tars, control=self.control)
+        return Operations(self.lower.tree, self.tars, control=self.control)
 
     def control(self, what: bytes) -> bytes:
-        assert self.record is not None
+        assert self.record is not None and self.engine is not None
         if what == b"stats":
-            assert self.ops is not None
-            return json.dumps(self.ops.counts, sort_keys=True).encode()
-        doc = {"id": self.id, "image": self.record.image, "reference": self.record.reference,
-               "mode": self.record.mode, "upper": self.record.upper,
-               "upper_path": self.record.upper_path, "store": str(self.store.root),
-               "pid": os.getpid()}
-        if what == b"sync" and self.upper is not None:
-            if self.upper.dirty or not (self.upper.directory / "state").exists():
-                self.upper.save()
-            doc["state"] = str(self.upper.directory / "state")
-        elif what not in (b"info", b"sync"):
+            return json.dumps(self.engine.counts(), sort_keys=True).encode()
+        doc: dict[str, Any] = {
+            "id": self.id, "image": self.record.image, "reference": self.record.reference,
+            "mode": self.record.mode, "upper": self.record.upper,
+            "upper_path": self.record.upper_path, "store": str(self.store.root),
+            "pid": os.getpid(), "engine": self.engine.name}
+        if what == b"info":
+            doc["engine_info"] = self.engine.info()
+        elif what == b"sync":
+            if self.upper is not None:
+                self.sync()
+                doc["state"] = str(self.upper.directory / "state")
+        else:
             raise OSError(61, "no such control request")  # ENODATA
         return json.dumps(doc, sort_keys=True).encode()
+
+    def save(self) -> None:
+        """Save the upper's state now (the periodic saver); errors are logged."""
+        upper, ops = self.upper, self.ops
+        assert upper is not None and ops is not None
+        try:
+            with ops.lock:
+                ops.take_over_data_changes()
+                upper.save()
+        except (OSError, LayerfsError):
+            log.exception("cannot save the upper directory's state")
+
+    def sync(self) -> None:
+        """Save the upper's state if it changed or was never saved (``commit`` asks)."""
+        upper, ops = self.upper, self.ops
+        assert upper is not None and ops is not None
+        with ops.lock:
+            ops.take_over_data_changes()
+            if upper.dirty or not (upper.directory / "state").exists():
+                upper.save()
+
+    def pending(self) -> tuple[bool, int]:
+        """Whether the upper has unsaved changes, and its change counter."""
+        upper, ops = self.upper, self.ops
+        assert upper is not None and ops is not None
+        with ops.lock:
+            ops.take_over_data_changes()
+            return upper.dirty, upper.generation
 
     def close(self) -> None:
         """Give back everything, even after a partial :meth:`prepare`."""
         try:
             if self.upper is not None:
                 try:
-                    self.upper.close()
+                    if self.ops is not None:
+                        with self.ops.lock:
+                            self.ops.take_over_data_changes()
+                            self.upper.close()
+                    else:
+                        self.upper.close()
                 except Exception:
                     log.exception("cannot save the upper directory's state")
         finally:
@@ -200,16 +250,49 @@ class _Server:
 
 def mount(store: Store, request: MountRequest) -> MountRecord:
     """Mount an image; returns once the server answers (or after it ends, in the foreground)."""
+    validate_engine(request.engine)
+    engine = "native" if request.engine == "auto" else request.engine
+    try:
+        return _mount(store, request, engine)
+    except _UnsupportedKernel as exc:
+        if request.engine != "auto":
+            raise MountError(f"cannot mount with the native engine: {exc}",
+                             hint="mount with --engine pyfuse3") from None
+        log.info("%s: mounting with pyfuse3", exc)
+        return _mount(store, request, "pyfuse3")
+
+
+class _UnsupportedKernel(Exception):
+    pass
+
+
+def _make_engine(name: str, ops: Operations) -> Any:
+    if name == "native":
+        from layerfs.fs.native.engine import NativeEngine
+
+        return NativeEngine(ops)
+    from layerfs.fs.pyfuse3_engine import Pyfuse3Session
+
+    return Pyfuse3Session(ops, count=bool(os.environ.get("LAYERFS_COUNT_REQUESTS")))
+
+
+def _mount(store: Store, request: MountRequest, engine_name: str) -> MountRecord:
     server = _Server(store, request)
     try:
         ops = server.ops = server.prepare()
         assert server.record is not None
-        options = fuse_options(request, f"layerfs:{server.record.image[:12]}")
-        try:
-            pyfuse3.init(ops, server.record.mountpoint, options)
-        except RuntimeError as exc:
-            raise MountError(f"cannot mount on {server.record.mountpoint}: {exc} (the FUSE "
-                             "library printed why above)") from None
+        engine = server.engine = _make_engine(engine_name, ops)
+        server.record.engine = engine.name
+        fsname = f"layerfs:{server.record.image[:12]}"
+        if engine.name == "native":
+            from layerfs.fs.native.device import MountOptions
+
+            engine.mount(server.record.mountpoint, MountOptions(
+                fsname=fsname, read_only=not request.writable, nosuid=not request.suid,
+                nodev=not request.dev, allow_other=request.allow_other,
+                extra=list(request.extra_options)))
+        else:
+            engine.mount(server.record.mountpoint, fuse_options(request, fsname))
         server.mounted = True
     except BaseException:
         server.close()
@@ -238,21 +321,21 @@ def mount(store: Store, request: MountRequest) -> MountRecord:
             logging.shutdown()
             os._exit(code)
     os.close(ready_w)
+    if hasattr(engine, "close_in_parent"):
+        engine.close_in_parent()
     record.pid = pid
-    if not _wait_ready(ready_r):
+    answer = _wait_ready(ready_r)
+    if answer != "ready":
         try:
             unmount(record.mountpoint, lazy=True)
         except MountError:
             pass
         server.records.remove(record.id)
+        if answer.startswith(_UNSUPPORTED):
+            raise _UnsupportedKernel(answer.removeprefix(_UNSUPPORTED))
         raise MountError(f"the mount server for {record.mountpoint} exited during start-up",
                          hint=f"see its log: {server.log_path}")
     return record
-
-
-def _operations() -> type[Operations]:
-    """The handler class: counting requests too when LAYERFS_COUNT_REQUESTS is set."""
-    return counting(Operations) if os.environ.get("LAYERFS_COUNT_REQUESTS") else Operations
 
 
 def _raise_read_ahead(mountpoint: str) -> None:
@@ -308,12 +391,13 @@ def _configure_logging(log_path: Path, debug: bool, *, also_stderr: bool) -> Non
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def _wait_ready(fd: int) -> bool:
+def _wait_ready(fd: int) -> str:
+    """The server's first line: "ready", "unsupported: ..." or "" (it died)."""
     deadline = time.monotonic() + READY_TIMEOUT
     data = b""
     try:
         while time.monotonic() < deadline:
-            chunk = os.read(fd, 64)
+            chunk = os.read(fd, 256)
             if not chunk:
                 break
             data += chunk
@@ -321,21 +405,24 @@ def _wait_ready(fd: int) -> bool:
                 break
     finally:
         os.close(fd)
-    return data.startswith(b"ready")
+    return data.partition(b"\n")[0].decode(errors="replace")
 
 
 def _serve(server: _Server, ready_fd: int | None) -> None:
-    record = server.record
-    assert record is not None
-    log.info("serving %s (image %s, %s) on %s", record.reference, record.image[:12],
-             record.mode, record.mountpoint)
+    record, engine = server.record, server.engine
+    assert record is not None and engine is not None
+    log.info("serving %s (image %s, %s) on %s with the %s engine", record.reference,
+             record.image[:12], record.mode, record.mountpoint, engine.name)
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+        _raise_read_ahead(record.mountpoint)
+
     try:
-        trio.run(_main, server, ready_fd)
+        _serve_with(server, engine, ready, ready_fd)
     finally:
-        try:
-            pyfuse3.close(unmount=True)
-        except Exception:
-            log.exception("closing the FUSE session")
         server.close()
         log.info("unmounted %s", record.mountpoint)
         if not _Warnings.seen and not server.request.debug:
@@ -344,50 +431,27 @@ def _serve(server: _Server, ready_fd: int | None) -> None:
             server.log_path.unlink(missing_ok=True)
 
 
-async def _main(server: _Server, ready_fd: int | None) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals)
-        if server.upper is not None:
-            nursery.start_soon(_save_when_quiet, server.upper)
-        assert server.record is not None
-        nursery.start_soon(_announce, ready_fd, server.record.mountpoint)
-        workers = WORKERS_READ_ONLY if server.upper is None else WORKERS_WRITABLE
-        await pyfuse3.main(min_tasks=1, max_tasks=workers)
-        nursery.cancel_scope.cancel()
+def _serve_with(server: _Server, engine: Any, ready: Any, ready_fd: int | None) -> None:
+    """Serve with the engine until the mount ends; a writable mount saves its upper's
+    state a moment after changes stop (every engine calls ``tick`` once a second)."""
+    from layerfs.fs.native.session import UnsupportedKernelError
+    from layerfs.fs.saving import SaveClock
 
+    tick = None
+    if server.upper is not None:
+        clock = SaveClock()
 
-async def _announce(fd: int | None, mountpoint: str) -> None:
-    await trio.sleep(0)  # the session loop is scheduled first
-    if fd is not None:
-        os.write(fd, b"ready\n")
-        os.close(fd)
-    # stat() of the mountpoint is a request to this very loop: never call it from here.
-    await trio.to_thread.run_sync(_raise_read_ahead, mountpoint)
+        def tick() -> None:
+            dirty, generation = server.pending()
+            if clock.due(dirty, generation, time.monotonic()):
+                server.save()
 
-
-async def _watch_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+    try:
+        engine.serve(ready, tick)
+    except UnsupportedKernelError as exc:
+        log.warning("%s", exc)
+        if ready_fd is not None:
+            os.write(ready_fd, f"{_UNSUPPORTED}{exc}\n".encode())
+            os.close(ready_fd)
             return
-
-
-async def _save_when_quiet(upper: Upper) -> None:
-    first_unsaved = 0.0
-    seen = upper.generation
-    while True:
-        await trio.sleep(SAVE_DELAY)
-        if not upper.dirty:
-            first_unsaved = 0.0
-            continue
-        now = time.monotonic()
-        first_unsaved = first_unsaved or now
-        quiet = upper.generation == seen
-        seen = upper.generation
-        if quiet or now - first_unsaved >= SAVE_MAX_DELAY:
-            try:
-                upper.save()
-            except (OSError, LayerfsError):
-                log.exception("cannot save the upper directory's state")
-            first_unsaved = 0.0
+        raise MountError(str(exc)) from None

@@ -1,34 +1,46 @@
-"""pyfuse3 request handlers: translate the kernel's requests to the merged tree and back.
+"""What a mount does for each kernel request, whatever engine carries it.
 
-Nothing here decides file system semantics: attributes and names come from
-the inode table (``inodes.py``, built by ``union.py``), changes go through
-the writable layer (``upper.py``). Every handler returns data or raises
-``pyfuse3.FUSEError``: an ``OSError`` becomes its errno, a ``LayerfsError``
-EIO, anything else EIO with its traceback in the log; each is logged once,
-here. No other exception may leave a handler: pyfuse3 would end the main
-loop, and the mount with it.
+Both engines (the native one in ``native/`` and pyfuse3 in ``pyfuse3_engine.py``)
+translate requests into calls of :class:`Operations` and its results back;
+nothing here knows either of them. This module owns what sits between the
+kernel and the merged tree:
 
-Speed comes from requests the kernel never sends: entries, attributes and
-negative lookups carry long timeouts, opened files keep their page cache,
-and readdir answers with attributes (pyfuse3 always uses readdirplus). File
-data is a ``pread`` on the layer tar at the indexed offset; a read that would
-wait for the disk (``RWF_NOWAIT`` says so) moves to a worker thread when it
-is big, so one cold read does not stall every other request.
+- inode lifetime: the kernel's lookup counts and open handles of a writable
+  mount, so that an unlinked file lives on while it is used;
+- attributes as one plain tuple (:data:`Attr`) each engine encodes its way;
+- handle tables (open files, directory snapshots);
+- where file data is (a layer tar at an offset, or an upper data file), while
+  the engine does the reading its own way;
+- :func:`errno_of`, the one place an exception becomes an errno (a bug becomes
+  EIO and a traceback in the log).
+
+Semantics live in the model: names and attributes in the inode table
+(``inodes.py``, built by ``union.py``), every change in the writable layer
+(``upper.py``, its POSIX rules in ``posix.py``). A change names its
+:class:`~layerfs.fs.posix.Caller` (uid, gid, umask), which the engine reads from
+the request. Methods raise ``OSError`` with the errno a file system would
+return. None of them blocks for long except the copy-up they may start
+(:meth:`Operations.plan_copy` lets an engine run a big one elsewhere).
+
+A writable mount served by several threads calls everything while holding
+:attr:`Operations.lock`; a read-only mount changes nothing and needs no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
-from typing import Any
-
-import pyfuse3
-import trio
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from layerfs.errors import LayerfsError
+from layerfs.fs import datafile
+from layerfs.fs.datafile import CopyPlan
 from layerfs.fs.inodes import LAYER_UPPER, NAME_MAX, ROOT, InodeTable
 from layerfs.fs.posix import Caller, get_xattr, listed_xattrs
 from layerfs.fs.union import MergedTree
@@ -38,11 +50,9 @@ log = logging.getLogger(__name__)
 
 FOREVER = 24 * 3600.0 * 365
 """Entry and attribute timeout for a tree only this mount changes."""
-READ_BUFFER = 1 << 20
-THREAD_READ_MIN = 64 << 10  # cold reads at least this big go to a worker thread
-READ_AHEAD = 8 << 20  # ...and start reading this much of what follows
-THREAD_COPY_MIN = 1 << 20  # copy-ups at least this big go to a worker thread
+BLKSIZE = 65536
 CONTROL_PREFIX = b"user.layerfs."
+_LISTINGS_KEPT = 8
 
 _QUIET_ERRNOS = frozenset(
     {
@@ -57,10 +67,13 @@ _QUIET_ERRNOS = frozenset(
         errno.ENOTDIR,
         errno.EINVAL,
         errno.EXDEV,
+        errno.ENXIO,
+        errno.EINTR,
         errno.ENAMETOOLONG,
-        errno.ELOOP,
-        errno.ERANGE,
         errno.EOPNOTSUPP,
+        errno.ERANGE,
+        errno.ELOOP,
+        errno.E2BIG,
     }
 )
 
@@ -68,36 +81,50 @@ Control = Callable[[bytes], bytes]
 """Answers ``getxattr(mountpoint, "user.layerfs.<what>")``, the control channel."""
 
 
-def fuse_error(exc: BaseException, what: str, *args: object) -> pyfuse3.FUSEError:
-    """The FUSEError for an exception raised while handling ``what``; logged once."""
-    if isinstance(exc, pyfuse3.FUSEError):
-        return exc
-    if isinstance(exc, OSError):
-        code = exc.errno or errno.EIO
+Attr = tuple[int, int, int, int, int, int, int, int, int, int, int]
+"""An inode's attributes as the kernel wants them, in this order: ino, mode, nlink, uid,
+gid, rdev, size, blocks (512 bytes), atime, mtime, ctime (nanoseconds). A plain tuple:
+the kernel asks for one on almost every request, and a NamedTuple costs several times
+as much to make."""
+
+
+class Statfs(NamedTuple):
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+def oserror(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+def errno_of(exc: BaseException, what: str, *args: object) -> int:
+    """The errno to answer for an exception raised while handling ``what``; logged once.
+
+    An ``OSError`` is its errno (quiet ones at debug level), a ``LayerfsError``
+    EIO with its message, anything else a bug: EIO and the traceback.
+    """
+    if isinstance(exc, OSError) and exc.errno:
+        code = exc.errno
         if code in _QUIET_ERRNOS:
             log.debug("%s%r: %s", what, args, exc)
         else:
             log.warning("%s%r: %s", what, args, exc)
-        return pyfuse3.FUSEError(code)
+        return code
     if isinstance(exc, LayerfsError):
         log.error("%s%r: %s", what, args, exc)
-        return pyfuse3.FUSEError(errno.EIO)
+        return errno.EIO
     log.error("internal error in %s%r", what, args, exc_info=exc)
-    return pyfuse3.FUSEError(errno.EIO)
+    return errno.EIO
 
 
-def _read_ahead(fd: int, size: int, pos: int, limit: int) -> bytes:
-    ahead = min(READ_AHEAD, limit - pos - size)
-    if ahead > 0:
-        os.posix_fadvise(fd, pos + size, ahead, os.POSIX_FADV_WILLNEED)
-    return os.pread(fd, size, pos)
-
-
-class Operations(pyfuse3.Operations):
-    """The handlers of one mount: ``upper`` is None for a read-only one."""
-
-    supports_dot_lookup = True
-    enable_writeback_cache = False
+class Operations:
+    """The requests of one mount, engine-independent: ``upper`` is None when read-only."""
 
     def __init__(
         self,
@@ -109,7 +136,6 @@ class Operations(pyfuse3.Operations):
         timeout: float = FOREVER,
         data_size: int = 0,
     ) -> None:
-        super().__init__()
         self.tree = tree
         self.t: InodeTable = tree.table
         self.tars = list(tars)
@@ -117,57 +143,58 @@ class Operations(pyfuse3.Operations):
         self.control = control
         self.timeout = timeout
         self.data_size = data_size  # what statfs reports as used for a read-only mount
+        self.lock = threading.RLock()
         self._next_fh = 1
         self._files: dict[int, int] = {}  # fh -> inode
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}  # fh -> names at opendir
+        self._listings: dict[int, list[tuple[bytes, int]]] = {}  # see listing()
         self._open: dict[int, int] = {}  # inode -> open handles (writable mounts)
         self._lookups: dict[int, int] = {}  # inode -> kernel references (writable mounts)
-        self._copy_locks: dict[int, trio.Lock] = {}
-        self._buffer = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buffer)
-        self._nowait = hasattr(os, "RWF_NOWAIT")
-        self._negative = pyfuse3.EntryAttributes()
-        self._negative.st_ino = 0
-        self._negative.entry_timeout = timeout
-        self.counts: dict[str, int] = {}  # requests per handler, when counting() made us
+        # Upper files the kernel writes itself (passthrough): inode -> the data file's
+        # mtime when its size and mtime were last taken over into the table.
+        self._written_outside: dict[int, int] = {}
 
-    # -- helpers ------------------------------------------------------------------------
+    @property
+    def writable(self) -> bool:
+        return self.upper is not None
 
-    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+    # -- attributes and lifetime ------------------------------------------------------------
+
+    def attr(self, ino: int) -> Attr:
         t = self.t
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = ino
-        attr.entry_timeout = self.timeout
-        attr.attr_timeout = self.timeout
-        attr.st_mode = t.mode[ino]
-        attr.st_nlink = t.nlink[ino]
-        attr.st_uid = t.uid[ino]
-        attr.st_gid = t.gid[ino]
+        if not t.alive(ino):
+            raise oserror(errno.ENOENT)
+        if ino in self._written_outside:
+            self._take_over_data_changes(ino)
         size = t.size[ino]
-        attr.st_size = size
-        attr.st_blksize = 65536
-        attr.st_blocks = (size + 511) >> 9
         mtime = t.mtime[ino]
-        attr.st_mtime_ns = mtime
-        attr.st_atime_ns = t.atime.get(ino, mtime)
-        attr.st_ctime_ns = t.ctime.get(ino, mtime)
-        rdev = t.rdev.get(ino)
-        if rdev:
-            attr.st_rdev = rdev
-        return attr
+        return (ino, t.mode[ino], t.nlink[ino], t.uid[ino], t.gid[ino], t.rdev.get(ino, 0),
+                size, (size + 511) >> 9, t.atime.get(ino, mtime), mtime, t.ctime.get(ino, mtime))
 
-    def _alive(self, ino: int) -> None:
+    def alive(self, ino: int) -> None:
         if not self.t.alive(ino):
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise oserror(errno.ENOENT)
 
     def _writable(self) -> Upper:
         if self.upper is None:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise oserror(errno.EROFS)
         return self.upper
 
-    def _referenced(self, ino: int) -> None:
+    def referenced(self, ino: int) -> None:
+        """The kernel took one more reference to ``ino`` (a lookup, a readdirplus entry)."""
         if self.upper is not None:
             self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        if self.upper is None:
+            return
+        for ino, count in items:
+            left = self._lookups.get(ino, 0) - count
+            if left > 0:
+                self._lookups[ino] = left
+            else:
+                self._lookups.pop(ino, None)
+                self._maybe_free(ino)
 
     def _maybe_free(self, ino: int) -> None:
         """Drop an inode with no name, no kernel reference and no open handle."""
@@ -180,6 +207,7 @@ class Operations(pyfuse3.Operations):
             or self._open.get(ino)
         ):
             return
+        self._written_outside.pop(ino, None)
         self.upper.release_data(ino)
         t.drop(ino)
 
@@ -188,432 +216,321 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    @staticmethod
-    def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-        return Caller(ctx.uid, ctx.gid, ctx.umask)
+    # -- looking up ---------------------------------------------------------------------------
 
-    async def _pread(self, fd: int, size: int, pos: int, limit: int) -> bytes | memoryview:
-        """``size`` bytes at ``pos`` of ``fd``, whose file's data ends at ``limit``."""
-        if self._nowait and size <= READ_BUFFER:
-            view = self._view[:size]
-            try:
-                got = os.preadv(fd, [view], pos, os.RWF_NOWAIT)
-            except BlockingIOError:
-                got = 0
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._nowait = False
-                got = 0
-            if got == size:
-                # Returned without a checkpoint: pyfuse3 replies before any other
-                # handler can run and reuse the buffer.
-                return view
-            if got:
-                head = bytes(view[:got])
-                return head + await self._pread_wait(fd, size - got, pos + got, limit)
-        return await self._pread_wait(fd, size, pos, limit)
+    def lookup(self, parent: int, name: bytes) -> int:
+        """The inode of ``name`` in ``parent`` (referenced), or 0 when there is none."""
+        ino = self.t.lookup(parent, name)
+        if ino:
+            self.referenced(ino)
+        return ino
 
-    @staticmethod
-    async def _pread_wait(fd: int, size: int, pos: int, limit: int) -> bytes:
-        if size >= THREAD_READ_MIN:
-            # A big read that misses the cache is a sequential read: ask for what comes
-            # next too, so that the following requests find it in the page cache.
-            return await trio.to_thread.run_sync(_read_ahead, fd, size, pos, limit)
-        return os.pread(fd, size, pos)
+    def readlink(self, ino: int) -> bytes:
+        target = self.t.targets.get(ino)
+        if target is None:
+            raise oserror(errno.EINVAL if self.t.alive(ino) else errno.ENOENT)
+        return target
 
-    async def _copy_up(self, ino: int, keep: int | None = None) -> None:
-        upper = self._writable()
-        if not upper.needs_copy(ino):
+    def statfs(self) -> Statfs:
+        if self.upper is not None:
+            vfs = os.statvfs(self.upper.directory)
+            ffree = max(vfs.f_ffree, 1 << 20)
+            return Statfs(vfs.f_bsize, vfs.f_frsize, vfs.f_blocks, vfs.f_bfree, vfs.f_bavail,
+                          len(self.t) + ffree, ffree, NAME_MAX)
+        return Statfs(4096, 4096, (self.data_size + 4095) // 4096, 0, 0, len(self.t), 0,
+                      NAME_MAX)
+
+    # -- directories --------------------------------------------------------------------------
+
+    def _names(self, ino: int) -> dict[bytes, int]:
+        names = self.t.children.get(ino)
+        if names is None:
+            raise oserror(errno.ENOTDIR if self.t.alive(ino) else errno.ENOENT)
+        return names
+
+    def opendir(self, ino: int) -> int:
+        names = self._names(ino)
+        fh = self._new_fh()
+        # A snapshot: offsets stay valid whatever changes while it is read.
+        self._dirs[fh] = [(b".", ino), (b"..", self.t.parent[ino]), *names.items()]
+        return fh
+
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[int, bytes, int]]:
+        """(offset of the next entry, name, inode) from ``start`` of an opened directory."""
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise oserror(errno.EBADF)
+        mode = self.t.mode
+        for index in range(start, len(entries)):
+            name, ino = entries[index]
+            if mode[ino]:  # else removed since opendir
+                yield index + 1, name, ino
+
+    def listing(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int]]:
+        """The same without a handle, for a tree that never changes (a read-only mount).
+
+        A listing read in several requests is indexed once (the few most recent stay),
+        so that each request starts where the last one ended without walking to it.
+        """
+        names = self._names(ino)
+        if start == 0:
+            yield 1, b".", ino
+        if start <= 1:
+            yield 2, b"..", self.t.parent[ino]
+        if start <= 2:
+            index = 2
+            for name, child in names.items():
+                index += 1
+                yield index, name, child
             return
-        lock = self._copy_locks.setdefault(ino, trio.Lock())
-        try:
-            async with lock:
-                plan = upper.plan_copy(ino, keep)
-                if plan is None:
-                    return
-                try:
-                    if plan.count >= THREAD_COPY_MIN:
-                        await trio.to_thread.run_sync(upper.run_copy, plan)
-                    else:
-                        upper.run_copy(plan)
-                except BaseException:
-                    upper.abort_copy(plan)
-                    raise
-                upper.finish_copy(plan)
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._copy_locks.pop(ino, None)
+        entries = self._listings.get(ino)
+        if entries is None:
+            entries = self._listings[ino] = list(names.items())
+            while len(self._listings) > _LISTINGS_KEPT:
+                self._listings.pop(next(iter(self._listings)), None)
+        for index in range(start - 2, len(entries)):
+            name, child = entries[index]
+            yield index + 3, name, child
 
-    # -- looking up -------------------------------------------------------------------------
-
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        try:
-            ino = self.t.lookup(parent_inode, name)
-            if not ino:
-                return self._negative
-            self._referenced(ino)
-            return self._attr(ino)
-        except Exception as exc:
-            raise fuse_error(exc, "lookup", parent_inode, name) from None
-
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        if self.upper is None:
-            return
-        try:
-            for ino, count in inode_list:
-                left = self._lookups.get(ino, 0) - count
-                if left > 0:
-                    self._lookups[ino] = left
-                else:
-                    self._lookups.pop(ino, None)
-                    self._maybe_free(ino)
-        except Exception:
-            log.exception("internal error in forget")
-
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            self._alive(inode)
-            return self._attr(inode)
-        except Exception as exc:
-            raise fuse_error(exc, "getattr", inode) from None
-
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        try:
-            target = self.t.targets.get(inode)
-            if target is None:
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            return target
-        except Exception as exc:
-            raise fuse_error(exc, "readlink", inode) from None
-
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        return True  # default_permissions: the kernel checks modes itself
-
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        try:
-            data = pyfuse3.StatvfsData()
-            if self.upper is not None:
-                vfs = os.statvfs(self.upper.directory)
-                data.f_bsize, data.f_frsize = vfs.f_bsize, vfs.f_frsize
-                data.f_blocks, data.f_bfree, data.f_bavail = vfs.f_blocks, vfs.f_bfree, vfs.f_bavail
-                data.f_ffree = data.f_favail = max(vfs.f_ffree, 1 << 20)
-            else:
-                data.f_bsize = data.f_frsize = 4096
-                data.f_blocks = (self.data_size + 4095) // 4096
-                data.f_bfree = data.f_bavail = 0
-                data.f_ffree = data.f_favail = 0
-            data.f_files = len(self.t) + data.f_ffree
-            data.f_namemax = NAME_MAX
-            return data
-        except Exception as exc:
-            raise fuse_error(exc, "statfs") from None
-
-    # -- directories ---------------------------------------------------------------------------
-
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        try:
-            names = self.t.children.get(inode)
-            if names is None:
-                raise pyfuse3.FUSEError(errno.ENOTDIR if self.t.alive(inode) else errno.ENOENT)
-            fh = self._new_fh()
-            # A snapshot: offsets stay valid whatever changes while it is read.
-            self._dirs[fh] = [(b".", inode), (b"..", self.t.parent[inode]), *names.items()]
-            return fh
-        except Exception as exc:
-            raise fuse_error(exc, "opendir", inode) from None
-
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        try:
-            entries = self._dirs[fh]
-            mode = self.t.mode
-            attr = self._attr
-            counting = self.upper is not None
-            reply = pyfuse3.readdir_reply
-            for index in range(start_id, len(entries)):
-                name, ino = entries[index]
-                if not mode[ino]:
-                    continue  # removed since opendir
-                if not reply(token, name, attr(ino), index + 1):
-                    break
-                if counting and index > 1:  # never for "." and ".."
-                    self._lookups[ino] = self._lookups.get(ino, 0) + 1
-        except Exception as exc:
-            raise fuse_error(exc, "readdir", fh, start_id) from None
-
-    async def releasedir(self, fh: int) -> None:
+    def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
-
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
 
     # -- file data ----------------------------------------------------------------------------
 
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        try:
-            self._alive(inode)
-            if self.upper is None:
-                if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-                    raise pyfuse3.FUSEError(errno.EROFS)
+    def open(self, ino: int, flags: int, caller: Caller) -> int:
+        """A handle for ``ino``; what opening does to the inode (``O_TRUNC``...) is the
+        model's (a lower file truncated on open is copied up with nothing to copy)."""
+        self.alive(ino)
+        if self.upper is None:
+            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+                raise oserror(errno.EROFS)
+        else:
+            with self._data_changing(ino):
+                self.upper.open_file(ino, flags, caller)
+        return self._handle(ino)
+
+    def _handle(self, ino: int) -> int:
+        fh = self._new_fh()
+        self._files[fh] = ino
+        if self.upper is not None:
+            self._open[ino] = self._open.get(ino, 0) + 1
+        return fh
+
+    def inode_of(self, fh: int) -> int:
+        ino = self._files.get(fh)
+        if ino is None:
+            raise oserror(errno.EBADF)
+        return ino
+
+    def extent(self, ino: int, offset: int, size: int) -> tuple[int, int, int, int]:
+        """Where ``size`` bytes at ``offset`` of a file are: (descriptor, position, count,
+        position where the file's data ends). count is 0 at or past the end."""
+        t = self.t
+        end = t.size[ino]
+        if offset >= end or not stat.S_ISREG(t.mode[ino]):
+            return -1, 0, 0, 0
+        layer = t.layer[ino]
+        if layer >= 0:
+            base = t.offset[ino]
+            return self.tars[layer], base + offset, min(size, end - offset), base + end
+        if layer == LAYER_UPPER and self.upper is not None:
+            return self.upper.fd(ino), offset, min(size, end - offset), end
+        return -1, 0, 0, 0  # the init layer's placeholders hold no data
+
+    def release(self, fh: int) -> int:
+        """Close a handle; returns its inode (0 if unknown)."""
+        ino = self._files.pop(fh, 0)
+        if self.upper is not None and ino:
+            left = self._open.get(ino, 0) - 1
+            if left > 0:
+                self._open[ino] = left
             else:
-                # libfuse asks the kernel for atomic O_TRUNC: the truncation is ours.
-                self.upper.open_file(inode, flags, self._caller(ctx))
-            fh = self._new_fh()
-            self._files[fh] = inode
-            if self.upper is not None:
-                self._open[inode] = self._open.get(inode, 0) + 1
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-        except Exception as exc:
-            raise fuse_error(exc, "open", inode, flags) from None
+                self._open.pop(ino, None)
+                if ino in self._written_outside:
+                    self._take_over_data_changes(ino)
+                    del self._written_outside[ino]
+                self.upper.close_fd(ino)
+                self._maybe_free(ino)
+        return ino
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
-        try:
-            ino = self._files[fh]
-            t = self.t
-            end = t.size[ino]
-            if off >= end:
-                return b""
-            layer = t.layer[ino]
-            if layer >= 0:
-                fd = self.tars[layer]
-                pos = t.offset[ino] + off
-            elif layer == LAYER_UPPER and self.upper is not None:
-                fd = self.upper.fd(ino)
-                pos = off
-            else:
-                return b""
-            return await self._pread(fd, min(size, end - off), pos, pos - off + end)
-        except Exception as exc:
-            raise fuse_error(exc, "read", fh, off, size) from None
+    def needs_copy(self, ino: int) -> bool:
+        """True if changing the data of ``ino`` first needs a copy-up."""
+        return self.upper is not None and stat.S_ISREG(self.t.mode[ino]) and \
+            self.upper.needs_copy(ino)
 
-    async def flush(self, fh: int) -> None:
-        # Nothing is buffered here: ENOSYS tells the kernel never to send FLUSH again,
-        # which saves a round trip on every close().
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+    def plan_copy(self, ino: int, keep: int | None = None) -> CopyPlan | None:
+        """Start a copy-up: run ``Upper.run_copy(plan)`` anywhere, then :meth:`finish_copy`
+        (or :meth:`abort_copy`) here. None when there is nothing to copy."""
+        return self._writable().plan_copy(ino, keep)
 
-    async def release(self, fh: int) -> None:
-        try:
-            ino = self._files.pop(fh, 0)
-            if self.upper is not None and ino:
-                left = self._open.get(ino, 0) - 1
-                if left > 0:
-                    self._open[ino] = left
-                else:
-                    self._open.pop(ino, None)
-                    self.upper.close_fd(ino)
-                    self._maybe_free(ino)
-        except Exception as exc:
-            raise fuse_error(exc, "release", fh) from None
+    def finish_copy(self, plan: CopyPlan) -> None:
+        self._writable().finish_copy(plan)
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        try:
-            upper = self._writable()
-            ino = self._files[fh]
-            await self._copy_up(ino)
-            return upper.write(ino, off, buf)
-        except Exception as exc:
-            raise fuse_error(exc, "write", fh, off, len(buf)) from None
+    def abort_copy(self, plan: CopyPlan) -> None:
+        self._writable().abort_copy(plan)
 
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        try:
-            ino = self._files[fh]
-            if self.upper is not None and self.t.layer[ino] == LAYER_UPPER:
-                fd = self.upper.fd(ino)
-                await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
-        except Exception as exc:
-            raise fuse_error(exc, "fsync", fh) from None
+    def write(self, ino: int, offset: int, data: bytes | memoryview, *,
+              kill_privs: bool = False) -> int:
+        upper = self._writable()
+        return upper.write(ino, offset, data, kill_privs=kill_privs)  # copies up, if need be
+
+    def data_fd(self, ino: int) -> int | None:
+        """The upper data file of ``ino`` (to fsync, or to let the kernel use), if it has one."""
+        if self.upper is None or self.t.layer[ino] != LAYER_UPPER or \
+                not stat.S_ISREG(self.t.mode[ino]):
+            return None
+        return self.upper.fd(ino)
+
+    def written_outside(self, ino: int) -> None:
+        """The kernel writes ``ino``'s data file itself from now on (passthrough): its size
+        and mtime are read back from the file (:meth:`take_over_data_changes`)."""
+        if ino not in self._written_outside:
+            fd = self.data_fd(ino)
+            if fd is not None:
+                self._written_outside[ino] = os.fstat(fd).st_mtime_ns
+
+    def take_over_data_changes(self) -> None:
+        """Bring the sizes and mtimes of files written by the kernel into the table."""
+        for ino in list(self._written_outside):
+            self._take_over_data_changes(ino)
+
+    def _take_over_data_changes(self, ino: int) -> None:
+        upper = self.upper
+        if upper is None or not self.t.alive(ino):
+            return
+        st = os.fstat(upper.fd(ino))
+        t = self.t
+        if st.st_mtime_ns != self._written_outside[ino] or st.st_size != t.size[ino]:
+            self._written_outside[ino] = st.st_mtime_ns
+            t.set_attrs(ino, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+    @contextlib.contextmanager
+    def _data_changing(self, ino: int) -> Iterator[None]:
+        """Around a change of a file's data by the server: what the kernel wrote to it
+        first comes into the table, and only what it writes later counts after."""
+        if ino in self._written_outside:
+            self._take_over_data_changes(ino)
+        yield
+        self._data_seen(ino)
+
+    def _data_seen(self, ino: int) -> None:
+        """The table now says what the data file says: only later writes count."""
+        fd = self.data_fd(ino)
+        if fd is not None and ino in self._written_outside:
+            self._written_outside[ino] = os.fstat(fd).st_mtime_ns
 
     # -- changes ------------------------------------------------------------------------------
 
-    async def setattr(
+    def setattr(
         self,
-        inode: int,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: int | None,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        try:
-            self._alive(inode)
-            upper = self._writable()
-            if fields.update_size:
-                await self._copy_up(inode, keep=attr.st_size)
-            # pyfuse3 passes FATTR_CTIME (writeback caching only) as update_ctime: the
-            # model moves ctime with every change anyway.
-            upper.setattr(
-                inode,
-                self._caller(ctx),
-                mode=attr.st_mode if fields.update_mode else None,
-                uid=attr.st_uid if fields.update_uid else None,
-                gid=attr.st_gid if fields.update_gid else None,
-                size=attr.st_size if fields.update_size else None,
-                atime_ns=attr.st_atime_ns if fields.update_atime else None,
-                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            )
-            if fields.update_size and not self._open.get(inode):
-                upper.close_fd(inode)
-            return self._attr(inode)
-        except Exception as exc:
-            raise fuse_error(exc, "setattr", inode) from None
-
-    async def _new_entry(
-        self,
-        what: str,
-        parent: int,
-        name: bytes,
-        mode: int,
-        ctx: pyfuse3.RequestContext,
-        rdev: int = 0,
-        target: bytes = b"",
-    ) -> pyfuse3.EntryAttributes:
+        ino: int,
+        caller: Caller,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """Change what is given (the caller resolves "now" for times)."""
+        self.alive(ino)
         upper = self._writable()
-        ino = upper.make_node(parent, name, mode, self._caller(ctx), rdev=rdev, target=target)
+        with self._data_changing(ino):
+            upper.setattr(ino, caller, mode=mode, uid=uid, gid=gid, size=size,
+                          atime_ns=atime_ns, mtime_ns=mtime_ns)
+        if size is not None and not self._open.get(ino):
+            upper.close_fd(ino)
+
+    def make(self, parent: int, name: bytes, mode: int, caller: Caller, *, rdev: int = 0,
+             target: bytes = b"") -> int:
+        """A new directory, node, symlink or (closed) file; ``mode`` has the type bits."""
+        upper = self._writable()
+        ino = upper.make_node(parent, name, mode, caller, rdev=rdev, target=target)
         if stat.S_ISREG(mode):
             upper.close_fd(ino)  # reopened by open()
-        self._referenced(ino)
-        return self._attr(ino)
+        self.referenced(ino)
+        return ino
 
-    async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        try:
-            return await self._new_entry(
-                "mkdir", parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx
-            )
-        except Exception as exc:
-            raise fuse_error(exc, "mkdir", parent_inode, name) from None
+    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+               ) -> tuple[int, int]:
+        """``open(O_CREAT)`` of a name: (handle, inode), the file new or (without
+        ``O_EXCL``) the one that is there."""
+        upper = self._writable()
+        ino = upper.create_file(parent, name, mode, flags, caller)
+        self.referenced(ino)
+        return self._handle(ino), ino
 
-    async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        try:
-            return await self._new_entry("mknod", parent_inode, name, mode, ctx, rdev=rdev)
-        except Exception as exc:
-            raise fuse_error(exc, "mknod", parent_inode, name) from None
+    def tmpfile(self, parent: int, mode: int, flags: int, caller: Caller) -> tuple[int, int]:
+        """``open(dir, O_TMPFILE)``: (handle, inode) of a new file with no name."""
+        ino = self._writable().make_unnamed(parent, mode, flags, caller)
+        self.referenced(ino)
+        return self._handle(ino), ino
 
-    async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        try:
-            return await self._new_entry(
-                "symlink", parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target
-            )
-        except Exception as exc:
-            raise fuse_error(exc, "symlink", parent_inode, name) from None
+    def link(self, ino: int, parent: int, name: bytes) -> None:
+        self._writable().link(ino, parent, name)
+        self.referenced(ino)
 
-    async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        try:
-            upper = self._writable()
-            ino = upper.create_file(parent_inode, name, mode, flags, self._caller(ctx))
-            self._referenced(ino)
-            fh = self._new_fh()
-            self._files[fh] = ino
-            self._open[ino] = self._open.get(ino, 0) + 1
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino)
-        except Exception as exc:
-            raise fuse_error(exc, "create", parent_inode, name) from None
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._maybe_free(self._writable().unlink(parent, name))
 
-    async def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        try:
-            self._writable().link(inode, new_parent_inode, new_name)
-            self._referenced(inode)
-            return self._attr(inode)
-        except Exception as exc:
-            raise fuse_error(exc, "link", inode, new_parent_inode, new_name) from None
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._maybe_free(self._writable().rmdir(parent, name))
 
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        try:
-            self._maybe_free(self._writable().unlink(parent_inode, name))
-        except Exception as exc:
-            raise fuse_error(exc, "unlink", parent_inode, name) from None
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        replaced = self._writable().rename(parent, name, new_parent, new_name, flags)
+        if replaced:
+            self._maybe_free(replaced)
 
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        try:
-            self._maybe_free(self._writable().rmdir(parent_inode, name))
-        except Exception as exc:
-            raise fuse_error(exc, "rmdir", parent_inode, name) from None
+    def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        upper = self._writable()
+        with self._data_changing(ino):
+            upper.fallocate(ino, mode, offset, length)
 
-    async def rename(
-        self,
-        parent_inode_old: int,
-        name_old: bytes,
-        parent_inode_new: int,
-        name_new: bytes,
-        flags: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> None:
-        try:
-            replaced = self._writable().rename(
-                parent_inode_old, name_old, parent_inode_new, name_new, flags
-            )
-            if replaced:
-                self._maybe_free(replaced)
-        except Exception as exc:
-            raise fuse_error(
-                exc, "rename", parent_inode_old, name_old, parent_inode_new, name_new
-            ) from None
+    def lseek(self, ino: int, offset: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE: an upper file asks its data file; a lower one is data."""
+        if self.upper is not None:
+            return self.upper.seek(ino, offset, whence)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise oserror(errno.EINVAL)
+        return datafile.seek_contiguous(self.t.size[ino], offset, whence)
 
-    # -- extended attributes -----------------------------------------------------------------
+    def copy_range(self, ino_in: int, offset_in: int, ino_out: int, offset_out: int,
+                   length: int) -> int:
+        """copy_file_range between two files of the mount: data moves in the kernel."""
+        upper = self._writable()
+        if not stat.S_ISREG(self.t.mode[ino_out]) or not stat.S_ISREG(self.t.mode[ino_in]):
+            raise oserror(errno.EINVAL)
+        with self._data_changing(ino_out):
+            dst = upper.copy_up(ino_out)
+            src, pos, count, _ = self.extent(ino_in, offset_in, length)
+            if not count:
+                return 0
+            copied = os.copy_file_range(src, dst, count, pos, offset_out)
+            t = self.t
+            t.set_attrs(ino_out, size=max(t.size[ino_out], offset_out + copied),
+                        mtime_ns=time.time_ns())
+        return copied
 
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        try:
-            if inode == ROOT and name.startswith(CONTROL_PREFIX) and self.control is not None:
-                return self.control(name[len(CONTROL_PREFIX) :])
-            return get_xattr(self.t, inode, name.decode("utf-8", "surrogateescape"))
-        except Exception as exc:
-            raise fuse_error(exc, "getxattr", inode, name) from None
+    # -- extended attributes ------------------------------------------------------------------
 
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        try:
-            self._alive(inode)
-            names = listed_xattrs(self.t, inode, self._caller(ctx))
-            return [k.encode("utf-8", "surrogateescape") for k in names]
-        except Exception as exc:
-            raise fuse_error(exc, "listxattr", inode) from None
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino == ROOT and name.startswith(CONTROL_PREFIX) and self.control is not None:
+            return self.control(name[len(CONTROL_PREFIX):])
+        return get_xattr(self.t, ino, name.decode("utf-8", "surrogateescape"))
 
-    async def setxattr(
-        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
-    ) -> None:
-        try:
-            self._alive(inode)
-            if name.startswith(CONTROL_PREFIX):
-                raise pyfuse3.FUSEError(errno.EPERM)
-            self._writable().set_xattr(inode, name.decode("utf-8", "surrogateescape"), value)
-        except Exception as exc:
-            raise fuse_error(exc, "setxattr", inode, name) from None
+    def listxattr(self, ino: int, caller: Caller) -> list[bytes]:
+        self.alive(ino)
+        return [k.encode("utf-8", "surrogateescape")
+                for k in listed_xattrs(self.t, ino, caller)]
 
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        try:
-            self._alive(inode)
-            self._writable().remove_xattr(inode, name.decode("utf-8", "surrogateescape"))
-        except Exception as exc:
-            raise fuse_error(exc, "removexattr", inode, name) from None
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self.alive(ino)
+        if name.startswith(CONTROL_PREFIX):
+            raise oserror(errno.EPERM)
+        self._writable().set_xattr(ino, name.decode("utf-8", "surrogateescape"), value, flags)
 
-
-_COUNTED = ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
-            "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush", "release",
-            "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "setxattr",
-            "getxattr", "listxattr", "removexattr", "access", "create")
-
-
-def counting(cls: type[Operations]) -> type[Operations]:
-    """A subclass that counts requests per handler in ``self.counts`` (for benchmarks)."""
-
-    def wrap(name: str) -> Any:
-        original = getattr(cls, name)
-
-        async def handler(self: Any, *args: Any) -> Any:
-            self.counts[name] = self.counts.get(name, 0) + 1
-            return await original(self, *args)
-
-        handler.__name__ = name
-        return handler
-
-    namespace: dict[str, Any] = {name: wrap(name) for name in _COUNTED}
-    return type("Counting" + cls.__name__, (cls,), namespace)
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self.alive(ino)
+        self._writable().remove_xattr(ino, name.decode("utf-8", "surrogateescape"))

@@ -337,7 +337,8 @@ class Upper(PosixRules):
             except FileNotFoundError:
                 pass
 
-    def write(self, ino: int, offset: int, data: bytes, *, kill_privs: bool = False) -> int:
+    def write(self, ino: int, offset: int, data: bytes | memoryview, *,
+              kill_privs: bool = False) -> int:
         """Write ``data`` at ``offset``; mtime and ctime move, atime stays.
 
         The kernel has already put an ``O_APPEND`` descriptor's writes at the end of

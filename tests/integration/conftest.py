@@ -7,6 +7,7 @@
 - ``registry_server``: a factory starting Debian's ``docker-registry`` on 127.0.0.1,
   plain http, TLS, htpasswd or token auth.
 - ``layerfs_cli``: runs ``python -m layerfs --root <per-test store>``.
+- ``engine``: each mount engine in turn (native, pyfuse3), through ``$LAYERFS_ENGINE``.
 
 Each fixture stops what it started (whole process groups, then any process still naming
 its directories), unmounts whatever is left under its directories and removes them in a
@@ -215,10 +216,6 @@ def fuse_unavailable_reason() -> str | None:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except OSError as err:
         return f"/dev/fuse cannot be opened: {err.strerror}"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as err:
-        return f"pyfuse3 cannot be imported ({err}); apt-get install libfuse3-dev, then make deps"
     return None
 
 
@@ -228,6 +225,26 @@ def fuse_available() -> None:
     reason = fuse_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
+
+
+ENGINES = ("native", "pyfuse3")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each mount engine in turn: every ``layerfs`` started by the test mounts with it.
+
+    A test module of mounts runs on both with ``pytestmark = ...usefixtures("engine")``.
+    """
+    name: str = request.param
+    if name == "pyfuse3":
+        try:
+            import pyfuse3  # noqa: F401
+        except ImportError as err:
+            pytest.skip(f"pyfuse3 cannot be imported ({err}); apt-get install libfuse3-dev, "
+                        "then make deps")
+    monkeypatch.setenv("LAYERFS_ENGINE", name)
+    return name
 
 
 @pytest.fixture(autouse=True)

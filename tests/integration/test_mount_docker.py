@@ -15,6 +15,7 @@ from tests.integration.mounting import Layer, build_image, diff_listings, listin
 from tests.integration.test_mount_ro import mounted, torture_layers
 
 pytestmark = [pytest.mark.fuse, pytest.mark.docker, pytest.mark.integration,
+              pytest.mark.usefixtures("engine"),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (Docker, mknod)")]
 
 # The init layer: what docker export shows and the image does not hold (modern Docker has

@@ -32,7 +32,7 @@ from tests.integration.mounting import (
     overlay_reference,
 )
 
-pytestmark = [pytest.mark.fuse, pytest.mark.integration]
+pytestmark = [pytest.mark.fuse, pytest.mark.integration, pytest.mark.usefixtures("engine")]
 
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep, v2
 BIG = 200 << 20

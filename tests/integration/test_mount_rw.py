@@ -16,7 +16,7 @@ from tests.integration.conftest import LayerfsCli
 from tests.integration.mounting import Layer, build_image, diff_listings, listing
 from tests.integration.test_mount_ro import mounted
 
-pytestmark = [pytest.mark.fuse, pytest.mark.integration]
+pytestmark = [pytest.mark.fuse, pytest.mark.integration, pytest.mark.usefixtures("engine")]
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown)")
 # A user's mount checks permissions (default_permissions): these write into root-owned
 # directories of their test images.

@@ -19,7 +19,7 @@ from tests.integration.conftest import LayerfsCli
 from tests.integration.mounting import Layer, build_image, debian_rootfs_tar
 from tests.integration.test_mount_ro import mounted
 
-pytestmark = [pytest.mark.fuse, pytest.mark.integration]
+pytestmark = [pytest.mark.fuse, pytest.mark.integration, pytest.mark.usefixtures("engine")]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, namespaces)")
 
 

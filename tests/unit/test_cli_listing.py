@@ -178,7 +178,7 @@ def test_system_df_and_mounts(cli: Cli) -> None:
         "Layers=1"
     )
     assert cli("mounts") == (
-        "MOUNTPOINT   IMAGE     IMAGE ID   MODE      UPPER     PID       STATUS\n"
+        "MOUNTPOINT   IMAGE     IMAGE ID   MODE      UPPER     ENGINE    PID       STATUS\n"
     )
     assert cli("mounts", "--format", "json") == ""
 

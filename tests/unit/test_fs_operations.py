@@ -1,4 +1,4 @@
-"""layerfs.fs.operations and layerfs.fs.upper: the FUSE handlers called directly, no mount.
+"""The pyfuse3 engine's handlers over layerfs.fs.operations and layerfs.fs.upper, no mount.
 
 Layers are real tars ingested into a store in ``tmp_path``; the handlers run under
 pytest-trio. A writable tree's changes are committed as a layer tar and the result is
@@ -24,7 +24,8 @@ pyfuse3 = pytest.importorskip("pyfuse3")
 from layerfs.fs.commit import read_state, write_layer_tar  # noqa: E402
 from layerfs.fs.inodes import ROOT  # noqa: E402
 from layerfs.fs.lower import from_store  # noqa: E402
-from layerfs.fs.operations import Operations  # noqa: E402
+from layerfs.fs.operations import Operations as Core  # noqa: E402
+from layerfs.fs.pyfuse3_engine import Pyfuse3Operations as Operations  # noqa: E402
 from layerfs.fs.union import MergedTree  # noqa: E402
 from layerfs.fs.upper import Upper  # noqa: E402
 from layerfs.store.store import Store  # noqa: E402
@@ -121,7 +122,7 @@ def open_mount(store: Store, image_id: str, *, writable: bool, upper: str = "u",
     if writable:
         up = Upper.open(lower.tree, store.subdir("upper") / upper, image_id=image_id,
                         diff_ids=lower.diff_ids, tars=tars, init=init, tmp_root=store.tmp)
-    return Mounted(store, Operations(lower.tree, tars, upper=up), up, image_id, tars)
+    return Mounted(store, Operations(Core(lower.tree, tars, upper=up)), up, image_id, tars)
 
 
 @pytest.fixture
@@ -489,7 +490,7 @@ async def test_commit_rows_give_exactly_the_mounted_tree(rw: Mounted, store: Sto
     await make_changes(rw.ops, rw)
     assert rw.upper is not None
     rw.upper.save()
-    expected_tree = rw.ops.tree
+    expected_tree = rw.ops.ops.tree
     expected = snapshot(expected_tree)
     expected_data = contents(expected_tree, rw.tars, rw.upper)
 
@@ -501,8 +502,8 @@ async def test_commit_rows_give_exactly_the_mounted_tree(rw: Mounted, store: Sto
     new_image = store.graph.create(staged, parent=rw.image_id).id
     committed = open_mount(store, new_image, writable=False)
     try:
-        assert snapshot(committed.ops.tree) == expected
-        assert contents(committed.ops.tree, committed.tars, None) == expected_data
+        assert snapshot(committed.ops.ops.tree) == expected
+        assert contents(committed.ops.ops.tree, committed.tars, None) == expected_data
     finally:
         for fd in committed.tars:
             os.close(fd)
@@ -515,15 +516,15 @@ async def test_commit_rows_give_exactly_the_mounted_tree(rw: Mounted, store: Sto
 async def test_saved_upper_is_laid_again_by_the_next_mount(rw: Mounted, store: Store):
     await make_changes(rw.ops, rw)
     assert rw.upper is not None
-    expected = snapshot(rw.ops.tree)
-    expected_data = contents(rw.ops.tree, rw.tars, rw.upper)
+    expected = snapshot(rw.ops.ops.tree)
+    expected_data = contents(rw.ops.ops.tree, rw.tars, rw.upper)
     rw.upper.close()
 
     again = open_mount(store, rw.image_id, writable=True)
     try:
         assert again.upper is not None
-        assert snapshot(again.ops.tree) == expected
-        assert contents(again.ops.tree, again.tars, again.upper) == expected_data
+        assert snapshot(again.ops.ops.tree) == expected
+        assert contents(again.ops.ops.tree, again.tars, again.upper) == expected_data
         # The same changes, though an opaque directory may come back as whiteouts.
         names = {r[0] for r in again.upper.rows()}
         assert names - {b"lib/.wh.sub"} == \
