@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from layerfs.model.image import Image, parse_created
 from layerfs.store.store import Store
+from layerfs.store.summaries import NodeSummary
 
 
 def image_ref_id(image: Image) -> str:
@@ -15,6 +17,22 @@ def image_ref_id(image: Image) -> str:
 
 def virtual_size(store: Store, image: Image) -> int:
     return image.size + store.graph.get_parents_size(image)
+
+
+def virtual_sizes(nodes: Mapping[str, NodeSummary]) -> dict[str, int]:
+    """The size of every node with its parents (``virtual_size``), from summaries alone."""
+    sizes: dict[str, int] = {}
+    for image_id in nodes:
+        chain: list[str] = []
+        current: str = image_id
+        while current in nodes and current not in sizes and len(chain) <= len(nodes):
+            chain.append(current)
+            current = nodes[current].parent
+        below = sizes.get(current, 0)
+        for node_id in reversed(chain):
+            below += nodes[node_id].size
+            sizes[node_id] = below
+    return sizes
 
 
 def inspect_document(store: Store, image: Image) -> dict[str, Any]:

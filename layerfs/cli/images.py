@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from layerfs.cli.common import ago, open_store, print_json, short_id, size_text, table
-from layerfs.inspect import created_unix, history_rows, inspect_document, virtual_size
+from layerfs.inspect import created_unix, history_rows, inspect_document, virtual_sizes
 from layerfs.model.reference import Reference
 from layerfs.store.removal import remove_image
 
@@ -83,7 +83,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_images(args: argparse.Namespace) -> int:
     store = open_store(args)
-    images = store.graph.map()
+    images = store.graph.summaries()  # not every node's json: one cached summary file
+    sizes = virtual_sizes(images)
     by_id = store.tags.by_id()
     heads = set(images) - {i.parent for i in images.values() if i.parent}
     wanted_repo = Reference.parse(args.repository).repository if args.repository else None
@@ -117,7 +118,7 @@ def cmd_images(args: argparse.Namespace) -> int:
                     "ID": "sha256:" + image_id,
                     "CreatedAt": image.created,
                     "CreatedSince": ago(image.created),
-                    "Size": virtual_size(store, image),
+                    "Size": sizes[image_id],
                 }
             )
     if args.quiet:

@@ -15,14 +15,21 @@ def register(subparsers: Any) -> None:
         "fsck",
         help="verify the store",
         description=(
-            "Re-hash every layer against its diff ID, check every index, image, "
-            "parent, layer and tag. Exit 0 when clean, 1 when something is wrong."
+            "Check every layer (its info, tar size and index), image, parent, layer and "
+            "tag, and the store's indexes; with --verify also re-hash every layer against "
+            "its diff ID and rebuild and compare every entry index. Exit 0 when clean, 1 "
+            "when something is wrong."
         ),
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also re-read every layer: re-hash it and compare its index (reads the whole store)",
     )
     p.add_argument(
         "--repair",
         action="store_true",
-        help="remove unpublished staging leftovers and unused layers",
+        help="remove unpublished staging leftovers and unused layers, rebuild stale indexes",
     )
     p.set_defaults(handler=cmd_fsck)
     p = subparsers.add_parser(
@@ -38,12 +45,19 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     store = open_store(args)
     progress = make_progress(args)
     progress.tty = progress.tty and not progress.quiet
-    report = fsck(store, repair=args.repair, progress=progress if progress.tty else None)
+    report = fsck(
+        store,
+        repair=args.repair,
+        verify=args.verify,
+        progress=progress if progress.tty else None,
+    )
     progress.close()
     for line in report.repaired:
         print(f"repaired: {line}")
     for line in report.leftovers:
         print(f"leftover: {line} (fsck --repair removes it)")
+    for line in report.stale_indexes:
+        print(f"index: {line} (fsck --repair rebuilds it)")
     for line in report.problems:
         print(f"problem: {line}")
     summary = (
@@ -55,6 +69,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         return 1
     if report.leftovers:
         print(summary + f"{len(report.leftovers)} removable leftovers", file=sys.stderr)
+        return 1
+    if report.stale_indexes:
+        print(summary + f"{len(report.stale_indexes)} index entries to rebuild", file=sys.stderr)
         return 1
     print(summary + "clean")
     return 0

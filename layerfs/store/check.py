@@ -1,9 +1,11 @@
-"""fsck and gc: re-verify everything the store holds; remove what nobody uses.
+"""fsck and gc: check everything the store holds; remove what nobody uses.
 
-fsck re-hashes every layer against its diff ID, rebuilds and compares every
-index, checks every image's json, parent and layer, every tag's target and the
-diff IDs of modern configs against their chain. Staging leftovers in tmp/ whose
-process is gone are reported as removable; ``repair`` removes them.
+fsck checks every layer's info, tar size and index, every image's json, parent
+and layer, every tag's target, the diff IDs of modern configs against their
+chain, and the indexes under index/ against what they index; with ``verify``
+it also re-hashes every layer against its diff ID and rebuilds and compares
+every entry index. Staging leftovers in tmp/ whose process is gone are reported
+as removable; ``repair`` removes them and rebuilds indexes that disagree.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ class Report:
     problems: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)  # removable with --repair
     repaired: list[str] = field(default_factory=list)
+    stale_indexes: list[str] = field(default_factory=list)  # rebuilt by --repair
     checked_layers: int = 0
     checked_images: int = 0
     checked_tags: int = 0
 
     @property
     def clean(self) -> bool:
-        return not self.problems and not self.leftovers
+        return not self.problems and not self.leftovers and not self.stale_indexes
 
 
 def _pid_alive(pid: int) -> bool:
@@ -56,19 +59,23 @@ def stale_tmp_entries(store: Store) -> list[Path]:
     return stale
 
 
-def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None) -> Report:
+def fsck(
+    store: Store, *, repair: bool = False, verify: bool = False, progress: Progress | None = None
+) -> Report:
     report = Report()
     for path in stale_tmp_entries(store):
         report.leftovers.append(f"unpublished staging leftover tmp/{path.name}")
     diff_ids = store.layers.diff_ids()
     if progress is not None:
-        progress.start("fsck", "Checking layers", len(diff_ids))
+        progress.start("fsck", "Verifying layers" if verify else "Checking layers", len(diff_ids))
+    check_layer = store.layers.verify if verify else store.layers.check
     for diff_id in diff_ids:
-        report.problems.extend(store.layers.verify(diff_id))
+        report.problems.extend(check_layer(diff_id))
         report.checked_layers += 1
         if progress is not None:
             progress.advance("fsck", 1)
     used_layers: set[str] = set()
+    chains: dict[str, list[str]] = {}  # image ID → its chain's diff IDs, base first
     for image_id in store.graph.ids():
         report.checked_images += 1
         try:
@@ -87,7 +94,7 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
             if "id" not in image.data and hex_of(sha256_digest(image.raw_json)) != image_id:
                 report.problems.append(f"image {image_id[:12]}: config does not hash to its ID")
             try:
-                chain = store.graph.layers_of(image)
+                chain = _chain_diff_ids(store, image_id, chains)
             except LayerfsError as exc:
                 report.problems.append(f"image {image_id[:12]}: {exc}")
                 continue
@@ -103,6 +110,8 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
     for diff_id in store.layers.diff_ids():
         if diff_id not in used_layers and not store.graph.is_held(diff_id):
             report.leftovers.append(f"layer {diff_id} is used by no image")
+    report.stale_indexes.extend(store.layers.check_blob_index())
+    report.stale_indexes.extend(store.graph.check_summaries())
     if repair:
         with locked(store.lock_path):
             for path in stale_tmp_entries(store):
@@ -112,8 +121,31 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
                 store.layers.delete(diff_id)
                 report.repaired.append(f"removed unused layer {diff_id}")
             store.graph.prune_hold_files()
+            if report.stale_indexes:
+                store.rebuild_indexes()
+                report.repaired.extend(f"rebuilt the index: {s}" for s in report.stale_indexes)
         report.leftovers = []
+        report.stale_indexes = []
     return report
+
+
+def _chain_diff_ids(store: Store, image_id: str, known: dict[str, list[str]]) -> list[str]:
+    """The diff IDs of an image's chain, base first, reusing the chains already walked."""
+    walked = []
+    current: str = image_id
+    while current not in known:
+        image = store.graph.get(current)
+        walked.append(image)
+        if len(walked) > 130:
+            store.graph.walk_history(store.graph.get(image_id))  # raises the precise error
+        if not image.parent:
+            break
+        current = image.parent
+    below = known.get(current, []) if walked and walked[-1].parent else []
+    for image in reversed(walked):
+        below = [*below, image.layer] if image.layer else below
+        known[image.id] = below
+    return known[image_id]
 
 
 def gc(store: Store) -> list[str]:

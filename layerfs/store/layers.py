@@ -6,6 +6,14 @@ arrived as, after decompression: its sha256 is the directory's name), ``index``
 compressed digests this layer is known under). A layer shared by several images
 is stored once.
 
+The blob index, ``index/blobs/<blob hex>`` (the diff ID as text, one small file
+per compressed digest), answers "which layer is this blob?" without reading every
+layer's ``info.json``. An entry is written (fsync, rename) before the
+``info.json`` that lists its digest and removed after the layer is gone, so a
+crash can leave an entry naming a layer that does not list it (a lookup checks
+and ignores it), never a listed digest without an entry. ``fsck`` reports both
+kinds of disagreement and ``fsck --repair`` rebuilds the index from the layers.
+
 Ingest is one streaming pass into a private staging directory under tmp/;
 :meth:`StagedLayer.publish` renames it into place. The caller holds the store
 lock around publication and decides what to do with the layer afterwards; this
@@ -89,6 +97,8 @@ class StagedLayer:
         if final.exists():
             remove_tree(self.staging)
             return False
+        for blob_digest in self.info.blob_digests:
+            self._store.index_blob(blob_digest, self.diff_id)
         return publish_dir(self.staging, final)
 
     def discard(self) -> None:
@@ -96,9 +106,10 @@ class StagedLayer:
 
 
 class LayerStore:
-    def __init__(self, root: Path, tmp_root: Path) -> None:
+    def __init__(self, root: Path, tmp_root: Path, blob_index: Path | None = None) -> None:
         self.root = root
         self.tmp_root = tmp_root
+        self.blob_index = blob_index if blob_index is not None else root.parent / "index" / "blobs"
 
     def path(self, diff_id: str) -> Path:
         return self.root / hex_of(validate_digest(diff_id, "diff ID"))
@@ -169,17 +180,105 @@ class LayerStore:
         """Remember that ``diff_id`` is also known by a compressed digest (store lock held)."""
         info = self.info(diff_id)
         if blob_digest not in info.blob_digests:
+            self.index_blob(blob_digest, diff_id)
             info.blob_digests.append(blob_digest)
             atomic_write(self.path(diff_id) / "info.json", info.to_json(), self.tmp_root, 0o644)
+        elif self._indexed(blob_digest) != diff_id:
+            self.index_blob(blob_digest, diff_id)
 
     def find_by_blob_digest(self, blob_digest: str) -> str | None:
+        """The layer stored for a compressed blob, from the blob index (no scan)."""
+        diff_id = self._indexed(blob_digest)
+        if diff_id is None:
+            return None
+        try:
+            listed = blob_digest in self.info(diff_id).blob_digests
+        except (LayerNotFoundError, IntegrityError):
+            return None
+        return diff_id if listed else None  # an entry a crash left behind
+
+    # -- the blob index ------------------------------------------------------------------------
+
+    def _index_entry(self, blob_digest: str) -> Path | None:
+        if not is_sha256_digest(blob_digest):
+            return None
+        return self.blob_index / hex_of(blob_digest)
+
+    def _indexed(self, blob_digest: str) -> str | None:
+        path = self._index_entry(blob_digest)
+        if path is None:
+            return None
+        try:
+            text = path.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return text if is_sha256_digest(text) else None
+
+    def index_blob(self, blob_digest: str, diff_id: str) -> None:
+        """Record ``blob_digest`` → ``diff_id`` (store lock held; written before info.json)."""
+        path = self._index_entry(blob_digest)
+        if path is None or blob_digest == diff_id or self._indexed(blob_digest) == diff_id:
+            return
+        self.blob_index.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, diff_id.encode(), self.tmp_root, 0o644)
+
+    def _unindex_blob(self, blob_digest: str, diff_id: str) -> None:
+        path = self._index_entry(blob_digest)
+        if path is not None and self._indexed(blob_digest) == diff_id:
+            path.unlink(missing_ok=True)
+
+    def blob_index_entries(self) -> dict[str, str]:
+        """Every entry of the blob index: blob digest → the diff ID it names."""
+        try:
+            names = os.listdir(self.blob_index)
+        except FileNotFoundError:
+            return {}
+        entries = {}
+        for name in names:
+            diff_id = self._indexed("sha256:" + name)
+            if diff_id is not None:
+                entries["sha256:" + name] = diff_id
+        return entries
+
+    def check_blob_index(self) -> list[str]:
+        """Where the blob index and the layers' ``blob_digests`` disagree, one line each."""
+        wanted: dict[str, str] = {}
         for diff_id in self.diff_ids():
             try:
-                if blob_digest in self.info(diff_id).blob_digests:
-                    return diff_id
-            except LayerNotFoundError:
+                for blob_digest in self.info(diff_id).blob_digests:
+                    if is_sha256_digest(blob_digest) and blob_digest != diff_id:
+                        wanted[blob_digest] = diff_id
+            except (LayerNotFoundError, IntegrityError):
+                continue  # the layer check reports it
+        found = self.blob_index_entries()
+        lines = [
+            f"blob index lacks {blob} (layer {diff_id})"
+            for blob, diff_id in sorted(wanted.items())
+            if found.get(blob) != diff_id
+        ]
+        if self.blob_index.is_dir():
+            for name in sorted(os.listdir(self.blob_index)):
+                blob = "sha256:" + name
+                if blob not in wanted and not name.startswith("."):
+                    lines.append(f"blob index entry {blob} names no layer that lists it")
+        return lines
+
+    def rebuild_blob_index(self) -> None:
+        """Write the blob index anew from the layers' ``blob_digests`` (store lock held)."""
+        wanted: dict[str, str] = {}
+        for diff_id in self.diff_ids():
+            try:
+                for blob_digest in self.info(diff_id).blob_digests:
+                    if is_sha256_digest(blob_digest) and blob_digest != diff_id:
+                        wanted[hex_of(blob_digest)] = diff_id
+            except (LayerNotFoundError, IntegrityError):
                 continue
-        return None
+        self.blob_index.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(self.blob_index):
+            if name not in wanted:
+                remove_tree(self.blob_index / name)
+        for name, diff_id in wanted.items():
+            self.index_blob("sha256:" + name, diff_id)
 
     def tar_path(self, diff_id: str) -> Path:
         path = self.path(diff_id) / "layer.tar"
@@ -230,7 +329,35 @@ class LayerStore:
 
     def delete(self, diff_id: str) -> None:
         """Remove a layer (caller holds the store lock and has checked it is unused)."""
+        try:
+            blob_digests = self.info(diff_id).blob_digests
+        except (LayerNotFoundError, IntegrityError):
+            blob_digests = []
         trash(self.path(diff_id), self.tmp_root)
+        for blob_digest in blob_digests:
+            self._unindex_blob(blob_digest, diff_id)
+
+    def check(self, diff_id: str) -> Iterator[str]:
+        """What can be seen without reading the tar: info, tar size, index present."""
+        try:
+            info = self.info(diff_id)
+        except (IntegrityError, LayerNotFoundError) as exc:
+            yield f"layer {diff_id}: {exc}"
+            return
+        if info.diff_id != diff_id:
+            yield f"layer {diff_id}: info names {info.diff_id}"
+        try:
+            size = (self.path(diff_id) / "layer.tar").stat().st_size
+        except FileNotFoundError:
+            yield f"layer {diff_id}: layer.tar is missing"
+            return
+        if size != info.tar_size:
+            yield f"layer {diff_id}: info records {info.tar_size} bytes, tar has {size}"
+        try:
+            if (self.path(diff_id) / "index").stat().st_size == 0:
+                yield f"layer {diff_id}: the index is empty"
+        except FileNotFoundError:
+            yield f"layer {diff_id}: the index is missing"
 
     def verify(self, diff_id: str) -> Iterator[str]:
         """Re-hash the tar and rebuild its index; yield a line per problem found."""

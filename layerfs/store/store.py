@@ -8,6 +8,9 @@
 <root>/graph/<id>/          json, parent, layer, layersize, checksum, v1Compatibility
 <root>/holds/<hex>          hold files: shared flocks of retain()
 <root>/repositories.json    the TagStore, in Docker's legacy format
+<root>/index/               lookups that would otherwise read every layer or node:
+                            blobs/<hex> (blob digest → diff ID), graph (node summaries)
+<root>/downloads/<hex>      download locks: one process fetches a blob, the others wait
 <root>/mounts/ upper/ logs/ live mounts, writable upper directories, server logs
 ```
 """
@@ -15,19 +18,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from layerfs.errors import StoreError
-from layerfs.store.files import atomic_write
+from layerfs.errors import LayerfsError, StoreError
+from layerfs.store.files import atomic_write, locked
 from layerfs.store.graph import Graph
 from layerfs.store.layers import LayerStore
 from layerfs.store.tags import TagStore
 
 STORE_VERSION = 1
 _MARKER = "layerfs-store.json"
+# Written once the indexes under index/ are complete; a store made before they existed
+# gets them built by the first command that opens it.
+INDEX_VERSION = 1
+_INDEX_MARKER = "version"
+
+log = logging.getLogger(__name__)
 
 
 UID_MAP = Path("/proc/self/uid_map")
@@ -61,9 +71,15 @@ class Store:
         self.root = root.absolute()
         self.tmp = self.root / "tmp"
         self.lock_path = self.root / "lock"
-        self.layers = LayerStore(self.root / "layers", self.tmp)
+        self.index = self.root / "index"
+        self.layers = LayerStore(self.root / "layers", self.tmp, self.index / "blobs")
         self.graph = Graph(
-            self.root / "graph", self.layers, self.tmp, self.lock_path, self.root / "holds"
+            self.root / "graph",
+            self.layers,
+            self.tmp,
+            self.lock_path,
+            self.root / "holds",
+            self.index / "graph",
         )
         self.tags = TagStore(self.root / "repositories.json", self.graph, self.tmp, self.lock_path)
 
@@ -92,6 +108,8 @@ class Store:
                     f"store {self.root} has layout version {version!r}; this layerfs "
                     f"reads version {STORE_VERSION}"
                 )
+            if not (self.index / _INDEX_MARKER).is_file():
+                self._build_indexes()
             return
         if not create:
             raise StoreError(f"no layerfs store at {self.root}")
@@ -100,16 +118,41 @@ class Store:
             for sub in ("tmp", "layers", "graph", "holds"):
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
             if any(
-                p.name not in ("tmp", "layers", "graph", "holds", "lock")
+                p.name not in ("tmp", "layers", "graph", "holds", "lock", "index")
                 for p in self.root.iterdir()
             ):
                 raise StoreError(f"{self.root} is not empty and is not a layerfs store")
+            (self.root / "index").mkdir(mode=0o700, exist_ok=True)
+            self._write_index_marker()
             atomic_write(marker, json.dumps({"version": STORE_VERSION}).encode(), self.tmp, 0o644)
         except OSError as exc:
             raise StoreError(
                 f"cannot create the store at {self.root}: {exc.strerror}",
                 hint="use --root DIR or LAYERFS_ROOT to choose a directory you can write",
             ) from exc
+
+    def _write_index_marker(self) -> None:
+        data = json.dumps({"version": INDEX_VERSION}).encode()
+        atomic_write(self.index / _INDEX_MARKER, data, self.tmp, 0o644)
+
+    def _build_indexes(self) -> None:
+        """Index a store written before the indexes existed (once, under the store lock)."""
+        try:
+            with locked(self.lock_path):
+                if (self.index / _INDEX_MARKER).is_file():
+                    return
+                self.index.mkdir(mode=0o700, exist_ok=True)
+                self.layers.rebuild_blob_index()
+                self._write_index_marker()
+        except (OSError, LayerfsError) as exc:  # lookups still work, only slower or missing
+            log.warning("cannot build the indexes of %s: %s", self.root, exc)
+
+    def rebuild_indexes(self) -> None:
+        """``fsck --repair``: the blob index and the graph summaries anew (store lock held)."""
+        self.index.mkdir(mode=0o700, exist_ok=True)
+        self.layers.rebuild_blob_index()
+        self.graph.rebuild_summaries()
+        self._write_index_marker()
 
     def subdir(self, name: str) -> Path:
         path = self.root / name

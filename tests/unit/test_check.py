@@ -107,9 +107,38 @@ def test_a_flipped_byte_in_a_layer_is_reported(store: Store) -> None:
     data = bytearray(tar.read_bytes())
     data[512] ^= 0x20  # "box\n" -> "Box\n": file data, the headers stay valid
     tar.write_bytes(bytes(data))
-    report = fsck(store)
+    assert fsck(store).clean  # without verify the tar is not read
+    report = fsck(store, verify=True)
     assert only_problem(report).startswith(f"layer {DIFF_B}: content hashes to sha256:")
     assert not report.clean
+
+
+def test_checks_without_verify_see_a_truncated_tar_and_a_missing_index(store: Store) -> None:
+    tar = store.layers.tar_path(DIFF_B)
+    tar.write_bytes(tar.read_bytes()[:-1024])
+    (store.layers.path(DIFF_A) / "index").unlink()
+    report = fsck(store)
+    size = len(LAYER_B)
+    assert sorted(report.problems) == sorted(
+        [
+            f"layer {DIFF_B}: info records {size} bytes, tar has {size - 1024}",
+            f"layer {DIFF_A}: the index is missing",
+        ]
+    )
+
+
+def test_progress_names_verify(store: Store) -> None:
+    calls = []
+
+    class FakeProgress:
+        def start(self, key: str, label: str, total: int | None = None) -> None:
+            calls.append(label)
+
+        def advance(self, key: str, n: int) -> None:
+            pass
+
+    fsck(store, verify=True, progress=FakeProgress())  # type: ignore[arg-type]
+    assert calls == ["Verifying layers"]
 
 
 def test_a_tampered_index_is_reported(store: Store) -> None:
@@ -119,7 +148,7 @@ def test_a_tampered_index_is_reported(store: Store) -> None:
     doc = codec.unpack(path.read_bytes(), what="index")
     doc["entries"][1][2] = 0o6755
     path.write_bytes(codec.pack(doc))
-    assert only_problem(fsck(store)) == f"layer {DIFF_A}: index does not match the tar"
+    assert only_problem(fsck(store, verify=True)) == f"layer {DIFF_A}: index does not match the tar"
 
 
 def test_a_missing_parent_is_reported(store: Store) -> None:

@@ -93,11 +93,13 @@ def test_store_open_creates_the_layout(tmp_path: Path) -> None:
     assert sorted(p.name for p in store.root.iterdir()) == [
         "graph",
         "holds",
+        "index",
         "layerfs-store.json",
         "layers",
         "tmp",
     ]
     assert json.loads((store.root / "layerfs-store.json").read_bytes()) == {"version": 1}
+    assert json.loads((store.root / "index" / "version").read_bytes()) == {"version": 1}
     assert STORE_VERSION == 1
     assert Store.open(tmp_path / "new").root == store.root  # opening again is fine
 
