@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from layerfs.errors import LayerfsError
 from layerfs.progress import Progress
 from layerfs.transports.base import ImageDestination, ImageSource, SourceImage
 
 log = logging.getLogger(__name__)
+
+# The status of a layer another process is fetching into the same store (docker: "Waiting").
+WAITING_FOR_OTHER = "Waiting for another process"
 
 
 @dataclass
@@ -62,8 +66,20 @@ def copy_image(
             progress.start(key, short, layer.size, "Waiting")
 
     def one(index: int) -> None:
-        layer = image.layers[index]
         key = _layer_key(image, index)
+        claim = getattr(destination, "claim_layer", None)
+        if claim is None:
+            fetch(index, key)
+            return
+        waiting = partial(progress.status, key, WAITING_FOR_OTHER) if progress is not None else None
+        with claim(image.layers[index], waiting) as needed:
+            if needed:
+                fetch(index, key)
+            elif progress is not None:
+                progress.finish(key, "Complete")
+
+    def fetch(index: int, key: str) -> None:
+        layer = image.layers[index]
         what = f"{image.name or 'image'}: layer {index + 1}/{len(image.layers)}"
         if progress is not None:
             progress.status(key, "Copying")

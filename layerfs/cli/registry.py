@@ -43,7 +43,12 @@ class DockerProgress(Progress):
             super().status(key, word)
 
 
-PULL_WORDS = {"Copying": "", "Complete": "Pull complete"}
+PULL_WORDS = {
+    "Waiting": "Pulling fs layer",
+    "Waiting for another process": "Waiting",
+    "Copying": "",
+    "Complete": "Pull complete",
+}
 PUSH_WORDS = {
     "Waiting": "Preparing",
     "Copying": "Pushing",

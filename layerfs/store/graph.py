@@ -283,16 +283,19 @@ class Graph:
         layer: StagedLayer | str | None = None,
         layer_digest: str | None = None,
         v1_compatibility: bytes | None = None,
+        parent_depth: int | None = None,
     ) -> bool:
         """Publish a node (and its staged layer). Returns False if the image already existed.
 
-        As in Docker 1.9, registering an existing ID is a no-op.
+        As in Docker 1.9, registering an existing ID is a no-op. ``parent_depth`` is the
+        parent's depth when the caller knows it (a chain registered base first), which
+        spares walking the parent's chain again for every node.
         """
         if not is_image_id(image_id):
             raise UsageError(f"invalid image ID {image_id!r}: expected 64 lower-case hex")
         with locked(self.lock_path):
             return self._register_locked(
-                raw_json, image_id, parent, layer, layer_digest, v1_compatibility
+                raw_json, image_id, parent, layer, layer_digest, v1_compatibility, parent_depth
             )
 
     def _register_locked(
@@ -303,6 +306,7 @@ class Graph:
         layer: StagedLayer | str | None,
         layer_digest: str | None,
         v1_compatibility: bytes | None,
+        parent_depth: int | None = None,
     ) -> bool:
         node = self.root / image_id
         if (node / "json").is_file():
@@ -310,8 +314,9 @@ class Graph:
                 layer.publish()  # the layer may still be wanted by the caller's next node
             return False
         if parent:
-            parent_image = self._load(parent)
-            depth = self.depth(parent_image) + 1
+            if parent_depth is None or not (self.root / parent / "json").is_file():
+                parent_depth = self.depth(self._load(parent))
+            depth = parent_depth + 1
             if depth > MAX_IMAGE_DEPTH:
                 raise DepthLimitError(
                     f"max depth exceeded: image {image_id[:12]} would be {depth} layers deep, "

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from layerfs.errors import LayerfsError, StoreError
+from layerfs.store.downloads import DownloadLocks
 from layerfs.store.files import atomic_write, locked
 from layerfs.store.graph import Graph
 from layerfs.store.layers import LayerStore
@@ -82,6 +83,7 @@ class Store:
             self.index / "graph",
         )
         self.tags = TagStore(self.root / "repositories.json", self.graph, self.tmp, self.lock_path)
+        self.downloads = DownloadLocks(self.root / "downloads", self.layers)
 
     @classmethod
     def open(cls, root: Path | None = None, *, create: bool = True) -> Store:

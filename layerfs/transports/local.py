@@ -15,9 +15,11 @@ How an image becomes graph nodes (the rule ``docs/store-format.md`` documents):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from layerfs.errors import (
@@ -133,6 +135,45 @@ class StoreDestination:
                 return True
         return False
 
+    @contextlib.contextmanager
+    def claim_layer(
+        self, layer: LayerDesc, on_wait: Callable[[], None] | None = None
+    ) -> Iterator[bool]:
+        """Hold the layer's download lock; yield True when the caller must stream it.
+
+        False means another process fetched it meanwhile (this one waited for it, and
+        ``on_wait`` was called when the wait began): it is in the store, held, or staged
+        here from that process's verified copy. See :mod:`layerfs.store.downloads`.
+        """
+        key = layer.digest or layer.diff_id
+        if not key:
+            yield True
+            return
+        downloads = self.store.downloads
+        with downloads.claim(key, on_wait) as claim:
+            taken = False
+            if claim.waited or claim.advertised:
+                taken = self.has_layer(layer)
+                if not taken:
+                    staged = downloads.take(
+                        claim, self.store.tmp, diff_id=layer.diff_id, blob_digest=layer.digest
+                    )
+                    if staged is not None:
+                        self._keep_staged(staged)
+                        layer.diff_id = staged.diff_id
+                        taken = True
+            yield not taken
+            if not taken and layer.diff_id is not None:
+                with self._mutex:
+                    claim.fetched = self._staged.get(layer.diff_id)
+
+    def _keep_staged(self, staged: StagedLayer) -> None:
+        with self._mutex:
+            previous = self._staged.get(staged.diff_id)
+            self._staged[staged.diff_id] = staged
+        if previous is not None:
+            previous.discard()
+
     def put_layer(
         self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
     ) -> None:
@@ -158,11 +199,7 @@ class StoreDestination:
             staged.discard()
             raise
         layer.diff_id = staged.diff_id
-        with self._mutex:
-            previous = self._staged.get(staged.diff_id)
-            self._staged[staged.diff_id] = staged
-        if previous is not None:
-            previous.discard()
+        self._keep_staged(staged)
 
     def _plan(self, image: SourceImage) -> list[tuple[str, bytes, str | None]]:
         """(id, json, diff id) per node, base first."""
@@ -217,14 +254,14 @@ class StoreDestination:
                     f"{base_depth + len(nodes)} layers, the limit is {MAX_IMAGE_DEPTH}"
                 )
             try:
-                for node_id, raw, diff_id in nodes:
+                for depth, (node_id, raw, diff_id) in enumerate(nodes, base_depth):
                     layer: StagedLayer | str | None = diff_id
                     if diff_id is not None:
                         with self._mutex:
                             staged = self._staged.get(diff_id)
                         if staged is not None and not self.store.layers.exists(diff_id):
                             layer = staged
-                    if graph.register(raw, node_id, parent=parent, layer=layer):
+                    if graph.register(raw, node_id, parent=parent, layer=layer, parent_depth=depth):
                         created.append(node_id)
                     parent = node_id
                     if image.legacy and diff_id:
