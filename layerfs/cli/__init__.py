@@ -5,15 +5,22 @@ set through ``register(subparsers)``; the functions only parse, call the
 library and print. Errors: a :class:`~layerfs.errors.LayerfsError` becomes one
 line ``layerfs: error: <message>`` on stderr and its exit code; anything else
 is a bug and shows its traceback. Ctrl-C exits 130.
+
+Start-up is most of what ``images``, ``inspect`` or ``tag`` cost, so a command imports
+only what it needs: the modules of this package import the library (transports, the
+registry client, FUSE, compression) inside the command functions that use it, and
+``main`` builds the options of the one command it runs (the others are listed with
+their help, their options are not built). ``tests/unit/test_cli_startup.py`` keeps it so.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from layerfs import __version__
 from layerfs.errors import LayerfsError
@@ -31,15 +38,22 @@ a union FUSE filesystem that can serve as a container's root filesystem.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; given ``argv``, with the options of only the command it names.
+
+    argparse formats every option as it is added, which costs more than most commands
+    take to run; with ``argv`` every command is still listed with its help, but only
+    the one ``argv`` runs gets its options (none for ``layerfs --help``).
+    """
     parser = argparse.ArgumentParser(
         prog="layerfs",
         description=PROG_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_RawDescriptionFormatter,
         epilog="Run 'layerfs COMMAND --help' for a command's options. The guide is docs/guide.md.",
     )
     add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = _Commands(subparsers, argv is not None, _command_of(argv or []))
     import importlib
 
     for name in COMMAND_MODULES:
@@ -49,8 +63,83 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == f"layerfs.cli.{name}":
                 continue  # a command group not built into this copy
             raise
-        module.register(subparsers)
+        module.register(commands)
     return parser
+
+
+def _columns() -> int:
+    """The help width argparse would choose, without importing shutil (and bz2, lzma)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width or _columns())
+
+
+class _RawDescriptionFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs, past the global options; None for --help, --version."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--root":
+            i += 2
+        elif arg.startswith("--root=") or arg in ("--debug", "--quiet"):
+            i += 1
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
+class _Commands:
+    """The subparsers as the command modules see them (``add_parser``)."""
+
+    def __init__(self, subparsers: Any, filtered: bool, wanted: str | None) -> None:
+        self._subparsers = subparsers
+        self._filtered = filtered
+        self._wanted = wanted
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        if not self._filtered or self._wanted in (name, *kwargs.get("aliases", ())):
+            return self._subparsers.add_parser(name, **kwargs)
+        listed = {k: v for k, v in kwargs.items() if k in ("help", "aliases")}
+        self._subparsers.add_parser(name, add_help=False, **listed)
+        return _NotRun()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._subparsers, name)
+
+
+class _NotRun:
+    """The parser of a command that is not being run: whatever is added to it is ignored."""
+
+    def _ignore(self, *args: Any, **kwargs: Any) -> _NotRun:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return self._ignore
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +168,8 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
         return handler(args)
     except LayerfsError as exc:
         if getattr(args, "debug", False):
+            import traceback
+
             traceback.print_exc()
         print(f"{prog}: error: {exc.message}", file=sys.stderr)
         if exc.hint:
@@ -90,6 +181,8 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     except BrokenPipeError:
         return 141
     except Exception:
+        import traceback
+
         traceback.print_exc()
         print(
             f"{prog}: internal error: this is a bug in layerfs; please report it with "
@@ -100,7 +193,8 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -120,7 +214,7 @@ def save_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _standalone(command: str, argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    parser = build_parser([command])
     # Usage and --help of the stand-alone tool name it, not "layerfs load".
     for action in parser._actions:  # argparse offers no public way to reach subparsers
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:

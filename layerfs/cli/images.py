@@ -9,7 +9,6 @@ from typing import Any
 from layerfs.cli.common import ago, open_store, print_json, short_id, size_text, table
 from layerfs.inspect import created_unix, history_rows, inspect_document, virtual_sizes
 from layerfs.model.reference import Reference
-from layerfs.store.removal import remove_image
 
 
 def register(subparsers: Any) -> None:
@@ -171,6 +170,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
+    from layerfs.store.removal import remove_image
+
     store = open_store(args)
     status = 0
     from layerfs.errors import LayerfsError

@@ -7,13 +7,12 @@ import sys
 from typing import Any
 
 from layerfs.cli.common import make_progress, open_store
-from layerfs.store.check import fsck, gc
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "fsck",
-        help="verify the store",
+        help="check the store (--verify: re-hash every layer too)",
         description=(
             "Check every layer (its info, tar size and index), image, parent, layer and "
             "tag, and the store's indexes; with --verify also re-hash every layer against "
@@ -42,6 +41,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    from layerfs.store.check import fsck
+
     store = open_store(args)
     progress = make_progress(args)
     progress.tty = progress.tty and not progress.quiet
@@ -78,6 +79,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from layerfs.store.check import gc
+
     store = open_store(args)
     for item in gc(store):
         print(f"removed {item}")

@@ -12,12 +12,16 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import open_store, table
 from layerfs.errors import MountError, UsageError
-from layerfs.fs.host import Records, check_fuse, is_mounted, stop_mount
 from layerfs.store.store import Store, in_user_namespace
+
+if TYPE_CHECKING:
+    from layerfs.fs.host import Records
+
+# layerfs.fs.host (subprocess, signals) is imported by the commands that use it.
 
 _OPTIONS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
 
@@ -107,6 +111,8 @@ def register_run(subparsers: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from layerfs.fs.host import check_fuse
+
     if os.geteuid() != 0:
         raise UsageError(
             "layerfs run needs root: it creates namespaces, mounts /proc and /dev and chroots",
@@ -145,6 +151,8 @@ def parse_options(values: list[str]) -> set[str]:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from layerfs.fs.host import check_fuse
+
     options = parse_options(args.options)
     writable = bool(args.rw or args.upper or "rw" in options)
     if writable and "ro" in options:
@@ -165,15 +173,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def records_of(store: Store) -> Records:
+    from layerfs.fs.host import Records
+
     return Records(store.root / "mounts", store.tmp)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from layerfs.fs.host import stop_mount
+
     stop_mount(records_of(open_store(args)), args.mountpoint, lazy=args.lazy)
     return 0
 
 
 def cmd_mounts(args: argparse.Namespace) -> int:
+    from layerfs.fs.host import is_mounted
+
     store = open_store(args)
     records = records_of(store)
     rows: list[dict[str, Any]] = []

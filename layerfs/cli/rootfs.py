@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from layerfs.cli.common import add_quiet, binary_output, finish_output, make_progress, open_store
-from layerfs.rootfs import export_image, import_rootfs
+
+# layerfs.rootfs (tarfile, the union model) is imported by the commands that use it.
 
 
 def register(subparsers: Any) -> None:
@@ -49,6 +50,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from layerfs.rootfs import import_rootfs
+
     store = open_store(args)
     progress = make_progress(args)
     result = import_rootfs(
@@ -67,6 +70,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from layerfs.rootfs import export_image
+
     store = open_store(args)
     image = store.tags.lookup_image(args.image)
     out, owned = binary_output(args.output, "a tar archive")

@@ -121,6 +121,7 @@ def fsck(
                 store.layers.delete(diff_id)
                 report.repaired.append(f"removed unused layer {diff_id}")
             store.graph.prune_hold_files()
+            store.downloads.prune()
             if report.stale_indexes:
                 store.rebuild_indexes()
                 report.repaired.extend(f"rebuilt the index: {s}" for s in report.stale_indexes)
@@ -149,7 +150,7 @@ def _chain_diff_ids(store: Store, image_id: str, known: dict[str, list[str]]) ->
 
 
 def gc(store: Store) -> list[str]:
-    """Remove unused layers, stale staging and released hold files."""
+    """Remove unused layers, stale staging, released hold files and download locks."""
     removed: list[str] = []
     with locked(store.lock_path):
         for path in stale_tmp_entries(store):
@@ -159,4 +160,5 @@ def gc(store: Store) -> list[str]:
             store.layers.delete(diff_id)
             removed.append(diff_id)
         store.graph.prune_hold_files()
+        store.downloads.prune()
     return removed

@@ -12,8 +12,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,14 +30,14 @@ def fsync_dir(path: Path) -> None:
 
 def make_temp_dir(tmp_root: Path, prefix: str) -> Path:
     """A fresh private directory under the store's tmp/ folder."""
-    path = tmp_root / f"{prefix}-{os.getpid()}-{secrets.token_hex(6)}"
+    path = tmp_root / f"{prefix}-{os.getpid()}-{os.urandom(6).hex()}"
     path.mkdir(mode=0o700)
     return path
 
 
 def temp_path(tmp_root: Path, prefix: str) -> Path:
     """A fresh, not yet existing path under the store's tmp/ folder."""
-    return tmp_root / f"{prefix}-{os.getpid()}-{secrets.token_hex(6)}"
+    return tmp_root / f"{prefix}-{os.getpid()}-{os.urandom(6).hex()}"
 
 
 def atomic_write(path: Path, data: bytes, tmp_root: Path, mode: int = 0o600) -> None:
@@ -97,6 +95,8 @@ def remove_tree(path: Path) -> None:
     """Remove a file or directory tree; missing is fine."""
     try:
         if path.is_dir() and not path.is_symlink():
+            import shutil  # imports bz2 and lzma: not on every command's way
+
             shutil.rmtree(path)
         else:
             path.unlink()

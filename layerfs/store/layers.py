@@ -27,9 +27,8 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from layerfs.compression import ReadAheadReader, open_decompressed
 from layerfs.errors import (
     CorruptIndexError,
     DigestMismatchError,
@@ -39,7 +38,13 @@ from layerfs.errors import (
 from layerfs.model.digest import hex_of, is_sha256_digest, validate_digest
 from layerfs.store import codec
 from layerfs.store.files import atomic_write, make_temp_dir, publish_dir, remove_tree, trash
-from layerfs.store.tarindex import Entry, index_tar
+
+if TYPE_CHECKING:
+    from layerfs.compression import ReadAheadReader
+    from layerfs.store.tarindex import Entry
+
+# Decompression (zstandard, isal, bz2, lzma) and the tar parser are imported where a layer
+# is read or written, so that commands which only look at the store start fast.
 
 INDEX_VERSION = 1
 
@@ -134,6 +139,9 @@ class LayerStore:
     ) -> StagedLayer:
         """Stream a (possibly compressed) layer tar into tmp/: copy, hash, index, verify."""
         staging = make_temp_dir(self.tmp_root, "layer")
+        from layerfs.compression import ReadAheadReader, open_decompressed
+        from layerfs.store.tarindex import index_tar
+
         read_ahead: ReadAheadReader | None = None
         try:
             reader, kind = open_decompressed(stream, what) if decompress else (stream, "none")
@@ -290,6 +298,8 @@ class LayerStore:
         return open(self.tar_path(diff_id), "rb")
 
     def entries(self, diff_id: str) -> list[Entry]:
+        from layerfs.store.tarindex import Entry
+
         path = self.path(diff_id) / "index"
         try:
             data = path.read_bytes()
@@ -361,6 +371,8 @@ class LayerStore:
 
     def verify(self, diff_id: str) -> Iterator[str]:
         """Re-hash the tar and rebuild its index; yield a line per problem found."""
+        from layerfs.store.tarindex import index_tar
+
         try:
             info = self.info(diff_id)
             with self.open_tar(diff_id) as tar:

@@ -199,3 +199,18 @@ def test_a_dead_downloader_blocks_nobody(store: Store) -> None:
         holder.wait()
         if holder.stdout is not None:
             holder.stdout.close()
+
+
+def test_gc_removes_the_lock_files_nobody_holds(store: Store) -> None:
+    from layerfs.store.check import gc
+
+    destination = StoreDestination(store)
+    layers = image("x:1").layers
+    with destination.claim_layer(layers[0]):
+        pass  # released: its file stays for the next pull
+    assert layers[1].digest is not None
+    with destination.claim_layer(layers[1]):
+        gc(store)  # the released one goes, the held one stays
+        assert [p.name for p in (store.root / "downloads").iterdir()] == [layers[1].digest[7:]]
+    gc(store)
+    assert list((store.root / "downloads").iterdir()) == []

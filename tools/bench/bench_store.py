@@ -158,10 +158,14 @@ def main() -> None:
             info.size = 1 << 20
             tar.addfile(info, io.BytesIO(os.urandom(info.size)))
         source = work / "source"
-        subprocess.run([LAYERFS, "--root", str(source), "import", str(rootfs), pulled],
-                       check=True, capture_output=True)  # fmt: skip
-        subprocess.run([LAYERFS, "--root", str(source), "push", "-q", pulled],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [LAYERFS, "--root", str(source), "import", str(rootfs), pulled],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [LAYERFS, "--root", str(source), "push", "-q", pulled], check=True, capture_output=True
+        )
 
         middle = f"bench/img-{IMAGES // 2}:1"  # in both stores
         commands: dict[str, list[str]] = {
@@ -182,8 +186,11 @@ def main() -> None:
                     cmd = [LAYERFS, "--root", str(root), *(a.format(n=n) for a in args)]
                     times.setdefault((name, label), []).append(timed(cmd))
                     if name.startswith("pull"):
-                        subprocess.run([LAYERFS, "--root", str(root), "rmi", pulled],
-                                       check=True, capture_output=True)  # fmt: skip
+                        subprocess.run(
+                            [LAYERFS, "--root", str(root), "rmi", pulled],
+                            check=True,
+                            capture_output=True,
+                        )
     finally:
         if registry is not None:
             registry.stop()
