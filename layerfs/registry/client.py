@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
+from requests.adapters import DEFAULT_POOLBLOCK, DEFAULT_POOLSIZE, HTTPAdapter
 
 from layerfs import __version__
 from layerfs.errors import AuthenticationError, RegistryError
@@ -109,19 +109,44 @@ def origin(url: str) -> tuple[str, str, int | None]:
 
 
 class _TLSAdapter(HTTPAdapter):
-    """Uses our SSL context (system CAs plus the registry's) instead of certifi's."""
+    """Uses our SSL context (system CAs plus the registry's) instead of certifi's.
 
-    def __init__(self, context: ssl.SSLContext, **kw: Any) -> None:
-        self._context = context
+    The context is made on the first https request: loading the system's CAs costs
+    more than a whole push to a plain-http registry on 127.0.0.1 that already has
+    everything.
+    """
+
+    def __init__(self, make_context: Callable[[], ssl.SSLContext], **kw: Any) -> None:
+        self._make_context = make_context
+        self._context: ssl.SSLContext | None = None
+        self._context_lock = threading.Lock()
+        self._pool_args = (
+            kw.get("pool_connections", DEFAULT_POOLSIZE),
+            kw.get("pool_maxsize", DEFAULT_POOLSIZE),
+            kw.get("pool_block", DEFAULT_POOLBLOCK),
+        )
         super().__init__(**kw)
 
+    def _ready(self) -> ssl.SSLContext:
+        with self._context_lock:
+            if self._context is None:
+                self._context = self._make_context()
+                connections, maxsize, block = self._pool_args
+                self.init_poolmanager(connections, maxsize, block=block)
+            return self._context
+
     def init_poolmanager(self, *args: Any, **kw: Any) -> None:
-        kw["ssl_context"] = self._context
+        if self._context is not None:
+            kw["ssl_context"] = self._context
         super().init_poolmanager(*args, **kw)
 
     def proxy_manager_for(self, proxy: str, **kw: Any) -> Any:
-        kw["ssl_context"] = self._context
+        kw["ssl_context"] = self._ready()
         return super().proxy_manager_for(proxy, **kw)
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> Any:
+        self._ready()
+        return super().send(request, *args, **kw)
 
 
 def _no_netrc(request: requests.PreparedRequest) -> requests.PreparedRequest:
@@ -150,11 +175,13 @@ class RegistryClient:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.auth = _no_netrc
-        verified = _TLSAdapter(self._ssl_context(verify=True), pool_maxsize=pool_size)
+        verified = _TLSAdapter(lambda: self._ssl_context(verify=True), pool_maxsize=pool_size)
         self.session.mount("https://", verified)
         self.session.mount("http://", HTTPAdapter(pool_maxsize=pool_size))
         if self.insecure:
-            unverified = _TLSAdapter(self._ssl_context(verify=False), pool_maxsize=pool_size)
+            unverified = _TLSAdapter(
+                lambda: self._ssl_context(verify=False), pool_maxsize=pool_size
+            )
             self.session.mount(f"https://{self.host}/", unverified)
         self.auth = Authenticator(
             self.session, registry, credentials, timeout=self.options.timeout, send=self._send_token

@@ -427,3 +427,26 @@ def test_a_killed_pull_does_not_block_the_next(
     assert len(proxy.seen("GET", f"/blobs/{blobs[0]}")) == 2  # the dead one's, then its own
     fsck = subprocess.run([*other_store(tmp_path, "k"), "fsck", "--verify"], capture_output=True)
     assert b"problem:" not in fsck.stdout, fsck.stdout  # only the dead pull's staging is left
+
+
+def test_a_repeat_push_asks_for_the_manifest_and_sends_nothing(
+    registry: RegistryServer, proxy: FaultProxy, layerfs_cli: LayerfsCli, tmp_path: Path
+):
+    """What the registry sees: a manifest HEAD, no blob HEAD, no upload, no manifest PUT."""
+    ref = f"{proxy.host}/again/app:1"
+    layerfs_cli("import", layer_tar(tmp_path / "app.tar", "app", 100_000), ref)
+    layerfs_cli("push", ref)
+    proxy.log.clear()
+    again = layerfs_cli("push", ref)
+    seen = [(s.method, s.path.split("?")[0]) for s in proxy.log if s.path != "/v2/"]
+    assert seen == [("HEAD", "/v2/again/app/manifests/1")], seen
+    assert again.stderr.decode().count("Layer already exists") == 1
+    assert b"digest: sha256:" in again.stdout
+
+    # Another tag of the same image: one HEAD finds nothing, the blobs are checked, at once.
+    layerfs_cli("tag", ref, f"{proxy.host}/again/app:2")
+    proxy.log.clear()
+    layerfs_cli("push", f"{proxy.host}/again/app:2")
+    methods = sorted((s.method, "blobs" in s.path) for s in proxy.log if s.path != "/v2/")
+    assert ("PUT", False) in methods  # the manifest under the new tag
+    assert ("POST", True) not in methods and ("PATCH", True) not in methods  # no upload
