@@ -99,6 +99,8 @@ def copy_image(
             progress.finish(key, "Complete")
 
     if max_concurrent > 1 and len(todo) > 1:
+        # Biggest first: the longest layer starts at once instead of ending the copy alone.
+        todo.sort(key=lambda i: -(image.layers[i].size or 0))
         with ThreadPoolExecutor(max_workers=max_concurrent) as pool:
             for future in [pool.submit(one, i) for i in todo]:
                 future.result()

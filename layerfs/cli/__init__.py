@@ -16,11 +16,10 @@ their help, their options are not built). ``tests/unit/test_cli_startup.py`` kee
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from layerfs import __version__
 from layerfs.errors import LayerfsError
@@ -158,11 +157,66 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def configure_logging(debug: bool) -> None:
+    """Library messages as ``layerfs: LEVEL: text`` on stderr.
+
+    logging (with traceback, tokenize, string, ... that it imports) costs a few ms of the
+    start-up of commands that log nothing. When no module has imported it yet, it is
+    configured the moment one does (:class:`_ConfigureOnImport`), not imported here.
+    """
+
+    def configure(logging: Any) -> None:
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.WARNING,
+            format="layerfs: %(levelname)s: %(message)s",
+        )
+
+    if debug or "logging" in sys.modules:
+        import logging
+
+        configure(logging)
+    elif not any(isinstance(finder, _ConfigureOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _ConfigureOnImport(configure))
+
+
+class _ConfigureOnImport:
+    """A meta path finder that runs ``configure(logging)`` right after logging's import."""
+
+    def __init__(self, configure: Callable[[Any], None]) -> None:
+        self._configure = configure
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "logging":
+            return None
+        sys.meta_path.remove(self)
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = cast(Any, _ThenConfigure(spec.loader, self._configure))
+        return spec
+
+
+class _ThenConfigure:
+    """The real loader of logging, and then the configuration."""
+
+    def __init__(self, loader: Any, configure: Callable[[Any], None]) -> None:
+        self._loader = loader
+        self._configure = configure
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        self._configure(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source and the rest, for tracebacks
+        return getattr(self._loader, name)
+
+
 def run(handler: Handler, args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
-        format="layerfs: %(levelname)s: %(message)s",
-    )
+    configure_logging(bool(getattr(args, "debug", False)))
     prog = getattr(args, "prog_name", "layerfs")
     try:
         return handler(args)

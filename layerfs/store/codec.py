@@ -9,16 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import msgpack
-
 from layerfs.errors import CorruptIndexError
+
+# msgpack is imported where it is used: a command that reads no index does not load it.
 
 
 def pack(obj: Any) -> bytes:
+    import msgpack
+
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes, *, what: str) -> Any:
+    import msgpack
+
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
     except (
@@ -37,6 +41,8 @@ def iter_map_items(data: bytes, *, what: str, stream_key: str) -> Iterator[tuple
     The array under ``stream_key`` is yielded one item at a time, as
     ``(stream_key, item)``: a big layer index never sits in memory twice.
     """
+    import msgpack
+
     unpacker = msgpack.Unpacker(
         raw=False, strict_map_key=False, use_list=True, max_buffer_size=max(len(data), 1)
     )

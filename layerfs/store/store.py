@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,9 +36,6 @@ _MARKER = "layerfs-store.json"
 # gets them built by the first command that opens it.
 INDEX_VERSION = 1
 _INDEX_MARKER = "version"
-
-log = logging.getLogger(__name__)
-
 
 UID_MAP = Path("/proc/self/uid_map")
 
@@ -147,7 +143,11 @@ class Store:
                 self.layers.rebuild_blob_index()
                 self._write_index_marker()
         except (OSError, LayerfsError) as exc:  # lookups still work, only slower or missing
-            log.warning("cannot build the indexes of %s: %s", self.root, exc)
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "cannot build the indexes of %s: %s", self.root, exc
+            )
 
     def rebuild_indexes(self) -> None:
         """``fsck --repair``: the blob index and the graph summaries anew (store lock held)."""

@@ -23,7 +23,6 @@ compares the cache with the nodes; ``fsck --repair`` writes it anew.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,11 @@ from layerfs.store.files import atomic_write, locked
 
 CACHE_VERSION = 1
 
-log = logging.getLogger(__name__)
+
+def _log(message: str, *args: object) -> None:
+    import logging  # logging and what it imports are not on every command's way
+
+    logging.getLogger(__name__).debug(message, *args)
 
 
 class NodeSummary(NamedTuple):
@@ -91,7 +94,7 @@ class SummaryCache:
             if not isinstance(rows, dict):
                 raise IntegrityError("no nodes")
         except (OSError, LayerfsError, KeyError) as exc:
-            log.debug("ignoring the graph summaries %s: %s", self.path, exc)
+            _log("ignoring the graph summaries %s: %s", self.path, exc)
             return {}
         self._memo = (key, rows)
         return rows
@@ -121,7 +124,7 @@ class SummaryCache:
         except StoreLockedError:
             return self._read(rewrite=False)  # another process changes the store: no rewrite
         except OSError as exc:  # a store this process cannot lock (read-only)
-            log.debug("reading the graph summaries without the store lock: %s", exc)
+            _log("reading the graph summaries without the store lock: %s", exc)
             return self._read(rewrite=False)
 
     def _read(self, *, rewrite: bool) -> dict[str, NodeSummary]:
@@ -160,7 +163,7 @@ class SummaryCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, data, self.tmp_root, 0o600)
         except (OSError, LayerfsError) as exc:  # a cache that cannot be written is only slower
-            log.debug("cannot write the graph summaries %s: %s", self.path, exc)
+            _log("cannot write the graph summaries %s: %s", self.path, exc)
             return False
         return True
 

@@ -47,6 +47,7 @@ NEVER = {
     "layerfs.rootfs",
     "layerfs.store.tarindex",
     "layerfs.store.check",
+    "logging",
 }
 
 REPORT = """
@@ -95,3 +96,19 @@ def test_a_command_loads_none_of_the_others_modules(
     assert result["code"] == 0
     loaded = {m for m in result["modules"] if any(m == n or m.startswith(n + ".") for n in NEVER)}
     assert loaded == set()
+
+
+def test_logging_is_configured_when_first_imported() -> None:
+    """The commands configure logging without importing it; a later import gets the format."""
+    code = (
+        "import sys\n"
+        "from layerfs.cli import configure_logging\n"
+        "configure_logging(False)\n"
+        "assert 'logging' not in sys.modules\n"
+        "import logging\n"
+        "logging.getLogger('layerfs.x').warning('disk %s is full', 'd')\n"
+        "logging.getLogger('layerfs.x').info('not shown')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "layerfs: WARNING: disk d is full\n"
