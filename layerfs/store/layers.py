@@ -136,9 +136,14 @@ class LayerStore:
         what: str = "layer",
         progress: Callable[[int], None] | None = None,
         decompress: bool = True,
+        staging: Path | None = None,
     ) -> StagedLayer:
-        """Stream a (possibly compressed) layer tar into tmp/: copy, hash, index, verify."""
-        staging = make_temp_dir(self.tmp_root, "layer")
+        """Stream a (possibly compressed) layer tar into tmp/: copy, hash, index, verify.
+
+        ``staging`` is an empty directory under tmp/ to use (an ingest worker process
+        writes into its parent's, whose PID names it); by default a new one.
+        """
+        staging = staging if staging is not None else make_temp_dir(self.tmp_root, "layer")
         from layerfs.compression import ReadAheadReader, open_decompressed
         from layerfs.store.tarindex import index_tar
 

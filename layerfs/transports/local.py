@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,8 +41,12 @@ from layerfs.model.reference import (
 from layerfs.progress import ReportingReader
 from layerfs.store.layers import StagedLayer
 from layerfs.store.store import Store
+from layerfs.store.workers import MIN_SIZE, IngestWorkers
 from layerfs.transports.base import (
+    MEDIA_DOCKER_LAYER_GZIP,
+    MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_LAYER_TAR,
+    MEDIA_OCI_LAYER_ZSTD,
     LayerDesc,
     LegacyNode,
     ProgressFn,
@@ -49,6 +54,8 @@ from layerfs.transports.base import (
 )
 
 log = logging.getLogger(__name__)
+
+COMPRESSED_LAYER_TYPES = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD)
 
 
 def derived_config(config: dict[str, Any], count: int) -> dict[str, Any]:
@@ -116,6 +123,16 @@ class StoreDestination:
         self._mutex = threading.Lock()
         self.loaded: list[tuple[SourceImage, list[str]]] = []  # image, messages
         self.rename_messages: list[str] = []
+        self._workers: IngestWorkers | None = None
+        self._workers_tried = False
+
+    def begin_image(self, image: SourceImage) -> None:
+        """Fork ingest workers (once) for an image of several big compressed layers."""
+        big = [layer for layer in image.layers if _for_workers(layer)]
+        if len(big) > 1 and not self._workers_tried:
+            self._workers_tried = True
+            count = min(len(big), os.cpu_count() or 1)
+            self._workers = IngestWorkers.start(self.store.layers, count) if count > 1 else None
 
     def has_layer(self, layer: LayerDesc) -> bool:
         diff_id = layer.diff_id
@@ -180,13 +197,14 @@ class StoreDestination:
         # Without a blob digest to check, the diff ID (hashed by ingest) is the only hash.
         hashing = HashingReader(stream) if layer.digest else None
         reader: Any = hashing if hashing is not None else stream
-        staged = self.store.layers.ingest(
-            reader if progress is None else ReportingReader(reader, progress),
-            expected_diff_id=layer.diff_id,
-            what=what,
-            progress=None,
-            blob_digest=None,
-        )
+        if progress is not None:
+            reader = ReportingReader(reader, progress)
+        if self._workers is not None and _for_workers(layer):
+            staged = self._workers.ingest(reader, expected_diff_id=layer.diff_id, what=what)
+        else:
+            staged = self.store.layers.ingest(
+                reader, expected_diff_id=layer.diff_id, what=what, progress=None, blob_digest=None
+            )
         try:
             if hashing is not None and hashing.digest != layer.digest:
                 raise DigestMismatchError(
@@ -306,12 +324,20 @@ class StoreDestination:
         pass
 
     def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         with self._mutex:
             staged = list(self._staged.values())
             self._staged.clear()
         for layer in staged:
             layer.discard()  # published ones were moved away already
         self.store.graph.release(self.session)
+
+
+def _for_workers(layer: LayerDesc) -> bool:
+    """A layer worth an ingest worker: compressed and big (see layerfs.store.workers)."""
+    return layer.media_type in COMPRESSED_LAYER_TYPES and (layer.size or 0) >= MIN_SIZE
 
 
 def _legacy_parent(raw: bytes) -> str:
