@@ -245,6 +245,8 @@ class RegistryClient:
 
     def _probe(self) -> str:
         schemes = ["https", "http"] if self.plain_http_allowed else ["https"]
+        if self.plain_http_allowed and not self._speaks_tls():
+            schemes = ["http"]
         for scheme in schemes:
             url = f"{scheme}://{self.host}/v2/"
             fallback = scheme == "https" and len(schemes) > 1
@@ -274,6 +276,31 @@ class RegistryClient:
                     raise self._status_error(response, f"ping {self.registry}")
             return f"{scheme}://{self.host}"
         raise RegistryError(f"cannot reach registry {self.registry}")  # pragma: no cover
+
+    def _speaks_tls(self) -> bool:
+        """Does the registry's port answer a TLS handshake? (Only where http is allowed.)
+
+        Trying https through the session would first load the system's CAs, which costs
+        more than a whole repeat push to a plain-http registry on 127.0.0.1. Nothing is
+        verified or sent here: a port that answers TLS is then used with https, verified.
+        """
+        import socket
+
+        name, port = split_host_port(self.host)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        timeout = self.options.timeout
+        try:
+            with (
+                socket.create_connection((name, port or 443), timeout=timeout) as raw,
+                context.wrap_socket(raw, server_hostname=name),
+            ):
+                return True
+        except ssl.SSLError:
+            return False  # something answered, not in TLS: a plain-http registry
+        except OSError:
+            return True  # refused or unreachable: the https attempt reports it as before
 
     # -- sending ---------------------------------------------------------------------------
 
