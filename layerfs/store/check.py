@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerfs.errors import LayerfsError
+from layerfs.errors import DepthLimitError, ImageNotFoundError, LayerfsError
 from layerfs.model.digest import hex_of, sha256_digest
+from layerfs.model.image import MAX_IMAGE_DEPTH, Image
 from layerfs.progress import Progress
 from layerfs.store.files import locked, remove_tree
+from layerfs.store.layers import LayerInfo
 from layerfs.store.store import Store
 
 
@@ -65,36 +67,40 @@ def fsck(
     report = Report()
     for path in stale_tmp_entries(store):
         report.leftovers.append(f"unpublished staging leftover tmp/{path.name}")
-    diff_ids = store.layers.diff_ids()
+    diff_ids = set(store.layers.diff_ids())
     if progress is not None:
         progress.start("fsck", "Verifying layers" if verify else "Checking layers", len(diff_ids))
-    check_layer = store.layers.verify if verify else store.layers.check
-    for diff_id in diff_ids:
-        report.problems.extend(check_layer(diff_id))
+    infos: dict[str, LayerInfo] = {}
+    for diff_id in sorted(diff_ids):
+        if verify:
+            report.problems.extend(store.layers.verify(diff_id))
+        else:
+            report.problems.extend(store.layers.check(diff_id, infos))
         report.checked_layers += 1
         if progress is not None:
             progress.advance("fsck", 1)
     used_layers: set[str] = set()
-    chains: dict[str, list[str]] = {}  # image ID → its chain's diff IDs, base first
+    images: dict[str, Image] = {}  # every node is read once, its parent found here
     for image_id in store.graph.ids():
         report.checked_images += 1
         try:
-            image = store.graph.get(image_id)
+            images[image_id] = store.graph.get(image_id)
         except LayerfsError as exc:
             report.problems.append(f"image {image_id[:12]}: {exc}")
-            continue
+    chains: dict[str, list[str]] = {}  # image ID → its chain's diff IDs, base first
+    for image_id, image in images.items():
         if image.layer:
             used_layers.add(image.layer)
-            if not store.layers.exists(image.layer):
+            if image.layer not in diff_ids:
                 report.problems.append(f"image {image_id[:12]}: layer {image.layer} is missing")
-        if image.parent and not store.graph.exists(image.parent):
+        if image.parent and image.parent not in images:
             report.problems.append(f"image {image_id[:12]}: parent {image.parent[:12]} is missing")
             continue
         if image.is_config:
             if "id" not in image.data and hex_of(sha256_digest(image.raw_json)) != image_id:
                 report.problems.append(f"image {image_id[:12]}: config does not hash to its ID")
             try:
-                chain = _chain_diff_ids(store, image_id, chains)
+                chain = _chain_diff_ids(images, image_id, chains)
             except LayerfsError as exc:
                 report.problems.append(f"image {image_id[:12]}: {exc}")
                 continue
@@ -105,13 +111,13 @@ def fsck(
     for repo, refs in store.tags.all().items():
         for ref, image_id in refs.items():
             report.checked_tags += 1
-            if not store.graph.exists(image_id):
+            if image_id not in images:
                 report.problems.append(f"tag {repo}:{ref} points to missing image {image_id[:12]}")
-    for diff_id in store.layers.diff_ids():
+    for diff_id in sorted(diff_ids):
         if diff_id not in used_layers and not store.graph.is_held(diff_id):
             report.leftovers.append(f"layer {diff_id} is used by no image")
-    report.stale_indexes.extend(store.layers.check_blob_index())
-    report.stale_indexes.extend(store.graph.check_summaries())
+    report.stale_indexes.extend(store.layers.check_blob_index(infos))
+    report.stale_indexes.extend(store.graph.check_summaries(images))
     if repair:
         with locked(store.lock_path):
             for path in stale_tmp_entries(store):
@@ -130,15 +136,19 @@ def fsck(
     return report
 
 
-def _chain_diff_ids(store: Store, image_id: str, known: dict[str, list[str]]) -> list[str]:
+def _chain_diff_ids(
+    images: dict[str, Image], image_id: str, known: dict[str, list[str]]
+) -> list[str]:
     """The diff IDs of an image's chain, base first, reusing the chains already walked."""
-    walked = []
+    walked: list[Image] = []
     current: str = image_id
     while current not in known:
-        image = store.graph.get(current)
+        image = images.get(current)
+        if image is None:
+            raise ImageNotFoundError(f"no such id: {current}")
         walked.append(image)
-        if len(walked) > 130:
-            store.graph.walk_history(store.graph.get(image_id))  # raises the precise error
+        if len(walked) > MAX_IMAGE_DEPTH + 8:
+            raise DepthLimitError(f"image {image_id[:12]} has a parent chain that never ends")
         if not image.parent:
             break
         current = image.parent

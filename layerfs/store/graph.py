@@ -233,13 +233,17 @@ class Graph:
 
     def _summary_of(self, image_id: str) -> NodeSummary | None:
         try:
-            image = self._load(image_id)
+            return _summary(self._load(image_id))
         except (ImageNotFoundError, IntegrityError, LayerNotFoundError):
             return None
-        return NodeSummary(image.id, image.parent, image.layer, image.size, image.created)
 
-    def check_summaries(self) -> list[str]:
-        return self._summaries.check()
+    def check_summaries(self, images: dict[str, Image] | None = None) -> list[str]:
+        """Cached summaries that disagree with their node (``images``: nodes already read)."""
+        if images is None:
+            return self._summaries.check(self._summary_of)
+        return self._summaries.check(
+            lambda i: _summary(images[i]) if i in images else self._summary_of(i)
+        )
 
     def rebuild_summaries(self) -> None:
         self._summaries.rebuild()
@@ -583,6 +587,10 @@ class TempArchive(io.BufferedReader):
         if not self.closed:
             super().close()
         self.path.unlink(missing_ok=True)
+
+
+def _summary(image: Image) -> NodeSummary:
+    return NodeSummary(image.id, image.parent, image.layer, image.size, image.created)
 
 
 def _read_text(path: Path) -> str:

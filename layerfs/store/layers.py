@@ -253,12 +253,16 @@ class LayerStore:
                 entries["sha256:" + name] = diff_id
         return entries
 
-    def check_blob_index(self) -> list[str]:
-        """Where the blob index and the layers' ``blob_digests`` disagree, one line each."""
+    def check_blob_index(self, infos: dict[str, LayerInfo] | None = None) -> list[str]:
+        """Where the blob index and the layers' ``blob_digests`` disagree, one line each.
+
+        ``infos``: the layers' info already read (by :meth:`check`), not read again.
+        """
         wanted: dict[str, str] = {}
         for diff_id in self.diff_ids():
             try:
-                for blob_digest in self.info(diff_id).blob_digests:
+                info = infos[diff_id] if infos and diff_id in infos else self.info(diff_id)
+                for blob_digest in info.blob_digests:
                     if is_sha256_digest(blob_digest) and blob_digest != diff_id:
                         wanted[blob_digest] = diff_id
             except (LayerNotFoundError, IntegrityError):
@@ -352,13 +356,18 @@ class LayerStore:
         for blob_digest in blob_digests:
             self._unindex_blob(blob_digest, diff_id)
 
-    def check(self, diff_id: str) -> Iterator[str]:
-        """What can be seen without reading the tar: info, tar size, index present."""
+    def check(self, diff_id: str, infos: dict[str, LayerInfo] | None = None) -> Iterator[str]:
+        """What can be seen without reading the tar: info, tar size, index present.
+
+        The info read is left in ``infos`` for the checks that follow.
+        """
         try:
             info = self.info(diff_id)
         except (IntegrityError, LayerNotFoundError) as exc:
             yield f"layer {diff_id}: {exc}"
             return
+        if infos is not None:
+            infos[diff_id] = info
         if info.diff_id != diff_id:
             yield f"layer {diff_id}: info names {info.diff_id}"
         try:

@@ -167,7 +167,7 @@ class SummaryCache:
             return False
         return True
 
-    def check(self) -> list[str]:
+    def check(self, load: Loader) -> list[str]:
         """Rows that disagree with their node (fsck); rows of nodes that are gone are fine."""
         inodes = self._node_inodes()
         deleted = self._deleted()
@@ -177,7 +177,7 @@ class SummaryCache:
                 continue  # not used: the next read drops or replaces it
             if image_id in deleted:
                 continue
-            summary = self._load(image_id)
+            summary = load(image_id)
             cached = NodeSummary(image_id, row[0], row[1] or None, row[2], row[3])
             if summary is not None and summary != cached:
                 lines.append(f"graph summary of image {image_id[:12]} disagrees with its node")
