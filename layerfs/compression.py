@@ -2,7 +2,8 @@
 
 gzip, zstd, bzip2 and xz are detected by their magic bytes; anything else is
 passed through as is. Every decompressing reader enforces an expansion cap so
-a small hostile input cannot fill the disk (a decompression bomb).
+a small hostile input cannot fill the disk (a decompression bomb); the store's
+free-space reserve (:class:`layerfs.store.files.SpaceGuard`) is the second net.
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ BZIP2_MAGIC = b"BZh"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
 # Output may exceed the input by this factor once it is past FREE_OUTPUT bytes.
-# Real layers compress 2-10x; a file of zeros compresses ~1000x with gzip, and
-# zstd far beyond. LAYERFS_MAX_EXPANSION_RATIO and LAYERFS_EXPANSION_FREE_BYTES
-# change them.
-DEFAULT_MAX_RATIO = 2000
-FREE_OUTPUT = 1 << 30
+# Real layers measured here (tools/expansion-ratios.py, docs/store-format.md)
+# expand at most 5x, at any point of the stream; deflate cannot exceed ~1032x
+# (a file of zeros), zstd goes far beyond. 100x leaves 20 times the worst real
+# layer seen and stops a gzip bomb of zeros after FREE_OUTPUT bytes, before it
+# has cost a second. LAYERFS_MAX_EXPANSION_RATIO (0: no cap) and
+# LAYERFS_EXPANSION_FREE_BYTES change them.
+DEFAULT_MAX_RATIO = 100
+FREE_OUTPUT = 16 << 20
+RATIO_VARIABLE = "LAYERFS_MAX_EXPANSION_RATIO"
 
 
 def detect(head: bytes) -> str:
@@ -170,6 +175,11 @@ class _ZstdFrames:
             self._state = "magic"
 
 
+# Compressed bytes handed to a decoder at a time: small enough that the count of
+# bytes consumed, which the expansion cap divides by, follows the decoder closely.
+_INPUT_CHUNK = 64 << 10
+
+
 class _ReadInto:
     """``read`` plus the ``readinto`` igzip's reader asks its file object for."""
 
@@ -180,7 +190,7 @@ class _ReadInto:
         return bytes(self._source.read(size))
 
     def readinto(self, buffer: Any) -> int:
-        data = self._source.read(len(buffer))
+        data = self._source.read(min(len(buffer), _INPUT_CHUNK))
         buffer[: len(data)] = data
         return len(data)
 
@@ -203,13 +213,15 @@ class DecompressingReader:
             self._reader = _GzipFile(fileobj=_ReadInto(raw), mode="rb")
         elif kind == "zstd":
             self._frames = raw = _ZstdFrames(source)
-            self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            self._reader = zstandard.ZstdDecompressor().stream_reader(
+                raw, read_size=_INPUT_CHUNK, read_across_frames=True
+            )
         elif kind == "bzip2":
             self._reader = bz2.BZ2File(raw)
         else:
             self._reader = lzma.LZMAFile(raw)  # noqa: SIM115 - lives as long as this reader
         self.produced = 0
-        self._max_ratio = _env_int("LAYERFS_MAX_EXPANSION_RATIO", DEFAULT_MAX_RATIO)
+        self._max_ratio = _env_int(RATIO_VARIABLE, DEFAULT_MAX_RATIO)
         self._free_output = _env_int("LAYERFS_EXPANSION_FREE_BYTES", FREE_OUTPUT)
 
     def read(self, size: int = -1) -> bytes:
@@ -227,13 +239,16 @@ class DecompressingReader:
         if not data and size and self._frames is not None and not self._frames.complete:
             raise FormatError(f"{self._what}: truncated {self._kind} stream")
         self.produced += len(data)
-        if self.produced > self._free_output and self.produced > self._max_ratio * max(
-            self._source.consumed, 1
+        if (
+            self._max_ratio > 0
+            and self.produced > self._free_output
+            and self.produced > self._max_ratio * max(self._source.consumed, 1)
         ):
             raise ExpansionLimitError(
-                f"{self._what}: decompressed data grew past {self._max_ratio}x its "
-                "compressed size (a decompression bomb?); set "
-                "LAYERFS_MAX_EXPANSION_RATIO to allow more"
+                f"{self._what}: {self._kind} data grew past {self._max_ratio}x its "
+                f"compressed size ({self.produced} bytes from {self._source.consumed}): a "
+                f"decompression bomb? Real layers expand less than 10x; set "
+                f"{RATIO_VARIABLE}=N to allow N times (0: no cap)"
             )
         return data
 

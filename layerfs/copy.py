@@ -80,7 +80,10 @@ def copy_image(
 
     def fetch(index: int, key: str) -> None:
         layer = image.layers[index]
-        what = f"{image.name or 'image'}: layer {index + 1}/{len(image.layers)}"
+        named = layer.diff_id or layer.digest
+        what = f"{image.name or 'image'}: layer {index + 1}/{len(image.layers)}" + (
+            f" ({named[:19]})" if named else ""
+        )
         if progress is not None:
             progress.status(key, "Copying")
         stream = source.open_layer(image, index)

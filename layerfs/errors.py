@@ -33,6 +33,10 @@ class InvalidReferenceError(UsageError):
     """A name, tag, digest or image ID that does not follow Docker's rules."""
 
 
+class TemplateError(UsageError):
+    """A --format template that does not parse or cannot run on the data."""
+
+
 class ConflictError(LayerfsError):
     """The operation conflicts with the store's state (tag set, image held, has children)."""
 
@@ -99,6 +103,10 @@ class StoreError(LayerfsError):
 
 class StoreLockedError(StoreError):
     pass
+
+
+class NoSpaceError(StoreError):
+    """The store's file system is full, or would drop below the free-space reserve."""
 
 
 class RegistryError(LayerfsError):

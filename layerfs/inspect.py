@@ -1,14 +1,59 @@
-"""What ``inspect``, ``history`` and ``images`` show about an image."""
+"""What ``inspect``, ``history`` and ``images`` show about an image.
+
+:func:`inspect_document` is docker's ``image inspect`` object, field for field in the
+order and shape docker's API writes it (``Config`` with every field of a container
+config, ``null`` for an empty list or map, ``Size`` the whole chain as overlay2 measures
+it). :func:`typed_document` is the same seen through Go's types, which is what
+``inspect -f`` templates evaluate: ``{{.Config.Env}}`` of an image without environment
+prints ``[]``, ``{{.Config.Labels}}`` prints ``map[]``, an unknown field is an error.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from layerfs.model.image import Image, parse_created
 from layerfs.store.store import Store
-from layerfs.store.summaries import NodeSummary
+
+# container.Config as docker's API writes it: (field, kind, omitempty).
+CONFIG_FIELDS: tuple[tuple[str, str, bool], ...] = (
+    ("Hostname", "string", False),
+    ("Domainname", "string", False),
+    ("User", "string", False),
+    ("AttachStdin", "bool", False),
+    ("AttachStdout", "bool", False),
+    ("AttachStderr", "bool", False),
+    ("ExposedPorts", "set", True),
+    ("Tty", "bool", False),
+    ("OpenStdin", "bool", False),
+    ("StdinOnce", "bool", False),
+    ("Env", "slice", False),
+    ("Cmd", "slice", False),
+    ("Healthcheck", "health", True),
+    ("ArgsEscaped", "bool", True),
+    ("Image", "string", False),
+    ("Volumes", "set", False),
+    ("WorkingDir", "string", False),
+    ("Entrypoint", "slice", False),
+    ("NetworkDisabled", "bool", True),
+    ("MacAddress", "string", True),
+    ("OnBuild", "slice", False),
+    ("Labels", "map", False),
+    ("StopSignal", "string", True),
+    ("StopTimeout", "int_ptr", True),
+    ("Shell", "slice", True),
+)
+HEALTH_FIELDS: tuple[tuple[str, str], ...] = (
+    ("Test", "slice"),
+    ("Interval", "duration"),
+    ("Timeout", "duration"),
+    ("StartPeriod", "duration"),
+    ("StartInterval", "duration"),
+    ("Retries", "int"),
+)
+ZERO_TIME = "0001-01-01T00:00:00Z"
+_CONTAINERS: dict[str, type] = {"slice": list, "map": dict, "set": dict}
 
 
 def image_ref_id(image: Image) -> str:
@@ -19,58 +64,163 @@ def virtual_size(store: Store, image: Image) -> int:
     return image.size + store.graph.get_parents_size(image)
 
 
-def virtual_sizes(nodes: Mapping[str, NodeSummary]) -> dict[str, int]:
-    """The size of every node with its parents (``virtual_size``), from summaries alone."""
-    sizes: dict[str, int] = {}
-    for image_id in nodes:
-        chain: list[str] = []
-        current: str = image_id
-        while current in nodes and current not in sizes and len(chain) <= len(nodes):
-            chain.append(current)
-            current = nodes[current].parent
-        below = sizes.get(current, 0)
-        for node_id in reversed(chain):
-            below += nodes[node_id].size
-            sizes[node_id] = below
-    return sizes
+def container_config(raw: Any, *, nullable: bool) -> dict[str, Any] | None:
+    """A stored config as docker's API writes a container.Config (all fields, its order)."""
+    if not isinstance(raw, dict):
+        if nullable:
+            return None
+        raw = {}
+    doc: dict[str, Any] = {}
+    for name, kind, omitempty in CONFIG_FIELDS:
+        value = raw.get(name)
+        if kind == "string" and not isinstance(value, str):
+            value = ""
+        elif kind == "bool" and not isinstance(value, bool):
+            value = False
+        elif kind in _CONTAINERS and not isinstance(value, _CONTAINERS[kind]):
+            value = None
+        elif kind == "health":
+            value = _health(value)
+        elif kind == "int_ptr" and not (isinstance(value, int) and not isinstance(value, bool)):
+            value = None
+        if omitempty and not value:
+            continue
+        doc[name] = value
+    return doc
+
+
+def _health(raw: Any) -> dict[str, Any] | None:
+    if not isinstance(raw, dict):
+        return None
+    doc: dict[str, Any] = {}
+    for name, kind in HEALTH_FIELDS:
+        value = raw.get(name)
+        wanted = list if kind == "slice" else int
+        if isinstance(value, wanted) and not isinstance(value, bool) and value:
+            doc[name] = value
+    return doc
 
 
 def inspect_document(store: Store, image: Image) -> dict[str, Any]:
-    """Docker's ``image inspect`` fields (legacy Lookup plus the modern ones)."""
+    """Docker's ``image inspect`` object for one image."""
     refs = store.tags.references(image.id)
-    repo_tags = [r for r in refs if "@" not in r]
-    repo_digests = [r for r in refs if "@" in r]
     diff_ids = store.graph.layers_of(image)
-    created = image.created
+    size = virtual_size(store, image)
     doc: dict[str, Any] = {
         "Id": image_ref_id(image),
-        "RepoTags": repo_tags,
-        "RepoDigests": repo_digests,
+        "RepoTags": [r for r in refs if "@" not in r],
+        "RepoDigests": [r for r in refs if "@" in r],
         "Parent": image_ref_id(store.graph.get(image.parent)) if image.parent else "",
         "Comment": image.comment,
-        "Created": created,
-        "Container": image.data.get("container", ""),
-        "ContainerConfig": image.container_config or None,
-        "DockerVersion": image.data.get("docker_version", ""),
+        "Created": image.created,
+        "Container": _text(image.data.get("container")),
+        "ContainerConfig": container_config(image.data.get("container_config"), nullable=False),
+        "DockerVersion": _text(image.data.get("docker_version")),
         "Author": image.author,
-        "Config": image.config or None,
+        "Config": container_config(image.data.get("config"), nullable=True),
         "Architecture": image.architecture,
-        "Os": image.os,
-        "Size": virtual_size(store, image),
-        "VirtualSize": virtual_size(store, image),
-        "GraphDriver": {
-            "Name": "layerfs",
-            "Data": {
-                "Store": str(store.root),
-                "LayerTars": ":".join(str(store.layers.tar_path(d)) for d in diff_ids),
-            },
-        },
-        "RootFS": {"Type": "layers", "Layers": diff_ids},
-        "Metadata": {"LastTagTime": ""},
     }
-    if image.data.get("variant"):
+    if _text(image.data.get("variant")):
         doc["Variant"] = image.data["variant"]
+    doc["Os"] = image.os
+    if _text(image.data.get("os.version")):
+        doc["OsVersion"] = image.data["os.version"]
+    doc.update(
+        {
+            "Size": size,
+            "VirtualSize": size,
+            "GraphDriver": {
+                "Data": {
+                    "LayerTars": ":".join(str(store.layers.tar_path(d)) for d in diff_ids),
+                    "Store": str(store.root),
+                },
+                "Name": "layerfs",
+            },
+            "RootFS": {"Type": "layers", "Layers": diff_ids},
+            "Metadata": {"LastTagTime": ZERO_TIME},
+        }
+    )
     return doc
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def typed_document(doc: dict[str, Any]) -> Any:
+    """The inspect object as Go's types show it to a template (see the module docstring)."""
+    from layerfs.formatting.values import (
+        NIL_MAP,
+        NIL_PTR,
+        NIL_SLICE,
+        GoMap,
+        GoStruct,
+        GoTime,
+    )
+
+    def config(value: Any) -> Any:
+        if value is None:
+            return NIL_PTR
+        fields: dict[str, Any] = {}
+        for name, kind, _ in CONFIG_FIELDS:
+            item = value.get(name)
+            if kind == "slice":
+                fields[name] = list(item) if isinstance(item, list) else NIL_SLICE
+            elif kind == "map":
+                fields[name] = GoMap(item, zero="") if isinstance(item, dict) else NIL_MAP
+            elif kind == "set":
+                fields[name] = (
+                    GoMap({k: GoStruct({}) for k in item}, zero=GoStruct({}))
+                    if isinstance(item, dict)
+                    else NIL_MAP
+                )
+            elif kind == "health":
+                fields[name] = health(item)
+            elif kind == "int_ptr":
+                fields[name] = item if isinstance(item, int) else NIL_PTR
+            else:
+                fields[name] = item if item is not None else ("" if kind == "string" else False)
+        omit = frozenset(name for name, _, omitempty in CONFIG_FIELDS if omitempty)
+        return GoStruct(fields, omitempty=omit)
+
+    def health(value: Any) -> Any:
+        from layerfs.formatting.values import GoDuration
+
+        if not isinstance(value, dict):
+            return NIL_PTR
+        fields: dict[str, Any] = {}
+        for name, kind in HEALTH_FIELDS:
+            item = value.get(name)
+            if kind == "slice":
+                fields[name] = list(item) if isinstance(item, list) else NIL_SLICE
+            elif kind == "duration":
+                fields[name] = GoDuration(item if isinstance(item, int) else 0)
+            else:
+                fields[name] = item if isinstance(item, int) else 0
+        return GoStruct(fields, omitempty=frozenset(fields))
+
+    typed: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in ("Config", "ContainerConfig"):
+            typed[key] = config(value)
+        elif key in ("RepoTags", "RepoDigests"):
+            typed[key] = list(value)
+        elif key == "GraphDriver":
+            typed[key] = GoStruct(
+                {"Data": GoMap(dict(value["Data"]), zero=""), "Name": value["Name"]}
+            )
+        elif key == "RootFS":
+            typed[key] = GoStruct(
+                {"Type": value["Type"], "Layers": list(value["Layers"]), "BaseLayer": ""},
+                omitempty=frozenset({"BaseLayer"}),
+            )
+        elif key == "Metadata":
+            typed[key] = GoStruct({"LastTagTime": GoTime(value["LastTagTime"])})
+        else:
+            typed[key] = value
+    for optional in ("Variant", "OsVersion"):
+        typed.setdefault(optional, "")
+    return GoStruct(typed, omitempty=frozenset({"Variant", "OsVersion"}))
 
 
 @dataclass

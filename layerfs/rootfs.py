@@ -9,6 +9,7 @@ kept) and writes one tar, like ``docker export`` without a container.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tarfile
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from layerfs.errors import FormatError, NotFoundError, RegistryError, UsageError
 from layerfs.fs.union import INIT_LAYER, MergedTree
 from layerfs.model.changes import apply_changes
 from layerfs.model.image import Image
+from layerfs.model.platform import Platform
 from layerfs.model.reference import Reference
 from layerfs.progress import Progress
 from layerfs.store.store import Store
@@ -41,21 +43,18 @@ class ImportResult:
 
 
 def _open_source(source: str, stdin: BinaryIO) -> tuple[Any, int | None, Callable[[], None]]:
-    """(stream, size if known, close) for a file, '-' or an http(s) URL."""
+    """(stream, size if known, close) for a file, '-' or a URL.
+
+    A name that is no file and reads as ``host[:port]/path`` is a URL without its scheme,
+    as Docker's legacy import took it: https:// is tried first, then http://.
+    """
     if source == "-":
         return stdin, None, lambda: None
     if source.startswith(("http://", "https://")):
-        import requests  # only imports from a URL pay for loading requests
-
-        try:
-            response = requests.get(source, stream=True, timeout=(15, 300))
-            response.raise_for_status()
-        except requests.RequestException as exc:
-            raise RegistryError(f"cannot download {source}: {exc}") from exc
-        length = response.headers.get("Content-Length")
-        response.raw.decode_content = False
-        return response.raw, int(length) if length and length.isdigit() else None, response.close
+        return _download(source)
     path = Path(source)
+    if not path.exists() and _looks_like_url(source):
+        return _download_guessing_scheme(source)
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed by the returned callback
     except FileNotFoundError:
@@ -69,6 +68,50 @@ def _open_source(source: str, stdin: BinaryIO) -> tuple[Any, int | None, Callabl
     return handle, os.fstat(handle.fileno()).st_size, handle.close
 
 
+# A host with a dot, an IPv6 address in brackets, localhost, or any name with a port.
+_URL_HOST = re.compile(
+    r"^(?:(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|\[[0-9A-Fa-f:]+\])(?::\d+)?"
+    r"|[A-Za-z0-9-]+:\d+)/"
+)
+
+
+def _looks_like_url(source: str) -> bool:
+    """``example.com/x.tar``, ``127.0.0.1:8000/x``, ``localhost/x``: a host, then a path."""
+    return bool(_URL_HOST.match(source))
+
+
+def _download(url: str) -> tuple[Any, int | None, Callable[[], None]]:
+    import requests  # only imports from a URL pay for loading requests
+
+    try:
+        response = requests.get(url, stream=True, timeout=(15, 300))
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        raise RegistryError(f"cannot download {url}: {exc}") from exc
+    length = response.headers.get("Content-Length")
+    response.raw.decode_content = False
+    return response.raw, int(length) if length and length.isdigit() else None, response.close
+
+
+def _download_guessing_scheme(source: str) -> tuple[Any, int | None, Callable[[], None]]:
+    import requests
+
+    try:
+        return _download(f"https://{source}")
+    except RegistryError as exc:
+        cause = exc.__cause__
+        # An answer over https (a 404, say) is the answer; only a failed connection
+        # (refused, or a server that speaks no TLS) sends us to plain http.
+        if not isinstance(cause, requests.ConnectionError):
+            raise
+    try:
+        return _download(f"http://{source}")
+    except RegistryError as exc:
+        raise RegistryError(
+            f"cannot import {source!r}: it is no file, and as a URL: {exc.message}"
+        ) from exc
+
+
 def import_rootfs(
     store: Store,
     source: str,
@@ -78,8 +121,9 @@ def import_rootfs(
     changes: list[str] | None = None,
     progress: Progress | None = None,
     stdin: BinaryIO | None = None,
+    platform: Platform | None = None,
 ) -> ImportResult:
-    """``docker import``: one layer, no parent, optional tag (force)."""
+    """``docker import``: one layer, no parent, optional tag (force), optional platform."""
     ref = Reference.parse(reference) if reference else None
     if ref is not None and ref.digest:
         raise UsageError(f"cannot import as {reference!r}: a digest cannot be a tag")
@@ -101,6 +145,7 @@ def import_rootfs(
             staged,
             comment=message or f"Imported from {source}",
             config=config,
+            platform=(platform.os, platform.architecture, platform.variant) if platform else None,
         )
     except BaseException:
         staged.discard()

@@ -27,7 +27,15 @@ from layerfs.errors import LayerfsError
 Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add commands; each has register(subparsers).
-COMMAND_MODULES = ("images", "rootfs", "maintenance", "archive", "mount", "registry")
+COMMAND_MODULES = (
+    "images",
+    "rootfs",
+    "maintenance",
+    "archive",
+    "mount",
+    "registry",
+    "system",  # last: "image ls" and friends copy the parsers registered before it
+)
 
 PROG_DESCRIPTION = """\
 layerfs keeps Docker-style images (chains of layers) in one store on disk,
@@ -48,11 +56,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="layerfs",
         description=PROG_DESCRIPTION,
         formatter_class=_RawDescriptionFormatter,
-        epilog="Run 'layerfs COMMAND --help' for a command's options. The guide is docs/guide.md.",
+        epilog="Run 'layerfs COMMAND --help' for a command's options. The guide is docs/guide.md."
+        "\n\nenvironment:\n"
+        "  LAYERFS_ROOT                 the store (as --root)\n"
+        "  LAYERFS_MIN_FREE             free space load, pull, import and commit leave on the\n"
+        "                               store's file system (e.g. 500M; 0: none; default 5%,\n"
+        "                               at most 1G)\n"
+        "  LAYERFS_MAX_EXPANSION_RATIO  how many times its compressed size a layer may expand\n"
+        "                               (default 100; 0: no cap)",
     )
     add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = _Commands(subparsers, argv is not None, _command_of(argv or []))
+    wanted = _command_of(argv or [])
+    # "image ls" and friends are copies of the other commands' parsers: it needs them all.
+    commands = _Commands(subparsers, argv is not None and wanted != "image", wanted)
     import importlib
 
     for name in COMMAND_MODULES:

@@ -18,7 +18,7 @@ from layerfs.errors import LayerfsError, UsageError
 
 if TYPE_CHECKING:
     from layerfs.progress import Progress
-    from layerfs.transports.base import ImageDestination, SourceImage
+    from layerfs.transports.base import ImageDestination, ImageSource, SourceImage
 
 # The transports are imported by the commands that use them (see layerfs.cli).
 
@@ -50,6 +50,12 @@ def register(subparsers: Any) -> None:
         help="read from FILE (a tarball, an OCI layout directory, or docker-archive:PATH, "
         "oci-archive:PATH[:REF], oci:DIR[:REF]) instead of standard input",
     )
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="load only the images for this platform (of a multi-platform OCI index: its "
+        "entry for it)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=cmd_load)
 
@@ -78,6 +84,11 @@ def register(subparsers: Any) -> None:
         help="docker (default), oci (a tar) or oci-dir (a directory)",
     )
     p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="refuse an image that is not for this platform",
+    )
+    p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress and no 'Saved image' lines"
     )
     p.set_defaults(handler=cmd_save)
@@ -100,14 +111,19 @@ def cmd_load(args: argparse.Namespace) -> int:
             "refusing to read an archive from a terminal; use -i FILE or redirect standard input"
         )
     from layerfs.copy import copy
+    from layerfs.model.platform import Platform
     from layerfs.transports import SOURCES, open_source, split_spec
     from layerfs.transports.local import StoreDestination
+    from layerfs.transports.platforms import PlatformSource
 
     store = open_store(args)
     spec = args.input or "-"
     if split_spec(spec, SOURCES)[0] is None and spec != "-" and not Path(spec).exists():
         raise UsageError(f"cannot read {spec!r}: no such file or directory")
-    source = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
+    platform = Platform.parse(args.platform) if args.platform else None
+    source: ImageSource = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
+    if platform is not None:
+        source = PlatformSource(source, platform)
     try:
         source.images()  # an archive-level problem: one line naming the archive
     except LayerfsError as exc:
@@ -176,10 +192,15 @@ def _destination(args: argparse.Namespace, tmp: Path) -> tuple[ImageDestination,
 
 def cmd_save(args: argparse.Namespace) -> int:
     from layerfs.copy import copy
+    from layerfs.model.platform import Platform
     from layerfs.transports.local import StoreSource
+    from layerfs.transports.platforms import PlatformSource
 
+    platform = Platform.parse(args.platform) if args.platform else None
     store = open_store(args)
-    source = StoreSource(store, args.images)
+    source: ImageSource = StoreSource(store, args.images)
+    if platform is not None:
+        source = PlatformSource(source, platform, strict=True)
     source.images()  # unknown names fail here, before any output exists
     destination, to_stdout = _destination(args, store.tmp)
     progress = _progress(args)

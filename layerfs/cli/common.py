@@ -6,13 +6,11 @@ import argparse
 import json
 import os
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.errors import UsageError
-from layerfs.model.image import parse_created
-from layerfs.progress import Progress, human_size
+from layerfs.progress import Progress
 from layerfs.store.store import Store
 
 
@@ -29,48 +27,12 @@ def add_quiet(parser: argparse.ArgumentParser, help_text: str = "no progress out
     parser.add_argument("-q", "--quiet", action="store_true", help=help_text)
 
 
-def short_id(image_id: str) -> str:
-    return image_id[:12]
-
-
-def ago(created: str) -> str:
-    when = parse_created(created)
-    if when is None:
-        return "N/A"
-    seconds = (datetime.now(UTC) - when).total_seconds()
-    if seconds < 0:
-        return "in the future"
-    for unit, size in (
-        ("years", 365 * 86400),
-        ("months", 30 * 86400),
-        ("weeks", 7 * 86400),
-        ("days", 86400),
-        ("hours", 3600),
-        ("minutes", 60),
-    ):
-        if seconds >= 2 * size:
-            return f"{int(seconds // size)} {unit} ago"
-        if seconds >= size:
-            return f"About an {unit[:-1]} ago" if unit == "hours" else f"1 {unit[:-1]} ago"
-    return "Less than a second ago" if seconds < 1 else f"{int(seconds)} seconds ago"
-
-
-def size_text(n: int) -> str:
-    return human_size(n)
-
-
-def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    lines = ["   ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    for row in rows:
-        lines.append("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    return "\n".join(lines)
-
-
-def print_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=4, ensure_ascii=False))
+def print_json(doc: Any, *, escape_html: bool = False) -> None:
+    """Indented JSON; ``escape_html`` writes <, > and & as Go's encoder does (\\u003c)."""
+    text = json.dumps(doc, indent=4, ensure_ascii=False)
+    if escape_html:  # these characters only occur inside JSON strings
+        text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    print(text)
 
 
 def binary_output(path: str | None, what: str) -> tuple[BinaryIO, bool]:

@@ -11,10 +11,11 @@ import argparse
 import errno
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layerfs.cli.common import open_store, table
+from layerfs.cli.common import open_store
 from layerfs.errors import MountError, UsageError
 from layerfs.store.store import Store, in_user_namespace
 
@@ -62,9 +63,14 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=cmd_umount)
 
     p = subparsers.add_parser("mounts", help="list live mounts",
-                              description="List the mounts of this store: image and mode.")
+                              description="List the mounts of this store (layerfs's ps): "
+                                          "mountpoint, image, mode, upper directory, server.")
     p.add_argument("-q", "--quiet", action="store_true", help="only show mountpoints")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--no-trunc", action="store_true", help="do not truncate image IDs")
+    p.add_argument("--format", metavar="FORMAT",
+                   help="'table' (default), 'table TEMPLATE', 'json' (one object per line) or "
+                        "a Go template, as docker's --format (fields: Mountpoint, Image, ID, "
+                        "Mode, Upper, Pid, Status, Log)")
     p.set_defaults(handler=cmd_mounts)
 
     p = subparsers.add_parser(
@@ -77,7 +83,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("-a", "--author", default="", help="author (\"Name <email>\")")
     p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
                    help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
-                        "LABEL, EXPOSE, VOLUME, STOPSIGNAL (repeatable)")
+                        "LABEL, EXPOSE, VOLUME, STOPSIGNAL, ONBUILD, HEALTHCHECK (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="only print the image ID")
     p.set_defaults(handler=cmd_commit)
 
@@ -186,11 +192,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_mounts(args: argparse.Namespace) -> int:
+    from layerfs.formatting import contexts
+    from layerfs.formatting.output import render
     from layerfs.fs.host import is_mounted
 
     store = open_store(args)
     records = records_of(store)
-    rows: list[dict[str, Any]] = []
+    rows = []
     for record in records.all():
         alive = records.alive(record.id)
         mounted = is_mounted(record.mountpoint)
@@ -198,20 +206,12 @@ def cmd_mounts(args: argparse.Namespace) -> int:
             records.remove(record.id)  # stale: nothing left to show or clean
             continue
         status = "running" if alive and mounted else "dead" if mounted else "stopping"
-        rows.append({"Mountpoint": record.mountpoint, "Image": record.reference,
-                     "ID": record.image, "Mode": record.mode, "Upper": record.upper or "",
-                     "Pid": record.pid, "Status": status, "Log": record.log})
-    if args.quiet:
-        for row in rows:
-            print(row["Mountpoint"])
-        return 0
-    if args.format == "json":
-        for row in rows:
-            print(json.dumps(row, sort_keys=True))
-        return 0
-    print(table([[r["Mountpoint"], r["Image"], r["ID"][:12], r["Mode"], r["Upper"],
-                  str(r["Pid"]), r["Status"]] for r in rows],
-                ["MOUNTPOINT", "IMAGE", "IMAGE ID", "MODE", "UPPER", "PID", "STATUS"]))
+        rows.append(contexts.mount_context(
+            record.mountpoint, record.reference, "sha256:" + record.image, record.mode,
+            record.upper or "", record.pid, status, record.log, trunc=not args.no_trunc))
+    sys.stdout.write(render(rows, args.format, contexts.MOUNT_HEADERS,
+                            default_table=contexts.MOUNT_TABLE, quiet=args.quiet,
+                            quiet_format=contexts.MOUNT_QUIET))
     return 0
 
 

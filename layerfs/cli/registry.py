@@ -124,6 +124,7 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("name", metavar="NAME[:TAG|@DIGEST]")
+    p.add_argument("-a", "--all-tags", action="store_true", help="pull every tag of the repository")
     p.add_argument(
         "--platform",
         metavar="OS/ARCH[/VARIANT]",
@@ -202,42 +203,57 @@ def register(subparsers: Any) -> None:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from layerfs.model.platform import Platform
+    from layerfs.model.reference import Reference, remote_name
     from layerfs.registry.transfer import pull
 
     if args.max_concurrent < 1:
         raise UsageError("--max-concurrent must be at least 1")
     options = _options(args)
     platform = Platform.parse(args.platform) if args.platform else None
-    store = open_store(args)
-    progress = _progress(args, PULL_WORDS)
-    quiet = progress.quiet
-    from layerfs.model.reference import Reference, remote_name
+    if args.all_tags:
+        from layerfs.registry.tags import repository_tags
 
-    reference = Reference.parse(args.name)
-    if not quiet and Reference.parse(args.name, default_tag=None).ref == "":
-        print(f"Using default tag: {reference.tag}")
-    if not quiet:
-        print(f"{reference.ref}: Pulling from {remote_name(reference.repository)}", flush=True)
-    try:
-        result = pull(
-            store,
-            args.name,
-            options=options,
-            platform=platform,
-            max_concurrent=args.max_concurrent,
-            progress=progress,
-        )
-    finally:
-        progress.close()
-    if quiet:
-        print(result.reference)
-        return 0
-    print(f"Digest: {result.digest}")
-    if result.layers_copied:
-        print(f"Status: Downloaded newer image for {result.reference}")
+        repository = Reference.parse(args.name, default_tag=None).repository
+        tags = repository_tags(args.name, options)
+        if not tags:
+            raise UsageError(f"no tags to pull in {repository}")
+        names = [f"{repository}:{tag}" for tag in tags]
     else:
-        print(f"Status: Image is up to date for {result.reference}")
-    print(result.reference)
+        names = [args.name]
+    store = open_store(args)
+    quiet = bool(getattr(args, "global_quiet", False) or args.quiet)
+    reference = Reference.parse(args.name)
+    if not quiet and not args.all_tags and Reference.parse(args.name, default_tag=None).ref == "":
+        print(f"Using default tag: {reference.tag}")
+    downloaded = False
+    for name in names:
+        wanted = Reference.parse(name)
+        if not quiet:
+            print(f"{wanted.ref}: Pulling from {remote_name(wanted.repository)}", flush=True)
+        progress = _progress(args, PULL_WORDS)
+        try:
+            result = pull(
+                store,
+                name,
+                options=options,
+                platform=platform,
+                max_concurrent=args.max_concurrent,
+                progress=progress,
+            )
+        finally:
+            progress.close()
+        downloaded = downloaded or bool(result.layers_copied)
+        if not quiet:
+            print(f"Digest: {result.digest}", flush=True)
+    shown = reference.repository if args.all_tags else str(result.reference)
+    if quiet:
+        print(shown)
+        return 0
+    if downloaded:
+        print(f"Status: Downloaded newer image for {shown}")
+    else:
+        print(f"Status: Image is up to date for {shown}")
+    print(shown)
     return 0
 
 
@@ -252,6 +268,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     from layerfs.model.reference import Reference
 
     reference = Reference.parse(args.name, default_tag=None)
+    if not progress.quiet and not args.all_tags and reference.ref == "":
+        print("Using default tag: latest")
     if not progress.quiet:
         print(f"The push refers to repository [{reference.registry}/{reference.remote_name}]")
     try:

@@ -16,8 +16,9 @@ def register(subparsers: Any) -> None:
         help="import a root filesystem tarball as an image",
         description=(
             "Create a one-layer image from a root filesystem tarball, like docker import. "
-            "SOURCE is a file, - for standard input, or an http(s) URL; plain, gzip, zstd, "
-            "bzip2 or xz. The tar is stored as it is, not extracted."
+            "SOURCE is a file, - for standard input, or a URL (http(s)://..., or host/path "
+            "without a scheme: https is tried first, then http); plain, gzip, zstd, bzip2 "
+            "or xz. The tar is stored as it is, not extracted."
         ),
     )
     p.add_argument("source", metavar="SOURCE")
@@ -30,7 +31,12 @@ def register(subparsers: Any) -> None:
         default=[],
         metavar="INSTRUCTION",
         help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
-        "LABEL, EXPOSE, VOLUME, STOPSIGNAL (repeatable)",
+        "LABEL, EXPOSE, VOLUME, STOPSIGNAL, ONBUILD, HEALTHCHECK (repeatable)",
+    )
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="the platform the image is for (default: this machine's)",
     )
     add_quiet(p, "only print the image ID")
     p.set_defaults(handler=cmd_import)
@@ -50,8 +56,10 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from layerfs.model.platform import Platform
     from layerfs.rootfs import import_rootfs
 
+    platform = Platform.parse(args.platform) if args.platform else None
     store = open_store(args)
     progress = make_progress(args)
     result = import_rootfs(
@@ -61,6 +69,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         message=args.message,
         changes=args.change,
         progress=progress,
+        platform=platform,
     )
     progress.close()
     if result.rename_message and not args.quiet:

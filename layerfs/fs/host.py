@@ -210,7 +210,7 @@ class Records:
         return self.directory / f"{mount_id}.lock"
 
     def write(self, record: MountRecord) -> None:
-        atomic_write(self.record_path(record.id), record.to_json(), self.tmp_root, 0o644)
+        atomic_write(self.record_path(record.id), record.to_json(), self.tmp_root)
 
     def remove(self, mount_id: str) -> None:
         for path in (self.record_path(mount_id), self.lock_path(mount_id)):

@@ -112,7 +112,8 @@ class Upper:
         tmp_root: Path,
     ) -> Upper:
         """Take the upper at ``directory`` (made if new) and lay its saved state on ``tree``."""
-        (directory / "data").mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (directory / "data").mkdir(exist_ok=True, mode=0o700)
         upper = cls(
             tree,
             directory,

@@ -92,7 +92,13 @@ def decode_json(data: bytes, what: str) -> Any:
         return json.loads(
             data, object_pairs_hook=no_duplicates, parse_constant=no_constants, parse_float=finite
         )
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        # Python's parser recurses once per level and stops near 1000 (Go's, Docker's,
+        # at 10000); image documents nest a handful of levels deep.
+        raise FormatError(
+            f"{what}: JSON nested too deeply (arrays or objects about 1000 levels deep)"
+        ) from None
+    except ValueError as exc:
         raise FormatError(f"{what}: malformed JSON: {str(exc)[:200]}") from None
 
 
@@ -192,11 +198,13 @@ def build_config(
     author: str = "",
     created_by: str = "",
     created: str | None = None,
+    platform: tuple[str, str, str] | None = None,
 ) -> dict[str, Any]:
     """A modern image config for a new image on top of ``parent``.
 
     ``rootfs.diff_ids`` and ``history`` continue the parent's, so the config
     describes the whole chain and its digest is the image ID Docker computes.
+    ``platform`` (os, architecture, variant) overrides the parent's or this host's.
     """
     created = created or now_rfc3339()
     history: list[dict[str, Any]] = list(parent.history) if parent and parent.is_config else []
@@ -221,6 +229,10 @@ def build_config(
         "history": history,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
+    if platform is not None:
+        doc["os"], doc["architecture"] = platform[0], platform[1]
+        if platform[2]:
+            doc["variant"] = platform[2]
     if author:
         doc["author"] = author
     if comment:

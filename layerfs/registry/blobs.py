@@ -26,6 +26,7 @@ from layerfs.errors import DigestMismatchError, RegistryError
 from layerfs.registry.auth import repository_scope
 from layerfs.registry.client import RegistryClient, safe_url
 from layerfs.registry.manifests import ACCEPT, MAX_MANIFEST_SIZE
+from layerfs.registry.pace import StalledError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,21 @@ _READ_ERRORS = (
     OSError,
     ValueError,  # http.client raises it on a connection closed under a read
 )
+
+
+def read_failure(exc: BaseException) -> str:
+    """Why a read broke, in words: a stall of the registry's pace says so itself."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StalledError):
+            return str(current)
+        for arg in getattr(current, "args", ()):
+            if isinstance(arg, StalledError):
+                return str(arg)
+        current = current.__cause__ or current.__context__
+    return f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
 def parse_range(value: str | None) -> int | None:
@@ -69,14 +85,16 @@ class Repository:
             stream=True,
             what=f"manifest for {self.client.registry}/{self.name}{sep}{ref}",
         )
+        what = f"manifest {self.name}:{ref}"
         with response:
-            data = response.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
             ctype = response.headers.get("Content-Type", "")
             digest = response.headers.get("Docker-Content-Digest")
+            try:
+                data = response.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True) or b""
+            except _READ_ERRORS as exc:
+                raise RegistryError(f"{what}: the download failed: {read_failure(exc)}") from None
         if len(data) > MAX_MANIFEST_SIZE:
-            raise RegistryError(
-                f"manifest {self.name}:{ref} is larger than {MAX_MANIFEST_SIZE} bytes"
-            )
+            raise RegistryError(f"{what} is larger than {MAX_MANIFEST_SIZE} bytes")
         return data, ctype, digest
 
     def manifest_digest(self, ref: str) -> str | None:
@@ -411,7 +429,7 @@ class BlobReader:
         if self._failures > client.options.retries:
             raise RegistryError(
                 f"download of blob {self.digest[:19]} of {self.repository.name} failed at "
-                f"byte {self.offset}: {type(exc).__name__}: {str(exc)[:120]}"
+                f"byte {self.offset}: {read_failure(exc)}"
             ) from None
         delay = client._backoff(self._failures - 1)
         log.info(

@@ -38,12 +38,15 @@ from layerfs.errors import AuthenticationError, RegistryError
 from layerfs.model.reference import registry_api_host
 from layerfs.registry.auth import Authenticator, Credentials, parse_challenges
 from layerfs.registry.credentials import load_credentials
+from layerfs.registry.pace import paced_connection_classes
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10
+# A body read whole (an error, a token, an upload's answer): tokens are a few KiB.
+MAX_SMALL_BODY = 4 << 20
 USER_AGENT = f"layerfs/{__version__}"
 _SECRET_PARAMS = ("sig", "signature", "token", "key", "credential", "auth", "password", "secret")
 
@@ -108,7 +111,19 @@ def origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
-class _TLSAdapter(HTTPAdapter):
+class _PacedAdapter(HTTPAdapter):
+    """Connections whose responses keep a pace (:mod:`layerfs.registry.pace`)."""
+
+    def __init__(self, timeout: float, **kw: Any) -> None:
+        self._pace_timeout = timeout
+        super().__init__(**kw)
+
+    def init_poolmanager(self, *args: Any, **kw: Any) -> None:
+        super().init_poolmanager(*args, **kw)
+        self.poolmanager.pool_classes_by_scheme = paced_connection_classes(self._pace_timeout)
+
+
+class _TLSAdapter(_PacedAdapter):
     """Uses our SSL context (system CAs plus the registry's) instead of certifi's.
 
     The context is made on the first https request: loading the system's CAs costs
@@ -116,7 +131,9 @@ class _TLSAdapter(HTTPAdapter):
     everything.
     """
 
-    def __init__(self, make_context: Callable[[], ssl.SSLContext], **kw: Any) -> None:
+    def __init__(
+        self, make_context: Callable[[], ssl.SSLContext], timeout: float, **kw: Any
+    ) -> None:
         self._make_context = make_context
         self._context: ssl.SSLContext | None = None
         self._context_lock = threading.Lock()
@@ -125,7 +142,7 @@ class _TLSAdapter(HTTPAdapter):
             kw.get("pool_maxsize", DEFAULT_POOLSIZE),
             kw.get("pool_block", DEFAULT_POOLBLOCK),
         )
-        super().__init__(**kw)
+        super().__init__(timeout, **kw)
 
     def _ready(self) -> ssl.SSLContext:
         with self._context_lock:
@@ -175,12 +192,15 @@ class RegistryClient:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.auth = _no_netrc
-        verified = _TLSAdapter(lambda: self._ssl_context(verify=True), pool_maxsize=pool_size)
+        timeout = self.options.timeout
+        verified = _TLSAdapter(
+            lambda: self._ssl_context(verify=True), timeout, pool_maxsize=pool_size
+        )
         self.session.mount("https://", verified)
-        self.session.mount("http://", HTTPAdapter(pool_maxsize=pool_size))
+        self.session.mount("http://", _PacedAdapter(timeout, pool_maxsize=pool_size))
         if self.insecure:
             unverified = _TLSAdapter(
-                lambda: self._ssl_context(verify=False), pool_maxsize=pool_size
+                lambda: self._ssl_context(verify=False), timeout, pool_maxsize=pool_size
             )
             self.session.mount(f"https://{self.host}/", unverified)
         self.auth = Authenticator(
@@ -386,7 +406,9 @@ class RegistryClient:
                 data.seek(start)
             delay: float
             try:
-                response = self._follow(method, url, headers, data, stream)
+                response = self._follow(method, url, headers, data)
+                if not stream:
+                    self._load_body(response, what)
             except requests.exceptions.SSLError as exc:
                 raise _TLSFailure(_reason(exc), _is_certificate_error(exc)) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -412,8 +434,28 @@ class RegistryClient:
             self.stats["retries"] += 1
             time.sleep(delay)
 
+    @staticmethod
+    def _load_body(response: requests.Response, what: str) -> None:
+        """Read a body the caller wants whole, at most MAX_SMALL_BODY bytes of it.
+
+        requests would read any length into memory; a registry that sends more is
+        refused. A read that breaks is a connection error, retried as one.
+        """
+        try:
+            body = response.raw.read(MAX_SMALL_BODY + 1, decode_content=True) or b""
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            response.close()
+            raise requests.ConnectionError(exc) from exc
+        response.close()
+        if len(body) > MAX_SMALL_BODY:
+            raise RegistryError(
+                f"{what}: the registry answered {response.status_code} with more than "
+                f"{MAX_SMALL_BODY} bytes"
+            )
+        response._content = body  # what requests' .content and .json() then return
+
     def _follow(
-        self, method: str, url: str, headers: Mapping[str, str], data: Any, stream: bool
+        self, method: str, url: str, headers: Mapping[str, str], data: Any
     ) -> requests.Response:
         first = origin(url)
         sent = dict(headers)
@@ -429,7 +471,7 @@ class RegistryClient:
                     url,
                     headers=sent,
                     data=data,
-                    stream=stream,
+                    stream=True,  # bodies are read here, bounded, or by the caller
                     allow_redirects=False,
                     timeout=(self.options.timeout, self.options.timeout),
                     verify=not insecure,
@@ -480,7 +522,11 @@ class RegistryClient:
         codes: list[str] = []
         messages: list[str] = []
         try:
-            body = response.raw.read(65536, decode_content=True) if response.raw else b""
+            loaded = response._content  # the body, if _load_body read it already
+            if isinstance(loaded, bytes):
+                body = loaded[:65536]
+            else:
+                body = response.raw.read(65536, decode_content=True) if response.raw else b""
             doc = json.loads(body) if body else None
         except Exception:  # the body is only a detail of the message
             doc = None

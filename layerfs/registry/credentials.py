@@ -8,6 +8,12 @@ file's own ``auths`` entry (``auth`` = base64 of ``user:password``, or
 ``DOCKER_AUTH_CONFIG`` (the same JSON) is consulted first when reading. The
 file is rewritten through a temporary file and a rename: a new file gets mode
 0600, an existing one keeps its mode. Unknown keys are preserved.
+
+The file or its directory may be a symlink (dotfile managers make them), but
+only one its user or root made: a symlink owned by anyone else is someone
+else's way of pointing this process, maybe root, at a file of their choosing,
+so it is neither read nor written through (Docker follows any). What is read
+must be a regular file of at most 16 MiB.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import binascii
 import json
 import logging
 import os
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 HUB_AUTH_KEY = "https://index.docker.io/v1/"
 _HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 TOKEN_USERNAME = "<token>"  # helper output: Secret is an identity token
+MAX_CONFIG_FILE = 16 << 20
 
 
 class CredentialsError(AuthenticationError):
@@ -61,6 +69,41 @@ def _host_of_key(key: str) -> str:
     return key.split("/", 1)[0]
 
 
+def check_own_symlinks(path: Path) -> None:
+    """Refuse ``path`` if it or its directory is a symlink owned by someone else."""
+    for candidate in (path.parent, path):
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CredentialsError(f"cannot read {candidate}: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.geteuid(), 0):
+            raise CredentialsError(
+                f"{candidate} is a symlink owned by uid {st.st_uid}, not by this user "
+                "or root: not followed"
+            )
+
+
+def read_config_file(path: Path) -> bytes:
+    """The bytes of a credentials file; b"" if it does not exist."""
+    check_own_symlinks(path)
+    try:
+        # O_NONBLOCK: a FIFO planted there must not hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CredentialsError(f"{path} is not a regular file")
+        data = handle.read(MAX_CONFIG_FILE + 1)
+    if len(data) > MAX_CONFIG_FILE:
+        raise CredentialsError(f"{path} is larger than {MAX_CONFIG_FILE} bytes")
+    return data
+
+
 def _decode_auth(value: str, where: str) -> tuple[str, str]:
     try:
         text = base64.b64decode(value, validate=False).decode()
@@ -80,18 +123,15 @@ class DockerConfig:
         self.doc: dict[str, Any] = self._read()
 
     def _read(self) -> dict[str, Any]:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            raise CredentialsError(f"cannot read {self.path}: {exc.strerror}") from None
+        data = read_config_file(self.path)
         if not data.strip():
             return {}
         try:
             doc = json.loads(data)
         except ValueError as exc:
             raise CredentialsError(f"{self.path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CredentialsError(f"{self.path}: JSON nested too deeply") from None
         if not isinstance(doc, dict):
             raise CredentialsError(f"{self.path} is not a JSON object")
         return doc
@@ -114,7 +154,7 @@ class DockerConfig:
         if env:
             try:
                 env_doc = json.loads(env)
-            except ValueError:
+            except (ValueError, RecursionError):
                 log.warning("DOCKER_AUTH_CONFIG is not valid JSON; ignored")
             else:
                 if isinstance(env_doc, dict):
@@ -174,8 +214,10 @@ class DockerConfig:
 
     def save(self) -> None:
         path = self.path
+        check_own_symlinks(path)
         if path.is_symlink():
             path = path.parent / os.readlink(path)
+            check_own_symlinks(path)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = json.dumps(self.doc, indent="\t").encode() + b"\n"
         try:
@@ -253,7 +295,7 @@ def helper_get(name: str, server: str) -> Credentials | None:
     try:
         doc = json.loads(result.stdout)
         user, secret = str(doc.get("Username", "")), str(doc.get("Secret", ""))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise CredentialsError(
             f"credential helper docker-credential-{name} printed malformed JSON"
         ) from None

@@ -164,8 +164,8 @@ def schema1_payload(raw: bytes, doc: dict[str, Any], what: str) -> bytes:
         protected = json.loads(_b64url(signatures[0]["protected"]))
         length = int(protected["formatLength"])
         tail = _b64url(protected["formatTail"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise FormatError(f"{what}: malformed JWS protected header: {exc}") from exc
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise FormatError(f"{what}: malformed JWS protected header: {str(exc)[:80]}") from None
     if not 0 < length <= len(raw):
         raise FormatError(f"{what}: JWS formatLength out of range")
     return raw[:length] + tail

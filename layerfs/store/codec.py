@@ -6,8 +6,8 @@ Layer indexes are msgpack maps ``{"version": N, ...}``. Binary strings stay
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 from layerfs.errors import CorruptIndexError
 
@@ -18,6 +18,31 @@ def pack(obj: Any) -> bytes:
     import msgpack
 
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def pack_streaming(
+    out: BinaryIO, items: dict[str, Any], stream_key: str, rows: Iterable[Any], count: int
+) -> None:
+    """Write the map ``items`` plus ``stream_key`` → the ``count`` rows, one row at a time.
+
+    The same bytes as ``pack({**items, stream_key: list(rows)})``, without the list
+    or the whole document in memory: what a layer of a million entries needs.
+    """
+    import msgpack
+
+    packer = msgpack.Packer(use_bin_type=True)
+    buffer = bytearray(packer.pack_map_header(len(items) + 1))
+    for key, value in items.items():
+        buffer += packer.pack(key)
+        buffer += packer.pack(value)
+    buffer += packer.pack(stream_key)
+    buffer += packer.pack_array_header(count)
+    for row in rows:
+        buffer += packer.pack(row)
+        if len(buffer) >= 1 << 20:  # written in big pieces, held in small ones
+            out.write(bytes(buffer))
+            buffer.clear()
+    out.write(bytes(buffer))
 
 
 def unpack(data: bytes, *, what: str) -> Any:

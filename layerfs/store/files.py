@@ -15,8 +15,99 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from layerfs.errors import StoreError, StoreLockedError
+from layerfs.errors import NoSpaceError, StoreError, StoreLockedError
+
+# -- free space -------------------------------------------------------------------------------
+
+RESERVE_VARIABLE = "LAYERFS_MIN_FREE"
+RESERVE_FRACTION = 20  # by default keep 1/20 (5%) of the file system free...
+RESERVE_CAP = 1 << 30  # ...but never more than 1 GiB
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"1G"``, ``"4096"`` (bytes; K, M, G, T are powers of 1024)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    number = value[: len(value) - len(unit)].strip()
+    if not number.isdigit():
+        raise StoreError(
+            f"{RESERVE_VARIABLE}={text!r} is not a size",
+            hint="give bytes, or a number with K, M, G or T (powers of 1024), e.g. 512M",
+        )
+    return int(number) * _UNITS[unit]
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def reserve_bytes(path: Path) -> int:
+    """The free space ingest leaves alone on ``path``'s file system.
+
+    ``LAYERFS_MIN_FREE`` if set (0 turns the reserve off), else 5% of the file
+    system, at most 1 GiB: a decompression bomb or a huge pull stops before the
+    disk that the rest of the machine lives on is full.
+    """
+    value = os.environ.get(RESERVE_VARIABLE)
+    if value:
+        return parse_size(value)
+    st = os.statvfs(path)
+    return min(st.f_blocks * st.f_frsize // RESERVE_FRACTION, RESERVE_CAP)
+
+
+def _show_size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+class SpaceGuard:
+    """A file writer that refuses to take the file system below the reserve.
+
+    Ingest (load, pull, import, commit) writes through one of these: before a
+    write would leave less than :func:`reserve_bytes` free it raises
+    :class:`NoSpaceError` naming the store's path, what was being written and
+    the override, and the caller removes what it staged. ``statvfs`` is asked
+    again only after a fraction of the remaining headroom has been written, so
+    the check costs nothing next to hashing; other writers on the same file
+    system are seen at the next check.
+    """
+
+    def __init__(self, out: Any, directory: Path, what: str) -> None:
+        self._out = out
+        self._directory = directory
+        self._what = what
+        self._reserve = reserve_bytes(directory)
+        self._headroom = 0  # bytes that may be written before asking statvfs again
+        self.written = 0
+        self._check(0)
+
+    def _check(self, size: int) -> None:
+        if self._reserve <= 0 or size <= self._headroom:
+            self._headroom -= size
+            return
+        free = free_bytes(self._directory)
+        if free - size < self._reserve:
+            raise NoSpaceError(
+                f"{self._what}: stopped after writing {_show_size(self.written)}: the file "
+                f"system of {self._directory} has {_show_size(free)} free and layerfs keeps "
+                f"{_show_size(self._reserve)} free ({RESERVE_VARIABLE})",
+                hint=f"free some space (layerfs rmi, layerfs gc), or set a smaller reserve, "
+                f"e.g. {RESERVE_VARIABLE}={max(self._reserve >> 21, 1)}M (0 turns it off)",
+            )
+        # Ask again once half of what is left above the reserve is used, or after 64 MiB.
+        self._headroom = min((free - self._reserve) // 2, 64 << 20) - size
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._check(len(data))
+        self.written += len(data)
+        return int(self._out.write(data))
 
 
 def fsync_dir(path: Path) -> None:
@@ -33,6 +124,12 @@ def make_temp_dir(tmp_root: Path, prefix: str) -> Path:
     path = tmp_root / f"{prefix}-{os.getpid()}-{os.urandom(6).hex()}"
     path.mkdir(mode=0o700)
     return path
+
+
+def open_private(path: Path) -> BinaryIO:
+    """A new file only its owner may read (0600 whatever the umask), open for writing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def temp_path(tmp_root: Path, prefix: str) -> Path:

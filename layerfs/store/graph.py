@@ -375,6 +375,7 @@ class Graph:
         config: dict[str, Any] | None = None,
         created_by: str = "",
         created: str | None = None,
+        platform: tuple[str, str, str] | None = None,
     ) -> Image:
         """A new image on top of ``parent`` (or a base image): its config, ID and node.
 
@@ -394,6 +395,7 @@ class Graph:
                 author=author,
                 created_by=created_by,
                 created=created,
+                platform=platform,
             )
             raw = canonical_json(doc)
             image_id = hex_of(sha256_digest(raw))
@@ -454,7 +456,7 @@ class Graph:
 
     def retain(self, session: str, *ids: str) -> None:
         """Hold image IDs or layer IDs (hex) for ``session``, visible to every process."""
-        self.holds_root.mkdir(exist_ok=True)
+        self.holds_root.mkdir(mode=0o700, exist_ok=True)
         with locked(self.lock_path):
             for raw_id in ids:
                 key = hex_of(raw_id)

@@ -37,11 +37,19 @@ from layerfs.errors import (
 )
 from layerfs.model.digest import hex_of, is_sha256_digest, validate_digest
 from layerfs.store import codec
-from layerfs.store.files import atomic_write, make_temp_dir, publish_dir, remove_tree, trash
+from layerfs.store.files import (
+    SpaceGuard,
+    atomic_write,
+    make_temp_dir,
+    open_private,
+    publish_dir,
+    remove_tree,
+    trash,
+)
 
 if TYPE_CHECKING:
     from layerfs.compression import ReadAheadReader
-    from layerfs.store.tarindex import Entry
+    from layerfs.store.tarindex import Entry, IndexResult
 
 # Decompression (zstandard, isal, bz2, lzma) and the tar parser are imported where a layer
 # is read or written, so that commands which only look at the store start fast.
@@ -82,6 +90,17 @@ class LayerInfo:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"corrupt layer info {where}: {exc}") from exc
+
+
+def write_index(out: Any, result: IndexResult) -> None:
+    """The index of an indexed layer, streamed row by row (see docs/store-format.md)."""
+    codec.pack_streaming(
+        out,
+        {"version": INDEX_VERSION, "diff_id": result.diff_id},
+        "entries",
+        (e.to_row() for e in result.entries),
+        len(result.entries),
+    )
 
 
 class StagedLayer:
@@ -152,20 +171,17 @@ class LayerStore:
             reader, kind = open_decompressed(stream, what) if decompress else (stream, "none")
             if kind != "none":  # inflate on one core while this one parses and hashes
                 reader = read_ahead = ReadAheadReader(reader)
-            with open(staging / "layer.tar", "wb") as out:
-                result = index_tar(reader, out, progress=progress)
+            with open_private(staging / "layer.tar") as out:
+                guard = SpaceGuard(out, self.tmp_root, what)
+                result = index_tar(reader, guard, progress=progress)
                 out.flush()
                 os.fsync(out.fileno())
             if expected_diff_id is not None and result.diff_id != expected_diff_id:
                 raise DigestMismatchError(
                     f"{what}: diff ID mismatch: expected {expected_diff_id}, got {result.diff_id}"
                 )
-            index = {
-                "version": INDEX_VERSION,
-                "diff_id": result.diff_id,
-                "entries": [e.to_row() for e in result.entries],
-            }
-            (staging / "index").write_bytes(codec.pack(index))
+            with open_private(staging / "index") as out:
+                write_index(SpaceGuard(out, self.tmp_root, what), result)
             info = LayerInfo(
                 result.diff_id,
                 result.tar_size,
@@ -173,7 +189,8 @@ class LayerStore:
                 len(result.entries),
                 [blob_digest] if blob_digest else [],
             )
-            (staging / "info.json").write_bytes(info.to_json())
+            with open_private(staging / "info.json") as out:
+                out.write(info.to_json())
         except BaseException:
             remove_tree(staging)
             raise
@@ -195,7 +212,7 @@ class LayerStore:
         if blob_digest not in info.blob_digests:
             self.index_blob(blob_digest, diff_id)
             info.blob_digests.append(blob_digest)
-            atomic_write(self.path(diff_id) / "info.json", info.to_json(), self.tmp_root, 0o644)
+            atomic_write(self.path(diff_id) / "info.json", info.to_json(), self.tmp_root)
         elif self._indexed(blob_digest) != diff_id:
             self.index_blob(blob_digest, diff_id)
 
@@ -232,8 +249,8 @@ class LayerStore:
         path = self._index_entry(blob_digest)
         if path is None or blob_digest == diff_id or self._indexed(blob_digest) == diff_id:
             return
-        self.blob_index.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, diff_id.encode(), self.tmp_root, 0o644)
+        self.blob_index.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(path, diff_id.encode(), self.tmp_root)
 
     def _unindex_blob(self, blob_digest: str, diff_id: str) -> None:
         path = self._index_entry(blob_digest)
@@ -290,7 +307,7 @@ class LayerStore:
                         wanted[hex_of(blob_digest)] = diff_id
             except (LayerNotFoundError, IntegrityError):
                 continue
-        self.blob_index.mkdir(parents=True, exist_ok=True)
+        self.blob_index.mkdir(mode=0o700, parents=True, exist_ok=True)
         for name in os.listdir(self.blob_index):
             if name not in wanted:
                 remove_tree(self.blob_index / name)

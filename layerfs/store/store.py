@@ -97,6 +97,7 @@ class Store:
                 hint="use --root DIR or LAYERFS_ROOT to choose a directory you can write",
             ) from exc
         if exists:
+            _make_private(self.root)
             try:
                 version = json.loads(marker.read_bytes()).get("version")
             except (ValueError, AttributeError, OSError) as exc:
@@ -112,7 +113,8 @@ class Store:
         if not create:
             raise StoreError(f"no layerfs store at {self.root}")
         try:
-            self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private(self.root)
             for sub in ("tmp", "layers", "graph", "holds"):
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
             if any(
@@ -122,7 +124,7 @@ class Store:
                 raise StoreError(f"{self.root} is not empty and is not a layerfs store")
             (self.root / "index").mkdir(mode=0o700, exist_ok=True)
             self._write_index_marker()
-            atomic_write(marker, json.dumps({"version": STORE_VERSION}).encode(), self.tmp, 0o644)
+            atomic_write(marker, json.dumps({"version": STORE_VERSION}).encode(), self.tmp)
         except OSError as exc:
             raise StoreError(
                 f"cannot create the store at {self.root}: {exc.strerror}",
@@ -131,7 +133,7 @@ class Store:
 
     def _write_index_marker(self) -> None:
         data = json.dumps({"version": INDEX_VERSION}).encode()
-        atomic_write(self.index / _INDEX_MARKER, data, self.tmp, 0o644)
+        atomic_write(self.index / _INDEX_MARKER, data, self.tmp)
 
     def _build_indexes(self) -> None:
         """Index a store written before the indexes existed (once, under the store lock)."""
@@ -160,6 +162,20 @@ class Store:
         path = self.root / name
         path.mkdir(mode=0o700, exist_ok=True)
         return path
+
+
+def _make_private(root: Path) -> None:
+    """The store's root is its owner's alone (0700); older stores were made 0711.
+
+    Only the owner's own store is tightened, and only ever tightened: a store
+    someone else owns is theirs to set, and this process cannot chmod it anyway.
+    """
+    try:
+        st = root.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.chmod(root, st.st_mode & 0o700)
+    except OSError:
+        pass  # a read-only medium: the modes it has are the ones it keeps
 
 
 @contextmanager

@@ -160,7 +160,7 @@ class SummaryCache:
     def _write(self, rows: dict[str, list[Any]]) -> bool:
         data = codec.pack({"version": CACHE_VERSION, "nodes": rows})
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             atomic_write(self.path, data, self.tmp_root, 0o600)
         except (OSError, LayerfsError) as exc:  # a cache that cannot be written is only slower
             _log("cannot write the graph summaries %s: %s", self.path, exc)

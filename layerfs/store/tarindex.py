@@ -5,7 +5,10 @@ so that it knows the exact data offset of every entry, keeps names as bytes
 (tar names need not be UTF-8), bounds every header it buffers, and refuses
 entries that a container runtime must never apply: names escaping the root,
 entries written through a link of the same layer, hardlinks to something that
-is not an earlier entry of the same layer.
+is not an earlier entry of the same layer, names Linux cannot create, numbers
+out of range. Like Docker it takes ``/etc/passwd`` for ``etc/passwd``; like
+Docker's extractor and containerd (not ``docker load``, whose tar-split record
+refuses a path seen twice) it lets the last of several entries of one path win.
 
 What this module leaves to others: decompression (``layerfs.compression``),
 where the bytes go (the caller's sink), and layer semantics across layers
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
@@ -26,6 +30,12 @@ BLOCK = 512
 _CHUNK = 1 << 20
 MAX_PAX_HEADER = 1 << 20
 MAX_LONG_NAME = 1 << 16
+# What Linux can create (PATH_MAX, NAME_MAX): Docker's extraction fails past these.
+MAX_PATH = 4095
+MAX_NAME = 255
+MAX_ID = (1 << 32) - 1  # uid_t, gid_t; Docker's lchown would truncate larger ones
+MAX_SIZE = (1 << 63) - 1
+_NS_RANGE = (-(1 << 63), (1 << 63) - 1)  # mtimes past ~2262 are clamped to this
 
 # Entry types as stored in the index.
 REG, DIR, SYMLINK, HARDLINK, CHAR, BLOCKDEV, FIFO = "f", "d", "l", "h", "c", "b", "p"
@@ -115,7 +125,9 @@ class Sink(Protocol):
 class IndexResult:
     diff_id: str
     tar_size: int
-    content_size: int  # sum of regular file sizes, Docker's layer "Size"
+    # Docker's layer "Size" as overlay2 measures the unpacked layer: the bytes of every
+    # regular file plus the length of every symlink's target (what lstat reports).
+    content_size: int
     entries: list[Entry] = field(default_factory=list)
 
 
@@ -207,14 +219,25 @@ def _parse_number(field_bytes: bytes, what: str) -> int:
 
 
 _HIGH_BYTES = bytes(range(128, 256))
+_NO_RECORDS: dict[bytes, bytes] = {}
+
+
+def _byte_sum(data: bytes) -> int:
+    """The sum of the bytes of a header, at C speed.
+
+    Adler-32's low half is 1 + the byte sum modulo 65521; a 256-byte half of a
+    header sums to at most 65280, so the modulo never bites.
+    """
+    return (zlib.adler32(data[:256]) & 0xFFFF) + (zlib.adler32(data[256:]) & 0xFFFF) - 2
 
 
 def _checksum_ok(header: bytes) -> bool:
     stored = _parse_number(header[148:156], "checksum")
-    blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
+    # The checksum field itself counts as eight spaces.
+    unsigned = _byte_sum(header) - _byte_sum(header[148:156]) + 8 * 32
     if stored == unsigned:
         return True
+    blanked = header[:148] + b" " * 8 + header[156:]
     # Some old tars sum the header as signed chars: each byte > 127 counts 256 less.
     high = len(blanked) - len(blanked.translate(None, _HIGH_BYTES))
     return stored == unsigned - 256 * high
@@ -245,9 +268,11 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
 
 
 def normalize_path(name: bytes) -> bytes:
-    """Tar name → clean relative path, refusing anything that leaves the root."""
-    if name.startswith(b"/"):
-        raise UnsafePathError(f"entry {_show(name)} has an absolute path")
+    """Tar name → clean relative path, refusing anything that leaves the root.
+
+    A leading ``/`` is dropped, as Docker's extraction (``filepath.Join(root,
+    name)``) does; a ``..`` that climbs above the root is refused, also after one.
+    """
     parts: list[bytes] = []
     for part in name.split(b"/"):
         if part in (b"", b"."):
@@ -266,12 +291,48 @@ def _show(name: bytes) -> str:
     return repr(text if len(text) <= 120 else text[:117] + "...")
 
 
-class _Validator:
-    """Per-layer rules: no writes through links, hardlinks to earlier entries, no clashes."""
+def _check_name(path: bytes, what: str = "entry", *, parts: bool = True) -> None:
+    if len(path) <= MAX_NAME:
+        return  # no part of it can be too long either
+    if len(path) > MAX_PATH:
+        raise FormatError(
+            f"{what} name of {len(path)} bytes ({_show(path[:60])}) is longer than the "
+            f"{MAX_PATH} bytes Linux allows in a path"
+        )
+    for part in path.split(b"/") if parts else ():
+        # A whiteout names a file of up to MAX_NAME bytes: its own name may be 4 longer.
+        limit = MAX_NAME + len(WHITEOUT_PREFIX) if part.startswith(WHITEOUT_PREFIX) else MAX_NAME
+        if len(part) > limit:
+            raise FormatError(
+                f"{what} {_show(path)} has a name of {len(part)} bytes; Linux allows {MAX_NAME}"
+            )
 
-    def __init__(self) -> None:
-        self.types: dict[bytes, str] = {}
+
+class _Validator:
+    """Per-layer rules: no writes through links, hardlinks to earlier entries, last one wins.
+
+    Entries of one path after the first replace it, in tar order, as Docker's
+    extraction does (a directory over a directory merges); the union mount
+    applies them in that order. The index keeps a repeated directory as one
+    entry (its last header) and every other repeat as an entry of its own.
+    """
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries  # the layer's entries so far, in index order
+        # Where each path's current entry is: one dict, its type read from the entry
+        # (a layer of a million entries keeps a million of these).
         self.positions: dict[bytes, int] = {}
+        self.replaced: dict[bytes, int] = {}  # directory → entry count when a non-dir replaced it
+
+    def _type(self, path: bytes) -> str | None:
+        position = self.positions.get(path)
+        return None if position is None else self.entries[position].type
+
+    def _ancestors(self, path: bytes) -> Iterator[bytes]:
+        slash = path.find(b"/")
+        while slash >= 0:
+            yield path[:slash]
+            slash = path.find(b"/", slash + 1)
 
     def check(self, entry: Entry, entries: list[Entry]) -> bool:
         """True if the entry is new; False if it merged into an earlier directory entry."""
@@ -281,37 +342,50 @@ class _Validator:
         base = path.rsplit(b"/", 1)[-1]
         if base == WHITEOUT_PREFIX:
             raise FormatError(f"entry {_show(path)} is a bare whiteout '.wh.'")
+        _check_name(path)
         # Every ancestor must be a directory (or not in this layer at all).
-        slash = path.find(b"/")
-        while slash >= 0:
-            kind = self.types.get(path[:slash])
+        for ancestor in self._ancestors(path):
+            kind = self._type(ancestor)
             if kind is not None and kind != DIR:
                 raise UnsafePathError(
-                    f"entry {_show(path)} would be written through {_show(path[:slash])}, "
+                    f"entry {_show(path)} would be written through {_show(ancestor)}, "
                     "which is not a directory in this layer"
                 )
-            slash = path.find(b"/", slash + 1)
         if entry.type == HARDLINK:
-            target = entry.linkname
-            if target == path:
-                raise UnsafePathError(f"hardlink {_show(path)} points to itself")
-            kind = self.types.get(target)
-            if kind is None:
-                raise UnsafePathError(
-                    f"hardlink {_show(path)} points to {_show(target)}, "
-                    "which is not an earlier entry of this layer"
-                )
-            if kind == DIR:
-                raise UnsafePathError(f"hardlink {_show(path)} points to a directory")
-        previous = self.types.get(path)
+            self._check_hardlink(path, entry.linkname)
+        elif entry.type == SYMLINK:
+            _check_name(entry.linkname, f"symlink {_show(path)}: target", parts=False)
+        previous = self._type(path)
         if previous is not None:
             if previous == DIR and entry.type == DIR:
                 entries[self.positions[path]] = entry  # repeated directory: last one wins
                 return False
-            raise FormatError(f"duplicate entry {_show(path)} in layer")
-        self.types[path] = entry.type
+            if previous == DIR:
+                self.replaced[path] = len(entries)  # its subtree goes with it
         self.positions[path] = len(entries)
         return True
+
+    def _check_hardlink(self, path: bytes, target: bytes) -> None:
+        if target == path:
+            raise UnsafePathError(f"hardlink {_show(path)} points to itself")
+        kind = self._type(target)
+        if kind is None:
+            raise UnsafePathError(
+                f"hardlink {_show(path)} points to {_show(target)}, "
+                "which is not an earlier entry of this layer"
+            )
+        if kind == DIR:
+            raise UnsafePathError(f"hardlink {_show(path)} points to a directory")
+        if target.rsplit(b"/", 1)[-1].startswith(WHITEOUT_PREFIX):
+            # A whiteout or opaque marker is never created: there is nothing to link to.
+            raise UnsafePathError(f"hardlink {_show(path)} points to the whiteout {_show(target)}")
+        position = self.positions[target]
+        for ancestor in self._ancestors(target):
+            if self.replaced.get(ancestor, -1) > position:
+                raise UnsafePathError(
+                    f"hardlink {_show(path)} points to {_show(target)}, which went with "
+                    f"{_show(ancestor)} when a later entry replaced that directory"
+                )
 
 
 def index_tar(
@@ -327,7 +401,7 @@ def index_tar(
     """
     reader = _Reader(src, sink, progress)
     entries: list[Entry] = []
-    validator = _Validator()
+    validator = _Validator(entries)
     pax_global: dict[bytes, bytes] = {}
     pax: dict[bytes, bytes] = {}
     kept_bytes = {b"x": 0, b"g": 0}  # size of the records held in pax and pax_global
@@ -391,14 +465,14 @@ def index_tar(
             else:
                 long_link = value
             continue
-        if typeflag == b"S" or any(k.startswith(b"GNU.sparse.") for k in pax):
+        if typeflag == b"S" or (pax and any(k.startswith(b"GNU.sparse.") for k in pax)):
             raise FormatError("sparse tar entries are not supported in layers")
         if typeflag in (b"V", b"M", b"N"):
             raise FormatError(f"unsupported tar entry type {typeflag.decode('latin-1')!r}")
         kind = _TYPEFLAGS.get(typeflag)
         if kind is None:
             raise FormatError(f"unsupported tar entry type {typeflag.decode('latin-1')!r}")
-        merged = {**pax_global, **pax}
+        merged = {**pax_global, **pax} if pax or pax_global else _NO_RECORDS
         name = header[0:100].split(b"\0", 1)[0]
         if header[257:262] == b"ustar":
             prefix = header[345:500].split(b"\0", 1)[0]
@@ -414,6 +488,8 @@ def index_tar(
         if b"size" in merged:
             size = _pax_int(merged[b"size"], "size")
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if size > MAX_SIZE:
+            raise FormatError(f"corrupt tar: entry size {size} is out of range")
         mode = _parse_number(header[100:108], "mode") & 0o7777
         uid = (
             _pax_int(merged[b"uid"], "uid")
@@ -429,6 +505,7 @@ def index_tar(
             mtime_ns = _pax_time_ns(merged[b"mtime"])
         else:
             mtime_ns = _parse_number(header[136:148], "mtime") * 1_000_000_000
+        mtime_ns = min(max(mtime_ns, _NS_RANGE[0]), _NS_RANGE[1])
         xattrs: dict[str, bytes] | None = None
         for key, value in merged.items():
             if key.startswith(b"SCHILY.xattr."):
@@ -440,6 +517,11 @@ def index_tar(
         path = normalize_path(name)
         if kind == HARDLINK:
             linkname = normalize_path(linkname)
+        for number, what in ((uid, "uid"), (gid, "gid")):
+            if not 0 <= number <= MAX_ID:
+                raise FormatError(
+                    f"entry {_show(path)} has {what} {number}, out of range (0 to {MAX_ID})"
+                )
         is_dev = kind in (CHAR, BLOCKDEV)
         entry = Entry(
             path=path,
@@ -451,14 +533,16 @@ def index_tar(
             mtime_ns=mtime_ns,
             offset=reader.offset,
             linkname=linkname if kind in (SYMLINK, HARDLINK) else b"",
-            devmajor=_parse_number(header[329:337], "devmajor") if is_dev else 0,
-            devminor=_parse_number(header[337:345], "devminor") if is_dev else 0,
+            devmajor=_device_number(header[329:337], "devmajor", path) if is_dev else 0,
+            devminor=_device_number(header[337:345], "devminor", path) if is_dev else 0,
             xattrs=xattrs,
         )
         if validator.check(entry, entries):
             entries.append(entry)
         if kind == REG:
             content_size += size
+        elif kind == SYMLINK:
+            content_size += len(linkname)
         # Only regular files have data: like Go's archive/tar and Python's tarfile, the
         # size field of link, directory, device and FIFO headers is ignored.
         reader.skip(padded if kind == REG else 0, "entry data")
@@ -469,6 +553,13 @@ def index_tar(
     return IndexResult(
         diff_id=reader.digest, tar_size=reader.total, content_size=content_size, entries=entries
     )
+
+
+def _device_number(field_bytes: bytes, what: str, path: bytes) -> int:
+    value = _parse_number(field_bytes, what)
+    if not 0 <= value <= MAX_ID:
+        raise FormatError(f"device {_show(path)} has {what} {value}, out of range")
+    return value
 
 
 def _pax_int(value: bytes, what: str) -> int:

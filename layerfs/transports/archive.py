@@ -7,7 +7,14 @@ Reading (:class:`DockerArchiveSource`) accepts every layout Docker has written:
   (``blobs/sha256/<hex>`` beside an OCI ``index.json``), also containerd's exports whose
   layer blobs are compressed;
 * legacy archives (Docker <= 1.9): ``repositories`` + ``<id>/json`` + ``<id>/layer.tar``,
-  loaded as v1 chains that keep their IDs (``SourceImage.legacy``).
+  loaded as v1 chains that keep their IDs (``SourceImage.legacy``). Docker 1.8/1.9 wrote
+  digest keys (``"sha256:..."``) beside tags in ``repositories``; they become
+  ``repo@digest`` names (recorded with ``set_digest``, as 1.8 did).
+
+``Parent`` of a manifest.json entry names the config of another image of the archive that
+this one was built on; it is kept (``SourceImage.parent``) only when that image is in the
+archive, as Docker's loader keeps it, and the images are ordered parents first so that the
+store can build the child on its parent (no extra node).
 
 Every document is checked before ``images()`` returns (see ``documents.py``); an image
 whose documents are broken is left out and listed in ``rejected`` while the others load.
@@ -122,7 +129,7 @@ class DockerArchiveSource:
                 images.append(self._modern_image(entry, name))
             except LayerfsError as exc:
                 self._reject(name, exc)
-        return images
+        return _parents_first(images)
 
     def _modern_image(self, entry: Any, name: str) -> SourceImage:
         where = f"{name}: manifest.json"
@@ -169,6 +176,9 @@ class DockerArchiveSource:
             resolved.append(real)
         image = SourceImage(config=config, layers=layers, references=references, name=name)
         image.extra["layer_paths"] = resolved
+        parent = item.get("Parent")
+        if isinstance(parent, str) and re.fullmatch(r"sha256:[a-f0-9]{64}", parent):
+            image.parent = parent
         return image
 
     # -- legacy --------------------------------------------------------------------------
@@ -232,18 +242,30 @@ class DockerArchiveSource:
         return raw, doc
 
     def _repositories(self) -> list[tuple[str, str]]:
+        """(``repo:tag`` or ``repo@digest``, image ID) pairs, tags before digests."""
         doc = expect_object(
             decode_json(self.files.read("repositories", "repositories"), "repositories"),
             "repositories",
         )
-        found = []
-        for repo, tags in doc.items():
-            for tag, image_id in expect_object(tags, f"repositories {repo!r}").items():
-                expect_str(image_id, f"repositories {repo}:{tag}")
-                parsed = Reference.parse(f"{repo}:{tag}")
-                if parsed.digest is None:
-                    found.append((str(parsed), image_id))
-        return found
+        tags, digests = [], []
+        for repo, refs in doc.items():
+            for ref, image_id in expect_object(refs, f"repositories {repo!r}").items():
+                expect_str(image_id, f"repositories {repo}:{ref}")
+                if ":" in ref:
+                    # A digest key, as Docker 1.8/1.9 saved them next to the tags.
+                    try:
+                        digests.append((str(Reference.parse(f"{repo}@{ref}")), image_id))
+                    except LayerfsError as exc:
+                        log.warning(
+                            "%s: ignoring digest %s of %s: %s",
+                            self.description,
+                            ref[:80],
+                            repo[:80],
+                            exc.message,
+                        )
+                    continue
+                tags.append((str(Reference.parse(f"{repo}:{ref}")), image_id))
+        return tags + digests
 
     def _legacy_image(
         self,
@@ -326,6 +348,35 @@ def _cycles(nodes: dict[str, tuple[bytes, dict[str, Any]]], tops: list[str]) -> 
             covered.add(current)
             current = nodes[current][1].get("parent")
     return found
+
+
+def _parents_first(images: list[SourceImage]) -> list[SourceImage]:
+    """Keep a ``Parent`` only when it is another image of the archive; parents go first."""
+    by_config = {i.config_digest: i for i in images}
+    for image in images:
+        if image.parent is not None and (
+            image.parent not in by_config or image.parent == image.config_digest
+        ):
+            image.parent = None
+    ordered: list[SourceImage] = []
+    placed: set[str] = set()
+
+    def place(image: SourceImage, seen: set[str]) -> None:
+        digest = image.config_digest
+        if digest in placed:
+            return
+        if image.parent is not None:
+            if image.parent in seen:  # a cycle of Parents: none of them counts
+                image.parent = None
+            else:
+                place(by_config[image.parent], seen | {digest})
+        if digest not in placed:
+            placed.add(digest)
+            ordered.append(image)
+
+    for image in images:
+        place(image, set())
+    return ordered
 
 
 def _entry_name(entry: Any, number: int) -> str:

@@ -95,6 +95,9 @@ class SourceImage:
     manifest_digest: str | None = None  # the manifest it came from (registry pulls)
     manifest: bytes | None = None
     manifest_media_type: str | None = None
+    # The config digest of the image this one was built on, when the source records it
+    # (manifest.json's Parent) and offers that image too, before this one.
+    parent: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

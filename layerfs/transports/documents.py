@@ -182,8 +182,10 @@ def layer_media_type(head: bytes) -> str:
     return MEDIA_OCI_LAYER_TAR
 
 
-def select_platform(descriptors: list[Descriptor], what: str) -> Descriptor:
-    """The entry of an index for this host, by the same rules as a registry pull."""
+def select_platform(
+    descriptors: list[Descriptor], what: str, wanted: platform.Platform | None = None
+) -> Descriptor:
+    """The entry of an index for ``wanted`` (this host), by the rules of a registry pull."""
     entries = [{"platform": d.platform, "annotations": d.annotations} for d in descriptors]
-    chosen = platform.select(entries, platform.host_platform(), what)
+    chosen = platform.select(entries, wanted or platform.host_platform(), what)
     return next(d for d, e in zip(descriptors, entries, strict=True) if e is chosen)

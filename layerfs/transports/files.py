@@ -27,11 +27,13 @@ from typing import Any, BinaryIO
 
 from layerfs.compression import PeekableReader, detect, open_decompressed
 from layerfs.errors import FormatError, NotFoundError, UnsafePathError
-from layerfs.store.files import temp_path
+from layerfs.store.files import SpaceGuard, temp_path
 
 _CHUNK = 1 << 20
 _MAX_HOPS = 40  # symlinks followed while resolving one name, as Linux's MAXSYMLINKS
-MAX_DOCUMENT = 32 << 20  # manifests, configs, index.json: far below this in practice
+# manifests, configs, index.json: far below this in practice. Parsed, 8 MiB of the
+# worst JSON (``[{},{},...]``) takes ~200 MB; the registry's limit for configs is the same.
+MAX_DOCUMENT = 8 << 20
 
 
 def split_name(name: str, where: str) -> list[str]:
@@ -372,8 +374,9 @@ def spool(stream: Any, tmp_dir: Path | None, what: str) -> Path:
         path = Path(name)
     try:
         with open(fd, "wb") as out:
+            guard = SpaceGuard(out, path.parent, what)
             while chunk := reader.read(_CHUNK):
-                out.write(chunk)
+                guard.write(chunk)
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -9,6 +9,11 @@ How an image becomes graph nodes (the rule ``docs/store-format.md`` documents):
   entry that has a layer, and ``created`` of that entry, serialised compactly
   with sorted keys; its ID is the sha256 of those bytes. Images sharing a base
   therefore share base nodes, and every node is itself a valid image.
+* An image whose source names its parent image (``SourceImage.parent``: manifest.json's
+  ``Parent``), when that image is in the store and is a valid parent (its layers a
+  prefix of this image's, its history this image's minus the last entry, as Docker's
+  loader checks), is built on it: the nodes start above the parent's top node, so the
+  parent is this image's parent in the graph and no extra node stands in for it.
 * A legacy (v1) chain keeps its v1 IDs and JSON exactly.
 * An image without layers is one node without a layer.
 """
@@ -241,14 +246,47 @@ class StoreDestination:
                     f"{image.name}: layer {index + 1} has diff ID {layer.diff_id}, "
                     f"the config says {diff_id}"
                 )
-        if not diff_ids:
+        parent = self._parent_of(image, config, diff_ids)
+        start = len(self.store.graph.layers_of(parent)) if parent is not None else 0
+        if start == len(diff_ids):  # no layer, or an empty layer on its parent (a new CMD)
             return [(image.config_digest[7:], image.config, None)]
         nodes = []
-        for count in range(1, len(diff_ids)):
+        for count in range(start + 1, len(diff_ids)):
             raw = canonical_json(derived_config(config, count))
             nodes.append((hex_of(sha256_digest(raw)), raw, diff_ids[count - 1]))
         nodes.append((image.config_digest[7:], image.config, diff_ids[-1]))
         return nodes
+
+    def _parent_of(
+        self, image: SourceImage, config: dict[str, Any], diff_ids: list[str]
+    ) -> Image | None:
+        """The image ``image.parent`` names, if it is stored and a valid parent."""
+        if image.parent is None:
+            return None
+        try:
+            parent = self.store.graph.get(image.parent[7:])
+        except LayerfsError:
+            return None  # not loaded (it failed, say): the image stands alone
+        if parent.id != image.parent[7:] or not parent.is_config:
+            return None
+        history = [h for h in config.get("history") or [] if isinstance(h, dict)]
+        if (history or parent.history) and (
+            len(history) != len(parent.history) + 1 or history[:-1] != parent.history
+        ):
+            return None
+        parent_layers = self.store.graph.layers_of(parent)
+        if diff_ids[: len(parent_layers)] != parent_layers:
+            return None
+        return parent
+
+    def _base(self, image: SourceImage) -> str:
+        """The graph parent of the image's first node: its parent image's top, or none."""
+        if image.legacy or image.parent is None:
+            return ""
+        config = image.config_json()
+        diff_ids = config.get("rootfs", {}).get("diff_ids") or []
+        parent = self._parent_of(image, config, list(diff_ids))
+        return parent.id if parent is not None else ""
 
     def put_image(self, image: SourceImage) -> None:
         nodes = self._plan(image)
@@ -256,7 +294,7 @@ class StoreDestination:
         created: list[str] = []
         messages: list[str] = []
         with graph.transaction():
-            parent = ""
+            parent = self._base(image)
             if image.legacy:
                 first_parent = _legacy_parent(image.legacy[0].json)
                 if first_parent:
@@ -406,8 +444,9 @@ class StoreSource:
     def _resolve(self, name: str) -> list[tuple[Image, list[str]]]:
         """Images named by ``name`` with the references to save them under.
 
-        As with docker save: a bare repository name means every tag of it, a
-        ``repo:tag`` that tag, an ID or prefix the image alone (no names).
+        As with docker save: a bare repository name means every tag of it (a repository
+        with digests only: its images, unnamed), a ``repo:tag`` that tag, an ID, prefix or
+        ``repo@digest`` the image alone (no names).
         """
         tags = self.store.tags
         repo, ref = parse_repository_tag(name)
@@ -419,8 +458,10 @@ class StoreSource:
                 for key, image_id in sorted(refs.items()):
                     if ":" not in key:  # digest keys are never written as names
                         grouped.setdefault(image_id, []).append(image_reference(local, key))
-                if grouped:
-                    return [(self.store.graph.get(i), r) for i, r in grouped.items()]
+                if not grouped:
+                    # A repository known only by digests: its images, without names.
+                    grouped = {image_id: [] for image_id in sorted(set(refs.values()))}
+                return [(self.store.graph.get(i), r) for i, r in grouped.items()]
         image = tags.lookup_image(name)
         try:
             parsed = Reference.parse(name)

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 from layerfs.errors import FormatError, LayerfsError, UsageError
 from layerfs.model.digest import hex_of, sha256_digest
 from layerfs.model.image import decode_json
+from layerfs.model.platform import Platform
 from layerfs.model.reference import Reference
 from layerfs.transports.archive import DockerManifest, containerd_name
 from layerfs.transports.base import (
@@ -103,6 +104,7 @@ class OciLayoutSource:
         self.files = files
         self.description = files.description
         self.reference = reference
+        self.platform: Platform | None = None  # the entry an index gives (None: this host)
         self.rejected: list[tuple[str, LayerfsError]] = []
         self._images: list[SourceImage] | None = None
 
@@ -194,7 +196,7 @@ class OciLayoutSource:
                     parse_descriptor(m, f"{what}: index manifests")
                     for m in expect_list(doc.get("manifests"), f"{what}: index manifests")
                 ]
-                desc = select_platform(children, what)
+                desc = select_platform(children, what, self.platform)
                 continue
             if media in _MANIFEST_TYPES or (not media and "layers" in doc):
                 return desc, doc, raw
@@ -372,6 +374,14 @@ class OciLayoutDestination(LayoutDestination):
         )
 
 
+def _read_small(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_DOCUMENT + 1)
+    if len(data) > MAX_DOCUMENT:
+        raise FormatError(f"{path} is larger than {MAX_DOCUMENT} bytes")
+    return data
+
+
 def existing_index(root: Path) -> list[dict[str, Any]] | None:
     """The descriptors of a layout already in ``root`` (to add to), or None if there is none."""
     if not (root / "index.json").is_file():
@@ -379,9 +389,9 @@ def existing_index(root: Path) -> list[dict[str, Any]] | None:
             raise UsageError(f"{root} is not empty and is not an OCI layout")
         return None
     try:
-        layout = json.loads((root / "oci-layout").read_bytes())
-        index = decode_json((root / "index.json").read_bytes(), f"{root}/index.json")
-    except (OSError, ValueError) as exc:
+        layout = decode_json(_read_small(root / "oci-layout"), f"{root}/oci-layout")
+        index = decode_json(_read_small(root / "index.json"), f"{root}/index.json")
+    except OSError as exc:
         raise FormatError(f"{root} is not a usable OCI layout: {exc}") from None
     if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != LAYOUT_VERSION:
         raise FormatError(f"{root}: unsupported OCI layout version")

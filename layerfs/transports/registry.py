@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
 from layerfs.model.digest import is_sha256_digest, sha256_digest
+from layerfs.model.image import decode_json_object
 from layerfs.model.platform import Platform, host_platform, select
 from layerfs.model.reference import Reference, remote_name
 from layerfs.progress import Progress
@@ -135,12 +136,12 @@ class BlobRecords:
                 record.repositories.remove(repository)
             record.repositories.insert(0, repository)  # the latest first
             del record.repositories[20:]
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.parent.mkdir(mode=0o700, exist_ok=True)
+            self.root.mkdir(mode=0o700, exist_ok=True)
             atomic_write(
                 self.root / f"{digest[7:]}.json",
                 json.dumps(record.__dict__, sort_keys=True).encode(),
                 self.store.tmp,
-                0o644,
             )
 
 
@@ -243,10 +244,10 @@ class RegistrySource:
                 f"config of {self.what}: digest mismatch: expected {manifest.config.digest}, "
                 f"got {sha256_digest(config)}"
             )
+        doc = decode_json_object(config, f"config of {self.what}")
         try:
-            doc = json.loads(config)
             diff_ids = doc["rootfs"]["diff_ids"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise FormatError(f"config of {self.what} has no rootfs.diff_ids: {exc}") from None
         if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
             raise FormatError(

@@ -190,10 +190,10 @@ def test_init_layer_options_and_holds(layerfs_cli: LayerfsCli, tmp_path: Path):
         # The image is held: rmi refuses it from another process while it is mounted.
         result = layerfs_cli("rmi", "init:1", check=False)
         assert result.returncode != 0 and b"held" in result.stderr
-        listed = layerfs_cli("mounts", "--format", "json").stdout.decode().splitlines()
-        rows = [json.loads(line) for line in listed]
+        listed = layerfs_cli("mounts", "--no-trunc", "--format", "json").stdout.decode()
+        rows = [json.loads(line) for line in listed.splitlines()]
         assert [(r["Mountpoint"], r["ID"], r["Mode"], r["Status"]) for r in rows] == \
-            [(str(mnt), image, "ro", "running")]
+            [(str(mnt), "sha256:" + image, "ro", "running")]
         with pytest.raises(OSError):
             (mnt / "newfile").write_bytes(b"x")
     assert layerfs_cli("mounts", "-q").stdout == b""

@@ -171,7 +171,7 @@ def test_commit_then_mount_the_new_image(layerfs_cli: LayerfsCli, tmp_path: Path
         result = layerfs_cli("commit", mnt, "base:2", "-m", "my change",
                              "-c", "ENV FOO=bar", "-c", 'CMD ["/bin/true"]')
         new_id = result.stdout.decode().strip().removeprefix("sha256:")
-    history = layerfs_cli("history", "--format", "json", "base:2").stdout.decode()
+    history = layerfs_cli("history", "--no-trunc", "--format", "json", "base:2").stdout.decode()
     rows = [json.loads(line) for line in history.splitlines()]
     assert rows[0]["ID"] == "sha256:" + new_id and rows[0]["Comment"] == "my change"
     assert rows[1]["ID"] == "sha256:" + base

@@ -8,8 +8,11 @@ command failed with one ``layerfs: error:`` line, that the store is exactly as b
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -310,10 +313,19 @@ def test_decompression_bombs(
 
 
 def test_path_traversal_inside_a_layer(env: dict[str, Path], capsys: pytest.CaptureFixture[str]):
-    for name in ("../canary/pwned", "../../canary/pwned", "/abs/pwned"):
+    for name in ("../canary/pwned", "../../canary/pwned", "/../canary/pwned"):
         evil = make_image([build_tar(tar_file(name, b"pwned"))], ["evil:1"])
         result = run_load(env, capsys, pack(docker_members([evil])))
         assert_one_line_error(result, "evil:1")
+
+
+def test_an_absolute_name_inside_a_layer_stays_inside(env: dict[str, Path], capsys) -> None:  # type: ignore[no-untyped-def]
+    # As in Docker, "/abs/pwned" is the layer's own abs/pwned.
+    image = make_image([build_tar(tar_file("/abs/pwned", b"inside"))], ["abs:1"])
+    code, _, _ = run_load(env, capsys, pack(docker_members([image])))
+    assert code == 0
+    store = Store.open(env["root"])
+    assert [e.path for e in store.layers.entries(image.diff_ids[0])] == [b"abs/pwned"]
 
 
 def test_layer_writing_through_its_own_symlink(env, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -471,7 +483,9 @@ def test_one_broken_image_among_good_ones(env: dict[str, Path], capsys: pytest.C
 
     assert code == 1
     assert out == ["Loaded image: first:1", "Loaded image: last:1"]
-    assert err[0].startswith("layerfs: error: cannot load bad:1: layer 2/2: diff ID mismatch")
+    assert err[0].startswith(
+        f"layerfs: error: cannot load bad:1: layer 2/2 ({BAD.diff_ids[1][:19]}): diff ID mismatch"
+    )
     assert err[1] == "layerfs: 1 of 3 images were not loaded"
     store = Store.open(env["root"])
     assert store.tags.lookup_image("first:1").id == first.image_id
@@ -494,3 +508,64 @@ def test_one_image_with_broken_documents_among_good_ones(env, capsys) -> None:  
     assert code == 1
     assert out == ["Loaded image: first:1"]
     assert "cannot load bad:1" in err[0] and "outside the archive" in err[0]
+
+
+# -- documents made to exhaust memory ---------------------------------------------------------
+
+
+def _sparse_archive(path: Path, members: dict[str, bytes], big: str, size: int) -> Path:
+    """A tar whose member ``big`` is ``size`` bytes of zeros that take no disk (a hole)."""
+    with open(path, "wb") as out, tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo(big)
+        info.size = size
+        out.write(info.tobuf(tarfile.PAX_FORMAT))
+        out.seek(size, os.SEEK_CUR)
+        tar.offset = out.tell()  # carry on after the hole
+    return path
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "config"])
+def test_a_document_of_100_mb_is_refused_unread(
+    which: str, env: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tracemalloc
+
+    image = make_image([make_layer("big")], ["big:1"])
+    members = docker_members([image])
+    config_name = next(n for n in members if n.endswith(".json") and n != "manifest.json")
+    big = which if which == "manifest.json" else config_name
+    del members[big]
+    path = _sparse_archive(env["tmp"] / "big.tar", dict(members), big, 100 << 20)  # type: ignore[arg-type]
+    assert path.stat().st_blocks * 512 < 1 << 20  # really a hole
+    tracemalloc.start()
+    try:
+        result = run_load(env, capsys, path=path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_one_line_error(result, "104857600 bytes, more than 8388608 allowed")
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "config"])
+def test_a_document_nested_10000_levels_is_refused(
+    which: str, env: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = make_image([make_layer("deep")], ["deep:1"])
+    members = docker_members([image])
+    nested = b'{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    if which == "manifest.json":
+        members["manifest.json"] = nested
+    else:
+        config_name = next(n for n in members if n.endswith(".json") and n != "manifest.json")
+        del members[config_name]
+        named = f"{hashlib.sha256(nested).hexdigest()}.json"  # the name its digest checks
+        members[named] = nested
+        manifest = json.loads(members["manifest.json"])  # type: ignore[arg-type]
+        manifest[0]["Config"] = named
+        members["manifest.json"] = json.dumps(manifest).encode()
+    assert_one_line_error(run_load(env, capsys, pack(members)), "JSON nested too deeply")

@@ -378,3 +378,117 @@ def test_an_oci_ref_that_names_nothing(store: Store, tmp_path: Path) -> None:
     with pytest.raises(LayerfsError, match="no image named 'nope'"):
         load(store, f"oci:{tmp_path / 'layout'}:nope")
     assert list(store.tmp.iterdir()) == []
+
+
+# -- Docker 1.8/1.9 digests, Parent, platforms ---------------------------------------------------
+
+
+def test_legacy_repositories_with_digest_keys_record_them(store: Store, tmp_path: Path) -> None:
+    # Docker 1.8/1.9 saved a repository's digests beside its tags (one map, FORMATS §2).
+    base, top = fake_image_id("d-base"), fake_image_id("d-top")
+    digest = "sha256:" + "c" * 64
+    repositories = {
+        "busybox": {"latest": top, digest: top},
+        "pinned": {digest: base},
+        "lax": {"sha256:b": base},  # 1.8's lax digest: no store can hold it; skipped
+    }
+    nodes = [(base, {}, make_layer("db")), (top, {"parent": base}, make_layer("dt"))]
+    (tmp_path / "old.tar").write_bytes(pack(legacy_members(nodes, repositories)))
+
+    _, result = load(store, str(tmp_path / "old.tar"))
+
+    assert not result.failed  # type: ignore[attr-defined]
+    assert store.tags.references(top) == ["busybox:latest", f"busybox@{digest}"]
+    assert store.tags.references(base) == [f"pinned@{digest}"]
+    assert store.tags.lookup_image(f"busybox@{digest}").id == top
+    assert_clean(store)
+
+
+def test_manifest_parent_builds_the_child_on_its_parent(store: Store, tmp_path: Path) -> None:
+    base = make_layer("p-base")
+    parent = make_image([base], ["parent:1"], config={"Cmd": ["sh"]})
+    history = [*parent.config_doc["history"], {"created": "2024-02-01T00:00:00Z"}]
+    child = make_image([base, make_layer("p-child")], ["child:1"], history=False)
+    child.config_doc["history"] = history
+    child.config = json.dumps(child.config_doc, sort_keys=True).encode()
+    members = docker_members([child, parent])  # the child first: load must reorder
+    manifest = json.loads(members["manifest.json"])  # type: ignore[arg-type]
+    manifest[0]["Parent"] = "sha256:" + parent.image_id
+    members["manifest.json"] = json.dumps(manifest).encode()
+    (tmp_path / "p.tar").write_bytes(pack(members))
+
+    load(store, str(tmp_path / "p.tar"))
+
+    node = store.graph.get(child.image_id)
+    assert node.parent == parent.image_id  # no extra <none> node stands in for the parent
+    assert sorted(store.graph.ids()) == sorted([child.image_id, parent.image_id])
+    assert store.graph.layers_of(node) == child.diff_ids
+    doc = json.loads(main_output(store, ["inspect", "child:1"]))[0]
+    assert doc["Parent"] == "sha256:" + parent.image_id
+    assert_clean(store)
+
+
+def test_an_invalid_or_outside_parent_is_ignored(store: Store, tmp_path: Path) -> None:
+    base = make_layer("q-base")
+    parent = make_image([base], ["qparent:1"])
+    # Its first history entry differs from the parent's: not built on it.
+    child = make_image([base, make_layer("q-child")], ["qchild:1"], created="2025-01-01T00:00:00Z")
+    members = docker_members([parent, child])
+    manifest = json.loads(members["manifest.json"])  # type: ignore[arg-type]
+    manifest[1]["Parent"] = "sha256:" + parent.image_id
+    members["manifest.json"] = json.dumps(manifest).encode()
+    (tmp_path / "q.tar").write_bytes(pack(members))
+
+    load(store, str(tmp_path / "q.tar"))
+
+    node = store.graph.get(child.image_id)
+    assert node.parent not in ("", parent.image_id)  # its own derived base node
+    assert_loaded(store, child)
+
+
+def main_output(store: Store, argv: list[str]) -> str:
+    import contextlib
+    import io as _io
+
+    out = _io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--root", str(store.root), *argv]) == 0
+    return out.getvalue()
+
+
+def test_load_platform_picks_an_index_entry_and_filters_images(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    amd64 = make_image([make_layer("pl-amd")], architecture="amd64")
+    arm64 = make_image([make_layer("pl-arm")], architecture="arm64", variant="v8")
+    members = oci_members([])
+    entries = []
+    for image, arch in ((amd64, "amd64"), (arm64, "arm64")):
+        manifest, blobs = oci_manifest(image)
+        members.update(blobs)
+        entry = descriptor(manifest, MEDIA_MANIFEST)
+        entry["platform"] = {"os": "linux", "architecture": arch}
+        entries.append(entry)
+    index = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": entries})
+    members[f"blobs/sha256/{hex_of(sha256(index.encode()))}"] = index.encode()
+    top = json.loads(members["index.json"])  # type: ignore[arg-type]
+    top["manifests"] = [
+        descriptor(index.encode(), MEDIA_INDEX, **{"org.opencontainers.image.ref.name": "m:1"})
+    ]
+    members["index.json"] = json.dumps(top).encode()
+    (tmp_path / "multi.tar").write_bytes(pack(members))
+    root = ["--root", str(store.root)]
+
+    assert (
+        main([*root, "load", "-q", "--platform", "linux/arm64", "-i", str(tmp_path / "multi.tar")])
+        == 0
+    )
+    assert store.tags.lookup_image("m:1").id == arm64.image_id
+    assert (
+        main([*root, "load", "-q", "--platform", "linux/s390x", "-i", str(tmp_path / "multi.tar")])
+        == 1
+    )
+    assert capsys.readouterr().err == (
+        "layerfs: error: cannot load m:1: no manifest for platform linux/s390x; available: "
+        "linux/amd64, linux/arm64\n"
+    )

@@ -275,3 +275,32 @@ def test_a_single_image_reference_for_an_archive(store: Store, tmp_path: Path) -
             "example.com/second:x",
         )
     assert not (tmp_path / "two.tar").exists()
+
+
+def test_a_repository_known_only_by_digests_saves_its_images_unnamed(
+    store: Store, tmp_path: Path
+) -> None:
+    digest = "sha256:" + "e" * 64
+    store.tags.set_digest("pinned/app", digest, FIRST.image_id)
+    out = tmp_path / "pinned.tar"
+    assert main(["--root", str(store.root), "save", "-q", "-o", str(out), "pinned/app"]) == 0
+    manifest = json.loads(read(out, "manifest.json"))
+    assert [(m["Config"], m["RepoTags"]) for m in manifest] == [(f"{FIRST.image_id}.json", None)]
+    out2 = tmp_path / "by-digest.tar"
+    assert (
+        main(["--root", str(store.root), "save", "-q", "-o", str(out2), f"pinned/app@{digest}"])
+        == 0
+    )
+    assert read(out2, "manifest.json") == read(out, "manifest.json")
+
+
+def test_save_platform_refuses_an_image_for_another_platform(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "p.tar"
+    root = ["--root", str(store.root)]
+    assert main([*root, "save", "-q", "--platform", "linux/amd64", "-o", str(out), "first:1"]) == 0
+    assert main([*root, "save", "-q", "--platform", "linux/arm64", "-o", str(out), "first:1"]) == 1
+    assert capsys.readouterr().err == (
+        "layerfs: error: image first:1 is for linux/amd64, not linux/arm64\n"
+    )

@@ -25,6 +25,8 @@ def test_supported_instructions() -> None:
         "EXPOSE",
         "VOLUME",
         "STOPSIGNAL",
+        "ONBUILD",
+        "HEALTHCHECK",
     }
 
 
@@ -175,10 +177,80 @@ def test_volume_json_and_plain_forms() -> None:
 
 
 @pytest.mark.parametrize(
-    "change", ["FROM scratch", "RUN make", "ADD . /", "COPY a b", "HEALTHCHECK"]
+    "change", ["FROM scratch", "RUN make", "ADD . /", "COPY a b", "MAINTAINER me"]
 )
 def test_unsupported_instructions(change: str) -> None:
     with pytest.raises(UsageError, match=r"unsupported --change instruction .* use one of CMD"):
+        changed(change)
+
+
+# -- ONBUILD / HEALTHCHECK --------------------------------------------------------------------
+
+
+def test_onbuild_appends_the_trigger_as_written() -> None:
+    config = changed("ONBUILD RUN make", "onbuild copy . /app", config={"OnBuild": ["ADD x /"]})
+    assert config == {"OnBuild": ["ADD x /", "RUN make", "copy . /app"]}
+
+
+@pytest.mark.parametrize(
+    ("trigger", "message"),
+    [
+        ("ONBUILD RUN x", "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed"),
+        ("FROM scratch", "FROM isn't allowed as an ONBUILD trigger"),
+        ("maintainer me", "MAINTAINER isn't allowed as an ONBUILD trigger"),
+    ],
+)
+def test_onbuild_refuses_what_docker_refuses(trigger: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        changed(f"ONBUILD {trigger}")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        # Docker's builder: shell form is CMD-SHELL, exec form CMD, durations in ns.
+        (
+            "HEALTHCHECK CMD curl -f http://localhost/ || exit 1",
+            {"Test": ["CMD-SHELL", "curl -f http://localhost/ || exit 1"]},
+        ),
+        ('HEALTHCHECK CMD ["/bin/check", "--deep"]', {"Test": ["CMD", "/bin/check", "--deep"]}),
+        ('healthcheck cmd ["/bin/sh", "-c", "x"]', {"Test": ["CMD", "/bin/sh", "-c", "x"]}),
+        ("HEALTHCHECK NONE", {"Test": ["NONE"]}),
+        (
+            "HEALTHCHECK --interval=1m30s --timeout=500ms --start-period=2s --start-interval=1.5s"
+            " --retries=3 CMD true",
+            {
+                "Test": ["CMD-SHELL", "true"],
+                "Interval": 90_000_000_000,
+                "Timeout": 500_000_000,
+                "StartPeriod": 2_000_000_000,
+                "StartInterval": 1_500_000_000,
+                "Retries": 3,
+            },
+        ),
+        ("HEALTHCHECK --interval=0s --retries=0 CMD true", {"Test": ["CMD-SHELL", "true"]}),
+    ],
+)
+def test_healthcheck(change: str, expected: dict[str, Any]) -> None:
+    assert changed(change) == {"Healthcheck": expected}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("HEALTHCHECK CMD", "Missing command after HEALTHCHECK CMD"),
+        ("HEALTHCHECK RUN x", "Unknown type 'RUN' in HEALTHCHECK \\(try CMD\\)"),
+        ("HEALTHCHECK NONE extra", "HEALTHCHECK NONE takes no arguments"),
+        ("HEALTHCHECK --interval=999us CMD x", "cannot be less than 1ms"),
+        ("HEALTHCHECK --interval=soon CMD x", "not a duration"),
+        ("HEALTHCHECK --retries=-2 CMD x", "--retries cannot be negative \\(-2\\)"),
+        ("HEALTHCHECK --retries=x CMD x", "not a number"),
+        ("HEALTHCHECK --timeout CMD x", "missing a value on flag --timeout"),
+        ("HEALTHCHECK --every=1s CMD x", "unknown flag"),
+    ],
+)
+def test_bad_healthchecks(change: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
         changed(change)
 
 

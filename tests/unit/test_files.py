@@ -400,3 +400,72 @@ def test_a_killed_process_never_leaves_the_lock_taken(tmp_path: Path) -> None:
     assert _is_free(path)
     with locked(path, timeout_message="should be free"):
         pass
+
+
+# -- the free-space reserve ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("0", 0), ("4096", 4096), ("512M", 512 << 20), ("1G", 1 << 30), ("2GiB", 2 << 30),
+     ("100k", 100 << 10), (" 3T ", 3 << 40)],
+)  # fmt: skip
+def test_parse_size(text: str, size: int) -> None:
+    from layerfs.store.files import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["1.5G", "lots", "-1", "M"])
+def test_parse_size_refuses_what_is_no_size(text: str) -> None:
+    from layerfs.errors import StoreError
+    from layerfs.store.files import parse_size
+
+    with pytest.raises(StoreError, match=r"LAYERFS_MIN_FREE=.* is not a size"):
+        parse_size(text)
+
+
+def test_the_default_reserve_is_5_percent_at_most_1_gib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layerfs.store import files
+
+    monkeypatch.delenv("LAYERFS_MIN_FREE", raising=False)
+    st = os.statvfs(tmp_path)
+    assert files.reserve_bytes(tmp_path) == min(st.f_blocks * st.f_frsize // 20, 1 << 30)
+    monkeypatch.setenv("LAYERFS_MIN_FREE", "7M")
+    assert files.reserve_bytes(tmp_path) == 7 << 20
+
+
+def test_space_guard_stops_before_the_reserve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from layerfs.errors import NoSpaceError
+    from layerfs.store import files
+
+    free = [100 << 20]
+    asked = []
+
+    def fake_free(path: Path) -> int:
+        asked.append(path)
+        return free[0]
+
+    monkeypatch.setattr(files, "free_bytes", fake_free)
+    monkeypatch.setenv("LAYERFS_MIN_FREE", "40M")
+    out = io.BytesIO()
+    guard = files.SpaceGuard(out, tmp_path, "test layer")
+    chunk = bytes(1 << 20)
+    with pytest.raises(NoSpaceError) as info:
+        while True:
+            guard.write(chunk)
+            free[0] -= len(chunk)  # what the writes cost the file system
+    assert 40 << 20 <= free[0] < 42 << 20  # stopped at the reserve, not far past it
+    assert out.tell() == guard.written == (100 << 20) - free[0]
+    assert "test layer: stopped after writing" in info.value.message
+    assert f"the file system of {tmp_path} has" in info.value.message
+    assert info.value.hint is not None and "LAYERFS_MIN_FREE=20M" in info.value.hint
+    assert len(asked) < 30  # statvfs is not asked for every write
+    monkeypatch.setenv("LAYERFS_MIN_FREE", "0")
+    files.SpaceGuard(io.BytesIO(), tmp_path, "no reserve").write(chunk)

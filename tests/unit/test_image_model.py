@@ -138,7 +138,7 @@ def test_decode_json_object_rejects_malformed_input(data: bytes) -> None:
 
 
 def test_decode_json_object_survives_absurd_nesting() -> None:
-    with pytest.raises(FormatError, match="malformed JSON"):
+    with pytest.raises(FormatError, match="config: JSON nested too deeply"):
         decode_json_object(b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}", "config")
 
 

@@ -97,16 +97,51 @@ def test_no_prune_deletes_only_the_image(store: Store, chain: list[str]) -> None
     assert sorted(store.layers.diff_ids()) == sorted(DIFF_IDS[:2])
 
 
-def test_deleting_by_id_prefix_untags_every_tag_of_one_repository(
+def test_deleting_by_id_prefix_untags_a_tag_and_its_digests(store: Store, chain: list[str]) -> None:
+    top = chain[2]
+    store.tags.set_digest("app", MANIFEST_DIGEST, top)
+    removal = remove_image(store, top[:12])
+    assert sorted(removal.untagged) == sorted(["app:latest", f"app@{MANIFEST_DIGEST}"])
+    assert removal.deleted == chain[::-1]
+    assert store.tags.all() == {}
+
+
+def test_two_tags_by_id_need_force_even_in_one_repository(store: Store, chain: list[str]) -> None:
+    # docker's isSingleReference: more than one tag is not a single reference.
+    top = chain[2]
+    store.tags.tag("app", "v1", top)
+    with pytest.raises(ConflictError, match=r"must be forced\) - image is referenced in multiple"):
+        remove_image(store, top[:12])
+    removal = remove_image(store, "sha256:" + top[:12], force=True)
+    assert removal.untagged == ["app:latest", "app:v1"] and removal.deleted == chain[::-1]
+
+
+def test_records_list_untagged_names_then_each_image_and_its_layers(
+    store: Store, chain: list[str]
+) -> None:
+    base, middle, top = chain
+    removal = remove_image(store, "app")
+    assert removal.records == [
+        ("Untagged", "app:latest"),
+        ("Deleted", f"sha256:{top}"),
+        ("Deleted", DIFF_IDS[2]),
+        ("Deleted", f"sha256:{middle}"),
+        ("Deleted", DIFF_IDS[1]),
+        ("Deleted", f"sha256:{base}"),
+        ("Deleted", DIFF_IDS[0]),
+    ]
+
+
+def test_removing_the_last_tag_of_a_repository_drops_its_digests(
     store: Store, chain: list[str]
 ) -> None:
     top = chain[2]
-    store.tags.tag("app", "v1", top)
+    store.tags.tag("other", "1", top)
     store.tags.set_digest("app", MANIFEST_DIGEST, top)
-    removal = remove_image(store, top[:12])
-    assert sorted(removal.untagged) == sorted(["app:latest", "app:v1", f"app@{MANIFEST_DIGEST}"])
-    assert removal.deleted == chain[::-1]
-    assert store.tags.all() == {}
+    assert remove_image(store, "app:latest") == Removal(
+        ["app:latest", f"app@{MANIFEST_DIGEST}"], []
+    )
+    assert store.tags.references(top) == ["other:1"]
 
 
 def test_pruning_stops_at_a_tagged_parent(store: Store, chain: list[str]) -> None:
@@ -172,12 +207,13 @@ def test_removing_the_name_of_an_image_with_children_untags_it(
     assert exists(store, *chain) == [True, True, True]
 
 
-def test_force_on_an_image_with_children_only_untags(store: Store, chain: list[str]) -> None:
+def test_force_by_id_on_an_image_with_children_is_refused(store: Store, chain: list[str]) -> None:
+    # As docker: children are a conflict -f cannot force, and nothing is untagged.
     middle = chain[1]
     store.tags.tag("mid", "1", middle)
-    store.tags.tag("mid", "2", middle)
-    assert remove_image(store, middle, force=True) == Removal(["mid:1", "mid:2"], [])
-    assert store.tags.references(middle) == []
+    with pytest.raises(ConflictError, match="cannot be forced"):
+        remove_image(store, middle, force=True)
+    assert store.tags.references(middle) == ["mid:1"]
     assert exists(store, *chain) == [True, True, True]
 
 
@@ -203,13 +239,16 @@ def test_an_image_in_several_repositories_needs_force(store: Store, chain: list[
 def test_a_held_image_is_not_deleted(store: Store, chain: list[str]) -> None:
     top = chain[2]
     store.graph.retain("pull", top)
-    for force in (False, True):
-        with pytest.raises(ImageHeldError, match="image is held by an ongoing pull"):
-            remove_image(store, "app:latest", force=force)
+    with pytest.raises(ImageHeldError, match=r"must force.* is held by an ongoing pull"):
+        remove_image(store, "app:latest")
     assert store.tags.references(top) == ["app:latest"]  # not untagged either
+    with pytest.raises(ImageHeldError, match=r"cannot be forced.* held by an ongoing pull"):
+        remove_image(store, top, force=True)
+    # Like docker with a running container: -f on the name untags, the image stays.
+    assert remove_image(store, "app:latest", force=True) == Removal(["app:latest"], [])
     assert exists(store, *chain) == [True, True, True]
     store.graph.release("pull")
-    assert remove_image(store, "app:latest").deleted == chain[::-1]
+    assert remove_image(store, top).deleted == chain[::-1]
 
 
 def test_an_image_whose_layer_is_held_is_not_deleted(store: Store, chain: list[str]) -> None:
