@@ -143,13 +143,13 @@ def list_images(
     for image_id, image in images.items():
         if dangling and image_id in parents:
             continue  # dangling=true looks at the heads only
-        created = parse_created(image.created)
-        if before is not None and (created is None or created >= before):
-            continue
-        if since is not None and (created is None or created <= since):
-            continue
-        if "label" in filters and not match_labels(filters, labels_of(store.graph.get(image_id))):
-            continue
+        # The cheap tests first: most nodes of a big store are hidden intermediate ones.
+        if before is not None or since is not None:
+            created = parse_created(image.created)
+            if before is not None and (created is None or created >= before):
+                continue
+            if since is not None and (created is None or created <= since):
+                continue
         tags: list[str] = []
         digests: list[str] = []
         for ref in names.get(image_id, []):
@@ -163,6 +163,9 @@ def list_images(
                 continue
         elif dangling and tags:
             continue
+        if "label" in filters and not match_labels(filters, labels_of(store.graph.get(image_id))):
+            continue
+        created = parse_created(image.created)
         result.append(ImageSummary(image, tags, digests, sizes.get(image_id, image.size), created))
     result.sort(key=lambda s: (s.created.timestamp() if s.created else 0, s.image.id), reverse=True)
     return result
