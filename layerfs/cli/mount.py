@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import open_store
 from layerfs.errors import MountError, UsageError
-from layerfs.store.store import Store, in_user_namespace
 
 if TYPE_CHECKING:
     from layerfs.fs.host import Records
+    from layerfs.store.store import Store
 
 # layerfs.fs.host (subprocess, signals) is imported by the commands that use it.
 
@@ -124,6 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "layerfs run needs root: it creates namespaces, mounts /proc and /dev and chroots",
             hint="run it with sudo, or mount the image and use a rootless runtime on it",
         )
+    from layerfs.store.store import in_user_namespace
+
     if in_user_namespace():
         raise UsageError(
             "layerfs run needs the host's root; it does not run inside a user namespace",

@@ -137,8 +137,10 @@ def main() -> None:
             for tool, base in tools.items():
                 timed([*base, *(a.format(tool=len(tool), n="warm") for a in args)])
         floor: list[float] = []
+        stack: list[float] = []  # the standard modules a command line of this kind loads
         for n in range(ROUNDS):
             floor.append(timed([PYTHON, "-c", "pass"]))
+            stack.append(timed([PYTHON, "-c", "import argparse, json, pathlib, typing"]))
             order = list(tools) if n % 2 else list(reversed(tools))
             for name, args in commands.items():
                 for tool in order:
@@ -169,7 +171,9 @@ def main() -> None:
 Each command in a fresh process, against a store (layerfs) or a private dockerd (docker)
 holding one small image; median of {ROUNDS} interleaved rounds after a warm-up. A ratio
 below 1 means layerfs starts faster. The interpreter alone (`python -c pass`, the floor of
-any command written in Python): {median(floor) * 1000:.1f} ms.
+any command written in Python): {median(floor) * 1000:.1f} ms; with the standard modules an
+argparse command line working on files loads (`import argparse, json, pathlib, typing`):
+{median(stack) * 1000:.1f} ms.
 
 {chr(10).join(rows)}
 
