@@ -155,7 +155,8 @@ def main() -> None:
     docker_tools = [t for t in tools if t != "layerfs"]
     header = "| command | layerfs ms | " + " | ".join(f"{t} ms" for t in docker_tools)
     header += " | " + " | ".join(f"layerfs / {t.split(' (')[0]}" for t in docker_tools) + " |"
-    rows = [header, "|" + "---|" * (2 + 2 * len(docker_tools))]
+    header += " at least as fast as docker |"
+    rows = [header, "|" + "---|" * (3 + 2 * len(docker_tools))]
     for name in commands:
         mine = median(times[(name, "layerfs")])
         theirs = [median(times[(name, t)]) for t in docker_tools]
@@ -164,6 +165,11 @@ def main() -> None:
             + " | ".join(f"{t * 1000:.1f}" for t in theirs)
             + " | "
             + " | ".join(f"{mine / t:.2f}x" for t in theirs)
+            + " | "
+            + ", ".join(
+                f"{'met' if mine <= t else '**missed**'} ({n.split(' (')[0]})"
+                for n, t in zip(docker_tools, theirs, strict=True)
+            )
             + " |"
         )
     body = f"""{stamp()}
