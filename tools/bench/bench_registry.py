@@ -105,7 +105,10 @@ class Registry:
 
 
 def sh(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(cmd, check=True, capture_output=True, **kw)  # type: ignore[call-overload,no-any-return]
+    result = subprocess.run(cmd, capture_output=True, **kw)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.decode()[-3000:]}")
+    return result  # type: ignore[no-any-return]
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
