@@ -420,12 +420,12 @@ def main() -> None:
                     ]
                 push[tool].append(timed(cmd))
                 again[tool].append(timed(cmd))
-            for code in python_floor:
-                python_floor[code].append(timed([PYTHON, "-c", code]))
                 if tool == "docker push":
                     sh(docker.cmd("rmi", target))
                 if tool == "layerfs push":
                     sh(layerfs(store, "rmi", target))
+            for code in python_floor:
+                python_floor[code].append(timed([PYTHON, "-c", code]))
             for reg in registries[1:]:
                 reg.stop()
             del registries[1:]
