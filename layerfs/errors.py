@@ -106,7 +106,8 @@ class StoreLockedError(StoreError):
 
 
 class NoSpaceError(StoreError):
-    """The store's file system is full, or would drop below the free-space reserve."""
+    """The store's file system is full (or over quota), or would drop below the free-space
+    reserve: nothing was published."""
 
 
 class RegistryError(LayerfsError):

@@ -24,6 +24,7 @@ from layerfs.model.image import Image
 from layerfs.model.platform import Platform
 from layerfs.model.reference import Reference
 from layerfs.progress import Progress
+from layerfs.store.publish import publish_new_image
 from layerfs.store.store import Store
 from layerfs.store.tarindex import (
     BLOCKDEV,
@@ -140,21 +141,18 @@ def import_rootfs(
         )
     finally:
         close()
-    try:
-        image = store.graph.create(
-            staged,
-            comment=message or f"Imported from {source}",
-            config=config,
-            platform=(platform.os, platform.architecture, platform.variant) if platform else None,
-        )
-    except BaseException:
-        staged.discard()
-        raise
+    image, messages = publish_new_image(
+        store,
+        staged,
+        command="import",
+        comment=message or f"Imported from {source}",
+        config=config,
+        tags=[(ref.repository, ref.tag or "latest")] if ref is not None else [],
+        platform=(platform.os, platform.architecture, platform.variant) if platform else None,
+    )
     if progress is not None:
         progress.finish("import", "Imported")
-    rename = None
-    if ref is not None:
-        rename = store.tags.tag(ref.repository, ref.tag or "latest", image.id, force=True)
+    rename = messages[0] if messages else None
     return ImportResult(image, str(ref) if ref else None, rename)
 
 

@@ -24,6 +24,36 @@ BUSYBOX_APPLETS = ("sh", "ls", "cat", "echo", "env", "true", "false", "sleep")
 _MTIME = 1_700_000_000
 
 
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_user_venv(directory: Path) -> str:
+    """A python that another user can run: a venv of the system's /usr/bin/python3 in
+    ``directory``, seeing this checkout and the packages of the .venv the tests run from.
+
+    (Root's own interpreter may live where that user cannot go: /root is 0700.) The
+    caller makes ``directory`` reachable; returns the venv's python.
+    """
+    import sysconfig
+
+    venv = directory / "venv"
+    subprocess.run(
+        [str(SYSTEM_PYTHON), "-m", "venv", "--without-pip", str(venv)],
+        check=True,
+        capture_output=True,
+    )
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", where], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    # This checkout first, then the packages of the .venv the tests run from.
+    ours = sysconfig.get_paths()["purelib"]
+    Path(purelib, "layerfs-checkout.pth").write_text(f"{REPO}\n{ours}\n")
+    return python
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -16,6 +16,7 @@ their help, their options are not built). ``tests/unit/test_cli_startup.py`` kee
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -251,16 +252,27 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(prog)
+        # A write that no layerfs code wrapped: still one line, naming the file.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror}{where}", file=sys.stderr)
+        return 1
     except Exception:
-        import traceback
+        return _internal_error(prog)
 
-        traceback.print_exc()
-        print(
-            f"{prog}: internal error: this is a bug in layerfs; please report it with "
-            "the traceback above",
-            file=sys.stderr,
-        )
-        return 70
+
+def _internal_error(prog: str) -> int:
+    import traceback
+
+    traceback.print_exc()
+    print(
+        f"{prog}: internal error: this is a bug in layerfs; please report it with "
+        "the traceback above",
+        file=sys.stderr,
+    )
+    return 70
 
 
 def main(argv: Sequence[str] | None = None) -> int:

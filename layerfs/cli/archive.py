@@ -37,9 +37,11 @@ def register(subparsers: Any) -> None:
             "tarball (any Docker version, legacy ones included), an OCI image layout as a tar "
             "or a directory, plain or compressed with gzip, zstd, bzip2 or xz. Every layer "
             "and config is verified against its digest before anything is stored; layers "
-            "already in the store are not stored again. Prints 'Loaded image: NAME:TAG' or "
-            "'Loaded image ID: sha256:...' per image; if some images of the archive cannot "
-            "be loaded it says which, loads the others and exits with status 1."
+            "already in the store are not stored again. An archive loads image by image: "
+            "each image appears with all its tags in one step, or not at all. Prints "
+            "'Loaded image: NAME:TAG' or 'Loaded image ID: sha256:...' for exactly the "
+            "images loaded; if some images of the archive cannot be loaded it says which, "
+            "loads the others and exits with status 1."
         ),
         epilog=GLOBALS_NOTE,
     )
@@ -112,6 +114,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         )
     from layerfs.copy import copy
     from layerfs.model.platform import Platform
+    from layerfs.store.files import reporting_no_space
     from layerfs.transports import SOURCES, open_source, split_spec
     from layerfs.transports.local import StoreDestination
     from layerfs.transports.platforms import PlatformSource
@@ -121,7 +124,9 @@ def cmd_load(args: argparse.Namespace) -> int:
     if split_spec(spec, SOURCES)[0] is None and spec != "-" and not Path(spec).exists():
         raise UsageError(f"cannot read {spec!r}: no such file or directory")
     platform = Platform.parse(args.platform) if args.platform else None
-    source: ImageSource = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
+    # Standard input and compressed archives are spooled (decompressed) into the store.
+    with reporting_no_space(store.root, f"cannot load {spec if spec != '-' else 'standard input'}"):
+        source: ImageSource = open_source(spec, tmp_dir=store.tmp)  # its errors name the archive
     if platform is not None:
         source = PlatformSource(source, platform)
     try:
@@ -193,6 +198,7 @@ def _destination(args: argparse.Namespace, tmp: Path) -> tuple[ImageDestination,
 def cmd_save(args: argparse.Namespace) -> int:
     from layerfs.copy import copy
     from layerfs.model.platform import Platform
+    from layerfs.store.files import reporting_no_space
     from layerfs.transports.local import StoreSource
     from layerfs.transports.platforms import PlatformSource
 
@@ -204,8 +210,10 @@ def cmd_save(args: argparse.Namespace) -> int:
     source.images()  # unknown names fail here, before any output exists
     destination, to_stdout = _destination(args, store.tmp)
     progress = _progress(args)
+    output = Path(args.output).absolute().parent if args.output not in (None, "-") else Path("-")
     try:
-        result = copy(source, destination, progress=progress, keep_going=False)
+        with reporting_no_space(output, f"cannot save to {args.output or 'standard output'}"):
+            result = copy(source, destination, progress=progress, keep_going=False)
     finally:
         progress.close()
     if not args.quiet and not getattr(args, "global_quiet", False):

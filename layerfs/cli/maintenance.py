@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import make_progress, open_store
+
+if TYPE_CHECKING:
+    from layerfs.store.store import Store
 
 
 def register(subparsers: Any) -> None:
@@ -14,28 +18,35 @@ def register(subparsers: Any) -> None:
         "fsck",
         help="check the store (--verify: re-hash every layer too)",
         description=(
-            "Check every layer (its info, tar size and index), image, parent, layer and "
-            "tag, and the store's indexes; with --verify also re-hash every layer against "
-            "its diff ID and rebuild and compare every entry index. Exit 0 when clean, 1 "
-            "when something is wrong."
+            "Check every layer's files and size, every image (json, parent, layer, a "
+            "config's hash against its ID and its diff IDs against its chain), every tag "
+            "and the store's indexes. "
+            "It first finishes or undoes what an interrupted command left pending and removes "
+            "the staging files of processes that are gone. With --verify it also re-hashes "
+            "every layer tar against its diff ID and rebuilds every index, and names the "
+            "images that use a damaged layer (a later pull of such an image fetches the layer "
+            "again). Exit 0 when clean, 1 when something is wrong."
         ),
     )
     p.add_argument(
         "--verify",
         action="store_true",
-        help="also re-read every layer: re-hash it and compare its index (reads the whole store)",
+        help="re-hash every layer and rebuild every index (reads every byte of the store)",
     )
     p.add_argument(
         "--repair",
         action="store_true",
-        help="remove unpublished staging leftovers and unused layers, rebuild stale indexes",
+        help="remove unused layers and released hold files, rebuild stale indexes; with "
+        "--verify also fetch a damaged layer again from the registry it was pulled from, or "
+        "where none is recorded (or none answers) remove the images (and their tags) whose "
+        "chain holds it, and the layer",
     )
     p.set_defaults(handler=cmd_fsck)
     p = subparsers.add_parser(
         "gc",
         help="remove layers no image uses and staging leftovers",
         description="Remove layers that no image uses, staging leftovers of interrupted "
-        "commands and released hold files, and print what was removed.",
+        "commands, released hold files and download locks, and print what was removed.",
     )
     p.set_defaults(handler=cmd_gc)
 
@@ -51,6 +62,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         repair=args.repair,
         verify=args.verify,
         progress=progress if progress.tty else None,
+        refetch=_refetcher(store) if args.repair and args.verify else None,
     )
     progress.close()
     for line in report.repaired:
@@ -76,6 +88,15 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         return 1
     print(summary + "clean")
     return 0
+
+
+def _refetcher(store: Store) -> Callable[[str], str | None]:
+    def refetch(diff_id: str) -> str | None:
+        from layerfs.registry.refetch import refetch_layer  # only a repair pays for requests
+
+        return refetch_layer(store, diff_id)
+
+    return refetch
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ unless ``Upper.changed`` holds it; a lower directory's original names are
 ``Upper.orig_children`` (or its current map, when it never changed). Walking
 the tree from the root against those gives, parents before children:
 
-- a whiteout ``.wh.NAME`` for each lower name that went;
+- a whiteout ``.wh.NAME`` for each lower name that went (or that a socket, which no
+  layer holds, took);
 - every entry whose inode is not the lower one at that place, or changed;
 - for a directory that is not the lower directory at its place, the directory,
   ``.wh..wh..opq`` if a lower entry had that name, and everything below it;
@@ -98,7 +99,12 @@ class _Diff:
                     self.directory(child_path, child, 0)
                     self.pending = saved
             elif t.kind(child) == SOCKET:
-                continue  # as Docker's diff: a socket lives only as long as its mount
+                # As Docker's diff: a socket lives only as long as its mount. What it
+                # replaced is gone all the same.
+                if lower_names is not None and name in lower_names:
+                    self._flush()
+                    self.rows.append(_marker(prefix + whiteout.whiteout_for(name)))
+                continue
             elif not same or child in upper.changed or child >= upper.n_lower:
                 self._emit(child_path, child)
 

@@ -22,6 +22,7 @@ from layerfs.model.changes import apply_changes
 from layerfs.model.image import Image
 from layerfs.model.reference import Reference
 from layerfs.store import codec
+from layerfs.store.publish import publish_new_image
 from layerfs.store.store import Store
 from layerfs.store.tarindex import (
     BLOCKDEV,
@@ -88,21 +89,18 @@ def commit_upper(
         if isinstance(error, LayerfsError):
             raise error
         raise MountError(f"cannot commit upper {upper_dir.name!r}: {error}") from error
-    try:
-        image = store.graph.create(
-            staged,
-            parent=image_id,
-            comment=message,
-            author=author,
-            config=config,
-            created_by=created_by,
-        )
-    except BaseException:
-        staged.discard()
-        raise
-    rename = None
-    if ref is not None:
-        rename = store.tags.tag(ref.repository, ref.tag or "latest", image.id, force=True)
+    image, messages = publish_new_image(
+        store,
+        staged,
+        command="commit",
+        parent=image_id,
+        comment=message,
+        author=author,
+        config=config,
+        created_by=created_by,
+        tags=[(ref.repository, ref.tag or "latest")] if ref is not None else [],
+    )
+    rename = messages[0] if messages else None
     return image, rename
 
 

@@ -3,11 +3,14 @@
 An inode number is an index into parallel :mod:`array` columns (mode, uid,
 gid, size, mtime, data offset, layer, parent, nlink), so an entry of a merged
 tree costs about fifty bytes of attributes plus its name in its directory's
-``dict``; symlink targets, device numbers, xattrs and changed ctimes live in
-small side dictionaries keyed by inode. Numbers are handed out in order and
-never reused while the table lives: a build from the same layers gives every
-path the same number, readdir and lookup report the same number, and the
-names of a hardlink group all refer to one inode.
+``dict``; symlink targets, device numbers and xattrs live in small side
+dictionaries keyed by inode, and so do access and change times where they
+differ from the modification time (a lower file's atime and ctime read as its
+mtime: layers keep no other time, and reads change no atime, as under
+``noatime``). Numbers are handed out in order and never reused while the
+table lives: a build from the same layers gives every path the same number,
+readdir and lookup report the same number, and the names of a hardlink group
+all refer to one inode.
 
 This module knows no layer semantics (``union.py``) and no FUSE (``operations.py``).
 Mutations call an optional :class:`ChangeWatch` first, which is how the
@@ -16,6 +19,8 @@ writable layer (``upper.py``) learns what to copy before a change.
 
 from __future__ import annotations
 
+import errno
+import os
 import stat
 from array import array
 from collections.abc import Iterator
@@ -42,6 +47,17 @@ SOCKET = "s"
 """A socket bound in a writable mount: served while mounted, never part of a layer."""
 BITS_KIND = {bits: kind for kind, bits in KIND_BITS.items()} | {stat.S_IFSOCK: SOCKET}
 _UINT32 = 0xFFFFFFFF
+
+NAME_MAX = 255
+"""The longest name a mount takes or finds, in bytes, as on ext4 (statfs reports it)."""
+PATH_MAX = 4096
+"""The longest path, with its NUL: a symlink target is at most ``PATH_MAX - 1`` bytes."""
+
+
+def check_name(name: bytes) -> None:
+    """ENAMETOOLONG for a name longer than :data:`NAME_MAX`, as ext4 answers for any call."""
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
 
 
 class ChangeWatch(Protocol):
@@ -71,6 +87,7 @@ class InodeTable:
         self.rdev: dict[int, int] = {}
         self.xattrs: dict[int, dict[str, bytes]] = {}
         self.ctime: dict[int, int] = {}  # only where it differs from mtime
+        self.atime: dict[int, int] = {}  # only where it differs from mtime
         self.watch: ChangeWatch | None = None
         self.live = 0
         root = self.new(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, LAYER_IMPLIED)
@@ -112,6 +129,7 @@ class InodeTable:
         self.rdev.pop(ino, None)
         self.xattrs.pop(ino, None)
         self.ctime.pop(ino, None)
+        self.atime.pop(ino, None)
         self.live -= 1
 
     def alive(self, ino: int) -> bool:
@@ -131,6 +149,26 @@ class InodeTable:
         if names is None:
             return 0
         return names.get(name, 0)
+
+    def lookup(self, parent: int, name: bytes) -> int:
+        """The inode of ``name`` in ``parent`` (``.`` and ``..`` too), or 0 if it has none.
+
+        OSError ENOENT/ENOTDIR for a parent that is gone or no directory, and
+        ENAMETOOLONG for a name longer than NAME_MAX (checked only when the name is
+        not there: no layer holds one, the tar index refuses them).
+        """
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self.parent[parent]
+        names = self.children.get(parent)
+        if names is None:
+            code = errno.ENOTDIR if self.alive(parent) else errno.ENOENT
+            raise OSError(code, os.strerror(code))
+        ino = names.get(name, 0)
+        if not ino and len(name) > NAME_MAX:
+            check_name(name)
+        return ino
 
     def add_name(self, parent: int, name: bytes, ino: int) -> None:
         if self.watch is not None:
@@ -225,11 +263,17 @@ class InodeTable:
         uid: int | None = None,
         gid: int | None = None,
         size: int | None = None,
+        atime_ns: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
         offset: int | None = None,
         layer: int | None = None,
     ) -> None:
+        """Change attributes; a time left out keeps its value (ctime: see below).
+
+        A new mtime without a ctime is also the new ctime (a change of data or of a
+        directory's names); atime stays what it was.
+        """
         if self.watch is not None:
             self.watch.meta_changing(ino)
         if mode is not None:
@@ -241,9 +285,19 @@ class InodeTable:
         if size is not None:
             self.size[ino] = size
         if mtime_ns is not None:
+            old = self.mtime[ino]
+            if atime_ns is None and ino not in self.atime and old != mtime_ns:
+                self.atime[ino] = old
             self.mtime[ino] = mtime_ns
             if ctime_ns is None:
                 self.ctime.pop(ino, None)
+            if self.atime.get(ino) == mtime_ns:
+                del self.atime[ino]
+        if atime_ns is not None:
+            if atime_ns == self.mtime[ino]:
+                self.atime.pop(ino, None)
+            else:
+                self.atime[ino] = atime_ns
         if ctime_ns is not None:
             if ctime_ns == self.mtime[ino]:
                 self.ctime.pop(ino, None)
@@ -256,6 +310,9 @@ class InodeTable:
 
     def ctime_of(self, ino: int) -> int:
         return self.ctime.get(ino, self.mtime[ino])
+
+    def atime_of(self, ino: int) -> int:
+        return self.atime.get(ino, self.mtime[ino])
 
     def __len__(self) -> int:
         return self.live

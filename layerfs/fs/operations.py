@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,9 +29,10 @@ import pyfuse3
 import trio
 
 from layerfs.errors import LayerfsError
-from layerfs.fs.inodes import LAYER_UPPER, ROOT, InodeTable
+from layerfs.fs.inodes import LAYER_UPPER, NAME_MAX, ROOT, InodeTable
+from layerfs.fs.posix import Caller, get_xattr, listed_xattrs
 from layerfs.fs.union import MergedTree
-from layerfs.fs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, Upper
+from layerfs.fs.upper import Upper
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,12 @@ _QUIET_ERRNOS = frozenset(
         errno.ENOTDIR,
         errno.EINVAL,
         errno.EXDEV,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+        errno.ERANGE,
+        errno.EOPNOTSUPP,
     }
 )
-_RENAME_KNOWN = RENAME_EXCHANGE | RENAME_NOREPLACE
 
 Control = Callable[[bytes], bytes]
 """Answers ``getxattr(mountpoint, "user.layerfs.<what>")``, the control channel."""
@@ -146,7 +149,7 @@ class Operations(pyfuse3.Operations):
         attr.st_blocks = (size + 511) >> 9
         mtime = t.mtime[ino]
         attr.st_mtime_ns = mtime
-        attr.st_atime_ns = mtime
+        attr.st_atime_ns = t.atime.get(ino, mtime)
         attr.st_ctime_ns = t.ctime.get(ino, mtime)
         rdev = t.rdev.get(ino)
         if rdev:
@@ -185,15 +188,9 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    def _owner(self, parent: int, ctx: pyfuse3.RequestContext, mode: int) -> tuple[int, int, int]:
-        """uid, gid and mode of a new entry (a setgid directory passes its group on)."""
-        t = self.t
-        gid = ctx.gid
-        if t.mode[parent] & stat.S_ISGID:
-            gid = t.gid[parent]
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        return ctx.uid, gid, mode
+    @staticmethod
+    def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+        return Caller(ctx.uid, ctx.gid, ctx.umask)
 
     async def _pread(self, fd: int, size: int, pos: int, limit: int) -> bytes | memoryview:
         """``size`` bytes at ``pos`` of ``fd``, whose file's data ends at ``limit``."""
@@ -254,20 +251,9 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            t = self.t
-            if name == b".":
-                ino = parent_inode
-            elif name == b"..":
-                ino = t.parent[parent_inode]
-            else:
-                names = t.children.get(parent_inode)
-                if names is None:
-                    raise pyfuse3.FUSEError(
-                        errno.ENOTDIR if t.alive(parent_inode) else errno.ENOENT
-                    )
-                ino = names.get(name, 0)
-                if not ino:
-                    return self._negative
+            ino = self.t.lookup(parent_inode, name)
+            if not ino:
+                return self._negative
             self._referenced(ino)
             return self._attr(ino)
         except Exception as exc:
@@ -320,7 +306,7 @@ class Operations(pyfuse3.Operations):
                 data.f_bfree = data.f_bavail = 0
                 data.f_ffree = data.f_favail = 0
             data.f_files = len(self.t) + data.f_ffree
-            data.f_namemax = 255
+            data.f_namemax = NAME_MAX
             return data
         except Exception as exc:
             raise fuse_error(exc, "statfs") from None
@@ -368,8 +354,12 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         try:
             self._alive(inode)
-            if self.upper is None and flags & os.O_ACCMODE != os.O_RDONLY:
-                raise pyfuse3.FUSEError(errno.EROFS)
+            if self.upper is None:
+                if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+                    raise pyfuse3.FUSEError(errno.EROFS)
+            else:
+                # libfuse asks the kernel for atomic O_TRUNC: the truncation is ours.
+                self.upper.open_file(inode, flags, self._caller(ctx))
             fh = self._new_fh()
             self._files[fh] = inode
             if self.upper is not None:
@@ -448,31 +438,22 @@ class Operations(pyfuse3.Operations):
         try:
             self._alive(inode)
             upper = self._writable()
-            t = self.t
             if fields.update_size:
-                if t.is_dir(inode):
-                    raise pyfuse3.FUSEError(errno.EISDIR)
-                if not stat.S_ISREG(t.mode[inode]):
-                    raise pyfuse3.FUSEError(errno.EINVAL)
                 await self._copy_up(inode, keep=attr.st_size)
-                upper.truncate(inode, attr.st_size)
-                if not self._open.get(inode):
-                    upper.close_fd(inode)
-            changes: dict[str, Any] = {}
-            if fields.update_mode:
-                changes["mode"] = attr.st_mode
-            if fields.update_uid:
-                changes["uid"] = attr.st_uid
-            if fields.update_gid:
-                changes["gid"] = attr.st_gid
-            now = time.time_ns()
-            if fields.update_mtime:
-                changes["mtime_ns"] = attr.st_mtime_ns
-            elif fields.update_size:
-                changes["mtime_ns"] = now
-            if changes:
-                changes["ctime_ns"] = now
-                t.set_attrs(inode, **changes)
+            # pyfuse3 passes FATTR_CTIME (writeback caching only) as update_ctime: the
+            # model moves ctime with every change anyway.
+            upper.setattr(
+                inode,
+                self._caller(ctx),
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            )
+            if fields.update_size and not self._open.get(inode):
+                upper.close_fd(inode)
             return self._attr(inode)
         except Exception as exc:
             raise fuse_error(exc, "setattr", inode) from None
@@ -488,8 +469,7 @@ class Operations(pyfuse3.Operations):
         target: bytes = b"",
     ) -> pyfuse3.EntryAttributes:
         upper = self._writable()
-        uid, gid, mode = self._owner(parent, ctx, mode)
-        ino = upper.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
+        ino = upper.make_node(parent, name, mode, self._caller(ctx), rdev=rdev, target=target)
         if stat.S_ISREG(mode):
             upper.close_fd(ino)  # reopened by open()
         self._referenced(ino)
@@ -528,8 +508,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         try:
             upper = self._writable()
-            uid, gid, mode = self._owner(parent_inode, ctx, stat.S_IFREG | (mode & 0o7777))
-            ino = upper.create(parent_inode, name, mode, uid, gid)
+            ino = upper.create_file(parent_inode, name, mode, flags, self._caller(ctx))
             self._referenced(ino)
             fh = self._new_fh()
             self._files[fh] = ino
@@ -570,8 +549,6 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         try:
-            if flags & ~_RENAME_KNOWN:
-                raise pyfuse3.FUSEError(errno.EINVAL)
             replaced = self._writable().rename(
                 parent_inode_old, name_old, parent_inode_new, name_new, flags
             )
@@ -588,18 +565,15 @@ class Operations(pyfuse3.Operations):
         try:
             if inode == ROOT and name.startswith(CONTROL_PREFIX) and self.control is not None:
                 return self.control(name[len(CONTROL_PREFIX) :])
-            xattrs = self.t.xattrs.get(inode)
-            value = xattrs.get(name.decode("utf-8", "surrogateescape")) if xattrs else None
-            if value is None:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-            return value
+            return get_xattr(self.t, inode, name.decode("utf-8", "surrogateescape"))
         except Exception as exc:
             raise fuse_error(exc, "getxattr", inode, name) from None
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         try:
             self._alive(inode)
-            return [k.encode("utf-8", "surrogateescape") for k in self.t.xattrs.get(inode, ())]
+            names = listed_xattrs(self.t, inode, self._caller(ctx))
+            return [k.encode("utf-8", "surrogateescape") for k in names]
         except Exception as exc:
             raise fuse_error(exc, "listxattr", inode) from None
 

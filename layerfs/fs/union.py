@@ -179,7 +179,14 @@ class MergedTree:
     def _set_from_row(self, ino: int, row: Sequence[Any], number: int) -> None:
         t = self.table
         t.set_attrs(
-            ino, mode=row[2], uid=row[3], gid=row[4], mtime_ns=row[6], offset=row[7], layer=number
+            ino,
+            mode=row[2],
+            uid=row[3],
+            gid=row[4],
+            atime_ns=row[6],  # a layer keeps no atime: it reads as the mtime
+            mtime_ns=row[6],
+            offset=row[7],
+            layer=number,
         )
         if row[11]:
             t.xattrs[ino] = row[11]
@@ -250,7 +257,14 @@ class MergedTree:
 
     def _reset_implied(self, ino: int) -> None:
         self.table.set_attrs(
-            ino, mode=_IMPLIED_DIR_MODE, uid=0, gid=0, mtime_ns=0, offset=0, layer=LAYER_IMPLIED
+            ino,
+            mode=_IMPLIED_DIR_MODE,
+            uid=0,
+            gid=0,
+            atime_ns=0,
+            mtime_ns=0,
+            offset=0,
+            layer=LAYER_IMPLIED,
         )
         self.table.xattrs.pop(ino, None)
 

@@ -34,13 +34,16 @@ import os
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from layerfs.errors import MountError, MountpointBusyError
-from layerfs.fs import whiteout
+from layerfs.fs import datafile
+from layerfs.fs.datafile import CopyPlan
 from layerfs.fs.inodes import LAYER_UPPER, InodeTable
+from layerfs.fs.posix import (
+    PosixRules,
+)
 from layerfs.fs.union import MergedTree
 from layerfs.store import codec
 from layerfs.store.files import FileLock, atomic_write
@@ -49,9 +52,6 @@ from layerfs.store.tarindex import REG
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-COPY_CHUNK = 1 << 30
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 
 Row = list[Any]
 """A layer index row (``Entry.to_row()``) plus a 13th column: where a file's data is.
@@ -61,11 +61,10 @@ lower layer's tar, at the offset.
 """
 
 
-def _error(code: int, what: str = "") -> OSError:
-    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+_error = datafile.error
 
 
-class Upper:
+class Upper(PosixRules):
     """The writable layer over a merged tree: every change goes through here."""
 
     def __init__(
@@ -95,6 +94,7 @@ class Upper:
         self.dirty = False
         self.generation = 0  # bumped by every change; a save records the one it saw
         self._fds: dict[int, int] = {}
+        self.linkable: set[int] = set()
         self._lock = FileLock(directory / "lock") if directory else None
 
     # -- opening and saving ---------------------------------------------------------
@@ -241,6 +241,17 @@ class Upper:
     def data_path(self, number: int) -> Path:
         return self.data_dir / str(number)
 
+    def _new_data_file(self) -> tuple[int, int]:
+        number = self.next_data
+        self.next_data += 1
+        fd = os.open(
+            self.data_path(number), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        return number, fd
+
+    def _data_file_taken(self, ino: int, fd: int) -> None:
+        self._fds[ino] = fd
+
     def fd(self, ino: int) -> int:
         """A read-write descriptor of an upper file's data (opened once, kept while in use)."""
         fd = self._fds.get(ino)
@@ -255,7 +266,9 @@ class Upper:
             os.close(fd)
 
     def needs_copy(self, ino: int) -> bool:
-        return self.table.layer[ino] != LAYER_UPPER
+        """True for a regular file whose data is still in a lower layer."""
+        t = self.table
+        return t.layer[ino] != LAYER_UPPER and stat.S_ISREG(t.mode[ino])
 
     def plan_copy(self, ino: int, keep: int | None = None) -> CopyPlan | None:
         """Reserve an upper data file for a lower file (None if it already has one).
@@ -281,7 +294,7 @@ class Upper:
     @staticmethod
     def run_copy(plan: CopyPlan) -> None:
         if plan.count:
-            _copy_range(plan.src, plan.src_offset, plan.fd, plan.count)
+            datafile.copy_range(plan.src, plan.src_offset, plan.fd, plan.count)
 
     def finish_copy(self, plan: CopyPlan) -> int:
         self.table.set_attrs(plan.ino, layer=LAYER_UPPER, offset=plan.number)
@@ -317,211 +330,75 @@ class Upper:
         """An inode is gone for good: close and delete its data file."""
         t = self.table
         self.close_fd(ino)
+        self.linkable.discard(ino)
         if t.layer[ino] == LAYER_UPPER and stat.S_ISREG(t.mode[ino]):
             try:
                 os.unlink(self.data_path(t.offset[ino]))
             except FileNotFoundError:
                 pass
 
-    def write(self, ino: int, offset: int, data: bytes) -> int:
+    def write(self, ino: int, offset: int, data: bytes, *, kill_privs: bool = False) -> int:
+        """Write ``data`` at ``offset``; mtime and ctime move, atime stays.
+
+        The kernel has already put an ``O_APPEND`` descriptor's writes at the end of
+        the file. ``kill_privs``: the writer may not keep setuid/setgid bits (an
+        engine that learns so from the request says it here; pyfuse3's kernel asks
+        with an empty setattr instead, see :meth:`setattr`). Writing nothing
+        changes nothing.
+        """
+        if not data:
+            return 0
         fd = self.copy_up(ino)
         written = os.pwrite(fd, data, offset)
         t = self.table
-        now = time.time_ns()
-        end = offset + written
-        t.set_attrs(ino, size=max(end, t.size[ino]), mtime_ns=now)
+        t.set_attrs(ino, size=max(offset + written, t.size[ino]), mtime_ns=time.time_ns())
+        if kill_privs:
+            self._drop_privs(ino, t.mtime[ino])
         return written
 
-    def truncate(self, ino: int, size: int) -> None:
+    def truncate(self, ino: int, size: int, now: int = 0) -> None:
+        """Cut or extend a regular file to ``size`` (a lower one is copied up to that size).
+
+        mtime and ctime move even when the size stays, as on ext4.
+        """
         t = self.table
+        self._check_regular(ino)
+        if size < 0:
+            raise _error(errno.EINVAL)
         fd = self.copy_up(ino, keep=size)
         os.ftruncate(fd, size)
-        t.set_attrs(ino, size=size)
+        t.set_attrs(ino, size=size, mtime_ns=now or time.time_ns())
 
-    # -- names -------------------------------------------------------------------------
+    def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with any mode the store's file system offers for the data file.
 
-    def _check_dir(self, ino: int) -> dict[bytes, int]:
+        The size afterwards is the data file's; mtime and ctime move when it
+        succeeds (ext4 moves them even for some refused ranges).
+        """
+        t = self.table
+        self._check_regular(ino)
+        fd = self.copy_up(ino)
+        datafile.fallocate(fd, mode, offset, length)
+        t.set_attrs(ino, size=os.fstat(fd).st_size, mtime_ns=time.time_ns())
+
+    def seek(self, ino: int, offset: int, whence: int) -> int:
+        """lseek's ``SEEK_DATA`` and ``SEEK_HOLE``: holes exist only in upper data files."""
+        t = self.table
+        self._check_regular(ino)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _error(errno.EINVAL)
+        if t.layer[ino] == LAYER_UPPER:
+            return datafile.seek(self.fd(ino), offset, whence)
+        return datafile.seek_contiguous(t.size[ino], offset, whence)
+
+    def _check_regular(self, ino: int) -> None:
         t = self.table
         if not t.alive(ino):
             raise _error(errno.ENOENT)
-        if not t.is_dir(ino):
-            raise _error(errno.ENOTDIR)
-        if t.nlink[ino] == 0:
-            raise _error(errno.ENOENT, "directory was removed")
-        return t.children[ino]
-
-    def _check_new_name(self, parent: int, name: bytes) -> None:
-        names = self._check_dir(parent)
-        if name in names:
-            raise _error(errno.EEXIST)
-        if whiteout.is_reserved(name):
-            raise _error(errno.EPERM, "names starting with .wh. are reserved for whiteouts")
-
-    def _touch_ctime(self, ino: int) -> None:
-        # A new ctime alone is not a change a layer can carry: the file is not marked.
-        self.table.ctime[ino] = time.time_ns()
-
-    def _dir_modified(self, *dirs: int) -> None:
-        now = time.time_ns()
-        for d in dirs:
-            self.table.set_attrs(d, mtime_ns=now)
-
-    def create(
-        self,
-        parent: int,
-        name: bytes,
-        mode: int,
-        uid: int,
-        gid: int,
-        *,
-        rdev: int = 0,
-        target: bytes = b"",
-    ) -> int:
-        """A new entry; ``mode`` carries the type bits (S_IFREG, S_IFDIR, S_IFLNK...)."""
-        self._check_new_name(parent, name)
-        t = self.table
-        kind_bits = stat.S_IFMT(mode)
-        if kind_bits not in (
-            stat.S_IFREG,
-            stat.S_IFDIR,
-            stat.S_IFLNK,
-            stat.S_IFCHR,
-            stat.S_IFBLK,
-            stat.S_IFIFO,
-            stat.S_IFSOCK,
-        ):
-            raise _error(errno.EINVAL)
-        now = time.time_ns()
-        perms = 0o777 if kind_bits == stat.S_IFLNK else mode & 0o7777
-        offset = 0
-        if kind_bits == stat.S_IFREG:
-            offset = self.next_data
-            self.next_data += 1
-            fd = os.open(
-                self.data_path(offset), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )
-        ino = t.new(kind_bits | perms, uid, gid, len(target), now, offset, LAYER_UPPER)
-        if kind_bits == stat.S_IFREG:
-            self._fds[ino] = fd
-        if kind_bits == stat.S_IFLNK:
-            t.targets[ino] = target
-        if kind_bits in (stat.S_IFCHR, stat.S_IFBLK):
-            t.rdev[ino] = rdev
-        t.add_name(parent, name, ino)
-        self._dir_modified(parent)
-        return ino
-
-    def link(self, ino: int, parent: int, name: bytes) -> None:
-        t = self.table
-        if t.is_dir(ino):
-            raise _error(errno.EPERM, "cannot hardlink a directory")
-        if not t.alive(ino) or t.nlink[ino] == 0:
-            raise _error(errno.ENOENT)
-        self._check_new_name(parent, name)
-        t.add_name(parent, name, ino)
-        self._touch_ctime(ino)
-        self._dir_modified(parent)
-
-    def unlink(self, parent: int, name: bytes) -> int:
-        """Remove a non-directory name; returns its inode (free it when unused)."""
-        t = self.table
-        ino = self._check_dir(parent).get(name, 0)
-        if not ino:
-            raise _error(errno.ENOENT)
         if t.is_dir(ino):
             raise _error(errno.EISDIR)
-        t.remove_name(parent, name)
-        if t.nlink[ino]:
-            self._touch_ctime(ino)
-        self._dir_modified(parent)
-        return ino
-
-    def rmdir(self, parent: int, name: bytes) -> int:
-        t = self.table
-        ino = self._check_dir(parent).get(name, 0)
-        if not ino:
-            raise _error(errno.ENOENT)
-        if not t.is_dir(ino):
-            raise _error(errno.ENOTDIR)
-        if t.children[ino]:
-            raise _error(errno.ENOTEMPTY)
-        t.remove_name(parent, name)
-        t.nlink[ino] = 0
-        self._dir_modified(parent)
-        return ino
-
-    def rename(
-        self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int = 0
-    ) -> int:
-        """Move a name (directories from lower layers too). Returns an inode that lost
-        its last name because it was replaced, else 0."""
-        t = self.table
-        src = self._check_dir(parent_old).get(name_old, 0)
-        if not src:
-            raise _error(errno.ENOENT)
-        new_names = self._check_dir(parent_new)
-        if whiteout.is_reserved(name_new):
-            raise _error(errno.EPERM, "names starting with .wh. are reserved for whiteouts")
-        dst = new_names.get(name_new, 0)
-        if t.is_dir(src) and t.is_ancestor(src, parent_new):
-            raise _error(errno.EINVAL, "cannot move a directory into itself")
-        if flags & RENAME_EXCHANGE:
-            if not dst:
-                raise _error(errno.ENOENT)
-            if t.is_dir(dst) and t.is_ancestor(dst, parent_old):
-                raise _error(errno.EINVAL)
-            t.remove_name(parent_old, name_old)
-            t.remove_name(parent_new, name_new)
-            t.add_name(parent_old, name_old, dst)
-            t.add_name(parent_new, name_new, src)
-            self._touch_ctime(src)
-            self._touch_ctime(dst)
-            self._dir_modified(parent_old, parent_new)
-            return 0
-        if dst == src:
-            return 0
-        replaced = 0
-        if dst:
-            if flags & RENAME_NOREPLACE:
-                raise _error(errno.EEXIST)
-            if t.is_dir(src):
-                if not t.is_dir(dst):
-                    raise _error(errno.ENOTDIR)
-                if t.children[dst]:
-                    raise _error(errno.ENOTEMPTY)
-            elif t.is_dir(dst):
-                raise _error(errno.EISDIR)
-            t.remove_name(parent_new, name_new)
-            if t.is_dir(dst):
-                t.nlink[dst] = 0
-            if t.nlink[dst] == 0:
-                replaced = dst
-        t.remove_name(parent_old, name_old)
-        t.add_name(parent_new, name_new, src)
-        self._touch_ctime(src)
-        self._dir_modified(*{parent_old, parent_new})
-        return replaced
-
-    # -- attributes --------------------------------------------------------------------------
-
-    def set_xattr(self, ino: int, name: str, value: bytes) -> None:
-        t = self.table
-        xattrs = dict(t.xattrs.get(ino) or {})
-        xattrs[name] = value
-        t.set_attrs(ino, ctime_ns=time.time_ns())
-        t.xattrs[ino] = xattrs
-
-    def remove_xattr(self, ino: int, name: str) -> None:
-        t = self.table
-        current = t.xattrs.get(ino) or {}
-        if name not in current:
-            raise _error(errno.ENODATA)
-        xattrs = {k: v for k, v in current.items() if k != name}
-        t.set_attrs(ino, ctime_ns=time.time_ns())
-        if xattrs:
-            t.xattrs[ino] = xattrs
-        else:
-            t.xattrs.pop(ino, None)
+        if not stat.S_ISREG(t.mode[ino]):
+            raise _error(errno.EINVAL)
 
     # -- the changes as rows ------------------------------------------------------------------
 
@@ -554,36 +431,3 @@ class Upper:
             t.xattrs.get(ino),
             source,
         ]
-
-
-@dataclass
-class CopyPlan:
-    ino: int
-    number: int  # the upper data file
-    fd: int
-    src: int  # the layer tar, or -1 when nothing is copied
-    src_offset: int
-    count: int
-
-
-def _copy_range(src: int, offset: int, dst: int, count: int) -> None:
-    dst_offset = 0
-    while count:
-        try:
-            copied = os.copy_file_range(src, dst, min(count, COPY_CHUNK), offset, dst_offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            copied = _copy_plain(src, offset, dst, dst_offset, count)
-        if copied == 0:
-            raise _error(errno.EIO, "layer tar is shorter than its index says")
-        offset += copied
-        dst_offset += copied
-        count -= copied
-
-
-def _copy_plain(src: int, offset: int, dst: int, dst_offset: int, count: int) -> int:
-    data = os.pread(src, min(count, 1 << 20), offset)
-    if data:
-        os.pwrite(dst, data, dst_offset)
-    return len(data)

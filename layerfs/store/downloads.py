@@ -12,7 +12,8 @@ lock. The waiter then hard-links that staging directory's files into a staging
 directory of its own (no copy; both processes own a complete, verified copy and publish
 or discard it independently) or, if the layer has been published meanwhile, holds the
 published one. A staging directory is only taken from a process that is still alive
-(its PID is in the directory's name): what a dead process left is not trusted.
+(its owner, named in the directory's name, still holds its lock; see
+:mod:`layerfs.store.files`): what a dead process left is not trusted.
 
 A process that dies while fetching drops its lock with it (the kernel releases an
 ``flock`` when its holder exits), so nobody waits for a dead downloader: the next waiter
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from layerfs.errors import IntegrityError
 from layerfs.model.digest import hex_of, is_sha256_digest
-from layerfs.store.files import FileLock, make_temp_dir, remove_tree
+from layerfs.store.files import FileLock, make_temp_dir, owner_alive, owner_of, remove_tree
 from layerfs.store.layers import LayerInfo, LayerStore, StagedLayer
 
 POLL = 0.05  # seconds between two tries of a held lock (a waiting thread stays interruptible)
@@ -98,7 +99,10 @@ class DownloadLocks:
         checking that it holds the expected layer, complete.
         """
         source = Path(claim.advertised) if claim.advertised else None
-        if source is None or source.parent != tmp_root or not _owner_alive(source.name):
+        if source is None or source.parent != tmp_root:
+            return None
+        owner = owner_of(source.name)
+        if owner is None or not owner_alive(tmp_root, owner):
             return None
         try:
             info = LayerInfo.from_json((source / "info.json").read_bytes(), str(source))
@@ -133,17 +137,3 @@ class DownloadLocks:
                 probe.release()
                 removed += 1
         return removed
-
-
-def _owner_alive(name: str) -> bool:
-    """True if the staging directory ``<kind>-<pid>-<random>`` belongs to a live process."""
-    parts = name.split("-")
-    if len(parts) < 3 or not parts[1].isdigit():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

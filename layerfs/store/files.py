@@ -1,23 +1,35 @@
-"""Atomic publication of files and directories, and the store's kernel locks.
+"""Atomic publication of files and directories, staging owners, and the store's kernel locks.
 
 Everything the store makes visible is first written under ``<root>/tmp/``,
 fsynced, then renamed into place; a crash leaves the old state or the new one.
 Locks are ``flock`` locks on open files: the kernel drops them when their
 process dies, so a killed process never leaves the store locked.
+
+Every staging entry is named ``<kind>-<owner>-<random>``. The owner is one
+process: it holds an exclusive flock on ``<root>/owners/<owner>`` for as long
+as it lives, so whether an entry's writer is still alive is a lock probe
+(:func:`owner_alive`), not a PID that may have been reused or belong to another
+PID namespace. :func:`sweep_stale` removes the entries of owners that are gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.errors import NoSpaceError, StoreError, StoreLockedError
+from layerfs.store.faults import fault
+
+OWNERS_DIR = "owners"
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 # -- free space -------------------------------------------------------------------------------
 
@@ -119,9 +131,163 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# -- a full disk -------------------------------------------------------------------------
+
+
+def check_free_space(path: Path, needed: int, what: str) -> None:
+    """Refuse to start ``what`` when ``needed`` bytes will not fit beside ``path``."""
+    try:
+        free = free_bytes(path)
+    except OSError:
+        return  # no answer is no reason to refuse; the write itself will tell
+    if needed > free:
+        raise NoSpaceError(
+            f"{what}: needs {_human(needed)} but the file system of {path} has {_human(free)} free",
+            hint="free some space (layerfs gc removes unused layers) or use another --root",
+        )
+
+
+def no_space_error(exc: OSError, path: Path, what: str, needed: int | None = None) -> NoSpaceError:
+    """The one-line error for a write that hit ENOSPC/EDQUOT under ``path``."""
+    reason = "over quota" if exc.errno == errno.EDQUOT else "no space left"
+    need = f" ({_human(needed)} needed)" if needed else ""
+    return NoSpaceError(
+        f"{what}: {reason} on the file system of {path}{need}; nothing was stored",
+        hint="free some space (layerfs gc removes unused layers) or use another --root",
+    )
+
+
+@contextlib.contextmanager
+def reporting_no_space(path: Path, what: str, needed: int | None = None) -> Iterator[None]:
+    """Turn an ENOSPC/EDQUOT inside the block into :class:`NoSpaceError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise no_space_error(exc, path, what, needed) from exc
+        raise
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+# -- staging owners -----------------------------------------------------------------------
+
+_owners: dict[str, tuple[str, int, int]] = {}  # owners dir → (owner, fd, pid)
+_owners_mutex = threading.Lock()
+
+
+def owners_dir(tmp_root: Path) -> Path:
+    return tmp_root.parent / OWNERS_DIR
+
+
+def owner_name(tmp_root: Path) -> str:
+    """This process's owner name for staging under ``tmp_root``; its lock lives with it.
+
+    The owner file stays when the process ends: a child it forked (a mount server)
+    may share the lock and go on using the staging; the next sweep removes the file
+    once nobody holds it.
+    """
+    owners = owners_dir(tmp_root)
+    key = str(owners)
+    pid = os.getpid()
+    with _owners_mutex:
+        known = _owners.get(key)
+        if known is not None and known[2] == pid:
+            return known[0]
+        owners.mkdir(mode=0o700, exist_ok=True)
+        while True:
+            name = f"{pid}o{os.urandom(4).hex()}"
+            path = owners / name
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A sweeper probing between our open and our flock may have unlinked the file.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        _owners[key] = (name, fd, pid)
+        return name
+
+
+def owner_of(name: str) -> str | None:
+    """The owner in a ``<kind>-<owner>-<random>`` name (the kind may have dashes)."""
+    parts = name.split("-")
+    return parts[-2] if len(parts) >= 3 and parts[-2] else None
+
+
+def owner_alive(tmp_root: Path, owner: str) -> bool:
+    """True while the process that owns ``owner``'s staging lives."""
+    if owner.isdigit():  # an entry named by a layerfs older than owner files: a PID
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OverflowError, ValueError):
+            return True
+        return True
+    if "/" in owner or owner.startswith("."):
+        return False
+    return is_locked(owners_dir(tmp_root) / owner)
+
+
+def stale_entries(tmp_root: Path) -> list[Path]:
+    """Entries of tmp/ whose owner is gone (or that name no owner)."""
+    try:
+        names = sorted(os.listdir(tmp_root))
+    except FileNotFoundError:
+        return []
+    alive: dict[str, bool] = {}
+    stale = []
+    for name in names:
+        owner = owner_of(name)
+        if owner is None:
+            stale.append(tmp_root / name)
+            continue
+        if owner not in alive:
+            alive[owner] = owner_alive(tmp_root, owner)
+        if not alive[owner]:
+            stale.append(tmp_root / name)
+    return stale
+
+
+def sweep_stale(tmp_root: Path) -> list[str]:
+    """Remove the staging of owners that are gone, then their owner files; names removed."""
+    removed = []
+    for path in stale_entries(tmp_root):
+        remove_tree(path)
+        removed.append(f"tmp/{path.name}")
+    owners = owners_dir(tmp_root)
+    try:
+        names = os.listdir(owners)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        probe = FileLock(owners / name)
+        try:
+            if not probe.acquire(exclusive=True, blocking=False):
+                continue
+        except StoreError:
+            continue
+        try:
+            (owners / name).unlink(missing_ok=True)  # unlinked while we hold it: see owner_name
+        finally:
+            probe.release()
+    return removed
+
+
 def make_temp_dir(tmp_root: Path, prefix: str) -> Path:
     """A fresh private directory under the store's tmp/ folder."""
-    path = tmp_root / f"{prefix}-{os.getpid()}-{os.urandom(6).hex()}"
+    path = temp_path(tmp_root, prefix)
     path.mkdir(mode=0o700)
     return path
 
@@ -133,32 +299,35 @@ def open_private(path: Path) -> BinaryIO:
 
 
 def temp_path(tmp_root: Path, prefix: str) -> Path:
-    """A fresh, not yet existing path under the store's tmp/ folder."""
-    return tmp_root / f"{prefix}-{os.getpid()}-{os.urandom(6).hex()}"
+    """A fresh, not yet existing path under the store's tmp/ folder, named by its owner."""
+    return tmp_root / f"{prefix}-{owner_name(tmp_root)}-{os.urandom(6).hex()}"
 
 
 def atomic_write(path: Path, data: bytes, tmp_root: Path, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: write to tmp/, fsync, rename, fsync the directory."""
     tmp = temp_path(tmp_root, "write")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
+    with reporting_no_space(path.parent, f"cannot write {path.name}", len(data)):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
+    fault("write.before-rename")
     try:
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fault("write.after-rename")
     fsync_dir(path.parent)
 
 
@@ -177,6 +346,7 @@ def publish_dir(staged: Path, final: Path) -> bool:
                 os.close(fd)
     fsync_dir(staged)
     final.parent.mkdir(parents=True, exist_ok=True)
+    fault("publish.before-rename")
     try:
         os.rename(staged, final)
     except OSError as exc:
@@ -184,6 +354,7 @@ def publish_dir(staged: Path, final: Path) -> bool:
             remove_tree(staged)
             return False
         raise
+    fault("publish.after-rename")
     fsync_dir(final.parent)
     return True
 
@@ -201,14 +372,36 @@ def remove_tree(path: Path) -> None:
         pass
 
 
+_keep_removed: contextvars.ContextVar[Path | None] = contextvars.ContextVar("keep_removed")
+
+
+@contextlib.contextmanager
+def keeping_removed(directory: Path) -> Iterator[None]:
+    """Within the block :func:`trash` moves into ``directory`` (as ``<parent>-<name>``)."""
+    token = _keep_removed.set(directory)
+    try:
+        yield
+    finally:
+        _keep_removed.reset(token)
+
+
 def trash(path: Path, tmp_root: Path) -> None:
     """Make ``path`` disappear at once (a rename), then delete it at leisure."""
-    target = temp_path(tmp_root, "trash")
+    keep = _keep_removed.get(None)
+    target = keep / f"{path.parent.name}-{path.name}" if keep else temp_path(tmp_root, "trash")
     try:
         os.rename(path, target)
     except FileNotFoundError:
         return
     fsync_dir(path.parent)
+    if keep is not None:  # an undoable command: kept until it is done (journal.undoable)
+        fsync_dir(keep)
+        return
+    if target.is_dir():
+        children = sorted(target.iterdir())
+        if len(children) > 1:  # a named step half way through the removal
+            remove_tree(children[0])
+            fault("remove.mid-unlink")
     remove_tree(target)
 
 
@@ -263,6 +456,85 @@ def is_locked(path: Path) -> bool:
 
 _held: dict[str, tuple[FileLock, int]] = {}
 _held_mutex = threading.RLock()
+_lock_hooks: dict[str, Callable[[], None]] = {}
+
+
+LOCK_WARN_SECONDS = 10.0
+
+
+def lock_holders(path: Path) -> list[int]:
+    """PIDs holding a flock on ``path``, from /proc/locks (empty where it cannot tell)."""
+    try:
+        st = os.stat(path)
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in text.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; blocked waiters have "->"
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        if fields[5] == dev and fields[4].isdigit():
+            pids.append(int(fields[4]))
+    return sorted(set(pids))
+
+
+def describe_holders(path: Path) -> str:
+    """``process 1234 (layerfs load ...)`` for whoever holds ``path``, or a plain phrase."""
+    described = []
+    for pid in lock_holders(path):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+            described.append(f"process {pid} ({cmd.decode(errors='replace')[:80]})")
+        except OSError:
+            described.append(f"process {pid}")
+    return ", ".join(described) or "another process"
+
+
+def _wait_for(lock: FileLock, path: Path) -> None:
+    """Take ``lock``, waiting; say who holds it once the wait grows long.
+
+    ``LAYERFS_LOCK_TIMEOUT`` (seconds) turns a wait that long into an error naming
+    the holder instead of waiting on.
+    """
+    if lock.acquire(blocking=False):
+        return
+    limit_text = os.environ.get("LAYERFS_LOCK_TIMEOUT", "")
+    try:
+        limit = float(limit_text) if limit_text else None
+    except ValueError:
+        limit = None
+    start = time.monotonic()
+    warned = False
+    delay = 0.001
+    while not lock.acquire(blocking=False):
+        waited = time.monotonic() - start
+        if limit is not None and waited >= limit:
+            raise StoreLockedError(
+                f"the store lock {path} has been held for over {limit:g} s by "
+                f"{describe_holders(path)}",
+                hint="wait for it to finish, or stop it",
+            )
+        if not warned and waited >= LOCK_WARN_SECONDS:
+            import logging  # only when there is something to say (not every command's way)
+
+            logging.getLogger(__name__).warning(
+                "waiting for the store lock %s held by %s", path, describe_holders(path)
+            )
+            warned = True
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def set_lock_hook(path: Path, hook: Callable[[], None]) -> None:
+    """Run ``hook`` each time this process takes the lock on ``path`` (not when re-entering).
+
+    The store uses it to finish or undo the pending records of dead processes and
+    to sweep their staging before anyone changes anything.
+    """
+    _lock_hooks[str(path)] = hook
 
 
 @contextlib.contextmanager
@@ -282,9 +554,12 @@ def locked(path: Path, *, timeout_message: str | None = None) -> Iterator[None]:
                 if not lock.acquire(blocking=False):
                     raise StoreLockedError(timeout_message)
             else:
-                lock.acquire()
+                _wait_for(lock, path)
         _held[key] = (lock, depth + 1)
         try:
+            hook = _lock_hooks.get(key) if depth == 0 else None
+            if hook is not None:
+                hook()
             yield
         finally:
             lock, depth = _held[key]

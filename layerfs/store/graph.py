@@ -53,6 +53,7 @@ from layerfs.model.image import (
     canonical_json,
     decode_json_object,
 )
+from layerfs.store.faults import fault
 from layerfs.store.files import (
     FileLock,
     atomic_write,
@@ -383,26 +384,47 @@ class Graph:
         so it is the same image ID Docker computes for this image.
         """
         with locked(self.lock_path):
-            parent_image = self._load(self.resolve(parent)) if parent else None
-            parent_diff_ids = self.layers_of(parent_image) if parent_image else []
-            diff_id = layer.diff_id if isinstance(layer, StagedLayer) else layer
-            doc = build_config(
-                parent=parent_image,
-                parent_diff_ids=parent_diff_ids,
-                diff_id=diff_id,
-                config=config,
+            raw, image_id, parent_id = self.new_config(
+                layer.diff_id if isinstance(layer, StagedLayer) else layer,
+                parent=parent,
                 comment=comment,
                 author=author,
+                config=config,
                 created_by=created_by,
                 created=created,
                 platform=platform,
             )
-            raw = canonical_json(doc)
-            image_id = hex_of(sha256_digest(raw))
-            self._register_locked(
-                raw, image_id, parent_image.id if parent_image else "", layer, None, None
-            )
+            self._register_locked(raw, image_id, parent_id, layer, None, None)
             return self._load(image_id)
+
+    def new_config(
+        self,
+        diff_id: str | None,
+        *,
+        parent: str = "",
+        comment: str = "",
+        author: str = "",
+        config: dict[str, Any] | None = None,
+        created_by: str = "",
+        created: str | None = None,
+        platform: tuple[str, str, str] | None = None,
+    ) -> tuple[bytes, str, str]:
+        """(config bytes, image ID, parent ID) of a new image, registering nothing."""
+        parent_image = self._load(self.resolve(parent)) if parent else None
+        parent_diff_ids = self.layers_of(parent_image) if parent_image else []
+        doc = build_config(
+            parent=parent_image,
+            parent_diff_ids=parent_diff_ids,
+            diff_id=diff_id,
+            config=config,
+            comment=comment,
+            author=author,
+            created_by=created_by,
+            created=created,
+            platform=platform,
+        )
+        raw = canonical_json(doc)
+        return raw, hex_of(sha256_digest(raw)), parent_image.id if parent_image else ""
 
     # -- deletion ---------------------------------------------------------------
 
@@ -428,17 +450,31 @@ class Graph:
                 f"Conflict, cannot delete because the layer of {image_id[:12]} is held by an "
                 "ongoing pull, load or mount"
             )
-        self._summaries.forget(image_id)
-        trash(self.root / image_id, self.tmp_root)
-        if self._view is not None:
-            self._view.pop(image_id, None)
+        self.trash_node(image_id)
+        fault("remove.between-image-and-layer")
         removed: list[str] = []
-        if image.layer and not self._layer_in_use(image.layer, image_id):
+        if image.layer and not self.layer_in_use(image.layer, deleted=image_id):
             self.layers.delete(image.layer)
             removed.append(image.layer)
         return removed
 
-    def _layer_in_use(self, diff_id: str, deleted: str) -> bool:
+    def trash_node(self, image_id: str) -> None:
+        """Remove a node's directory (store lock held); the summaries learn that it is gone.
+
+        Every removal of a node goes through here (``delete``, the journal's undo and
+        removal records), so that no cached summary outlives its node.
+        """
+        self._summaries.forget(image_id)
+        trash(self.root / image_id, self.tmp_root)
+        if self._view is not None:
+            self._view.pop(image_id, None)
+
+    def layer_of(self, image_id: str) -> str:
+        """The diff ID an image node names as its own layer ("" for none), unparsed."""
+        return _read_text(self.root / image_id / "layer")
+
+    def layer_in_use(self, diff_id: str, deleted: str = "") -> bool:
+        """True when an image (but deleted) names the layer or some process holds it."""
         for node in self.summaries().values():
             if node.layer == diff_id and node.id != deleted:
                 return True

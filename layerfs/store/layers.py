@@ -22,6 +22,7 @@ module knows nothing of images.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -37,13 +38,16 @@ from layerfs.errors import (
 )
 from layerfs.model.digest import hex_of, is_sha256_digest, validate_digest
 from layerfs.store import codec
+from layerfs.store.faults import fault
 from layerfs.store.files import (
     SpaceGuard,
     atomic_write,
+    fsync_dir,
     make_temp_dir,
     open_private,
     publish_dir,
     remove_tree,
+    reporting_no_space,
     trash,
 )
 
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
 # is read or written, so that commands which only look at the store start fast.
 
 INDEX_VERSION = 1
+DAMAGED = "damaged"  # a layer's mark: fsck --verify found its bytes wrong
 
 
 @dataclass
@@ -103,6 +108,24 @@ def write_index(out: Any, result: IndexResult) -> None:
     )
 
 
+class _HalfThenFault:
+    """Passes writes on; the named step ``stage.mid-index`` falls half way into the first."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self._first = True
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self._first:
+            self._first = False
+            half = len(data) // 2
+            self._out.write(data[:half])
+            fault("stage.mid-index")
+            self._out.write(data[half:])
+            return len(data)
+        return int(self._out.write(data))
+
+
 class StagedLayer:
     """A layer written and verified under tmp/, not yet visible in the store."""
 
@@ -116,14 +139,45 @@ class StagedLayer:
         return self.info.diff_id
 
     def publish(self) -> bool:
-        """Make the layer visible (caller holds the store lock). False if already stored."""
+        """Make the layer visible (caller holds the store lock). False if already stored.
+
+        A stored copy that ``fsck --verify`` marked damaged is replaced file by file
+        (each a rename of verified bytes); its mark goes last.
+        """
         final = self._store.path(self.diff_id)
-        if final.exists():
+        damaged = final.exists() and self._store.is_damaged(self.diff_id)
+        if final.exists() and not damaged:
             remove_tree(self.staging)
             return False
-        for blob_digest in self.info.blob_digests:
+        if damaged:  # the same bytes under every compressed digest it was known by
+            try:
+                known = self._store.info(self.diff_id).blob_digests
+            except (LayerNotFoundError, IntegrityError):
+                known = []
+            extra = [d for d in known if d not in self.info.blob_digests]
+            if extra:
+                self.info.blob_digests.extend(extra)
+                (self.staging / "info.json").write_bytes(self.info.to_json())
+        for blob_digest in self.info.blob_digests:  # the index first (see the module)
             self._store.index_blob(blob_digest, self.diff_id)
+        if damaged:
+            self._replace(final)
+            return True
         return publish_dir(self.staging, final)
+
+    def _replace(self, final: Path) -> None:
+        for name in ("layer.tar", "index", "info.json"):
+            fd = os.open(self.staging / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fault("publish.before-rename")
+            os.rename(self.staging / name, final / name)
+            fsync_dir(final)
+        (final / DAMAGED).unlink(missing_ok=True)
+        fsync_dir(final)
+        remove_tree(self.staging)
 
     def discard(self) -> None:
         remove_tree(self.staging)
@@ -140,6 +194,17 @@ class LayerStore:
 
     def exists(self, diff_id: str) -> bool:
         return is_sha256_digest(diff_id) and (self.path(diff_id) / "info.json").is_file()
+
+    def is_damaged(self, diff_id: str) -> bool:
+        """True when ``fsck --verify`` found this layer's bytes wrong (a pull fetches it again)."""
+        return is_sha256_digest(diff_id) and (self.path(diff_id) / DAMAGED).is_file()
+
+    def mark_damaged(self, diff_id: str, reason: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to mark
+            atomic_write(self.path(diff_id) / DAMAGED, reason.encode(), self.tmp_root, 0o644)
+
+    def clear_damaged(self, diff_id: str) -> None:
+        (self.path(diff_id) / DAMAGED).unlink(missing_ok=True)
 
     def diff_ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -160,37 +225,43 @@ class LayerStore:
         """Stream a (possibly compressed) layer tar into tmp/: copy, hash, index, verify.
 
         ``staging`` is an empty directory under tmp/ to use (an ingest worker process
-        writes into its parent's, whose PID names it); by default a new one.
+        writes into its puller's, whose owner names it); by default a new one.
         """
-        staging = staging if staging is not None else make_temp_dir(self.tmp_root, "layer")
         from layerfs.compression import ReadAheadReader, open_decompressed
         from layerfs.store.tarindex import index_tar
 
+        with reporting_no_space(self.tmp_root.parent, what):
+            if staging is None:
+                staging = make_temp_dir(self.tmp_root, "layer")
         read_ahead: ReadAheadReader | None = None
         try:
-            reader, kind = open_decompressed(stream, what) if decompress else (stream, "none")
-            if kind != "none":  # inflate on one core while this one parses and hashes
-                reader = read_ahead = ReadAheadReader(reader)
-            with open_private(staging / "layer.tar") as out:
-                guard = SpaceGuard(out, self.tmp_root, what)
-                result = index_tar(reader, guard, progress=progress)
-                out.flush()
-                os.fsync(out.fileno())
-            if expected_diff_id is not None and result.diff_id != expected_diff_id:
-                raise DigestMismatchError(
-                    f"{what}: diff ID mismatch: expected {expected_diff_id}, got {result.diff_id}"
+            with reporting_no_space(self.tmp_root.parent, what):
+                reader, kind = open_decompressed(stream, what) if decompress else (stream, "none")
+                if kind != "none":  # inflate on one core while this one parses and hashes
+                    reader = read_ahead = ReadAheadReader(reader)
+                with open_private(staging / "layer.tar") as out:
+                    guard = SpaceGuard(out, self.tmp_root, what)
+                    result = index_tar(reader, guard, progress=progress)
+                    out.flush()
+                    os.fsync(out.fileno())
+                fault("stage.layer-written")
+                if expected_diff_id is not None and result.diff_id != expected_diff_id:
+                    raise DigestMismatchError(
+                        f"{what}: diff ID mismatch: expected {expected_diff_id}, "
+                        f"got {result.diff_id}"
+                    )
+                with open_private(staging / "index") as out:
+                    write_index(_HalfThenFault(SpaceGuard(out, self.tmp_root, what)), result)
+                info = LayerInfo(
+                    result.diff_id,
+                    result.tar_size,
+                    result.content_size,
+                    len(result.entries),
+                    [blob_digest] if blob_digest else [],
                 )
-            with open_private(staging / "index") as out:
-                write_index(SpaceGuard(out, self.tmp_root, what), result)
-            info = LayerInfo(
-                result.diff_id,
-                result.tar_size,
-                result.content_size,
-                len(result.entries),
-                [blob_digest] if blob_digest else [],
-            )
-            with open_private(staging / "info.json") as out:
-                out.write(info.to_json())
+                with open_private(staging / "info.json") as out:
+                    out.write(info.to_json())
+            fault("stage.done")
         except BaseException:
             remove_tree(staging)
             raise

@@ -9,6 +9,9 @@ has children ("cannot be forced"), and an image held by a pull, a load or a moun
 process is never deleted (like docker's running container: ``force`` on a name only
 untags it). Deleted images take their untagged, childless, unheld parents with them
 unless ``prune`` is off, and their layers when no other image uses them.
+
+All of one ``rmi`` is one step: it runs under an undo record (:meth:`Journal.undoable`),
+so a process killed half way leaves the store as it was before it.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def _held(store: Store, image: Image) -> bool:
 
 def remove_image(store: Store, name: str, *, force: bool = False, prune: bool = True) -> Removal:
     removal = Removal([], [])
-    with store.graph.transaction():
+    with store.graph.transaction(), store.journal.undoable("rmi"):
         image = store.tags.lookup_image(name)
         refs = store.tags.references(image.id)
         quiet = False

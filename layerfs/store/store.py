@@ -7,6 +7,8 @@
 <root>/layers/<hex>/        layer.tar, index, info.json (see layers.py)
 <root>/graph/<id>/          json, parent, layer, layersize, checksum, v1Compatibility
 <root>/holds/<hex>          hold files: shared flocks of retain()
+<root>/owners/<owner>       one per process staging in tmp/: an flock held while it lives
+<root>/journal/<cmd>-<owner>-<random>.json  pending records (see journal.py)
 <root>/repositories.json    the TagStore, in Docker's legacy format
 <root>/index/               lookups that would otherwise read every layer or node:
                             blobs/<hex> (blob digest → diff ID), graph (node summaries)
@@ -25,10 +27,18 @@ from pathlib import Path
 
 from layerfs.errors import LayerfsError, StoreError
 from layerfs.store.downloads import DownloadLocks
-from layerfs.store.files import atomic_write, locked
+from layerfs.store.files import atomic_write, locked, set_lock_hook, sweep_stale
 from layerfs.store.graph import Graph
+from layerfs.store.journal import Journal
 from layerfs.store.layers import LayerStore
 from layerfs.store.tags import TagStore
+
+
+def _log(level: str, message: str, *args: object) -> None:
+    import logging  # not on every command's way: only when there is something to say
+
+    getattr(logging.getLogger(__name__), level)(message, *args)
+
 
 STORE_VERSION = 1
 _MARKER = "layerfs-store.json"
@@ -36,6 +46,10 @@ _MARKER = "layerfs-store.json"
 # gets them built by the first command that opens it.
 INDEX_VERSION = 1
 _INDEX_MARKER = "version"
+
+_CLEANUP_FAILED = "cannot clean up after an interrupted command in %s: %s"
+_SUBDIRS = ("tmp", "layers", "graph", "holds", "owners", "journal")
+
 
 UID_MAP = Path("/proc/self/uid_map")
 
@@ -80,11 +94,36 @@ class Store:
         )
         self.tags = TagStore(self.root / "repositories.json", self.graph, self.tmp, self.lock_path)
         self.downloads = DownloadLocks(self.root / "downloads", self.layers)
+        self.journal = Journal(self)
+        set_lock_hook(self.lock_path, self._on_lock)
+
+    def _on_lock(self) -> None:
+        """Taking the store lock: settle dead commands' records, sweep dead staging."""
+        try:
+            self.journal.recover()
+            for name in sweep_stale(self.tmp):
+                _log("debug", "removed %s of a process that is gone", name)
+        except (OSError, LayerfsError) as exc:
+            _log(
+                "warning", "cannot clean up after an interrupted command in %s: %s", self.root, exc
+            )
+
+    def recover(self) -> None:
+        """Settle what dead processes left pending, if anything (takes the lock only then)."""
+        try:
+            if self.journal.has_dead_records():
+                with locked(self.lock_path):
+                    pass  # the lock hook does the work
+        except (OSError, LayerfsError) as exc:
+            _log(
+                "warning", "cannot clean up after an interrupted command in %s: %s", self.root, exc
+            )
 
     @classmethod
     def open(cls, root: Path | None = None, *, create: bool = True) -> Store:
         store = cls(root if root is not None else default_root())
         store._prepare(create)
+        store.recover()
         return store
 
     def _prepare(self, create: bool) -> None:
@@ -115,12 +154,9 @@ class Store:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             _make_private(self.root)
-            for sub in ("tmp", "layers", "graph", "holds"):
+            for sub in _SUBDIRS:
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
-            if any(
-                p.name not in ("tmp", "layers", "graph", "holds", "lock", "index")
-                for p in self.root.iterdir()
-            ):
+            if any(p.name not in (*_SUBDIRS, "lock", "index") for p in self.root.iterdir()):
                 raise StoreError(f"{self.root} is not empty and is not a layerfs store")
             (self.root / "index").mkdir(mode=0o700, exist_ok=True)
             self._write_index_marker()
@@ -145,11 +181,7 @@ class Store:
                 self.layers.rebuild_blob_index()
                 self._write_index_marker()
         except (OSError, LayerfsError) as exc:  # lookups still work, only slower or missing
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "cannot build the indexes of %s: %s", self.root, exc
-            )
+            _log("warning", "cannot build the indexes of %s: %s", self.root, exc)
 
     def rebuild_indexes(self) -> None:
         """``fsck --repair``: the blob index and the graph summaries anew (store lock held)."""

@@ -192,6 +192,57 @@ class TagStore(Generic[ImageT]):
 
         self._update(change)
 
+    def set_refs(self, refs: list[tuple[str, str, str]]) -> list[str]:
+        """Set several ``(repo, tag or digest, image ID)`` in one write; rename messages.
+
+        Tags move (as ``tag -f``); a digest already naming another image is a conflict.
+        The file is rewritten once, so the refs of one command appear together.
+        """
+        for repo, ref, _ in refs:
+            validate_repo_name(repo)
+            if ":" in ref:
+                validate_digest_ref(ref)
+            else:
+                validate_tag(ref)
+
+        def change(repos: Repositories) -> list[str]:
+            messages: list[str] = []
+            for repo, ref, image_name in refs:
+                image_id = self.lookup_image(image_name).id
+                local = familiar_name(repo)
+                entries = repos.setdefault(local, {})
+                old = entries.get(ref)
+                if ":" in ref and old is not None and old != image_id:
+                    raise ConflictError(
+                        f"Conflict: Digest {ref} is already set to image {truncate_id(old)}"
+                    )
+                entries[ref] = image_id
+                if ":" not in ref and old is not None and old != image_id:
+                    messages.append(
+                        f"The image {local}:{ref} already exists, renaming the old one with ID "
+                        f"{truncate_id(old)} to empty string"
+                    )
+            return messages
+
+        return self._update(change)
+
+    def delete_refs(self, refs: list[tuple[str, str, str]]) -> list[str]:
+        """Remove each ``(repo, tag or digest, image ID)`` still naming that image; one write."""
+
+        def change(repos: Repositories) -> list[str]:
+            removed = []
+            for repo, ref, image_id in refs:
+                local = normalize_local_name(repo)
+                entries = repos.get(local)
+                if entries is not None and entries.get(ref) == image_id:
+                    del entries[ref]
+                    removed.append(image_reference(local, ref))
+                    if not entries:
+                        del repos[local]
+            return removed
+
+        return self._update(change)
+
     def delete(self, repo: str, ref: str = "") -> bool:
         """Remove ``repo:ref`` (or the whole repository when ``ref`` is empty).
 

@@ -39,11 +39,15 @@ from layerfs.model.digest import HashingReader, hex_of, is_sha256_digest, sha256
 from layerfs.model.image import MAX_IMAGE_DEPTH, Image, canonical_json
 from layerfs.model.reference import (
     Reference,
+    familiar_name,
     image_reference,
     normalize_local_name,
     parse_repository_tag,
 )
 from layerfs.progress import ReportingReader
+from layerfs.store.faults import fault
+from layerfs.store.files import check_free_space
+from layerfs.store.journal import CREATE, Record
 from layerfs.store.layers import StagedLayer
 from layerfs.store.store import Store
 from layerfs.store.workers import MIN_SIZE, IngestWorkers
@@ -132,7 +136,15 @@ class StoreDestination:
         self._workers_tried = False
 
     def begin_image(self, image: SourceImage) -> None:
-        """Fork ingest workers (once) for an image of several big compressed layers."""
+        """Refuse at once when the layers this image still needs cannot fit (known sizes);
+        fork ingest workers (once) for an image of several big compressed layers."""
+        needed = sum(
+            layer.size or 0
+            for layer in image.layers
+            if not (layer.diff_id and self.store.layers.exists(layer.diff_id))
+        )
+        what = "pull" if image.manifest_digest else "load"
+        check_free_space(self.store.root, needed, f"cannot {what} {image.name or 'image'}")
         big = [layer for layer in image.layers if _for_workers(layer)]
         if len(big) > 1 and not self._workers_tried:
             self._workers_tried = True
@@ -150,7 +162,7 @@ class StoreDestination:
         with self._mutex:
             if diff_id in self._staged:
                 return True
-        if self.store.layers.exists(diff_id):
+        if self.store.layers.exists(diff_id) and not self.store.layers.is_damaged(diff_id):
             # Hold it so that no rmi removes it before our nodes reference it.
             self.store.graph.retain(self.session, diff_id)
             if self.store.layers.exists(diff_id):
@@ -291,8 +303,6 @@ class StoreDestination:
     def put_image(self, image: SourceImage) -> None:
         nodes = self._plan(image)
         graph = self.store.graph
-        created: list[str] = []
-        messages: list[str] = []
         with graph.transaction():
             parent = self._base(image)
             if image.legacy:
@@ -309,22 +319,36 @@ class StoreDestination:
                     f"max depth exceeded: {image.name or 'image'} has "
                     f"{base_depth + len(nodes)} layers, the limit is {MAX_IMAGE_DEPTH}"
                 )
-            try:
+            top = nodes[-1][0]
+            refs = self._refs(image, top) if self.tag else []
+            known = self.store.tags.all()
+            for ref in [r for r in refs if ":" in r[1]]:
+                current = known.get(ref[0], {}).get(ref[1])
+                if current is not None and current != top:
+                    # As docker: the digest keeps naming the first image (an index pulled
+                    # for two platforms); the tags still move.
+                    log.warning("digest %s@%s already names image %s", *ref[:2], current[:12])
+                    refs.remove(ref)
+            record = Record(
+                "pull" if image.manifest_digest else "load",
+                CREATE,
+                [n for n, _, _ in nodes if not (graph.root / n / "json").is_file()],
+                sorted({d for _, _, d in nodes if d and not self.store.layers.exists(d)}),
+                refs,
+            )
+            with self.store.journal.pending(record):
                 for depth, (node_id, raw, diff_id) in enumerate(nodes, base_depth):
                     layer: StagedLayer | str | None = diff_id
                     if diff_id is not None:
                         with self._mutex:
                             staged = self._staged.get(diff_id)
-                        if staged is not None and not self.store.layers.exists(diff_id):
+                        if staged is not None and (
+                            not self.store.layers.exists(diff_id)
+                            or self.store.layers.is_damaged(diff_id)
+                        ):
                             layer = staged
-                    if graph.register(raw, node_id, parent=parent, layer=layer, parent_depth=depth):
-                        created.append(node_id)
+                    graph.register(raw, node_id, parent=parent, layer=layer, parent_depth=depth)
                     parent = node_id
-                    if image.legacy and diff_id:
-                        desc = next((d for d in image.layers if d.diff_id == diff_id), None)
-                        if desc is not None and desc.digest and desc.digest != diff_id:
-                            self.store.layers.add_blob_digest(diff_id, desc.digest)
-                top = nodes[-1][0]
                 for desc in image.layers:
                     if (
                         desc.diff_id
@@ -333,30 +357,24 @@ class StoreDestination:
                         and self.store.layers.exists(desc.diff_id)
                     ):
                         self.store.layers.add_blob_digest(desc.diff_id, desc.digest)
-                if self.tag:
-                    for ref in image.references:
-                        repo, tag_or_digest = parse_repository_tag(ref)
-                        if ":" in tag_or_digest:
-                            self.store.tags.set_digest(repo, tag_or_digest, top)
-                        else:
-                            message = self.store.tags.tag(
-                                repo, tag_or_digest or "latest", top, force=True
-                            )
-                            if message:
-                                messages.append(message)
-                    if image.manifest_digest:
-                        for ref in image.references:
-                            repo, _ = parse_repository_tag(ref)
-                            self.store.tags.set_digest(repo, image.manifest_digest, top)
-            except BaseException:
-                for node_id in reversed(created):
-                    try:
-                        graph.delete(node_id)
-                    except LayerfsError:
-                        log.warning("cannot roll back image %s", node_id[:12], exc_info=True)
-                raise
+                fault("publish.between-image-and-tag")
+                messages = self.store.tags.set_refs(refs) if refs else []
         self.rename_messages.extend(messages)
         self.loaded.append((image, messages))
+
+    @staticmethod
+    def _refs(image: SourceImage, top: str) -> list[tuple[str, str, str]]:
+        """(repository, tag or digest, image ID) for every name the image is loaded under."""
+        refs: list[tuple[str, str, str]] = []
+        for ref in image.references:
+            repo, tag_or_digest = parse_repository_tag(ref)
+            refs.append((familiar_name(repo), tag_or_digest or "latest", top))
+            if image.manifest_digest:
+                refs.append((familiar_name(repo), image.manifest_digest, top))
+        digest_ref = image.extra.get("digest_ref")
+        if digest_ref:
+            refs.append((familiar_name(digest_ref[0]), digest_ref[1], top))
+        return list(dict.fromkeys(refs))
 
     def commit(self) -> None:
         pass
@@ -398,6 +416,12 @@ class StoreSource:
         self.session = f"source-{uuid.uuid4().hex}"
 
     def images(self) -> list[SourceImage]:
+        # Resolved and held in one locked section: an rmi comes wholly before (the name is
+        # unknown) or after (the image is held and stays).
+        with self.store.graph.transaction():
+            return self._images()
+
+    def _images(self) -> list[SourceImage]:
         result: list[SourceImage] = []
         by_id: dict[str, SourceImage] = {}
         for name in self.names:

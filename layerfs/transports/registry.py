@@ -233,6 +233,8 @@ class RegistrySource:
             image = self._schema1_image(manifest, references)
         else:
             image = self._image(manifest, references)
+        if self.manifest_digest:  # the store sets it with the tag, unless it names another
+            image.extra["digest_ref"] = (self.reference.repository, self.manifest_digest)
         return [image]
 
     def _image(self, manifest: ImageManifest, references: list[str]) -> SourceImage:

@@ -13,6 +13,7 @@ the members are is decided by ``archive.py``/``oci.py``.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -29,6 +30,7 @@ from layerfs.model.digest import HashingReader
 from layerfs.model.image import parse_created
 from layerfs.model.reference import Reference
 from layerfs.progress import ReportingReader
+from layerfs.store.faults import fault
 from layerfs.store.files import fsync_dir, temp_path
 from layerfs.transports.base import LayerDesc, ProgressFn, SourceImage
 from layerfs.transports.documents import config_diff_ids
@@ -90,6 +92,7 @@ class TarWriter(LayoutWriter):
         self._temp = temp
         self._sizes: dict[str, int] = {}
         self._done = False
+        self._anonymous = False  # an O_TMPFILE file: linked to ``temp`` only when finished
 
     @classmethod
     def to_file(cls, path: Path) -> TarWriter:
@@ -98,6 +101,17 @@ class TarWriter(LayoutWriter):
         if path.is_dir():
             raise UsageError(f"cannot write {path}: it is a directory")
         temp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            # A file with no name until it is finished: a process killed while writing
+            # leaves nothing beside the output. Named temp file where O_TMPFILE is refused.
+            fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+        else:
+            writer = cls(open(fd, "wb"), final=path, temp=temp)  # noqa: SIM115 - see finish
+            writer._anonymous = True
+            return writer
         try:
             out = open(temp, "xb")  # noqa: SIM115 - closed by finish/abort
         except OSError as exc:
@@ -149,10 +163,13 @@ class TarWriter(LayoutWriter):
         verify()  # too late to take the bytes back: a failure aborts the whole output
 
     def finish(self) -> None:
+        fault("save.mid-output")
         self._out.write(bytes(2 * BLOCK))
         self._out.flush()
         if self._final is not None and self._temp is not None:
             os.fsync(self._out.fileno())
+            if self._anonymous:
+                _link_anonymous(self._out.fileno(), self._temp)
             self._out.close()
             os.rename(self._temp, self._final)
             fsync_dir(self._final.parent)
@@ -165,6 +182,29 @@ class TarWriter(LayoutWriter):
             self._out.close()
             self._temp.unlink(missing_ok=True)
         self._done = True
+
+
+def _link_anonymous(fd: int, path: Path) -> None:
+    """Give the O_TMPFILE file ``fd`` the name ``path`` (linkat AT_EMPTY_PATH, else /proc)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_empty_path = -100, 0x1000
+    if libc.linkat(fd, b"", at_fdcwd, os.fsencode(path), at_empty_path) == 0:
+        return
+    try:
+        os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+        return
+    except OSError:
+        pass
+    # Neither is allowed here: copy the finished bytes to a named file beside it.
+    with open(path, "xb") as out:
+        offset = 0
+        while chunk := os.pread(fd, _CHUNK, offset):
+            out.write(chunk)
+            offset += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 class DirWriter(LayoutWriter):

@@ -15,7 +15,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.helpers import write_busybox_rootfs_tar
+from tests.helpers import SYSTEM_PYTHON, make_user_venv, write_busybox_rootfs_tar
 from tests.integration.conftest import LayerfsCli
 from tests.integration.mounting import Layer, build_image
 from tests.integration.test_mount_ro import mounted
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acts as root and as another user")
@@ -71,21 +69,12 @@ def public_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def user_python() -> Iterator[str]:
     """A python that uid 65534 can run: a venv of /usr/bin/python3 seeing our packages."""
-    if not Path("/usr/bin/python3").exists():
-        pytest.skip("/usr/bin/python3 is missing (apt-get install python3)")
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"{SYSTEM_PYTHON} is missing (apt-get install python3)")
     base = Path(tempfile.mkdtemp(prefix="layerfs-user-venv-"))
     try:
         base.chmod(0o755)
-        venv = base / "venv"
-        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)],
-                       check=True, capture_output=True)  # fmt: skip
-        where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-        purelib = subprocess.run([str(venv / "bin/python"), "-c", where], check=True,
-                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
-        # This checkout first, then the packages of the .venv the tests run from.
-        ours = sysconfig.get_paths()["purelib"]
-        Path(purelib, "layerfs-checkout.pth").write_text(f"{REPO}\n{ours}\n")
-        python = str(venv / "bin/python")
+        python = make_user_venv(base)
         probe = as_nobody([python, "-c", "import layerfs, msgpack, requests, zstandard"])
         if probe.returncode != 0:
             pytest.fail(f"uid {NOBODY} cannot run layerfs from {python}: {probe.stderr!r}")

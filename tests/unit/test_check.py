@@ -102,28 +102,28 @@ def test_progress_is_reported_per_layer(store: Store) -> None:
     ]
 
 
-def test_a_flipped_byte_in_a_layer_is_reported(store: Store) -> None:
-    tar = store.layers.tar_path(DIFF_B)
+def test_a_flipped_byte_in_a_layer_is_found_by_verify_naming_its_images(store: Store) -> None:
+    image = ids(store)
+    tar = store.layers.tar_path(DIFF_A)
     data = bytearray(tar.read_bytes())
-    data[512] ^= 0x20  # "box\n" -> "Box\n": file data, the headers stay valid
+    data[1024] ^= 0x20  # "shell" -> "Shell": file data, the headers stay valid
     tar.write_bytes(bytes(data))
-    assert fsck(store).clean  # without verify the tar is not read
+    assert fsck(store).clean  # same size: only re-hashing finds it
     report = fsck(store, verify=True)
-    assert only_problem(report).startswith(f"layer {DIFF_B}: content hashes to sha256:")
+    # Every image whose chain holds the layer is named: by its tags, else its short ID.
+    assert only_problem(report).startswith(f"layer {DIFF_A}: content hashes to sha256:")
+    assert only_problem(report).endswith(" (used by app:base, app:latest, old:1)")
+    assert report.damaged_layers == [DIFF_A]
+    assert store.layers.is_damaged(DIFF_A)  # a pull of these images fetches it again
     assert not report.clean
+    assert image["top"] in store.graph.ids()
 
 
-def test_checks_without_verify_see_a_truncated_tar_and_a_missing_index(store: Store) -> None:
+def test_a_truncated_layer_is_found_without_verify(store: Store) -> None:
     tar = store.layers.tar_path(DIFF_B)
-    tar.write_bytes(tar.read_bytes()[:-1024])
-    (store.layers.path(DIFF_A) / "index").unlink()
-    report = fsck(store)
-    size = len(LAYER_B)
-    assert sorted(report.problems) == sorted(
-        [
-            f"layer {DIFF_B}: info records {size} bytes, tar has {size - 1024}",
-            f"layer {DIFF_A}: the index is missing",
-        ]
+    tar.write_bytes(tar.read_bytes()[:1024])
+    assert only_problem(fsck(store)) == (
+        f"layer {DIFF_B}: layer.tar has 1024 bytes, info.json records 10240 (used by app:latest)"
     )
 
 
@@ -141,21 +141,69 @@ def test_progress_names_verify(store: Store) -> None:
     assert calls == ["Verifying layers"]
 
 
-def test_a_tampered_index_is_reported(store: Store) -> None:
+def test_a_tampered_index_is_found_by_verify(store: Store) -> None:
     from layerfs.store import codec
 
     path = store.layers.path(DIFF_A) / "index"
     doc = codec.unpack(path.read_bytes(), what="index")
     doc["entries"][1][2] = 0o6755
     path.write_bytes(codec.pack(doc))
-    assert only_problem(fsck(store, verify=True)) == f"layer {DIFF_A}: index does not match the tar"
+    assert only_problem(fsck(store, verify=True)) == (
+        f"layer {DIFF_A}: index does not match the tar (used by app:base, app:latest, old:1)"
+    )
+
+
+def test_a_truncated_index_is_found_by_verify(store: Store) -> None:
+    path = store.layers.path(DIFF_B) / "index"
+    path.write_bytes(path.read_bytes()[:-7])
+    problem = only_problem(fsck(store, verify=True))
+    assert problem.startswith(f"layer {DIFF_B}: ") and "index" in problem
+    assert problem.endswith("(used by app:latest)")
+
+
+def test_a_config_edited_by_hand_is_found_once(store: Store) -> None:
+    top = ids(store)["top"]
+    path = store.graph.root / top / "json"
+    path.write_bytes(path.read_bytes().replace(b'"os":"linux"', b'"os":"plan9"'))
+    assert only_problem(fsck(store, verify=True)) == (
+        f"image {top[:12]}: config does not hash to its ID (tagged app:latest)"
+    )
+
+
+def test_verify_clears_the_mark_of_a_layer_that_is_whole_again(store: Store) -> None:
+    tar = store.layers.tar_path(DIFF_B)
+    good = tar.read_bytes()
+    tar.write_bytes(good.replace(b"box", b"Box"))
+    fsck(store, verify=True)
+    assert store.layers.is_damaged(DIFF_B)
+    tar.write_bytes(good)
+    assert fsck(store, verify=True).clean
+    assert not store.layers.is_damaged(DIFF_B)
+
+
+def test_repair_drops_the_images_of_a_damaged_layer_and_keeps_the_rest(store: Store) -> None:
+    image = ids(store)
+    tar = store.layers.tar_path(DIFF_B)
+    tar.write_bytes(tar.read_bytes().replace(b"box", b"Box"))
+    report = fsck(store, verify=True, repair=True)
+    assert report.problems == []
+    assert f"removed image {image['top'][:12]} (its chain has a damaged layer)" in report.repaired
+    assert f"removed damaged layer {DIFF_B}" in report.repaired
+    assert "untagged app:latest" in report.repaired
+    assert sorted(store.graph.ids()) == sorted([image["base"], image["legacy"]])
+    assert store.tags.all() == {"app": {"base": image["base"]}, "old": {"1": image["legacy"]}}
+    assert not store.layers.exists(DIFF_B)
+    assert fsck(store, verify=True).clean
 
 
 def test_a_missing_parent_is_reported(store: Store) -> None:
     image = ids(store)
     store.graph.delete(image["base"])  # Graph.delete does not look at children
     report = fsck(store)
-    assert f"image {image['top'][:12]}: parent {image['base'][:12]} is missing" in report.problems
+    assert (
+        f"image {image['top'][:12]}: parent {image['base'][:12]} is missing (tagged app:latest)"
+        in report.problems
+    )
     assert f"tag app:base points to missing image {image['base'][:12]}" in report.problems
     assert len(report.problems) == 2
 
@@ -163,7 +211,9 @@ def test_a_missing_parent_is_reported(store: Store) -> None:
 def test_a_missing_layer_is_reported(store: Store) -> None:
     image = ids(store)
     store.layers.delete(DIFF_B)
-    assert only_problem(fsck(store)) == f"image {image['top'][:12]}: layer {DIFF_B} is missing"
+    assert only_problem(fsck(store)) == (
+        f"image {image['top'][:12]}: layer {DIFF_B} is missing (tagged app:latest)"
+    )
 
 
 def test_a_tag_to_a_missing_image_is_reported(store: Store) -> None:
@@ -176,20 +226,22 @@ def test_a_tag_to_a_missing_image_is_reported(store: Store) -> None:
     assert report.checked_tags == 4
 
 
-def test_a_corrupt_image_json_is_reported(store: Store) -> None:
+def test_a_corrupt_image_json_is_reported_once_with_its_tags(store: Store) -> None:
     legacy = ids(store)["legacy"]
     (store.graph.root / legacy / "json").write_bytes(b"{not json")
-    problem, tag_problem = fsck(store).problems
+    problem = only_problem(fsck(store))
     assert problem.startswith(f"image {legacy[:12]}: ") and "corrupt json" in problem
-    # an image that cannot be loaded does not exist for its tag either
-    assert tag_problem == f"tag old:1 points to missing image {legacy[:12]}"
+    # the tag to it is named there, not reported a second time as a missing image
+    assert problem.endswith(" (tagged old:1)")
 
 
 def test_a_config_that_does_not_hash_to_its_id_is_reported(store: Store) -> None:
     top = ids(store)["top"]
     path = store.graph.root / top / "json"
     path.write_bytes(path.read_bytes() + b" ")
-    assert only_problem(fsck(store)) == f"image {top[:12]}: config does not hash to its ID"
+    assert only_problem(fsck(store)) == (
+        f"image {top[:12]}: config does not hash to its ID (tagged app:latest)"
+    )
 
 
 def test_diff_ids_that_do_not_match_the_chain_are_reported(store: Store) -> None:
@@ -203,18 +255,17 @@ def test_diff_ids_that_do_not_match_the_chain_are_reported(store: Store) -> None
     )
 
 
-def test_a_staging_leftover_of_a_dead_process_is_reported(store: Store) -> None:
+def test_staging_of_a_dead_process_is_swept_before_fsck_looks(store: Store) -> None:
     pid = dead_pid()
     stale = store.tmp / f"layer-{pid}-abc"
     stale.mkdir()
     (stale / "layer.tar").write_bytes(b"half")
-    mine = store.tmp / f"layer-{os.getpid()}-def"  # a live writer's: not reported
+    mine = store.tmp / f"layer-{os.getpid()}-def"  # a live writer's: kept
     mine.mkdir()
-    report = fsck(store)
-    assert report.problems == []
-    assert report.leftovers == [f"unpublished staging leftover tmp/layer-{pid}-abc"]
-    assert not report.clean
     assert stale_tmp_entries(store) == [stale]
+    report = fsck(store)
+    assert report.clean and report.repaired == []
+    assert not stale.exists() and mine.exists()
 
 
 def test_tmp_entries_without_a_pid_count_as_stale(store: Store) -> None:
@@ -233,10 +284,9 @@ def test_an_unused_layer_is_a_leftover_unless_held(store: Store) -> None:
     store.graph.release("pull")
 
 
-def test_repair_removes_leftovers_and_unused_layers(store: Store) -> None:
+def test_repair_removes_unused_layers_and_released_holds(store: Store) -> None:
     pid = dead_pid()
     (store.tmp / f"image-{pid}-0a1b").mkdir()
-    (store.tmp / f"write-{pid}-2c3d").write_bytes(b"x")
     live = store.tmp / f"layer-{os.getpid()}-keep"
     live.mkdir()
     publish(store, LAYER_C)
@@ -245,13 +295,7 @@ def test_repair_removes_leftovers_and_unused_layers(store: Store) -> None:
 
     report = fsck(store, repair=True)
 
-    assert sorted(report.repaired) == sorted(
-        [
-            f"removed tmp/image-{pid}-0a1b",
-            f"removed tmp/write-{pid}-2c3d",
-            f"removed unused layer {DIFF_C}",
-        ]
-    )
+    assert report.repaired == [f"removed unused layer {DIFF_C}"]
     assert report.leftovers == [] and report.problems == []
     assert not store.layers.exists(DIFF_C)
     assert sorted(p.name for p in store.tmp.iterdir()) == [live.name]
@@ -281,7 +325,7 @@ def test_gc_removes_unused_layers_stale_staging_and_released_holds(store: Store)
     store.graph.retain("s", DIFF_A)
     store.graph.release("s")
     removed = gc(store)
-    assert sorted(removed) == sorted([f"tmp/layer-{pid}-aaaa", DIFF_C])
+    assert removed == [DIFF_C]  # the dead process's staging went when gc took the lock
     assert list(store.tmp.iterdir()) == []
     assert list(store.graph.holds_root.iterdir()) == []
     assert store.layers.diff_ids() == sorted([DIFF_A, DIFF_B])
@@ -307,3 +351,65 @@ def test_gc_keeps_held_layers(store: Store) -> None:
     assert store.layers.exists(DIFF_C)
     store.graph.release("mount")
     assert gc(store) == [DIFF_C]
+
+
+def test_a_pull_fetches_a_damaged_layer_again(tmp_path: Path) -> None:
+    import gzip
+
+    from layerfs.registry.client import RegistryOptions
+    from layerfs.registry.transfer import pull
+    from tests.fake_registry import image_documents, running
+
+    store = Store.open(tmp_path / "pulled")
+    blobs = [gzip.compress(x, mtime=0) for x in (LAYER_A, LAYER_B)]
+    config, manifest = image_documents(blobs, [DIFF_A, DIFF_B])
+    with running() as reg:
+        for blob in [*blobs, config]:
+            reg.add_blob("lib/app", blob)
+        reg.add_manifest(
+            "lib/app", "1", manifest, "application/vnd.docker.distribution.manifest.v2+json"
+        )
+        options = RegistryOptions(insecure_registries=(reg.host,), retries=0, use_config=False)
+        name = f"{reg.host}/lib/app:1"
+        assert pull(store, name, options=options).layers_copied == 2
+        assert pull(store, name, options=options).layers_copied == 0  # up to date
+        tar = store.layers.tar_path(DIFF_B)
+        tar.write_bytes(tar.read_bytes().replace(b"box", b"Box"))
+        assert pull(store, name, options=options).layers_copied == 0  # not verified yet
+        assert not fsck(store, verify=True).clean
+        again = pull(store, name, options=options)
+        assert (again.layers_copied, again.layers_skipped) == (1, 1)
+    assert fsck(store, verify=True).clean
+    assert not store.layers.is_damaged(DIFF_B)
+    assert store.layers.tar_path(DIFF_B).read_bytes() == LAYER_B
+
+
+def test_repair_fetches_a_damaged_layer_again_from_where_it_was_pulled(tmp_path: Path) -> None:
+    import gzip
+
+    from layerfs.registry.client import RegistryOptions
+    from layerfs.registry.refetch import refetch_layer
+    from layerfs.registry.transfer import pull
+    from tests.fake_registry import image_documents, running
+
+    store = Store.open(tmp_path / "pulled")
+    blobs = [gzip.compress(x, mtime=0) for x in (LAYER_A, LAYER_B)]
+    config, manifest = image_documents(blobs, [DIFF_A, DIFF_B])
+    options = RegistryOptions(retries=0, use_config=False)
+    with running() as reg:
+        for blob in [*blobs, config]:
+            reg.add_blob("lib/app", blob)
+        media = "application/vnd.docker.distribution.manifest.v2+json"
+        reg.add_manifest("lib/app", "1", manifest, media)
+        pull(store, f"{reg.host}/lib/app:1", options=options)
+        before = sorted(store.graph.ids())
+        tar = store.layers.tar_path(DIFF_B)
+        tar.write_bytes(tar.read_bytes().replace(b"box", b"Box"))
+        report = fsck(
+            store, verify=True, repair=True, refetch=lambda d: refetch_layer(store, d, options)
+        )
+    assert report.problems == []
+    assert report.repaired == [f"fetched layer {DIFF_B} again from {reg.host}/lib/app"]
+    assert sorted(store.graph.ids()) == before  # no image was dropped
+    assert store.layers.tar_path(DIFF_B).read_bytes() == LAYER_B
+    assert fsck(store, verify=True).clean

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,10 +44,11 @@ def umask_022() -> object:
 # -- temp names -------------------------------------------------------------------------------
 
 
-def test_make_temp_dir_is_private_and_names_its_process(tmp_root: Path, umask_022: object) -> None:
+def test_make_temp_dir_is_private_and_names_its_owner(tmp_root: Path, umask_022: object) -> None:
     path = make_temp_dir(tmp_root, "layer")
-    prefix, pid, token = path.name.split("-")
-    assert (prefix, pid) == ("layer", str(os.getpid()))
+    prefix, owner, token = path.name.split("-")
+    assert (prefix, owner) == ("layer", files.owner_name(tmp_root))
+    assert owner.startswith(f"{os.getpid()}o")
     assert len(token) == 12 and int(token, 16) >= 0
     assert path.parent == tmp_root
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
@@ -54,7 +57,7 @@ def test_make_temp_dir_is_private_and_names_its_process(tmp_root: Path, umask_02
 
 def test_temp_path_does_not_create_anything(tmp_root: Path) -> None:
     path = temp_path(tmp_root, "write")
-    assert path.name.startswith(f"write-{os.getpid()}-")
+    assert path.name.startswith(f"write-{files.owner_name(tmp_root)}-")
     assert not path.exists()
 
 
@@ -108,7 +111,7 @@ def test_atomic_write_leaves_no_temp_when_writing_fails(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", no_space)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(files.NoSpaceError, match=f"no space left on the file system of {tmp_path}"):
         atomic_write(target, b"new", tmp_root)
     assert target.read_bytes() == b"old"
     assert list(tmp_root.iterdir()) == []
@@ -400,6 +403,163 @@ def test_a_killed_process_never_leaves_the_lock_taken(tmp_path: Path) -> None:
     assert _is_free(path)
     with locked(path, timeout_message="should be free"):
         pass
+
+
+# -- staging owners and the sweep -------------------------------------------------------------
+
+OWNER_THEN_WAIT = """
+import sys
+from pathlib import Path
+from layerfs.store.files import make_temp_dir
+path = make_temp_dir(Path(sys.argv[1]), "layer")
+(path / "data").write_bytes(b"x")
+print(path.name, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_staging_of_a_live_process_is_kept_and_of_a_dead_one_swept(tmp_root: Path) -> None:
+    mine = make_temp_dir(tmp_root, "layer")
+    child = spawn_python(OWNER_THEN_WAIT, str(tmp_root))
+    try:
+        assert child.stdout is not None
+        theirs = tmp_root / child.stdout.readline().strip()
+        owner = theirs.name.split("-")[1]
+        assert files.owner_alive(tmp_root, owner)
+        assert files.stale_entries(tmp_root) == []
+        assert files.sweep_stale(tmp_root) == []
+        assert theirs.exists() and mine.exists()
+        child.kill()
+        child.wait()
+        assert not files.owner_alive(tmp_root, owner)
+        assert files.stale_entries(tmp_root) == [theirs]
+        assert files.sweep_stale(tmp_root) == [f"tmp/{theirs.name}"]
+        assert not theirs.exists() and mine.exists()
+        assert not (files.owners_dir(tmp_root) / owner).exists()  # its owner file went too
+        assert (files.owners_dir(tmp_root) / files.owner_name(tmp_root)).exists()
+    finally:
+        child.kill()
+        child.communicate()
+
+
+def test_entries_without_an_owner_and_of_dead_pids_are_stale(tmp_root: Path) -> None:
+    (tmp_root / "stray").write_bytes(b"")
+    (tmp_root / "write-notanowner-x").write_bytes(b"")
+    (tmp_root / "write-2147483647-x").write_bytes(b"")  # a PID that cannot exist
+    (tmp_root / f"write-{os.getpid()}-x").write_bytes(b"")  # an old-style live PID
+    stale = {p.name for p in files.stale_entries(tmp_root)}
+    assert stale == {"stray", "write-notanowner-x", "write-2147483647-x"}
+
+
+def test_an_owner_file_swept_between_open_and_flock_is_made_again(
+    tmp_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_flock = files.fcntl.flock
+    swept: list[bool] = []
+
+    def flock_after_a_sweep(fd: int, flags: int) -> None:
+        if not swept and flags == files.fcntl.LOCK_EX:
+            swept.append(True)
+            files.sweep_stale(tmp_root)  # finds the new file unlocked and removes it
+        real_flock(fd, flags)
+
+    monkeypatch.setattr(files, "_owners", {})
+    monkeypatch.setattr(files.fcntl, "flock", flock_after_a_sweep)
+    owner = files.owner_name(tmp_root)
+    monkeypatch.setattr(files.fcntl, "flock", real_flock)
+    assert swept == [True]
+    assert files.owner_alive(tmp_root, owner)
+    assert [p.name for p in files.owners_dir(tmp_root).iterdir()] == [owner]
+
+
+def test_free_space_checks_name_the_path_and_the_sizes(tmp_root: Path) -> None:
+    assert files.free_bytes(tmp_root) > 0
+    files.check_free_space(tmp_root, 1, "load x")
+    with pytest.raises(files.NoSpaceError) as caught:
+        files.check_free_space(tmp_root, 1 << 60, "cannot load x")
+    assert str(tmp_root) in caught.value.message
+    assert "needs 1073741824.0 GiB" in caught.value.message
+
+
+def test_an_enospc_becomes_a_one_line_error(tmp_root: Path) -> None:
+    with (
+        pytest.raises(files.NoSpaceError) as caught,
+        files.reporting_no_space(tmp_root, "cannot write x", 2048),
+    ):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.message == (
+        f"cannot write x: no space left on the file system of {tmp_root} (2.0 KiB needed); "
+        "nothing was stored"
+    )
+    with pytest.raises(PermissionError), files.reporting_no_space(tmp_root, "x"):
+        raise PermissionError(errno.EACCES, "denied")
+
+
+def test_a_long_wait_for_the_lock_names_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock_path = tmp_path / "lock"
+    holder = spawn_python(HOLD_LOCK, str(lock_path))
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        assert files.lock_holders(lock_path) == [holder.pid]
+        monkeypatch.setenv("LAYERFS_LOCK_TIMEOUT", "0.2")
+        with pytest.raises(StoreLockedError) as caught, locked(lock_path):
+            pass
+        assert f"process {holder.pid} (" in caught.value.message
+        assert "held for over 0.2 s" in caught.value.message
+    finally:
+        holder.kill()
+        holder.communicate()
+    with locked(lock_path):  # gone with its process
+        pass
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from layerfs.store.files import FileLock
+lock = FileLock(Path(sys.argv[1]))
+lock.acquire()
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+FORK_THEN_EXIT = """
+import os, sys
+from pathlib import Path
+from layerfs.store.files import make_temp_dir
+path = make_temp_dir(Path(sys.argv[1]), "mount-layer")
+if os.fork() == 0:  # a server going on with the staging its parent made
+    print(path.name, flush=True)
+    sys.stdin.readline()
+    os._exit(0)
+"""
+
+
+def test_staging_a_forked_child_goes_on_using_outlives_its_parent(tmp_root: Path) -> None:
+    parent = spawn_python(FORK_THEN_EXIT, str(tmp_root))
+    try:
+        assert parent.stdout is not None
+        staged = tmp_root / parent.stdout.readline().strip()
+        parent.wait(timeout=60)  # the parent exits; the child holds the owner lock
+        assert files.sweep_stale(tmp_root) == []
+        assert staged.exists()
+        assert parent.stdin is not None
+        parent.stdin.write("done\n")
+        parent.stdin.close()
+        deadline = time.monotonic() + 60
+        while files.stale_entries(tmp_root) == [] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the child reads the line and exits
+        assert files.sweep_stale(tmp_root) == [f"tmp/{staged.name}"]
+        assert list(files.owners_dir(tmp_root).iterdir()) == []  # its owner file went too
+    finally:
+        parent.kill()
+        parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
 
 
 # -- the free-space reserve ---------------------------------------------------------------------

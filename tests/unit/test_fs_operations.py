@@ -233,6 +233,39 @@ async def test_readdir_resumes_at_offsets_and_agrees_with_lookup(ro: Mounted,
 
 
 @pytest.mark.trio
+async def test_names_past_name_max_and_trusted_xattrs_as_ext4_answers(rw: Mounted):
+    ops = rw.ops
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await ops.lookup(ROOT, b"n" * 256, Ctx())
+    assert err.value.errno == errno.ENAMETOOLONG
+    assert (await ops.lookup(ROOT, b"n" * 255, Ctx())).st_ino == 0  # a negative entry
+    ino = rw.ino("etc/passwd")
+    await ops.setxattr(ino, b"trusted.t", b"1", Ctx())
+    await ops.setxattr(ino, b"user.u", b"2", Ctx())
+    assert sorted(await ops.listxattr(ino, Ctx())) == [b"trusted.t", b"user.u"]
+    assert await ops.listxattr(ino, Ctx(uid=1000, gid=1000)) == [b"user.u"]
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await ops.setxattr(ino, b"odd.x", b"1", Ctx())
+    assert err.value.errno == errno.EOPNOTSUPP
+
+
+@pytest.mark.trio
+async def test_open_with_o_trunc_truncates_and_setattr_keeps_atime_apart(rw: Mounted):
+    ops = rw.ops
+    ino = rw.ino("etc/big")
+    info = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, Ctx())
+    await ops.write(info.fh, 0, b"x\n")
+    await ops.release(info.fh)
+    assert await read_all(ops, ino) == b"x\n"
+    assert data_files(rw) == ["0"]
+    attr = pyfuse3.EntryAttributes()
+    attr.st_atime_ns, attr.st_mtime_ns = 10**9, 2 * 10**9
+    got = await ops.setattr(ino, attr, Fields(update_atime=True, update_mtime=True), None, Ctx())
+    assert (got.st_atime_ns, got.st_mtime_ns) == (10**9, 2 * 10**9)
+    assert got.st_ctime_ns > 2 * 10**9
+
+
+@pytest.mark.trio
 async def test_read_only_refuses_writes(ro: Mounted):
     with pytest.raises(pyfuse3.FUSEError) as err:
         await ro.ops.open(ro.ino("etc/passwd"), os.O_RDWR, Ctx())

@@ -94,8 +94,10 @@ def test_store_open_creates_the_layout(tmp_path: Path) -> None:
         "graph",
         "holds",
         "index",
+        "journal",
         "layerfs-store.json",
         "layers",
+        "owners",
         "tmp",
     ]
     assert json.loads((store.root / "layerfs-store.json").read_bytes()) == {"version": 1}
