@@ -253,9 +253,8 @@ def _repair(store: Store, report: Report, refetch: Callable[[str], str | None] |
             fault("gc.between-layers")
         store.graph.prune_hold_files()
         store.downloads.prune()
-        if report.stale_indexes:
-            store.rebuild_indexes()
-            report.repaired.extend(f"rebuilt the index: {s}" for s in report.stale_indexes)
+        stale_summaries = any(s.startswith("graph summary") for s in report.stale_indexes)
+        report.repaired.extend(store.rebuild_indexes(summaries=stale_summaries))
     report.leftovers = []
     report.stale_indexes = []
 
@@ -322,7 +321,8 @@ def _about(problem: str, images: set[str], layers: list[str]) -> bool:
 
 
 def gc(store: Store) -> list[str]:
-    """Remove unused layers, stale staging, released hold files and download locks."""
+    """Remove unused layers, stale staging, released hold files, download locks and the
+    blob index entries of layers no longer there."""
     removed: list[str] = []
     with locked(store.lock_path):
         for path in stale_tmp_entries(store):
@@ -334,4 +334,6 @@ def gc(store: Store) -> list[str]:
             fault("gc.between-layers")
         store.graph.prune_hold_files()
         store.downloads.prune()
+        stray, _ = store.layers.rebuild_blob_index()
+        removed.extend(f"the blob index entry of {digest}" for digest in stray)
     return removed

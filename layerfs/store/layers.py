@@ -342,9 +342,11 @@ class LayerStore:
         return entries
 
     def check_blob_index(self, infos: dict[str, LayerInfo] | None = None) -> list[str]:
-        """Where the blob index and the layers' ``blob_digests`` disagree, one line each.
+        """Digests the layers list that the blob index lacks, one line each.
 
-        ``infos``: the layers' info already read (by :meth:`check`), not read again.
+        An entry naming a layer that does not list it is no disagreement: a crash between
+        writing the entry and publishing the layer leaves one, lookups ignore it, and
+        ``fsck --repair`` and ``gc`` remove it. ``infos``: layer infos already read.
         """
         wanted: dict[str, str] = {}
         for diff_id in self.diff_ids():
@@ -356,20 +358,17 @@ class LayerStore:
             except (LayerNotFoundError, IntegrityError):
                 continue  # the layer check reports it
         found = self.blob_index_entries()
-        lines = [
+        return [
             f"blob index lacks {blob} (layer {diff_id})"
             for blob, diff_id in sorted(wanted.items())
             if found.get(blob) != diff_id
         ]
-        if self.blob_index.is_dir():
-            for name in sorted(os.listdir(self.blob_index)):
-                blob = "sha256:" + name
-                if blob not in wanted and not name.startswith("."):
-                    lines.append(f"blob index entry {blob} names no layer that lists it")
-        return lines
 
-    def rebuild_blob_index(self) -> None:
-        """Write the blob index anew from the layers' ``blob_digests`` (store lock held)."""
+    def rebuild_blob_index(self) -> tuple[list[str], list[str]]:
+        """Make the blob index what the layers' ``blob_digests`` say (store lock held).
+
+        Returns the blob digests whose stray entries were removed and those indexed anew.
+        """
         wanted: dict[str, str] = {}
         for diff_id in self.diff_ids():
             try:
@@ -379,11 +378,16 @@ class LayerStore:
             except (LayerNotFoundError, IntegrityError):
                 continue
         self.blob_index.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for name in os.listdir(self.blob_index):
+        removed, added = [], []
+        for name in sorted(os.listdir(self.blob_index)):
             if name not in wanted:
                 remove_tree(self.blob_index / name)
-        for name, diff_id in wanted.items():
-            self.index_blob("sha256:" + name, diff_id)
+                removed.append("sha256:" + name)
+        for name, diff_id in sorted(wanted.items()):
+            if self._indexed("sha256:" + name) != diff_id:
+                self.index_blob("sha256:" + name, diff_id)
+                added.append("sha256:" + name)
+        return removed, added
 
     def tar_path(self, diff_id: str) -> Path:
         path = self.path(diff_id) / "layer.tar"

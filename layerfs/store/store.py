@@ -183,12 +183,21 @@ class Store:
         except (OSError, LayerfsError) as exc:  # lookups still work, only slower or missing
             _log("warning", "cannot build the indexes of %s: %s", self.root, exc)
 
-    def rebuild_indexes(self) -> None:
-        """``fsck --repair``: the blob index and the graph summaries anew (store lock held)."""
+    def rebuild_indexes(self, *, summaries: bool) -> list[str]:
+        """``fsck --repair``: the blob index set right, the graph summaries (if asked) anew.
+
+        Returns what changed, one line each (store lock held).
+        """
         self.index.mkdir(mode=0o700, exist_ok=True)
-        self.layers.rebuild_blob_index()
-        self.graph.rebuild_summaries()
+        removed, added = self.layers.rebuild_blob_index()
+        if summaries:
+            self.graph.rebuild_summaries()
         self._write_index_marker()
+        return [
+            *(f"removed the blob index entry of {d}: no layer lists it" for d in removed),
+            *(f"indexed {d} in the blob index" for d in added),
+            *(["wrote the graph summaries anew"] if summaries else []),
+        ]
 
     def subdir(self, name: str) -> Path:
         path = self.root / name
