@@ -15,17 +15,29 @@ import os
 import queue
 import threading
 import zlib
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
 from layerfs.errors import ExpansionLimitError, FormatError
 
 _GzipFile: Any
+_ISAL_ERRORS: tuple[type[Exception], ...] = ()
 try:  # ISA-L's igzip inflates 2-3x faster than zlib here (docs/benchmarks.md, Pull and push)
     from isal.igzip import IGzipFile as _GzipFile
+    from isal.igzip_lib import IsalError
+
+    # A corrupt deflate stream (an Exception, not an OSError as zlib's); stubbed as a value.
+    _ISAL_ERRORS = (cast(type[Exception], IsalError),)
 except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
     _GzipFile = gzip.GzipFile
+_DECODE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    zlib.error,
+    lzma.LZMAError,
+    zstandard.ZstdError,
+    *_ISAL_ERRORS,
+)
 
 _CHUNK = 1 << 20
 
@@ -222,7 +234,7 @@ class DecompressingReader:
             data: bytes = self._reader.read(min(size, _CHUNK))
         except EOFError:
             raise FormatError(f"{self._what}: truncated {self._kind} stream") from None
-        except (OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
+        except _DECODE_ERRORS as exc:
             raise FormatError(f"{self._what}: corrupt {self._kind} data: {exc}") from exc
         if not data and size and self._frames is not None and not self._frames.complete:
             raise FormatError(f"{self._what}: truncated {self._kind} stream")

@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from layerfs.errors import LayerfsError
 from layerfs.progress import Progress
 from layerfs.transports.base import ImageDestination, ImageSource, SourceImage
 
 log = logging.getLogger(__name__)
+
+# The status of a layer another process is fetching into the same store (docker: "Waiting").
+WAITING_FOR_OTHER = "Waiting for another process"
 
 
 @dataclass
@@ -62,8 +66,20 @@ def copy_image(
             progress.start(key, short, layer.size, "Waiting")
 
     def one(index: int) -> None:
-        layer = image.layers[index]
         key = _layer_key(image, index)
+        claim = getattr(destination, "claim_layer", None)
+        if claim is None:
+            fetch(index, key)
+            return
+        waiting = partial(progress.status, key, WAITING_FOR_OTHER) if progress is not None else None
+        with claim(image.layers[index], waiting) as needed:
+            if needed:
+                fetch(index, key)
+            elif progress is not None:
+                progress.finish(key, "Complete")
+
+    def fetch(index: int, key: str) -> None:
+        layer = image.layers[index]
         named = layer.diff_id or layer.digest
         what = f"{image.name or 'image'}: layer {index + 1}/{len(image.layers)}" + (
             f" ({named[:19]})" if named else ""
@@ -86,6 +102,8 @@ def copy_image(
             progress.finish(key, "Complete")
 
     if max_concurrent > 1 and len(todo) > 1:
+        # Biggest first: the longest layer starts at once instead of ending the copy alone.
+        todo.sort(key=lambda i: -(image.layers[i].size or 0))
         with ThreadPoolExecutor(max_workers=max_concurrent) as pool:
             for future in [pool.submit(one, i) for i in todo]:
                 future.result()

@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerfs.listing import list_images
-from layerfs.model.image import Image
 from layerfs.prune import directory_size
 from layerfs.store.store import Store
+from layerfs.store.summaries import NodeSummary
 
 
 @dataclass
@@ -53,7 +53,7 @@ def live_mounts(store: Store) -> list[LiveMount]:
     return found
 
 
-def _chain_layers(images: dict[str, Image], image_id: str) -> set[str]:
+def _chain_layers(images: dict[str, NodeSummary], image_id: str) -> set[str]:
     layers: set[str] = set()
     current = images.get(image_id)
     seen: set[str] = set()
@@ -66,7 +66,7 @@ def _chain_layers(images: dict[str, Image], image_id: str) -> set[str]:
 
 
 def disk_usage(store: Store) -> list[UsageRow]:
-    images = store.graph.map()
+    images = store.graph.summaries()
     listed = list_images(store)
     mounts = live_mounts(store)
     layer_bytes = {d: directory_size(store.layers.path(d)) for d in store.layers.diff_ids()}

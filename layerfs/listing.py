@@ -20,6 +20,7 @@ from typing import Any
 from layerfs.errors import UsageError
 from layerfs.model.image import Image, parse_created
 from layerfs.store.store import Store
+from layerfs.store.summaries import NodeSummary
 
 IMAGE_FILTERS = ("dangling", "label", "before", "since", "reference")
 NONE = "<none>"
@@ -29,7 +30,7 @@ NONE = "<none>"
 class ImageSummary:
     """One image as ``images`` sees it (docker's ImageSummary)."""
 
-    image: Image
+    image: NodeSummary  # its node's parent, layer, size and created (no JSON read)
     repo_tags: list[str]  # "repo:tag", only the names that passed a reference filter
     repo_digests: list[str]  # "repo@sha256:..."
     size: int  # the whole chain's, as docker reports it
@@ -107,7 +108,7 @@ def labels_of(image: Image) -> dict[str, Any]:
     return labels if isinstance(labels, dict) else {}
 
 
-def chain_sizes(images: dict[str, Image]) -> dict[str, int]:
+def chain_sizes(images: dict[str, NodeSummary]) -> dict[str, int]:
     """Image ID → the size of its whole chain (its layer plus every parent's)."""
     sizes: dict[str, int] = {}
     for image_id in images:
@@ -132,7 +133,9 @@ def list_images(
     before = _reference_time(store, filters.get("before"))
     since = _reference_time(store, filters.get("since"))
     patterns = [compile_pattern(p) for p in filters.get("reference", [])]
-    images = store.graph.map()
+    # The node summaries, not every node's JSON: on a store of thousands of images the
+    # listing reads one cache file and one directory (docs/store-format.md, "Indexes").
+    images = store.graph.summaries()
     parents = {i.parent for i in images.values() if i.parent}
     names = store.tags.by_id()
     sizes = chain_sizes(images)
@@ -140,13 +143,13 @@ def list_images(
     for image_id, image in images.items():
         if dangling and image_id in parents:
             continue  # dangling=true looks at the heads only
-        created = parse_created(image.created)
-        if before is not None and (created is None or created >= before):
-            continue
-        if since is not None and (created is None or created <= since):
-            continue
-        if "label" in filters and not match_labels(filters, labels_of(image)):
-            continue
+        # The cheap tests first: most nodes of a big store are hidden intermediate ones.
+        if before is not None or since is not None:
+            created = parse_created(image.created)
+            if before is not None and (created is None or created >= before):
+                continue
+            if since is not None and (created is None or created <= since):
+                continue
         tags: list[str] = []
         digests: list[str] = []
         for ref in names.get(image_id, []):
@@ -160,6 +163,9 @@ def list_images(
                 continue
         elif dangling and tags:
             continue
+        if "label" in filters and not match_labels(filters, labels_of(store.graph.get(image_id))):
+            continue
+        created = parse_created(image.created)
         result.append(ImageSummary(image, tags, digests, sizes.get(image_id, image.size), created))
     result.sort(key=lambda s: (s.created.timestamp() if s.created else 0, s.image.id), reverse=True)
     return result

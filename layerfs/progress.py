@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 
@@ -36,32 +35,36 @@ class ReportingReader:
         return data
 
 
-@dataclass
+# Plain classes, not dataclasses: every command imports this module, and dataclasses
+# (with inspect and ast under it) costs several ms of start-up (docs/benchmarks.md).
+
+
 class _Task:
-    label: str
-    total: int | None
-    done: int = 0
-    status: str = ""
+    __slots__ = ("done", "label", "status", "total")
+
+    def __init__(self, label: str, total: int | None, done: int = 0, status: str = "") -> None:
+        self.label = label
+        self.total = total
+        self.done = done
+        self.status = status
 
 
-@dataclass
 class Progress:
     """Per-task bars (one line each) plus an optional total line."""
 
-    stream: TextIO = field(default_factory=lambda: sys.stderr)
-    quiet: bool = False
-    tty: bool | None = None
-    _tasks: dict[str, _Task] = field(default_factory=dict)
-    _order: list[str] = field(default_factory=list)
-    _last_draw: float = 0.0
-    _drawn_lines: int = 0
-    _total: _Task | None = None
-    # copy() may stream several layers at once: one thread draws at a time.
-    _lock: threading.RLock = field(default_factory=threading.RLock)
-
-    def __post_init__(self) -> None:
-        if self.tty is None:
-            self.tty = self.stream.isatty()
+    def __init__(
+        self, stream: TextIO | None = None, quiet: bool = False, tty: bool | None = None
+    ) -> None:
+        self.stream: TextIO = stream if stream is not None else sys.stderr
+        self.quiet = quiet
+        self.tty = tty if tty is not None else self.stream.isatty()
+        self._tasks: dict[str, _Task] = {}
+        self._order: list[str] = []
+        self._last_draw = 0.0
+        self._drawn_lines = 0
+        self._total: _Task | None = None
+        # copy() may stream several layers at once: one thread draws at a time.
+        self._lock = threading.RLock()
 
     def track_total(self, label: str = "Total") -> None:
         """Add one bar (on a terminal) summing every task started from now on."""

@@ -107,6 +107,8 @@ check_venv() {
         need_venv_install=1
     elif ! "$venv/bin/python" -c '' 2>/dev/null; then
         need_venv_install=1 # its interpreter was removed or upgraded away
+    elif compgen -G "$venv/lib/python3*/site-packages/__editable___layerfs_*_finder.py" >/dev/null; then
+        need_venv_install=1 # installed with the import hook: slow start-up (see below)
     fi
 }
 
@@ -199,7 +201,11 @@ install_venv() {
         warn "libfuse3 not found by pkg-config: installing without pyfuse3 (mounts use the native engine only)"
     say "pip install -e '.[$extras]'"
     rm -f "$stamp"
-    (cd "$repo" && "$venv/bin/python" -m pip install --disable-pip-version-check -q -e ".[$extras]") ||
+    # editable_mode=compat: a plain path in a .pth file. The default mode installs an import
+    # hook whose own imports (pathlib, importlib.util) cost every layerfs command ~25 ms of
+    # start-up, more than the commands themselves (docs/benchmarks.md, "Start-up").
+    (cd "$repo" && "$venv/bin/python" -m pip install --disable-pip-version-check -q \
+        --config-settings editable_mode=compat -e ".[$extras]") ||
         die "pip install failed"
     echo "$extras" >"$stamp"
     say ".venv is ready"

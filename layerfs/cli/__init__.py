@@ -5,16 +5,22 @@ set through ``register(subparsers)``; the functions only parse, call the
 library and print. Errors: a :class:`~layerfs.errors.LayerfsError` becomes one
 line ``layerfs: error: <message>`` on stderr and its exit code; anything else
 is a bug and shows its traceback. Ctrl-C exits 130.
+
+Start-up is most of what ``images``, ``inspect`` or ``tag`` cost, so a command imports
+only what it needs: the modules of this package import the library (transports, the
+registry client, FUSE, compression) inside the command functions that use it, and
+``main`` builds the options of the one command it runs (the others are listed with
+their help, their options are not built). ``tests/unit/test_cli_startup.py`` keeps it so.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import logging
+import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from layerfs import __version__
 from layerfs.errors import LayerfsError
@@ -40,11 +46,17 @@ a union FUSE filesystem that can serve as a container's root filesystem.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; given ``argv``, with the options of only the command it names.
+
+    argparse formats every option as it is added, which costs more than most commands
+    take to run; with ``argv`` every command is still listed with its help, but only
+    the one ``argv`` runs gets its options (none for ``layerfs --help``).
+    """
     parser = argparse.ArgumentParser(
         prog="layerfs",
         description=PROG_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_RawDescriptionFormatter,
         epilog="Run 'layerfs COMMAND --help' for a command's options. The guide is docs/guide.md."
         "\n\nenvironment:\n"
         "  LAYERFS_ROOT                 the store (as --root)\n"
@@ -56,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = _command_of(argv or [])
+    # "image ls" and friends are copies of the other commands' parsers: it needs them all.
+    commands = _Commands(subparsers, argv is not None and wanted != "image", wanted)
     import importlib
 
     for name in COMMAND_MODULES:
@@ -65,8 +80,83 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == f"layerfs.cli.{name}":
                 continue  # a command group not built into this copy
             raise
-        module.register(subparsers)
+        module.register(commands)
     return parser
+
+
+def _columns() -> int:
+    """The help width argparse would choose, without importing shutil (and bz2, lzma)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width or _columns())
+
+
+class _RawDescriptionFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs, past the global options; None for --help, --version."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--root":
+            i += 2
+        elif arg.startswith("--root=") or arg in ("--debug", "--quiet"):
+            i += 1
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
+class _Commands:
+    """The subparsers as the command modules see them (``add_parser``)."""
+
+    def __init__(self, subparsers: Any, filtered: bool, wanted: str | None) -> None:
+        self._subparsers = subparsers
+        self._filtered = filtered
+        self._wanted = wanted
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        if not self._filtered or self._wanted in (name, *kwargs.get("aliases", ())):
+            return self._subparsers.add_parser(name, **kwargs)
+        listed = {k: v for k, v in kwargs.items() if k in ("help", "aliases")}
+        self._subparsers.add_parser(name, add_help=False, **listed)
+        return _NotRun()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._subparsers, name)
+
+
+class _NotRun:
+    """The parser of a command that is not being run: whatever is added to it is ignored."""
+
+    def _ignore(self, *args: Any, **kwargs: Any) -> _NotRun:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return self._ignore
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -85,16 +175,73 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def configure_logging(debug: bool) -> None:
+    """Library messages as ``layerfs: LEVEL: text`` on stderr.
+
+    logging (with traceback, tokenize, string, ... that it imports) costs a few ms of the
+    start-up of commands that log nothing. When no module has imported it yet, it is
+    configured the moment one does (:class:`_ConfigureOnImport`), not imported here.
+    """
+
+    def configure(logging: Any) -> None:
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.WARNING,
+            format="layerfs: %(levelname)s: %(message)s",
+        )
+
+    if debug or "logging" in sys.modules:
+        import logging
+
+        configure(logging)
+    elif not any(isinstance(finder, _ConfigureOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _ConfigureOnImport(configure))
+
+
+class _ConfigureOnImport:
+    """A meta path finder that runs ``configure(logging)`` right after logging's import."""
+
+    def __init__(self, configure: Callable[[Any], None]) -> None:
+        self._configure = configure
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "logging":
+            return None
+        sys.meta_path.remove(self)
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = cast(Any, _ThenConfigure(spec.loader, self._configure))
+        return spec
+
+
+class _ThenConfigure:
+    """The real loader of logging, and then the configuration."""
+
+    def __init__(self, loader: Any, configure: Callable[[Any], None]) -> None:
+        self._loader = loader
+        self._configure = configure
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        self._configure(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source and the rest, for tracebacks
+        return getattr(self._loader, name)
+
+
 def run(handler: Handler, args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
-        format="layerfs: %(levelname)s: %(message)s",
-    )
+    configure_logging(bool(getattr(args, "debug", False)))
     prog = getattr(args, "prog_name", "layerfs")
     try:
         return handler(args)
     except LayerfsError as exc:
         if getattr(args, "debug", False):
+            import traceback
+
             traceback.print_exc()
         print(f"{prog}: error: {exc.message}", file=sys.stderr)
         if exc.hint:
@@ -117,6 +264,8 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
 
 
 def _internal_error(prog: str) -> int:
+    import traceback
+
     traceback.print_exc()
     print(
         f"{prog}: internal error: this is a bug in layerfs; please report it with "
@@ -127,7 +276,8 @@ def _internal_error(prog: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -147,7 +297,7 @@ def save_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _standalone(command: str, argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    parser = build_parser([command])
     # Usage and --help of the stand-alone tool name it, not "layerfs load".
     for action in parser._actions:  # argparse offers no public way to reach subparsers
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:

@@ -11,21 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import make_progress, open_store
-from layerfs.copy import copy
 from layerfs.errors import LayerfsError, UsageError
-from layerfs.model.platform import Platform
-from layerfs.progress import Progress
-from layerfs.store.files import reporting_no_space
-from layerfs.transports import SOURCES, open_source, split_spec
-from layerfs.transports.archive import DockerArchiveDestination
-from layerfs.transports.base import ImageDestination, ImageSource, SourceImage
-from layerfs.transports.local import StoreDestination, StoreSource
-from layerfs.transports.oci import OciLayoutDestination, existing_index
-from layerfs.transports.platforms import PlatformSource
-from layerfs.transports.writer import DirWriter, TarWriter
+
+if TYPE_CHECKING:
+    from layerfs.progress import Progress
+    from layerfs.transports.base import ImageDestination, ImageSource, SourceImage
+
+# The transports are imported by the commands that use them (see layerfs.cli).
 
 GLOBALS_NOTE = (
     "The global options --root DIR (the store), --debug and --quiet may come before "
@@ -117,6 +112,13 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise UsageError(
             "refusing to read an archive from a terminal; use -i FILE or redirect standard input"
         )
+    from layerfs.copy import copy
+    from layerfs.model.platform import Platform
+    from layerfs.store.files import reporting_no_space
+    from layerfs.transports import SOURCES, open_source, split_spec
+    from layerfs.transports.local import StoreDestination
+    from layerfs.transports.platforms import PlatformSource
+
     store = open_store(args)
     spec = args.input or "-"
     if split_spec(spec, SOURCES)[0] is None and spec != "-" and not Path(spec).exists():
@@ -171,6 +173,10 @@ def _renamed(exc: LayerfsError, message: str) -> LayerfsError:
 
 def _destination(args: argparse.Namespace, tmp: Path) -> tuple[ImageDestination, bool]:
     """The destination for --format and -o; True when it writes to standard output."""
+    from layerfs.transports.archive import DockerArchiveDestination
+    from layerfs.transports.oci import OciLayoutDestination, existing_index
+    from layerfs.transports.writer import DirWriter, TarWriter
+
     if args.format == "oci-dir":
         if not args.output or args.output == "-":
             raise UsageError("--format oci-dir writes a directory: give it with -o DIR")
@@ -190,6 +196,12 @@ def _destination(args: argparse.Namespace, tmp: Path) -> tuple[ImageDestination,
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    from layerfs.copy import copy
+    from layerfs.model.platform import Platform
+    from layerfs.store.files import reporting_no_space
+    from layerfs.transports.local import StoreSource
+    from layerfs.transports.platforms import PlatformSource
+
     platform = Platform.parse(args.platform) if args.platform else None
     store = open_store(args)
     source: ImageSource = StoreSource(store, args.images)

@@ -7,14 +7,19 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from layerfs.errors import UsageError
 from layerfs.progress import Progress
-from layerfs.store.store import Store
+
+if TYPE_CHECKING:
+    from layerfs.store.store import Store
 
 
 def open_store(args: argparse.Namespace) -> Store:
+    # Imported here: --help and argument errors need no store (nor dataclasses, json, ...).
+    from layerfs.store.store import Store
+
     return Store.open(Path(args.root) if args.root else None)
 
 

@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import make_progress, open_store
-from layerfs.store.check import fsck, gc
-from layerfs.store.store import Store
+
+if TYPE_CHECKING:
+    from layerfs.store.store import Store
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "fsck",
-        help="verify the store",
+        help="check the store (--verify: re-hash every layer too)",
         description=(
             "Check every layer's files and size, every image (json, parent, layer, a "
-            "config's hash against its ID and its diff IDs against its chain) and every tag. "
+            "config's hash against its ID and its diff IDs against its chain), every tag "
+            "and the store's indexes. "
             "It first finishes or undoes what an interrupted command left pending and removes "
             "the staging files of processes that are gone. With --verify it also re-hashes "
             "every layer tar against its diff ID and rebuilds every index, and names the "
@@ -34,22 +36,24 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--repair",
         action="store_true",
-        help="remove unused layers and released hold files; with --verify also fetch a "
-        "damaged layer again from the registry it was pulled from, or where none is "
-        "recorded (or none answers) remove the images (and their tags) whose chain holds "
-        "it, and the layer",
+        help="remove unused layers and released hold files, rebuild stale indexes; with "
+        "--verify also fetch a damaged layer again from the registry it was pulled from, or "
+        "where none is recorded (or none answers) remove the images (and their tags) whose "
+        "chain holds it, and the layer",
     )
     p.set_defaults(handler=cmd_fsck)
     p = subparsers.add_parser(
         "gc",
         help="remove layers no image uses and staging leftovers",
         description="Remove layers that no image uses, staging leftovers of interrupted "
-        "commands and released hold files, and print what was removed.",
+        "commands, released hold files and download locks, and print what was removed.",
     )
     p.set_defaults(handler=cmd_gc)
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    from layerfs.store.check import fsck
+
     store = open_store(args)
     progress = make_progress(args)
     progress.tty = progress.tty and not progress.quiet
@@ -65,6 +69,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(f"repaired: {line}")
     for line in report.leftovers:
         print(f"leftover: {line} (fsck --repair removes it)")
+    for line in report.stale_indexes:
+        print(f"index: {line} (fsck --repair rebuilds it)")
     for line in report.problems:
         print(f"problem: {line}")
     summary = (
@@ -76,6 +82,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         return 1
     if report.leftovers:
         print(summary + f"{len(report.leftovers)} removable leftovers", file=sys.stderr)
+        return 1
+    if report.stale_indexes:
+        print(summary + f"{len(report.stale_indexes)} index entries to rebuild", file=sys.stderr)
         return 1
     print(summary + "clean")
     return 0
@@ -91,6 +100,8 @@ def _refetcher(store: Store) -> Callable[[str], str | None]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from layerfs.store.check import gc
+
     store = open_store(args)
     for item in gc(store):
         print(f"removed {item}")

@@ -13,12 +13,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import open_store
 from layerfs.errors import MountError, UsageError
-from layerfs.fs.host import ENGINES, Records, check_fuse, is_mounted, stop_mount
-from layerfs.store.store import Store, in_user_namespace
+from layerfs.fs import ENGINES
+
+if TYPE_CHECKING:
+    from layerfs.fs.host import Records
+    from layerfs.store.store import Store
+
+# layerfs.fs.host (subprocess, signals) is imported by the commands that use it.
 
 _OPTIONS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
 
@@ -124,11 +129,15 @@ def register_run(subparsers: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from layerfs.fs.host import check_fuse
+
     if os.geteuid() != 0:
         raise UsageError(
             "layerfs run needs root: it creates namespaces, mounts /proc and /dev and chroots",
             hint="run it with sudo, or mount the image and use a rootless runtime on it",
         )
+    from layerfs.store.store import in_user_namespace
+
     if in_user_namespace():
         raise UsageError(
             "layerfs run needs the host's root; it does not run inside a user namespace",
@@ -162,6 +171,8 @@ def parse_options(values: list[str]) -> set[str]:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from layerfs.fs.host import check_fuse
+
     options = parse_options(args.options)
     writable = bool(args.rw or args.upper or "rw" in options)
     if writable and "ro" in options:
@@ -183,10 +194,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def records_of(store: Store) -> Records:
+    from layerfs.fs.host import Records
+
     return Records(store.root / "mounts", store.tmp)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from layerfs.fs.host import stop_mount
+
     stop_mount(records_of(open_store(args)), args.mountpoint, lazy=args.lazy)
     return 0
 
@@ -194,6 +209,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_mounts(args: argparse.Namespace) -> int:
     from layerfs.formatting import contexts
     from layerfs.formatting.output import render
+    from layerfs.fs.host import is_mounted
 
     store = open_store(args)
     records = records_of(store)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layerfs.cli.common import open_store
 from layerfs.errors import UsageError
-from layerfs.model.platform import Platform
 from layerfs.progress import Progress
 
 if TYPE_CHECKING:
@@ -43,7 +41,12 @@ class DockerProgress(Progress):
             super().status(key, word)
 
 
-PULL_WORDS = {"Copying": "", "Complete": "Pull complete"}
+PULL_WORDS = {
+    "Waiting": "Pulling fs layer",
+    "Waiting for another process": "Waiting",
+    "Copying": "",
+    "Complete": "Pull complete",
+}
 PUSH_WORDS = {
     "Waiting": "Preparing",
     "Copying": "Pushing",
@@ -199,6 +202,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from layerfs.model.platform import Platform
     from layerfs.model.reference import Reference, remote_name
     from layerfs.registry.transfer import pull
 
@@ -307,6 +311,8 @@ def cmd_login(args: argparse.Namespace) -> int:
     if username is not None and password is None:
         if not sys.stdin.isatty():
             raise UsageError("no password given: use --password-stdin")
+        import getpass
+
         password = getpass.getpass("Password: ")
     print(login(args.registry, username, password, options=_options(args)))
     return 0

@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from layerfs.cli.common import add_quiet, binary_output, finish_output, make_progress, open_store
-from layerfs.rootfs import export_image, import_rootfs
+
+# layerfs.rootfs (tarfile, the union model) is imported by the commands that use it.
 
 
 def register(subparsers: Any) -> None:
@@ -56,6 +57,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from layerfs.model.platform import Platform
+    from layerfs.rootfs import import_rootfs
 
     platform = Platform.parse(args.platform) if args.platform else None
     store = open_store(args)
@@ -77,6 +79,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from layerfs.rootfs import export_image
+
     store = open_store(args)
     image = store.tags.lookup_image(args.image)
     out, owned = binary_output(args.output, "a tar archive")

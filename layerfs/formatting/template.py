@@ -372,6 +372,7 @@ class Template:
         self.nodes = nodes
         self.functions = functions
         self.missing_key_error = missing_key_error
+        self._flat = _flat_fields(nodes)
 
     @classmethod
     def parse(
@@ -395,9 +396,43 @@ class Template:
         )
 
     def execute(self, data: Any) -> str:
+        if self._flat is not None and isinstance(data, GoStruct):
+            # Text and {{.Field}} only (every default table): looked up directly, a listing
+            # of thousands of rows is not walked node by node. Anything unusual (a field
+            # the row lacks) takes the general way, which reports it as Go does.
+            values = data.values
+            parts: list[str] = []
+            for text, field in self._flat:
+                if field is None:
+                    parts.append(text)
+                elif field in values:
+                    parts.append(gv.sprint(values[field]))
+                else:
+                    break
+            else:
+                return "".join(parts)
         out: list[str] = []
         _Run(self, out).walk(self.nodes, data, [("$", data)])
         return "".join(out)
+
+
+def _flat_fields(nodes: list[_Node]) -> list[tuple[str, str | None]] | None:
+    """(text, None) and ("", field name) items if the template is only text and ``{{.F}}``."""
+    flat: list[tuple[str, str | None]] = []
+    for node in nodes:
+        if isinstance(node, _Text):
+            flat.append((node.text, None))
+            continue
+        if not isinstance(node, _Action) or node.pipe.declare or len(node.pipe.commands) != 1:
+            return None
+        args = node.pipe.commands[0].args
+        if len(args) != 1 or args[0].kind != "field" or args[0].chain:
+            return None
+        names = args[0].value
+        if not isinstance(names, list) or len(names) != 1:
+            return None
+        flat.append(("", names[0]))
+    return flat
 
 
 class _Run:

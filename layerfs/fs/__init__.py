@@ -4,3 +4,6 @@
 ``pyfuse3_engine.py`` serves through libfuse, and is the only module that imports
 pyfuse3 and trio. Both call ``operations.py``, which knows neither.
 """
+
+#: The engines a mount can be served by, the default first.
+ENGINES = ("native", "pyfuse3")

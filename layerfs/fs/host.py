@@ -27,8 +27,6 @@ from layerfs.errors import FuseUnavailableError, MountError, MountpointBusyError
 from layerfs.store.files import FileLock, atomic_write, is_locked
 
 FSTYPE = "fuse.layerfs"
-ENGINES = ("native", "pyfuse3")
-"""The mount engines: layerfs's own FUSE protocol engine, and pyfuse3 (libfuse)."""
 
 
 def check_fuse(*, allow_other: bool = False, engine: str = "auto") -> None:

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from layerfs.errors import LayerfsError, MountError, UsageError
-from layerfs.fs.host import ENGINES, MountRecord, Records, check_mountpoint, unmount
+from layerfs.fs import ENGINES
+from layerfs.fs.host import MountRecord, Records, check_mountpoint, unmount
 from layerfs.fs.lower import Lower, from_archive, from_store, is_archive
 from layerfs.fs.operations import Operations
 from layerfs.fs.upper import Upper

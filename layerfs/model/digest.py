@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import BinaryIO, Protocol
 
@@ -42,6 +41,8 @@ def hex_of(digest: str) -> str:
 
 
 def sha256_digest(data: bytes) -> str:
+    import hashlib  # loads OpenSSL: only for commands that hash
+
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -58,6 +59,8 @@ class HashingReader:
 
     def __init__(self, stream: Readable | BinaryIO) -> None:
         self._stream = stream
+        import hashlib
+
         self._hash = hashlib.sha256()
         self.count = 0
 

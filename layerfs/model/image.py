@@ -9,7 +9,6 @@ An image node of the graph is either a modern image config (it has
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +31,8 @@ _GOARCH = {
 
 
 def host_architecture() -> str:
+    import platform  # only images made here need it; its import is not free
+
     machine = platform.machine()
     return _GOARCH.get(machine, machine)
 

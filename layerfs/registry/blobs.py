@@ -97,6 +97,22 @@ class Repository:
             raise RegistryError(f"{what} is larger than {MAX_MANIFEST_SIZE} bytes")
         return data, ctype, digest
 
+    def manifest_digest(self, ref: str) -> str | None:
+        """HEAD a manifest: the digest of what the registry holds under ``ref``, or None."""
+        sep = "@" if ":" in ref else ":"
+        response = self.client.request(
+            "HEAD",
+            self._path("manifests", ref),
+            scopes=self.scopes,
+            headers={"Accept": ACCEPT},
+            expected=(200, 404),
+            what=f"check manifest {self.client.registry}/{self.name}{sep}{ref}",
+        )
+        with response:
+            if response.status_code == 404:
+                return None
+            return response.headers.get("Docker-Content-Digest")
+
     def put_manifest(self, ref: str, data: bytes, media_type: str) -> str | None:
         response = self.client.request(
             "PUT",

@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
+from requests.adapters import DEFAULT_POOLBLOCK, DEFAULT_POOLSIZE, HTTPAdapter
 
 from layerfs import __version__
 from layerfs.errors import AuthenticationError, RegistryError
@@ -124,19 +124,46 @@ class _PacedAdapter(HTTPAdapter):
 
 
 class _TLSAdapter(_PacedAdapter):
-    """Uses our SSL context (system CAs plus the registry's) instead of certifi's."""
+    """Uses our SSL context (system CAs plus the registry's) instead of certifi's.
 
-    def __init__(self, context: ssl.SSLContext, timeout: float, **kw: Any) -> None:
-        self._context = context
+    The context is made on the first https request: loading the system's CAs costs
+    more than a whole push to a plain-http registry on 127.0.0.1 that already has
+    everything.
+    """
+
+    def __init__(
+        self, make_context: Callable[[], ssl.SSLContext], timeout: float, **kw: Any
+    ) -> None:
+        self._make_context = make_context
+        self._context: ssl.SSLContext | None = None
+        self._context_lock = threading.Lock()
+        self._pool_args = (
+            kw.get("pool_connections", DEFAULT_POOLSIZE),
+            kw.get("pool_maxsize", DEFAULT_POOLSIZE),
+            kw.get("pool_block", DEFAULT_POOLBLOCK),
+        )
         super().__init__(timeout, **kw)
 
+    def _ready(self) -> ssl.SSLContext:
+        with self._context_lock:
+            if self._context is None:
+                self._context = self._make_context()
+                connections, maxsize, block = self._pool_args
+                self.init_poolmanager(connections, maxsize, block=block)
+            return self._context
+
     def init_poolmanager(self, *args: Any, **kw: Any) -> None:
-        kw["ssl_context"] = self._context
+        if self._context is not None:
+            kw["ssl_context"] = self._context
         super().init_poolmanager(*args, **kw)
 
     def proxy_manager_for(self, proxy: str, **kw: Any) -> Any:
-        kw["ssl_context"] = self._context
+        kw["ssl_context"] = self._ready()
         return super().proxy_manager_for(proxy, **kw)
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> Any:
+        self._ready()
+        return super().send(request, *args, **kw)
 
 
 def _no_netrc(request: requests.PreparedRequest) -> requests.PreparedRequest:
@@ -166,12 +193,14 @@ class RegistryClient:
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.auth = _no_netrc
         timeout = self.options.timeout
-        verified = _TLSAdapter(self._ssl_context(verify=True), timeout, pool_maxsize=pool_size)
+        verified = _TLSAdapter(
+            lambda: self._ssl_context(verify=True), timeout, pool_maxsize=pool_size
+        )
         self.session.mount("https://", verified)
         self.session.mount("http://", _PacedAdapter(timeout, pool_maxsize=pool_size))
         if self.insecure:
             unverified = _TLSAdapter(
-                self._ssl_context(verify=False), timeout, pool_maxsize=pool_size
+                lambda: self._ssl_context(verify=False), timeout, pool_maxsize=pool_size
             )
             self.session.mount(f"https://{self.host}/", unverified)
         self.auth = Authenticator(
@@ -236,6 +265,8 @@ class RegistryClient:
 
     def _probe(self) -> str:
         schemes = ["https", "http"] if self.plain_http_allowed else ["https"]
+        if self.plain_http_allowed and not self._speaks_tls():
+            schemes = ["http"]
         for scheme in schemes:
             url = f"{scheme}://{self.host}/v2/"
             fallback = scheme == "https" and len(schemes) > 1
@@ -265,6 +296,31 @@ class RegistryClient:
                     raise self._status_error(response, f"ping {self.registry}")
             return f"{scheme}://{self.host}"
         raise RegistryError(f"cannot reach registry {self.registry}")  # pragma: no cover
+
+    def _speaks_tls(self) -> bool:
+        """Does the registry's port answer a TLS handshake? (Only where http is allowed.)
+
+        Trying https through the session would first load the system's CAs, which costs
+        more than a whole repeat push to a plain-http registry on 127.0.0.1. Nothing is
+        verified or sent here: a port that answers TLS is then used with https, verified.
+        """
+        import socket
+
+        name, port = split_host_port(self.host)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        timeout = self.options.timeout
+        try:
+            with (
+                socket.create_connection((name, port or 443), timeout=timeout) as raw,
+                context.wrap_socket(raw, server_hostname=name),
+            ):
+                return True
+        except ssl.SSLError:
+            return False  # something answered, not in TLS: a plain-http registry
+        except OSError:
+            return True  # refused or unreachable: the https attempt reports it as before
 
     # -- sending ---------------------------------------------------------------------------
 

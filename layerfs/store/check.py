@@ -5,7 +5,9 @@ left pending and sweeps the staging of processes that are gone (see
 :mod:`layerfs.store.journal`), so a store is clean right after a ``kill -9``.
 It then checks every layer's files and sizes, every image's json, parent and
 layer, that a modern config hashes to its ID and its ``rootfs.diff_ids`` match
-its chain, and every tag's target. ``verify`` re-hashes every layer tar
+its chain, every tag's target, and the indexes under index/ against what they
+index (``repair`` rebuilds one that disagrees). Every node and every layer's
+info is read once. ``verify`` re-hashes every layer tar
 against its diff ID and rebuilds every index to compare it with the stored
 one, naming the images that use a damaged layer; the damaged layer is marked
 so that a pull fetches it again. ``repair`` removes unused layers and released
@@ -18,13 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerfs.errors import LayerfsError, StoreError
+from layerfs.errors import DepthLimitError, ImageNotFoundError, LayerfsError, StoreError
 from layerfs.model.digest import hex_of, sha256_digest
-from layerfs.model.image import Image
+from layerfs.model.image import MAX_IMAGE_DEPTH, Image
 from layerfs.progress import Progress
 from layerfs.store.faults import fault
 from layerfs.store.files import locked, remove_tree, stale_entries
 from layerfs.store.journal import REMOVE, Record
+from layerfs.store.layers import LayerInfo
 from layerfs.store.store import Store
 
 _MAX_NAMED = 8
@@ -36,13 +39,14 @@ class Report:
     leftovers: list[str] = field(default_factory=list)  # removable with --repair
     repaired: list[str] = field(default_factory=list)
     damaged_layers: list[str] = field(default_factory=list)
+    stale_indexes: list[str] = field(default_factory=list)  # rebuilt by --repair
     checked_layers: int = 0
     checked_images: int = 0
     checked_tags: int = 0
 
     @property
     def clean(self) -> bool:
-        return not self.problems and not self.leftovers
+        return not self.problems and not self.leftovers and not self.stale_indexes
 
 
 def stale_tmp_entries(store: Store) -> list[Path]:
@@ -59,11 +63,14 @@ def _settle(store: Store) -> bool:
         return False
 
 
-def _layer_files(store: Store, diff_id: str) -> str | None:
-    """The cheap check of a layer: its files exist and the tar has the recorded size."""
+def _layer_files(store: Store, diff_id: str, infos: dict[str, LayerInfo]) -> str | None:
+    """The cheap check of a layer: its files exist and the tar has the recorded size.
+
+    The info read is left in ``infos`` for the index check.
+    """
     path = store.layers.path(diff_id)
     try:
-        info = store.layers.info(diff_id)
+        info = infos[diff_id] = store.layers.info(diff_id)
         size = (path / "layer.tar").stat().st_size
         index_size = (path / "index").stat().st_size
     except FileNotFoundError as exc:
@@ -118,14 +125,15 @@ def fsck(
     if not _settle(store):
         for path in stale_tmp_entries(store):
             report.leftovers.append(f"unpublished staging leftover tmp/{path.name}")
-    images = store.graph.map()
+    images = store.graph.map()  # every node read once: parents and chains are found here
     diff_ids = store.layers.diff_ids()
+    infos: dict[str, LayerInfo] = {}
     if progress is not None:
         progress.start("fsck", "Verifying layers" if verify else "Checking layers", len(diff_ids))
     for diff_id in diff_ids:
         found = list(store.layers.verify(diff_id)) if verify else []
         if not verify:
-            problem = _layer_files(store, diff_id)
+            problem = _layer_files(store, diff_id, infos)
             found = [problem] if problem else []
         if found:
             report.damaged_layers.append(diff_id)
@@ -141,9 +149,11 @@ def fsck(
     used_layers: set[str] = set()
     broken_images: set[str] = set()
     named = store.tags.by_id()
+    layers = set(diff_ids)
+    chains: dict[str, list[str]] = {}  # image ID → its chain's diff IDs, base first
     for image_id in store.graph.ids():
         report.checked_images += 1
-        problems = _check_image(store, image_id, used_layers)
+        problems = _check_image(store, images, image_id, layers, used_layers, chains)
         if problems:
             broken_images.add(image_id)
             suffix = f" (tagged {', '.join(named[image_id])})" if image_id in named else ""
@@ -152,33 +162,45 @@ def fsck(
         for ref, image_id in refs.items():
             report.checked_tags += 1
             # A tag to a broken image was named with the image's problem: once is enough.
-            if image_id not in broken_images and not store.graph.exists(image_id):
+            if image_id not in broken_images and image_id not in images:
                 report.problems.append(f"tag {repo}:{ref} points to missing image {image_id[:12]}")
     for diff_id in diff_ids:
         if diff_id not in used_layers and not store.graph.is_held(diff_id):
             report.leftovers.append(f"layer {diff_id} is used by no image")
+    report.stale_indexes.extend(store.layers.check_blob_index(infos))
+    report.stale_indexes.extend(store.graph.check_summaries(images))
     if repair:
         _repair(store, report, refetch)
     return report
 
 
-def _check_image(store: Store, image_id: str, used_layers: set[str]) -> list[str]:
-    try:
-        image = store.graph.get(image_id)
-    except LayerfsError as exc:
-        return [f"image {image_id[:12]}: {exc}"]
+def _check_image(
+    store: Store,
+    images: dict[str, Image],
+    image_id: str,
+    layers: set[str],
+    used_layers: set[str],
+    chains: dict[str, list[str]],
+) -> list[str]:
+    image = images.get(image_id)
+    if image is None:  # it did not load: read it again for the reason
+        try:
+            store.graph.get(image_id)
+        except LayerfsError as exc:
+            return [f"image {image_id[:12]}: {exc}"]
+        return [f"image {image_id[:12]}: cannot be read"]
     problems = []
     if image.layer:
         used_layers.add(image.layer)
-        if not store.layers.exists(image.layer):
+        if image.layer not in layers:
             problems.append(f"image {image_id[:12]}: layer {image.layer} is missing")
-    if image.parent and not store.graph.exists(image.parent):
+    if image.parent and image.parent not in images:
         return [*problems, f"image {image_id[:12]}: parent {image.parent[:12]} is missing"]
     if image.is_config:
         if "id" not in image.data and hex_of(sha256_digest(image.raw_json)) != image_id:
             problems.append(f"image {image_id[:12]}: config does not hash to its ID")
         try:
-            chain = store.graph.layers_of(image)
+            chain = _chain_diff_ids(images, image_id, chains)
         except LayerfsError as exc:
             return [*problems, f"image {image_id[:12]}: {exc}"]
         if image.diff_ids and chain != image.diff_ids:
@@ -186,6 +208,29 @@ def _check_image(store: Store, image_id: str, used_layers: set[str]) -> list[str
                 f"image {image_id[:12]}: rootfs.diff_ids do not match its chain's layers"
             )
     return problems
+
+
+def _chain_diff_ids(
+    images: dict[str, Image], image_id: str, known: dict[str, list[str]]
+) -> list[str]:
+    """The diff IDs of an image's chain, base first, reusing the chains already walked."""
+    walked: list[Image] = []
+    current: str = image_id
+    while current not in known:
+        image = images.get(current)
+        if image is None:
+            raise ImageNotFoundError(f"no such id: {current}")
+        walked.append(image)
+        if len(walked) > MAX_IMAGE_DEPTH + 8:
+            raise DepthLimitError(f"image {image_id[:12]} has a parent chain that never ends")
+        if not image.parent:
+            break
+        current = image.parent
+    below = known.get(current, []) if walked and walked[-1].parent else []
+    for image in reversed(walked):
+        below = [*below, image.layer] if image.layer else below
+        known[image.id] = below
+    return known[image_id]
 
 
 def _repair(store: Store, report: Report, refetch: Callable[[str], str | None] | None) -> None:
@@ -207,7 +252,11 @@ def _repair(store: Store, report: Report, refetch: Callable[[str], str | None] |
             report.repaired.append(f"removed unused layer {diff_id}")
             fault("gc.between-layers")
         store.graph.prune_hold_files()
+        store.downloads.prune()
+        stale_summaries = any(s.startswith("graph summary") for s in report.stale_indexes)
+        report.repaired.extend(store.rebuild_indexes(summaries=stale_summaries))
     report.leftovers = []
+    report.stale_indexes = []
 
 
 def _drop_damaged(store: Store, report: Report) -> None:
@@ -272,7 +321,8 @@ def _about(problem: str, images: set[str], layers: list[str]) -> bool:
 
 
 def gc(store: Store) -> list[str]:
-    """Remove unused layers, stale staging and released hold files."""
+    """Remove unused layers, stale staging, released hold files, download locks and the
+    blob index entries of layers no longer there."""
     removed: list[str] = []
     with locked(store.lock_path):
         for path in stale_tmp_entries(store):
@@ -283,4 +333,7 @@ def gc(store: Store) -> list[str]:
             removed.append(diff_id)
             fault("gc.between-layers")
         store.graph.prune_hold_files()
+        store.downloads.prune()
+        stray, _ = store.layers.rebuild_blob_index()
+        removed.extend(f"the blob index entry of {digest}" for digest in stray)
     return removed

@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
-import msgpack
-
 from layerfs.errors import CorruptIndexError
+
+# msgpack is imported where it is used: a command that reads no index does not load it.
 
 
 def pack(obj: Any) -> bytes:
+    import msgpack
+
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
@@ -26,6 +28,8 @@ def pack_streaming(
     The same bytes as ``pack({**items, stream_key: list(rows)})``, without the list
     or the whole document in memory: what a layer of a million entries needs.
     """
+    import msgpack
+
     packer = msgpack.Packer(use_bin_type=True)
     buffer = bytearray(packer.pack_map_header(len(items) + 1))
     for key, value in items.items():
@@ -42,6 +46,8 @@ def pack_streaming(
 
 
 def unpack(data: bytes, *, what: str) -> Any:
+    import msgpack
+
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
     except (
@@ -60,6 +66,8 @@ def iter_map_items(data: bytes, *, what: str, stream_key: str) -> Iterator[tuple
     The array under ``stream_key`` is yielded one item at a time, as
     ``(stream_key, item)``: a big layer index never sits in memory twice.
     """
+    import msgpack
+
     unpacker = msgpack.Unpacker(
         raw=False, strict_map_key=False, use_list=True, max_buffer_size=max(len(data), 1)
     )

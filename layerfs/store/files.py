@@ -18,10 +18,7 @@ import contextlib
 import contextvars
 import errno
 import fcntl
-import logging
 import os
-import secrets
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,8 +27,6 @@ from typing import Any, BinaryIO
 
 from layerfs.errors import NoSpaceError, StoreError, StoreLockedError
 from layerfs.store.faults import fault
-
-log = logging.getLogger(__name__)
 
 OWNERS_DIR = "owners"
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -208,7 +203,7 @@ def owner_name(tmp_root: Path) -> str:
             return known[0]
         owners.mkdir(mode=0o700, exist_ok=True)
         while True:
-            name = f"{pid}o{secrets.token_hex(4)}"
+            name = f"{pid}o{os.urandom(4).hex()}"
             path = owners / name
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -305,7 +300,7 @@ def open_private(path: Path) -> BinaryIO:
 
 def temp_path(tmp_root: Path, prefix: str) -> Path:
     """A fresh, not yet existing path under the store's tmp/ folder, named by its owner."""
-    return tmp_root / f"{prefix}-{owner_name(tmp_root)}-{secrets.token_hex(6)}"
+    return tmp_root / f"{prefix}-{owner_name(tmp_root)}-{os.urandom(6).hex()}"
 
 
 def atomic_write(path: Path, data: bytes, tmp_root: Path, mode: int = 0o600) -> None:
@@ -368,6 +363,8 @@ def remove_tree(path: Path) -> None:
     """Remove a file or directory tree; missing is fine."""
     try:
         if path.is_dir() and not path.is_symlink():
+            import shutil  # imports bz2 and lzma: not on every command's way
+
             shutil.rmtree(path)
         else:
             path.unlink()
@@ -521,7 +518,11 @@ def _wait_for(lock: FileLock, path: Path) -> None:
                 hint="wait for it to finish, or stop it",
             )
         if not warned and waited >= LOCK_WARN_SECONDS:
-            log.warning("waiting for the store lock %s held by %s", path, describe_holders(path))
+            import logging  # only when there is something to say (not every command's way)
+
+            logging.getLogger(__name__).warning(
+                "waiting for the store lock %s held by %s", path, describe_holders(path)
+            )
             warned = True
         time.sleep(delay)
         delay = min(delay * 2, 0.05)

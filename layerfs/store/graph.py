@@ -10,6 +10,11 @@ held, so it appears whole or not at all.
 Holds (retain/release/is_held) are shared ``flock`` locks on files under
 ``holds/``: they hold across processes and vanish with the process that took
 them. The function names and semantics follow Docker's legacy graph package.
+
+Questions about all nodes (children, heads, which nodes use a layer) are answered
+from the node summaries (:mod:`layerfs.store.summaries`), not by opening every node.
+Inside :meth:`Graph.transaction` nobody else can add or remove a node, so the
+summaries are read once and kept up to date by this graph's own changes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from layerfs.errors import (
     ImageHeldError,
     ImageNotFoundError,
     IntegrityError,
+    LayerNotFoundError,
     StoreError,
     UsageError,
 )
@@ -60,6 +66,7 @@ from layerfs.store.files import (
     trash,
 )
 from layerfs.store.layers import LayerStore, StagedLayer
+from layerfs.store.summaries import NodeSummary, SummaryCache
 
 EMPTY_TAR = bytes(1024)
 _HOLD_NAME = re.compile(r"^[a-f0-9]{64}$")
@@ -67,7 +74,13 @@ _HOLD_NAME = re.compile(r"^[a-f0-9]{64}$")
 
 class Graph:
     def __init__(
-        self, root: Path, layers: LayerStore, tmp_root: Path, lock_path: Path, holds_root: Path
+        self,
+        root: Path,
+        layers: LayerStore,
+        tmp_root: Path,
+        lock_path: Path,
+        holds_root: Path,
+        summary_path: Path | None = None,
     ) -> None:
         self.root = root
         self.layers = layers
@@ -76,6 +89,15 @@ class Graph:
         self.holds_root = holds_root
         self._holds: dict[str, dict[str, FileLock]] = {}
         self._holds_mutex = threading.Lock()
+        self._summaries = SummaryCache(
+            summary_path if summary_path is not None else root.parent / "index" / "graph",
+            root,
+            tmp_root,
+            lock_path,
+            self._summary_of,
+        )
+        self._txn_depth = 0
+        self._view: dict[str, NodeSummary] | None = None  # summaries inside a transaction
 
     # -- lookup -----------------------------------------------------------------
 
@@ -201,21 +223,47 @@ class Graph:
                 continue  # unloadable images are skipped, as Docker does
         return images
 
-    def by_parent(self) -> dict[str, list[Image]]:
-        images = self.map()
-        children: dict[str, list[Image]] = {}
-        for image in images.values():
-            if image.parent and image.parent in images:
-                children.setdefault(image.parent, []).append(image)
+    def summaries(self) -> dict[str, NodeSummary]:
+        """Parent, layer, size and created of every readable node, without opening each."""
+        if self._view is not None:
+            return self._view
+        view = self._summaries.read()
+        if self._txn_depth:
+            self._view = view
+        return view
+
+    def _summary_of(self, image_id: str) -> NodeSummary | None:
+        try:
+            return _summary(self._load(image_id))
+        except (ImageNotFoundError, IntegrityError, LayerNotFoundError):
+            return None
+
+    def check_summaries(self, images: dict[str, Image] | None = None) -> list[str]:
+        """Cached summaries that disagree with their node (``images``: nodes already read)."""
+        if images is None:
+            return self._summaries.check(self._summary_of)
+        return self._summaries.check(
+            lambda i: _summary(images[i]) if i in images else self._summary_of(i)
+        )
+
+    def rebuild_summaries(self) -> None:
+        self._summaries.rebuild()
+
+    def by_parent(self) -> dict[str, list[NodeSummary]]:
+        nodes = self.summaries()
+        children: dict[str, list[NodeSummary]] = {}
+        for node in nodes.values():
+            if node.parent and node.parent in nodes:
+                children.setdefault(node.parent, []).append(node)
         return children
 
-    def heads(self) -> dict[str, Image]:
-        images = self.map()
-        parents = {i.parent for i in images.values() if i.parent}
-        return {k: v for k, v in images.items() if k not in parents}
+    def heads(self) -> dict[str, NodeSummary]:
+        nodes = self.summaries()
+        parents = {n.parent for n in nodes.values() if n.parent}
+        return {k: v for k, v in nodes.items() if k not in parents}
 
     def children(self, image_id: str) -> list[str]:
-        return sorted(i.id for i in self.map().values() if i.parent == image_id)
+        return sorted(n.id for n in self.summaries().values() if n.parent == image_id)
 
     # -- creation ---------------------------------------------------------------
 
@@ -223,7 +271,13 @@ class Graph:
     def transaction(self) -> Iterator[None]:
         """Hold the store lock: a batch of registrations, tags and deletions in one go."""
         with locked(self.lock_path):
-            yield
+            self._txn_depth += 1
+            try:
+                yield
+            finally:
+                self._txn_depth -= 1
+                if not self._txn_depth:
+                    self._view = None
 
     def register(
         self,
@@ -234,16 +288,19 @@ class Graph:
         layer: StagedLayer | str | None = None,
         layer_digest: str | None = None,
         v1_compatibility: bytes | None = None,
+        parent_depth: int | None = None,
     ) -> bool:
         """Publish a node (and its staged layer). Returns False if the image already existed.
 
-        As in Docker 1.9, registering an existing ID is a no-op.
+        As in Docker 1.9, registering an existing ID is a no-op. ``parent_depth`` is the
+        parent's depth when the caller knows it (a chain registered base first), which
+        spares walking the parent's chain again for every node.
         """
         if not is_image_id(image_id):
             raise UsageError(f"invalid image ID {image_id!r}: expected 64 lower-case hex")
         with locked(self.lock_path):
             return self._register_locked(
-                raw_json, image_id, parent, layer, layer_digest, v1_compatibility
+                raw_json, image_id, parent, layer, layer_digest, v1_compatibility, parent_depth
             )
 
     def _register_locked(
@@ -254,6 +311,7 @@ class Graph:
         layer: StagedLayer | str | None,
         layer_digest: str | None,
         v1_compatibility: bytes | None,
+        parent_depth: int | None = None,
     ) -> bool:
         node = self.root / image_id
         if (node / "json").is_file():
@@ -261,8 +319,9 @@ class Graph:
                 layer.publish()  # the layer may still be wanted by the caller's next node
             return False
         if parent:
-            parent_image = self._load(parent)
-            depth = self.depth(parent_image) + 1
+            if parent_depth is None or not (self.root / parent / "json").is_file():
+                parent_depth = self.depth(self._load(parent))
+            depth = parent_depth + 1
             if depth > MAX_IMAGE_DEPTH:
                 raise DepthLimitError(
                     f"max depth exceeded: image {image_id[:12]} would be {depth} layers deep, "
@@ -299,6 +358,12 @@ class Graph:
         except BaseException:
             remove_tree(staging)
             raise
+        if self._view is not None:
+            summary = self._summary_of(image_id)
+            if summary is not None:
+                self._view[image_id] = summary
+            else:
+                self._summaries.unreadable.add(image_id)
         return True
 
     def create(
@@ -385,27 +450,42 @@ class Graph:
                 f"Conflict, cannot delete because the layer of {image_id[:12]} is held by an "
                 "ongoing pull, load or mount"
             )
-        trash(self.root / image_id, self.tmp_root)
+        self.trash_node(image_id)
         fault("remove.between-image-and-layer")
         removed: list[str] = []
-        if image.layer and not self.layer_in_use(image.layer):
+        if image.layer and not self.layer_in_use(image.layer, deleted=image_id):
             self.layers.delete(image.layer)
             removed.append(image.layer)
         return removed
+
+    def trash_node(self, image_id: str) -> None:
+        """Remove a node's directory (store lock held); the summaries learn that it is gone.
+
+        Every removal of a node goes through here (``delete``, the journal's undo and
+        removal records), so that no cached summary outlives its node.
+        """
+        self._summaries.forget(image_id)
+        trash(self.root / image_id, self.tmp_root)
+        if self._view is not None:
+            self._view.pop(image_id, None)
 
     def layer_of(self, image_id: str) -> str:
         """The diff ID an image node names as its own layer ("" for none), unparsed."""
         return _read_text(self.root / image_id / "layer")
 
-    def layer_in_use(self, diff_id: str) -> bool:
-        """True when an image names the layer or some process holds it."""
-        for image_id in self.ids():
-            if _read_text(self.root / image_id / "layer") == diff_id:
+    def layer_in_use(self, diff_id: str, deleted: str = "") -> bool:
+        """True when an image (but deleted) names the layer or some process holds it."""
+        for node in self.summaries().values():
+            if node.layer == diff_id and node.id != deleted:
+                return True
+        for image_id in self._summaries.unreadable:  # a damaged node still keeps its layer
+            if image_id != deleted and _read_text(self.root / image_id / "layer") == diff_id:
                 return True
         return self.is_held(hex_of(diff_id))
 
     def unused_layers(self) -> list[str]:
-        used = {_read_text(self.root / i / "layer") for i in self.ids()}
+        used = {n.layer for n in self.summaries().values() if n.layer}
+        used.update(_read_text(self.root / i / "layer") for i in self._summaries.unreadable)
         return [d for d in self.layers.diff_ids() if d not in used and not self.is_held(hex_of(d))]
 
     # -- holds ------------------------------------------------------------------
@@ -545,6 +625,10 @@ class TempArchive(io.BufferedReader):
         if not self.closed:
             super().close()
         self.path.unlink(missing_ok=True)
+
+
+def _summary(image: Image) -> NodeSummary:
+    return NodeSummary(image.id, image.parent, image.layer, image.size, image.created)
 
 
 def _read_text(path: Path) -> str:

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +55,13 @@ from layerfs.store.files import (
 if TYPE_CHECKING:
     from layerfs.store.store import Store
 
-log = logging.getLogger(__name__)
+
+
+def _log(level: str, message: str, *args: object, **kw: object) -> None:
+    import logging  # every command opens the journal; few have something to say
+
+    getattr(logging.getLogger(__name__), level)(message, *args, **kw)
+
 
 RECORD_VERSION = 1
 CREATE = "create"
@@ -145,7 +149,7 @@ class Journal:
         """
         self.root.mkdir(mode=0o700, exist_ok=True)
         owner = owner_name(self.store.tmp)
-        path = self.root / f"{record.command}-{owner}-{secrets.token_hex(6)}.json"
+        path = self.root / f"{record.command}-{owner}-{os.urandom(6).hex()}.json"
         atomic_write(path, record.to_json(owner), self.store.tmp)
         fault("record.written")
         try:
@@ -154,7 +158,7 @@ class Journal:
             try:
                 self.settle(record)
             except Exception:  # the record stays for the next command to settle
-                log.warning("cannot settle pending %s record", record.command, exc_info=True)
+                _log("warning", "cannot settle pending %s record", record.command, exc_info=True)
                 raise
             path.unlink(missing_ok=True)
             raise
@@ -166,7 +170,7 @@ class Journal:
         """Run the block (store lock held) so that all of it happens, or none of it."""
         self.root.mkdir(mode=0o700, exist_ok=True)
         owner = owner_name(self.store.tmp)
-        base = f"{command}-{owner}-{secrets.token_hex(6)}"
+        base = f"{command}-{owner}-{os.urandom(6).hex()}"
         path, kept = self.root / f"{base}.json", self.root / f"{base}.d"
         kept.mkdir(mode=0o700)
         try:
@@ -238,13 +242,13 @@ class Journal:
                 continue
             except IntegrityError:
                 # Written by atomic rename, so a record is never torn; this one was edited.
-                log.warning("removing unreadable pending record %s", path)
+                _log("warning", "removing unreadable pending record %s", path)
                 path.unlink(missing_ok=True)
                 continue
             outcome = self.settle(record)
             path.unlink(missing_ok=True)
             settled.append(f"{outcome} the interrupted {record.command}")
-            log.info("%s the interrupted %s (%s)", outcome, record.command, path.name)
+            _log("info", "%s the interrupted %s (%s)", outcome, record.command, path.name)
         return settled
 
     def settle(self, record: Record) -> str:
@@ -268,14 +272,14 @@ class Journal:
 
     def _discard(self, record: Record) -> None:
         for image_id in reversed(record.images):
-            trash(self.store.graph.root / image_id, self.store.tmp)
+            self.store.graph.trash_node(image_id)
         self._drop_unused_layers(record.layers)
 
     def _finish_removal(self, record: Record) -> None:
         self.store.tags.delete_refs(record.tags)
         fault("remove.after-untag")
         for image_id in record.images:
-            trash(self.store.graph.root / image_id, self.store.tmp)
+            self.store.graph.trash_node(image_id)
             fault("remove.between-image-and-layer")
         self._drop_unused_layers(record.layers)
 

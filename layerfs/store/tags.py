@@ -73,14 +73,30 @@ class TagStore(Generic[ImageT]):
         self.graph = graph
         self.tmp_root = tmp_root
         self.lock_path = lock_path
+        self._memo: tuple[bytes | None, Repositories] | None = None  # (file bytes, parsed)
+        self._by_id: dict[str, list[str]] | None = None  # by_id() of the memo
 
     # -- the file ---------------------------------------------------------------------------
 
-    def _load(self) -> Repositories:
+    def _parsed(self) -> Repositories:
+        """The file as it is now, parsed; shared between calls, so never to be changed.
+
+        The file is read on every call (another process may have changed it) but parsed
+        only when its bytes differ from the last read: a store with thousands of tags
+        does not pay a JSON parse per lookup.
+        """
         try:
-            data = self.path.read_bytes()
+            data: bytes | None = self.path.read_bytes()
         except FileNotFoundError:
-            return {}
+            data = None
+        if self._memo is not None and self._memo[0] == data:
+            return self._memo[1]
+        repos = self._parse(data) if data is not None else {}
+        self._memo = (data, repos)
+        self._by_id = None
+        return repos
+
+    def _parse(self, data: bytes) -> Repositories:
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -106,18 +122,23 @@ class TagStore(Generic[ImageT]):
             result[name] = dict(refs)
         return result
 
+    def _load(self) -> Repositories:
+        """A copy of the file's repositories that the caller may change."""
+        return {name: dict(refs) for name, refs in self._parsed().items()}
+
     def _save(self, repos: Repositories) -> None:
         # Go's json.Marshal: compact, map keys sorted, no trailing newline.
-        data = json.dumps({"Repositories": repos}, separators=(",", ":"), sort_keys=True)
-        atomic_write(self.path, data.encode(), self.tmp_root, mode=0o600)
+        data = json.dumps({"Repositories": repos}, separators=(",", ":"), sort_keys=True).encode()
+        atomic_write(self.path, data, self.tmp_root, mode=0o600)
+        self._memo = (data, repos)  # what the file now holds: the next read needs no parse
+        self._by_id = None
 
     def _update(self, change: Callable[[Repositories], _R]) -> _R:
         """Run ``change`` on a fresh copy under the lock; write back only if it changed."""
         with locked(self.lock_path):
             repos = self._load()
-            before = {name: dict(refs) for name, refs in repos.items()}
             result = change(repos)
-            if repos != before:
+            if repos != self._parsed():
                 self._save(repos)
             return result
 
@@ -270,7 +291,8 @@ class TagStore(Generic[ImageT]):
 
     def get(self, repo: str) -> dict[str, str] | None:
         """The refs of one repository (ref → image ID), or None."""
-        return self._load().get(normalize_local_name(repo))
+        refs = self._parsed().get(normalize_local_name(repo))
+        return dict(refs) if refs is not None else None
 
     def get_image(self, repo: str, ref_or_id: str) -> ImageT | None:
         """The image ``repo`` names by tag, digest or (≥12-character) ID prefix, or None.
@@ -278,7 +300,7 @@ class TagStore(Generic[ImageT]):
         An exact tag or digest wins; otherwise the first entry, in sorted ref order, whose
         ID starts with ``ref_or_id``. Errors from the graph propagate.
         """
-        refs = self._load().get(normalize_local_name(repo))
+        refs = self._parsed().get(normalize_local_name(repo))
         if refs is None:
             return None
         image_id = refs.get(ref_or_id)
@@ -309,7 +331,7 @@ class TagStore(Generic[ImageT]):
     def get_id(self, name: str) -> str:
         """The image ID of exactly ``repo:tag`` or ``repo@digest`` (no ID prefixes)."""
         repo, ref = parse_repository_tag(name)
-        refs = self._load().get(normalize_local_name(repo), {})
+        refs = self._parsed().get(normalize_local_name(repo), {})
         image_id = refs.get(ref or DEFAULT_TAG)
         if image_id is None:
             raise TagNotFoundError(f"image with specified name does not exist: {name}")
@@ -317,17 +339,25 @@ class TagStore(Generic[ImageT]):
 
     def by_id(self) -> dict[str, list[str]]:
         """Image ID → sorted ``repo:tag`` / ``repo@digest`` references."""
+        return {image_id: list(names) for image_id, names in self._references().items()}
+
+    def _references(self) -> dict[str, list[str]]:
+        """by_id() of the file as it is now, computed once per version of the file."""
+        repos = self._parsed()
+        if self._by_id is not None:
+            return self._by_id
         result: dict[str, list[str]] = {}
-        for name, refs in self._load().items():
+        for name, refs in repos.items():
             for ref, image_id in refs.items():
                 result.setdefault(image_id, []).append(image_reference(name, ref))
         for names in result.values():
             names.sort()
+        self._by_id = result
         return result
 
     def references(self, image_id: str) -> list[str]:
         """Every reference naming ``image_id``, sorted."""
-        return self.by_id().get(image_id, [])
+        return list(self._references().get(image_id, []))
 
     def has_references(self, image_id: str) -> bool:
         return bool(self.references(image_id))

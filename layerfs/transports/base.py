@@ -32,7 +32,11 @@ for images it found broken while reading its documents (an archive holding one
 bad image among good ones); ``images()`` leaves those out and ``copy()`` reports
 them as failed. A destination may define ``begin_image(image)``, called before
 any ``has_layer``/``put_layer`` of that image, when where a layer goes depends
-on the image (a docker-archive names layer directories by v1 IDs).
+on the image (a docker-archive names layer directories by v1 IDs). A destination may
+define ``claim_layer(layer, on_wait)``, a context manager around the fetch of one layer
+(``open_layer`` and ``put_layer``) that yields whether the layer must be streamed at all:
+the store uses it so that two processes never fetch the same blob at once, the second
+waiting for the first and taking its copy (:mod:`layerfs.store.downloads`).
 """
 
 from __future__ import annotations

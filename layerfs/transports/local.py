@@ -20,9 +20,12 @@ How an image becomes graph nodes (the rule ``docs/store-format.md`` documents):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from layerfs.errors import (
@@ -47,8 +50,12 @@ from layerfs.store.files import check_free_space
 from layerfs.store.journal import CREATE, Record
 from layerfs.store.layers import StagedLayer
 from layerfs.store.store import Store
+from layerfs.store.workers import MIN_SIZE, IngestWorkers
 from layerfs.transports.base import (
+    MEDIA_DOCKER_LAYER_GZIP,
+    MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_LAYER_TAR,
+    MEDIA_OCI_LAYER_ZSTD,
     LayerDesc,
     LegacyNode,
     ProgressFn,
@@ -56,6 +63,8 @@ from layerfs.transports.base import (
 )
 
 log = logging.getLogger(__name__)
+
+COMPRESSED_LAYER_TYPES = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD)
 
 
 def derived_config(config: dict[str, Any], count: int) -> dict[str, Any]:
@@ -123,9 +132,12 @@ class StoreDestination:
         self._mutex = threading.Lock()
         self.loaded: list[tuple[SourceImage, list[str]]] = []  # image, messages
         self.rename_messages: list[str] = []
+        self._workers: IngestWorkers | None = None
+        self._workers_tried = False
 
     def begin_image(self, image: SourceImage) -> None:
-        """Refuse at once when the layers this image still needs cannot fit (known sizes)."""
+        """Refuse at once when the layers this image still needs cannot fit (known sizes);
+        fork ingest workers (once) for an image of several big compressed layers."""
         needed = sum(
             layer.size or 0
             for layer in image.layers
@@ -133,6 +145,11 @@ class StoreDestination:
         )
         what = "pull" if image.manifest_digest else "load"
         check_free_space(self.store.root, needed, f"cannot {what} {image.name or 'image'}")
+        big = [layer for layer in image.layers if _for_workers(layer)]
+        if len(big) > 1 and not self._workers_tried:
+            self._workers_tried = True
+            count = min(len(big), os.cpu_count() or 1)
+            self._workers = IngestWorkers.start(self.store.layers, count) if count > 1 else None
 
     def has_layer(self, layer: LayerDesc) -> bool:
         diff_id = layer.diff_id
@@ -152,19 +169,59 @@ class StoreDestination:
                 return True
         return False
 
+    @contextlib.contextmanager
+    def claim_layer(
+        self, layer: LayerDesc, on_wait: Callable[[], None] | None = None
+    ) -> Iterator[bool]:
+        """Hold the layer's download lock; yield True when the caller must stream it.
+
+        False means another process fetched it meanwhile (this one waited for it, and
+        ``on_wait`` was called when the wait began): it is in the store, held, or staged
+        here from that process's verified copy. See :mod:`layerfs.store.downloads`.
+        """
+        key = layer.digest or layer.diff_id
+        if not key:
+            yield True
+            return
+        downloads = self.store.downloads
+        with downloads.claim(key, on_wait) as claim:
+            taken = False
+            if claim.waited or claim.advertised:
+                taken = self.has_layer(layer)
+                if not taken:
+                    staged = downloads.take(
+                        claim, self.store.tmp, diff_id=layer.diff_id, blob_digest=layer.digest
+                    )
+                    if staged is not None:
+                        self._keep_staged(staged)
+                        layer.diff_id = staged.diff_id
+                        taken = True
+            yield not taken
+            if not taken and layer.diff_id is not None:
+                with self._mutex:
+                    claim.fetched = self._staged.get(layer.diff_id)
+
+    def _keep_staged(self, staged: StagedLayer) -> None:
+        with self._mutex:
+            previous = self._staged.get(staged.diff_id)
+            self._staged[staged.diff_id] = staged
+        if previous is not None:
+            previous.discard()
+
     def put_layer(
         self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
     ) -> None:
         # Without a blob digest to check, the diff ID (hashed by ingest) is the only hash.
         hashing = HashingReader(stream) if layer.digest else None
         reader: Any = hashing if hashing is not None else stream
-        staged = self.store.layers.ingest(
-            reader if progress is None else ReportingReader(reader, progress),
-            expected_diff_id=layer.diff_id,
-            what=what,
-            progress=None,
-            blob_digest=None,
-        )
+        if progress is not None:
+            reader = ReportingReader(reader, progress)
+        if self._workers is not None and _for_workers(layer):
+            staged = self._workers.ingest(reader, expected_diff_id=layer.diff_id, what=what)
+        else:
+            staged = self.store.layers.ingest(
+                reader, expected_diff_id=layer.diff_id, what=what, progress=None, blob_digest=None
+            )
         try:
             if hashing is not None and hashing.digest != layer.digest:
                 raise DigestMismatchError(
@@ -177,11 +234,7 @@ class StoreDestination:
             staged.discard()
             raise
         layer.diff_id = staged.diff_id
-        with self._mutex:
-            previous = self._staged.get(staged.diff_id)
-            self._staged[staged.diff_id] = staged
-        if previous is not None:
-            previous.discard()
+        self._keep_staged(staged)
 
     def _plan(self, image: SourceImage) -> list[tuple[str, bytes, str | None]]:
         """(id, json, diff id) per node, base first."""
@@ -284,7 +337,7 @@ class StoreDestination:
                 refs,
             )
             with self.store.journal.pending(record):
-                for node_id, raw, diff_id in nodes:
+                for depth, (node_id, raw, diff_id) in enumerate(nodes, base_depth):
                     layer: StagedLayer | str | None = diff_id
                     if diff_id is not None:
                         with self._mutex:
@@ -294,7 +347,7 @@ class StoreDestination:
                             or self.store.layers.is_damaged(diff_id)
                         ):
                             layer = staged
-                    graph.register(raw, node_id, parent=parent, layer=layer)
+                    graph.register(raw, node_id, parent=parent, layer=layer, parent_depth=depth)
                     parent = node_id
                 for desc in image.layers:
                     if (
@@ -327,12 +380,20 @@ class StoreDestination:
         pass
 
     def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         with self._mutex:
             staged = list(self._staged.values())
             self._staged.clear()
         for layer in staged:
             layer.discard()  # published ones were moved away already
         self.store.graph.release(self.session)
+
+
+def _for_workers(layer: LayerDesc) -> bool:
+    """A layer worth an ingest worker: compressed and big (see layerfs.store.workers)."""
+    return layer.media_type in COMPRESSED_LAYER_TYPES and (layer.size or 0) >= MIN_SIZE
 
 
 def _legacy_parent(raw: bytes) -> str:

@@ -15,7 +15,10 @@ hand (ISA-L's igzip when installed, else zlib at level 1), uploads it, and
 records the compressed digest in the store (the layer's ``blob_digests`` and
 the node's ``checksum``) so the next push neither compresses nor uploads it
 again: a HEAD finds it, or a cross-repository mount copies it inside the
-registry.
+registry. Before the layers, it builds the manifest it would push from those
+records and asks the registry for the tag's digest (one HEAD): when it is the
+same, the image is there and nothing else is sent; otherwise every layer's
+blobs are checked at once, not one after the other.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import threading
 import types
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -375,6 +379,52 @@ class RegistryDestination:
         self.pushed: list[tuple[str, str, int]] = []  # (tag, digest, size)
         self.mounted = 0
         self.uploaded = 0
+        self._checked: dict[str, bool] = {}  # layer key → has_layer, checked ahead
+        self._present: dict[str, set[str]] = {}  # config digest → tags already pushed
+
+    # -- before the layers ---------------------------------------------------------------
+
+    def begin_image(self, image: SourceImage) -> None:
+        """Is the image there already (one manifest HEAD)? Else check its blobs at once."""
+        tags = self._tags(image)
+        predicted = self._predict(image)
+        if predicted is not None and tags:
+            manifest, _ = build_image_manifest(image.config, predicted, self.fmt)
+            digest = sha256_digest(manifest)
+            present = {t for t in tags if self.repository.manifest_digest(t) == digest}
+            if present:
+                self._present[image.config_digest] = present
+                for layer, desc in zip(image.layers, predicted, strict=True):
+                    key = layer.diff_id or layer.digest or ""
+                    self._found(layer, desc, "Layer already exists", key)
+                    self._checked[key] = True
+                return
+        layers = {layer.diff_id or layer.digest or "": layer for layer in image.layers}
+        layers.pop("", None)
+        if len(layers) > 1:
+            with ThreadPoolExecutor(min(len(layers), 8)) as pool:
+                found = pool.map(self._lookup, layers.values())
+                self._checked.update(zip(layers, found, strict=True))
+
+    def _predict(self, image: SourceImage) -> list[Descriptor] | None:
+        """The layer descriptors of the manifest a push would write, if the store knows them."""
+        if self.records is None:
+            return None
+        descriptors = []
+        for layer in image.layers:
+            best: BlobRecord | None = None
+            for digest in layer.known_blob_digests:
+                record = self.records.get(digest) if digest != layer.diff_id else None
+                if record is None or record.size < 0 or not self._usable(record.media_type):
+                    continue
+                if self.repo_key in record.repositories:
+                    best = record
+                    break
+                best = best or record
+            if best is None:
+                return None
+            descriptors.append(Descriptor(best.media_type, best.digest, best.size))
+        return descriptors
 
     # -- layers --------------------------------------------------------------------------
 
@@ -384,6 +434,10 @@ class RegistryDestination:
         return media_type in GZIP_TYPES
 
     def has_layer(self, layer: LayerDesc) -> bool:
+        checked = self._checked.pop(layer.diff_id or layer.digest or "", None)
+        return checked if checked is not None else self._lookup(layer)
+
+    def _lookup(self, layer: LayerDesc) -> bool:
         key = layer.diff_id or layer.digest or ""
         candidates = [d for d in layer.known_blob_digests if d != layer.diff_id]
         if layer.digest and layer.digest != layer.diff_id and layer.digest not in candidates:
@@ -483,12 +537,16 @@ class RegistryDestination:
                 raise RegistryError(f"{image.name}: layer {layer.diff_id} was not pushed")
             descriptors.append(desc)
         config_digest = sha256_digest(image.config)
-        if self.repository.blob_size(config_digest) is None:
+        present = self._present.pop(config_digest, set())
+        if not present and self.repository.blob_size(config_digest) is None:
             self.repository.upload_bytes(image.config, config_digest)
         manifest, media_type = build_image_manifest(image.config, descriptors, self.fmt)
         digest = sha256_digest(manifest)
         tags = self._tags(image)
         for tag in tags:
+            if tag in present:  # the registry has this manifest under this tag
+                self.pushed.append((tag, digest, len(manifest)))
+                continue
             answered = self.repository.put_manifest(tag, manifest, media_type)
             if answered and answered != digest:
                 log.warning("registry reports digest %s for %s, computed %s", answered, tag, digest)

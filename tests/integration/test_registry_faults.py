@@ -309,3 +309,144 @@ def test_rmi_during_a_pull_is_refused_for_held_layers(
     assert inspect_id(tmp_path, f"{proxy.host}/held/base:1", store="s") == base_id
     fsck = subprocess.run([*other_store(tmp_path, "s"), "fsck"], capture_output=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+class _Lines:
+    """Collects a process's output lines as they come (a pipe read in a thread)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: object) -> None:
+        for line in iter(stream.readline, b""):  # type: ignore[attr-defined]
+            self.lines.append(line.decode().rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.lines:
+            assert time.monotonic() < deadline, f"no line {text!r} in {self.lines}"
+            time.sleep(0.05)
+
+    def join(self) -> list[str]:
+        self._thread.join(30)
+        return self.lines
+
+
+def _start_pull(tmp: Path, ref: str, store: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*other_store(tmp, store), "pull", ref],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _two_layers(registry: RegistryServer, tmp: Path, ref: str) -> tuple[str, list[str], list[str]]:
+    """Push a two-layer image; returns (image ID, blob digests, short diff IDs)."""
+    tars = [layer_tar(tmp / f"{n}.tar", n, 600_000) for n in ("first", "second")]
+    image_id, blobs = push_layers(registry, ref, tars)
+    import hashlib
+
+    shorts = [hashlib.sha256(t.read_bytes()).hexdigest()[:12] for t in tars]
+    return image_id, blobs, shorts
+
+
+def test_two_pulls_of_one_image_download_each_blob_once(
+    registry: RegistryServer, proxy: FaultProxy, tmp_path: Path
+):
+    """The second pull waits for the layer the first is downloading, then takes its copy."""
+    image_id, blobs, shorts = _two_layers(registry, tmp_path, f"{registry.host}/same/app:1")
+    ref = f"{proxy.host}/same/app:1"
+    gate = threading.Event()
+    proxy.rules = [Rule("GET", f"/blobs/{blobs[0]}", times=1, gate=gate)]
+    first = _start_pull(tmp_path, ref, "one")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not proxy.seen("GET", f"/blobs/{blobs[0]}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The first pull is inside layer 0's download (its blob held by the proxy).
+        second = _start_pull(tmp_path, ref, "one")
+        output = _Lines(second)
+        output.wait_for(f"{shorts[0]}: Waiting")
+        gate.set()
+        assert first.wait(120) == 0, first.communicate()[1]
+        assert second.wait(120) == 0, output.join()
+    finally:
+        gate.set()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        first.communicate()
+        if second is not None:
+            second.communicate()
+    lines = output.join()
+    assert lines.index(f"{shorts[0]}: Waiting") < lines.index(f"{shorts[0]}: Pull complete")
+    for blob in blobs:  # every layer blob crossed the wire once, for both pulls
+        assert len(proxy.seen("GET", f"/blobs/{blob}")) == 1, blob
+    assert inspect_id(tmp_path, ref, "one") == image_id
+    fsck = subprocess.run([*other_store(tmp_path, "one"), "fsck", "--verify"], capture_output=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert list((tmp_path / "one" / "tmp").iterdir()) == []
+
+
+def test_a_killed_pull_does_not_block_the_next(
+    registry: RegistryServer, proxy: FaultProxy, tmp_path: Path
+):
+    """SIGKILL of the downloading pull: its lock dies with it, the waiting pull downloads."""
+    image_id, blobs, shorts = _two_layers(registry, tmp_path, f"{registry.host}/kill/app:1")
+    ref = f"{proxy.host}/kill/app:1"
+    gate = threading.Event()
+    proxy.rules = [Rule("GET", f"/blobs/{blobs[0]}", times=1, gate=gate)]
+    first = _start_pull(tmp_path, ref, "k")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not proxy.seen("GET", f"/blobs/{blobs[0]}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = _start_pull(tmp_path, ref, "k")
+        output = _Lines(second)
+        output.wait_for(f"{shorts[0]}: Waiting")
+        first.kill()
+        first.wait()
+        assert second.wait(120) == 0, output.join()
+    finally:
+        gate.set()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        first.communicate()
+        if second is not None:
+            second.communicate()
+    assert inspect_id(tmp_path, ref, "k") == image_id
+    assert len(proxy.seen("GET", f"/blobs/{blobs[0]}")) == 2  # the dead one's, then its own
+    fsck = subprocess.run([*other_store(tmp_path, "k"), "fsck", "--verify"], capture_output=True)
+    assert b"problem:" not in fsck.stdout, fsck.stdout  # only the dead pull's staging is left
+
+
+def test_a_repeat_push_asks_for_the_manifest_and_sends_nothing(
+    registry: RegistryServer, proxy: FaultProxy, layerfs_cli: LayerfsCli, tmp_path: Path
+):
+    """What the registry sees: a manifest HEAD, no blob HEAD, no upload, no manifest PUT."""
+    ref = f"{proxy.host}/again/app:1"
+    layerfs_cli("import", layer_tar(tmp_path / "app.tar", "app", 100_000), ref)
+    layerfs_cli("push", ref)
+    proxy.log.clear()
+    again = layerfs_cli("push", ref)
+    seen = [(s.method, s.path.split("?")[0]) for s in proxy.log if s.path != "/v2/"]
+    assert seen == [("HEAD", "/v2/again/app/manifests/1")], seen
+    assert again.stderr.decode().count("Layer already exists") == 1
+    assert b"digest: sha256:" in again.stdout
+
+    # Another tag of the same image: one HEAD finds nothing, the blobs are checked, at once.
+    layerfs_cli("tag", ref, f"{proxy.host}/again/app:2")
+    proxy.log.clear()
+    layerfs_cli("push", f"{proxy.host}/again/app:2")
+    methods = sorted((s.method, "blobs" in s.path) for s in proxy.log if s.path != "/v2/")
+    assert ("PUT", False) in methods  # the manifest under the new tag
+    assert ("POST", True) not in methods and ("PATCH", True) not in methods  # no upload

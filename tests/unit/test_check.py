@@ -127,6 +127,20 @@ def test_a_truncated_layer_is_found_without_verify(store: Store) -> None:
     )
 
 
+def test_progress_names_verify(store: Store) -> None:
+    calls = []
+
+    class FakeProgress:
+        def start(self, key: str, label: str, total: int | None = None) -> None:
+            calls.append(label)
+
+        def advance(self, key: str, n: int) -> None:
+            pass
+
+    fsck(store, verify=True, progress=FakeProgress())  # type: ignore[arg-type]
+    assert calls == ["Verifying layers"]
+
+
 def test_a_tampered_index_is_found_by_verify(store: Store) -> None:
     from layerfs.store import codec
 

@@ -14,7 +14,7 @@ def test_run_refuses_the_root_of_a_user_namespace(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setattr(cli_mount.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(cli_mount, "in_user_namespace", lambda: True)
+    monkeypatch.setattr("layerfs.store.store.in_user_namespace", lambda: True)  # used by run
     status = main(["--root", str(tmp_path / "store"), "run", "busybox:1", "true"])
     assert status == 2
     lines = capsys.readouterr().err.splitlines()

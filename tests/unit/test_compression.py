@@ -395,7 +395,7 @@ def test_ingest_of_a_compressed_layer_goes_through_read_ahead(
             super().__init__(source)
             made.append(self)
 
-    monkeypatch.setattr(layers, "ReadAheadReader", Recording)
+    monkeypatch.setattr(compression, "ReadAheadReader", Recording)  # imported by ingest
     (tmp_path / "tmp").mkdir()
     store = layers.LayerStore(tmp_path / "layers", tmp_path / "tmp")
     tar = build_tar(tar_dir("etc"), tar_file("etc/hostname", b"box\n"))

@@ -93,6 +93,7 @@ def test_store_open_creates_the_layout(tmp_path: Path) -> None:
     assert sorted(p.name for p in store.root.iterdir()) == [
         "graph",
         "holds",
+        "index",
         "journal",
         "layerfs-store.json",
         "layers",
@@ -100,6 +101,7 @@ def test_store_open_creates_the_layout(tmp_path: Path) -> None:
         "tmp",
     ]
     assert json.loads((store.root / "layerfs-store.json").read_bytes()) == {"version": 1}
+    assert json.loads((store.root / "index" / "version").read_bytes()) == {"version": 1}
     assert STORE_VERSION == 1
     assert Store.open(tmp_path / "new").root == store.root  # opening again is fine
 

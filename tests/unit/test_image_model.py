@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from layerfs.errors import DigestMismatchError, FormatError, InvalidReferenceError
-from layerfs.model import image as image_module
 from layerfs.model.digest import (
     EMPTY_GZIP_TAR_DIGEST,
     EMPTY_TAR_DIFF_ID,
@@ -230,7 +229,7 @@ def test_max_image_depth() -> None:
 def test_host_architecture_uses_go_names(
     machine: str, goarch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(image_module.platform, "machine", lambda: machine)
+    monkeypatch.setattr("platform.machine", lambda: machine)
     assert host_architecture() == goarch
 
 

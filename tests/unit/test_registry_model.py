@@ -450,10 +450,12 @@ def test_progress_speaks_docker():
     out = io.StringIO()
     progress = DockerProgress(PULL_WORDS, stream=out, tty=False)
     progress.start("sha256:" + "a" * 64, "aaaaaaaaaaaa", 10, "Waiting")
+    progress.status("sha256:" + "a" * 64, "Waiting for another process")
     progress.status("sha256:" + "a" * 64, "Copying")  # the pipeline's word: not shown
     progress.status("sha256:" + "a" * 64, "Downloading")
     progress.finish("sha256:" + "a" * 64, "Complete")
     assert out.getvalue().splitlines() == [
+        "aaaaaaaaaaaa: Pulling fs layer",
         "aaaaaaaaaaaa: Waiting",
         "aaaaaaaaaaaa: Downloading",
         "aaaaaaaaaaaa: Pull complete",

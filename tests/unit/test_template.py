@@ -287,3 +287,15 @@ def test_execution_errors(template: str, message: str) -> None:
     with pytest.raises(TemplateError) as info:
         run(template, data)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_template_of_fields_only_renders_as_the_general_way_does() -> None:
+    """Text and {{.Field}} take a short way (listings); same output, same errors."""
+    row = GoStruct({"ID": "abc", "Size": 12, "Flag": True, "Gone": None}, type_name="t")
+    flat = Template.parse("{{.ID}}\t{{.Size}} {{.Flag}}/{{.Gone}}!")
+    assert flat._flat is not None
+    general = Template.parse("{{.ID}}\t{{.Size}} {{.Flag}}/{{.Gone}}{{if true}}!{{end}}")
+    assert general._flat is None
+    assert flat.execute(row) == general.execute(row) == "abc\t12 true/<nil>!"
+    with pytest.raises(TemplateError, match="can't evaluate field Nope in type t"):
+        Template.parse("{{.ID}} {{.Nope}}").execute(row)

@@ -148,3 +148,8 @@ class Dockerd:
 
 def have_dockerd() -> bool:
     return Path("/usr/sbin/dockerd").exists() and os.geteuid() == 0
+
+
+def load_average() -> str:
+    """The 1-minute load average, for the record of a shared machine."""
+    return f"{os.getloadavg()[0]:.1f}"

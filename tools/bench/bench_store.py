@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Everyday commands on a store of 1,000 images and 10,000 layers vs an almost empty one.
+
+Two stores are built through the store API (the copy pipeline, as a pull writes them,
+fsync deferred to one `sync` at the end so that the build takes seconds, not CLI calls):
+
+* big: 1,000 images `bench/img-N:1` of 10 small layers each (10,000 layers and graph
+  nodes, a tag and a digest reference per image, every layer under a blob digest);
+* small: 1 such image.
+
+Both also get one extra image per round for `rmi` to remove. Then, interleaved, each
+command runs once per round in a fresh process on each store (the CLI as a user runs
+it): `images`, `images -a`, `inspect`, `history`, `tag` (a new tag each round), `rmi`
+(untag and delete a 10-layer image), `pull -q` of a small image (1 layer of 1 MB) from a
+docker-registry on 127.0.0.1 (removed again outside the timing) and `fsck` (without
+--verify). Reported: the median per command and store, and the ratio big/small.
+
+Also measured: the floor of `fsck` without --verify, a bare Python loop that reads the
+files it must read (every node's four small files, every layer's info.json) and stats
+the two it only looks at (layer.tar, index), in a fresh process.
+
+Writes the section "A store of 1,000 images" of docs/benchmarks.md. Not a test.
+`BENCH_IMAGES`, `BENCH_LAYERS` and `BENCH_ROUNDS` change the sizes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from common import REPO, load_average, median, stamp, update_section
+
+IMAGES = int(os.environ.get("BENCH_IMAGES", "1000"))
+LAYERS = int(os.environ.get("BENCH_LAYERS", "10"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+LAYERFS = os.environ.get("BENCH_LAYERFS", str(REPO / ".venv" / "bin" / "layerfs"))
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def small_tar(seed: str) -> bytes:
+    """A layer of three small files whose content depends on ``seed``."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("etc", f"etc/{seed}"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            info.mtime = 1_700_000_000
+            tar.addfile(info)
+        for i in range(3):
+            data = f"{seed} file {i}\n".encode() * 8
+            info = tarfile.TarInfo(f"etc/{seed}/f{i}")
+            info.size = len(data)
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def build(root: Path, names: list[str]) -> None:
+    """Images ``names`` (``repo:tag``) of LAYERS fresh layers each, as pulls write them."""
+    from layerfs.copy import copy
+    from layerfs.store.store import Store
+    from layerfs.transports.base import MEDIA_DOCKER_LAYER_GZIP, LayerDesc, SourceImage
+    from layerfs.transports.local import StoreDestination
+
+    class MemorySource:
+        def __init__(self, images: list[SourceImage]) -> None:
+            self._images = images
+
+        def images(self) -> list[SourceImage]:
+            return self._images
+
+        def open_layer(self, image: SourceImage, index: int) -> io.BytesIO:
+            return io.BytesIO(image.extra["blobs"][index])
+
+        def close(self) -> None:
+            pass
+
+    images = []
+    for name in names:
+        tars = [small_tar(f"{name.replace('/', '_').replace(':', '_')}-{k}") for k in range(LAYERS)]
+        blobs = [gzip.compress(t, compresslevel=1, mtime=0) for t in tars]
+        history = [
+            {"created": f"2024-01-01T00:00:{k:02d}Z", "created_by": f"/bin/sh -c step {k}"}
+            for k in range(LAYERS)
+        ]
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "created": f"2024-01-01T00:00:{LAYERS:02d}Z",
+                "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["sh"], "Labels": {"n": name}},
+                "history": history,
+                "rootfs": {"type": "layers", "diff_ids": [digest(t) for t in tars]},
+            },
+            sort_keys=True,
+        ).encode()
+        layers = [
+            LayerDesc(digest(t), digest(b), len(b), MEDIA_DOCKER_LAYER_GZIP)
+            for t, b in zip(tars, blobs, strict=True)
+        ]
+        image = SourceImage(config=config, layers=layers, references=[name], name=name)
+        image.manifest_digest = digest(config + b"manifest")
+        image.extra["blobs"] = blobs
+        images.append(image)
+    store = Store.open(root)
+    fsync = os.fsync
+    os.fsync = lambda fd: None  # one sync at the end: the store's layout is what is measured
+    try:
+        copy(MemorySource(images), StoreDestination(store), keep_going=False)
+    finally:
+        os.fsync = fsync
+    os.sync()
+
+
+FSCK_FLOOR = """
+import os, sys
+root = sys.argv[1]
+for name in os.listdir(f"{root}/graph"):
+    for part in ("json", "parent", "layer", "layersize"):
+        try:
+            with open(f"{root}/graph/{name}/{part}", "rb") as f:
+                f.read()
+        except FileNotFoundError:
+            pass
+for name in os.listdir(f"{root}/layers"):
+    with open(f"{root}/layers/{name}/info.json", "rb") as f:
+        f.read()
+    os.stat(f"{root}/layers/{name}/layer.tar")
+    os.stat(f"{root}/layers/{name}/index")
+"""
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.decode()[-3000:]}")
+    return elapsed
+
+
+def main() -> None:
+    from bench_registry import Registry
+
+    work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=str(Path.home())))
+    registry = None
+    load_start = load_average()
+    try:
+        big, small = work / "big", work / "small"
+        extra = [f"bench/rmi-{n}:1" for n in range(ROUNDS)]
+        started = time.perf_counter()
+        build(big, [f"bench/img-{n}:1" for n in range(IMAGES)] + extra)
+        built = time.perf_counter() - started
+        build(small, [f"bench/img-{IMAGES // 2}:1", *extra])
+        layer_count = len(list((big / "layers").iterdir()))
+        node_count = len(list((big / "graph").iterdir()))
+
+        registry = Registry(work)
+        pulled = f"{registry.host}/bench/small:1"
+        rootfs = work / "rootfs.tar"
+        with tarfile.open(rootfs, "w") as tar:
+            info = tarfile.TarInfo("data/blob")
+            info.size = 1 << 20
+            tar.addfile(info, io.BytesIO(os.urandom(info.size)))
+        source = work / "source"
+        subprocess.run(
+            [LAYERFS, "--root", str(source), "import", str(rootfs), pulled],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [LAYERFS, "--root", str(source), "push", "-q", pulled], check=True, capture_output=True
+        )
+
+        middle = f"bench/img-{IMAGES // 2}:1"  # in both stores
+        commands: dict[str, list[str]] = {
+            "images": ["images"],
+            "images -a": ["images", "-a"],
+            "inspect": ["inspect", middle],
+            "history": ["history", middle],
+            "tag": ["tag", middle, "bench/tagged:{n}"],
+            "rmi": ["rmi", "bench/rmi-{n}:1"],
+            "pull (1 MB image)": ["pull", "-q", pulled],
+            "fsck": ["fsck"],
+        }
+        times: dict[tuple[str, str], list[float]] = {}
+        for n in range(ROUNDS):
+            for name, args in commands.items():
+                stores = [("small", small), ("big", big)]
+                for label, root in stores if n % 2 else reversed(stores):
+                    cmd = [LAYERFS, "--root", str(root), *(a.format(n=n) for a in args)]
+                    times.setdefault((name, label), []).append(timed(cmd))
+                    if name == "fsck":
+                        floor = [sys.executable, "-c", FSCK_FLOOR, str(root)]
+                        times.setdefault(("fsck floor", label), []).append(timed(floor))
+                    if name.startswith("pull"):
+                        subprocess.run(
+                            [LAYERFS, "--root", str(root), "rmi", pulled],
+                            check=True,
+                            capture_output=True,
+                        )
+    finally:
+        if registry is not None:
+            registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    load_end = load_average()
+
+    rows = [
+        f"| command | almost empty store, ms | {IMAGES:,} images, ms | ratio | within 1.5x |",
+        "|---|---|---|---|---|",
+    ]
+    targets = ("images", "inspect", "tag", "rmi", "pull (1 MB image)", "fsck")  # issue 14's
+    for name in [*commands, "fsck floor"]:
+        t_small, t_big = median(times[(name, "small")]), median(times[(name, "big")])
+        ratio = t_big / t_small
+        verdict = ("met" if ratio <= 1.5 else "**missed**") if name in targets else "-"
+        rows.append(
+            f"| {name} | {t_small * 1000:.0f} | {t_big * 1000:.0f} | {ratio:.2f}x | {verdict} |"
+        )
+    table = "\n".join(rows)
+    body = f"""{stamp()}
+
+The big store: {IMAGES} images of {LAYERS} layers ({layer_count} layers, {node_count} graph
+nodes, {IMAGES + ROUNDS} tags and as many digest references), built through the store API
+in {built:.0f} s; the almost empty store: 1 image. Each command runs in a fresh process
+(`{Path(LAYERFS).name}`, the installed command line); median of {ROUNDS} interleaved rounds.
+`tag` adds a new tag, `rmi` removes an untagged 10-layer image, `pull` fetches a 1-layer
+image of 1 MB from a docker-registry on 127.0.0.1 into the store, `fsck` checks without
+--verify.
+
+{table}
+
+"fsck floor" is the loop described in the tool's docstring: what reading the files that
+`fsck` checks costs in Python, before checking anything.
+
+Load average (1 min) while measuring: {load_start} at the start, {load_end} at the end.
+Run it with `.venv/bin/python tools/bench/bench_store.py`.
+"""
+    print(body)
+    update_section("store", "A store of 1,000 images", body)
+
+
+if __name__ == "__main__":
+    main()
