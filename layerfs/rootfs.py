@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.errors import FormatError, NotFoundError, RegistryError, UsageError
-from layerfs.fs.union import INIT_LAYER, MergedTree
+from layerfs.fs.inodes import LAYER_INIT
+from layerfs.fs.union import MergedTree
 from layerfs.model.changes import apply_changes
 from layerfs.model.image import Image
 from layerfs.model.platform import Platform
@@ -201,7 +202,7 @@ def export_image(
                     info.linkname = os.fsdecode(entry.linkname)
                 if entry.type in (CHAR, BLOCKDEV):
                     info.devmajor, info.devminor = entry.devmajor, entry.devminor
-                if entry.type == REG and node.layer not in (INIT_LAYER,) and entry.size:
+                if entry.type == REG and node.layer != LAYER_INIT and entry.size:
                     info.size = entry.size
                     tar = tars[node.layer]
                     tar.seek(entry.offset)

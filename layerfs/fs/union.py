@@ -37,19 +37,8 @@ from layerfs.fs.inodes import (
 from layerfs.store.initlayer import INIT_ENTRIES, INIT_PARENT_MODE, init_parents
 from layerfs.store.tarindex import BLOCKDEV, CHAR, DIR, HARDLINK, REG, SYMLINK, Entry
 
-# Kept for callers of the first version of this module.
-WHITEOUT = whiteout.PREFIX
-AUFS_META = whiteout.META_PREFIX
-INIT_LAYER = LAYER_INIT
-"""Layer number of nodes that come from the init layer (they have no tar data)."""
-IMPLIED = LAYER_IMPLIED
-
 _S_IFDIR = stat.S_IFDIR
 _IMPLIED_DIR_MODE = 0o755
-
-
-def is_whiteout(name: bytes) -> bool:
-    return whiteout.is_whiteout(name)
 
 
 @dataclass(slots=True)
@@ -57,7 +46,7 @@ class Node:
     """One path of the merged tree, as a snapshot (see :meth:`MergedTree.lookup`)."""
 
     entry: Entry  # metadata; for a hardlink, the shared inode's metadata and data offset
-    layer: int  # index into the stack (base = 0), INIT_LAYER, or IMPLIED
+    layer: int  # index into the stack (base = 0), LAYER_INIT or LAYER_IMPLIED
     link_key: tuple[int, bytes] | None = None  # shared by the names of a hardlink group
     children: dict[bytes, None] | None = None  # ordered names, for directories
     ino: int = 0

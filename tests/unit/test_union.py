@@ -7,7 +7,9 @@ import tarfile
 
 import pytest
 
-from layerfs.fs.union import IMPLIED, INIT_LAYER, MergedTree
+from layerfs.fs.inodes import LAYER_IMPLIED as IMPLIED
+from layerfs.fs.inodes import LAYER_INIT as INIT_LAYER
+from layerfs.fs.union import MergedTree
 from layerfs.store.tarindex import DIR, REG, SYMLINK, Entry, index_tar
 from tests.helpers import build_tar, tar_dir, tar_file, tar_hardlink, tar_member, tar_symlink
 
