@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Merged-tree benchmark: what a mount, ``export`` and ``commit`` do with layer rows, in-process.
+
+The work around the union mount that never crosses FUSE, for this checkout against
+another revision of layerfs (``--against``, default ``main``, unpacked with ``git
+archive``), run interleaved in fresh processes over one store:
+
+- merge: stream the index rows of every layer of a 127-layer image into one merged tree
+  (``MergedTree.from_rows``: the lower half of ``layerfs mount``);
+- lookup: look up every path of the tree (``MergedTree.lookup``, a node snapshot);
+- walk: every path, parents first (``MergedTree.walk``);
+- export: ``layerfs export`` of the image into /dev/null;
+- commit tar: ``commit.write_layer_tar`` of one row per file, data from the lower tars;
+- memory: bytes per merged entry the tree keeps (tracemalloc, after the timed passes).
+
+The image: ``--files`` regular files (plus a symlink and a hardlink per 50 files) in 100
+directories, file k in layer k % 127, so every directory merges from many layers.
+Medians of ``--rounds`` rounds (rotating the order), reported as seconds and as the
+ratio this / against (lower is better). Writes the "Merged tree" section of
+docs/benchmarks.md with ``--doc``. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PYTHON, REPO, median, stamp, update_section
+
+DEPTH = 127
+DIRS = 100
+MEASURES = ("merge", "lookup", "walk", "export", "commit tar")
+
+
+def _layer_tar(files: int, layer: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for k in range(layer, files, DEPTH):
+            directory = f"d{k % DIRS:03d}"
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tar.addfile(info)
+            data = b"%016d" % k
+            info = tarfile.TarInfo(f"{directory}/file{k:06d}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+            if k % 50 == 0:
+                link = tarfile.TarInfo(f"{directory}/link{k:06d}")
+                link.type, link.linkname = tarfile.SYMTYPE, f"file{k:06d}"
+                tar.addfile(link)
+                hard = tarfile.TarInfo(f"{directory}/hard{k:06d}")
+                hard.type, hard.linkname = tarfile.LNKTYPE, f"{directory}/file{k:06d}"
+                tar.addfile(hard)
+    return buf.getvalue()
+
+
+def prepare(root: Path, files: int) -> str:
+    """A store at ``root`` holding the 127-layer image; returns its ID."""
+    from layerfs.store.store import Store
+
+    store = Store.open(root)
+    parent = ""
+    for layer in range(DEPTH):
+        staged = store.layers.ingest(io.BytesIO(_layer_tar(files, layer)))
+        parent = store.graph.create(staged, parent=parent, created_by="bench").id
+    return parent
+
+
+def worker(root: Path, image_id: str) -> dict[str, float]:
+    """One pass of every measure with the layerfs on sys.path (a fresh process)."""
+    from layerfs.fs.commit import write_layer_tar
+    from layerfs.fs.union import MergedTree
+    from layerfs.rootfs import export_image
+    from layerfs.store.store import Store
+
+    store = Store.open(root)
+    image = store.graph.get(image_id)
+    diff_ids = store.graph.layers_of(image)
+    result: dict[str, float] = {}
+
+    start = time.perf_counter()
+    tree = MergedTree.from_rows(store.layers.index_rows(d) for d in diff_ids)
+    result["merge"] = time.perf_counter() - start
+    paths = [path for path, _ in tree.walk()]
+
+    start = time.perf_counter()
+    for path in paths:
+        tree.lookup(path)
+    result["lookup"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    for _ in tree.walk():
+        pass
+    result["walk"] = time.perf_counter() - start
+
+    with open(os.devnull, "wb") as out:
+        start = time.perf_counter()
+        export_image(store, image, out)
+        result["export"] = time.perf_counter() - start
+
+    rows = [
+        [*row, diff_id]
+        for diff_id in diff_ids
+        for row in store.layers.index_rows(diff_id)
+        if row[1] == "f"
+    ]
+    with open(os.devnull, "wb") as out:
+        start = time.perf_counter()
+        write_layer_tar(rows, root, out, store.layers.open_tar)
+        result["commit tar"] = time.perf_counter() - start
+
+    del tree
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tree = MergedTree.from_rows(store.layers.index_rows(d) for d in diff_ids)
+    kept = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    result["entries"] = len(tree)
+    result["bytes per entry"] = kept / len(tree)
+    return result
+
+
+def _against_tree(rev: str, into: Path) -> Path:
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "layerfs"], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def _run_worker(code: Path, root: Path, image_id: str) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(code))
+    out = subprocess.run(
+        [PYTHON, __file__, "--worker", str(root), image_id],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=code,
+    ).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--files", type=int, default=50_000)
+    parser.add_argument("--against", default="main", help="git revision to compare with")
+    parser.add_argument("--doc", action="store_true", help="write docs/benchmarks.md")
+    parser.add_argument("--worker", nargs=2, metavar=("STORE", "IMAGE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(Path(args.worker[0]), args.worker[1])))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench-tree-") as tmp:
+        sys.path.insert(0, str(REPO))
+        image_id = prepare(Path(tmp) / "store", args.files)
+        codes = {"against": _against_tree(args.against, Path(tmp) / "against"), "this": REPO}
+        load = os.getloadavg()
+        runs: dict[str, list[dict[str, float]]] = {"against": [], "this": []}
+        for round_ in range(args.rounds):
+            order = list(codes) if round_ % 2 == 0 else list(reversed(codes))
+            for name in order:
+                runs[name].append(_run_worker(codes[name], Path(tmp) / "store", image_id))
+        load_after = os.getloadavg()
+    med = {
+        name: {m: median([r[m] for r in results]) for m in MEASURES}
+        for name, results in runs.items()
+    }
+    entries = int(runs["this"][0]["entries"])
+    lines = [
+        f"{stamp()} {entries} merged entries over {DEPTH} layers ({args.files} files); "
+        f"medians of {args.rounds} interleaved rounds in fresh processes. Load average "
+        f"(1, 5, 15 min) {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start, "
+        f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} at the end "
+        "(a shared machine: compare the columns of one run only).",
+        "",
+        f"| measurement | {args.against} s | this checkout s | this / {args.against} |",
+        "|---|---|---|---|",
+    ]
+    for m in MEASURES:
+        before, after = med["against"][m], med["this"][m]
+        lines.append(f"| {m} | {before:.3f} | {after:.3f} | {after / before:.2f}x |")
+    for name, label in (("against", args.against), ("this", "this checkout")):
+        per = median([r["bytes per entry"] for r in runs[name]])
+        lines.append(
+            f"\nMerged tree memory, {label}: {per:.0f} bytes per merged entry "
+            "(tracemalloc, the tree kept after a merge)."
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.doc:
+        update_section("tree", "Merged tree", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
