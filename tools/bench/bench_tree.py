@@ -11,7 +11,12 @@ archive``), run interleaved in fresh processes over one store:
 - walk: every path, parents first (``MergedTree.walk``);
 - export: ``layerfs export`` of the image into /dev/null;
 - commit tar: ``commit.write_layer_tar`` of one row per file, data from the lower tars;
-- memory: bytes per merged entry the tree keeps (tracemalloc, after the timed passes).
+- memory: bytes per merged entry the tree keeps (tracemalloc, after the timed passes);
+- row types: what ``store/rows.py`` chose between. The index rows of every layer as
+  msgpack decodes them (lists) and turned into a NamedTuple or a slotted class:
+  bytes per row with every row held (tracemalloc: the object, its path, its numbers),
+  the object alone (``sys.getsizeof``), and the time to decode a row, make it and
+  read ten of its columns, as the merge does.
 
 The image: ``--files`` regular files (plus a symlink and a hardlink per 50 files) in 100
 directories, file k in layer k % 127, so every directory merges from many layers.
@@ -32,7 +37,9 @@ import tarfile
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PYTHON, REPO, median, stamp, update_section
@@ -130,6 +137,81 @@ def worker(root: Path, image_id: str) -> dict[str, float]:
     return result
 
 
+class _RowTuple(NamedTuple):
+    path: bytes
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    offset: int
+    linkname: bytes
+    devmajor: int
+    devminor: int
+    xattrs: Any
+    source: Any = None
+
+
+class _RowSlots:
+    __slots__ = _RowTuple._fields
+
+    def __init__(self, *values: Any) -> None:
+        for name, value in zip(_RowTuple._fields, values, strict=False):
+            setattr(self, name, value)
+        if len(values) < len(_RowTuple._fields):
+            self.source = None
+
+
+def _read_list(row: Any) -> tuple[Any, ...]:
+    return row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[11]
+
+
+def _read_named(row: Any) -> tuple[Any, ...]:
+    return (
+        row.path,
+        row.type,
+        row.mode,
+        row.uid,
+        row.gid,
+        row.size,
+        row.mtime_ns,
+        row.offset,
+        row.linkname,
+        row.xattrs,
+    )
+
+
+def row_types(root: Path, image_id: str) -> dict[str, tuple[float, int, float]]:
+    """Row type -> (bytes per row, all held; bytes of the object alone; ns per row)."""
+    from layerfs.store.store import Store
+
+    store = Store.open(root)
+    diff_ids = store.graph.layers_of(store.graph.get(image_id))
+    makers: dict[str, tuple[Callable[[Any], Any] | None, Callable[[Any], Any]]] = {
+        "list (column names)": (None, _read_list),
+        "NamedTuple": (lambda row: _RowTuple(*row), _read_named),
+        "slotted class": (lambda row: _RowSlots(*row), _read_named),
+    }
+    result = {}
+    for name, (make, read) in makers.items():
+        tracemalloc.start()
+        held = [make(r) if make else r for d in diff_ids for r in store.layers.index_rows(d)]
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        count, alone = len(held), sys.getsizeof(held[0])
+        del held
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for d in diff_ids:
+                for r in store.layers.index_rows(d):
+                    read(make(r) if make else r)
+            times.append(time.perf_counter() - start)
+        result[name] = (size / count, alone, median(times) / count * 1e9)
+    return result
+
+
 def _against_tree(rev: str, into: Path) -> Path:
     archive = subprocess.run(
         ["git", "-C", str(REPO), "archive", rev, "layerfs"], check=True, capture_output=True
@@ -167,6 +249,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-tree-") as tmp:
         sys.path.insert(0, str(REPO))
         image_id = prepare(Path(tmp) / "store", args.files)
+        rows = row_types(Path(tmp) / "store", image_id)
         codes = {"against": _against_tree(args.against, Path(tmp) / "against"), "this": REPO}
         load = os.getloadavg()
         runs: dict[str, list[dict[str, float]]] = {"against": [], "this": []}
@@ -199,6 +282,15 @@ def main() -> int:
             f"\nMerged tree memory, {label}: {per:.0f} bytes per merged entry "
             "(tracemalloc, the tree kept after a merge)."
         )
+    lines += [
+        "",
+        "Row types (the index rows of every layer; see layerfs/store/rows.py):",
+        "",
+        "| row type | bytes per row, all held | the object alone | decode, make, read 10 columns |",
+        "|---|---|---|---|",
+    ]
+    for name, (held, alone, ns) in rows.items():
+        lines.append(f"| {name} | {held:.0f} | {alone} | {ns:.0f} ns |")
     text = "\n".join(lines)
     print(text)
     if args.doc:
