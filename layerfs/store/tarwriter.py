@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from layerfs.store.tarindex import BLOCKDEV, CHAR, HARDLINK, REG, SYMLINK, TARFILE_TYPES, Entry
@@ -42,41 +43,39 @@ def tar_info(entry: Entry) -> tarfile.TarInfo:
     return info
 
 
+@dataclass(slots=True)
 class DataRange:
     """``size`` bytes of ``handle`` from ``offset``, as a file object for ``tarfile``.
 
     Every read seeks first, so several ranges of one layer tar can be read with one
-    handle. Data that ends early ends the range early (``tarfile`` then refuses the
-    member: a cut layer tar), or with ``pad`` is made up with zeros (an upper data
-    file shorter than the size its mount recorded). ``owned``: the handle is closed
-    once the range is read.
+    handle; ``offset`` and ``size`` move on as it reads. Data that ends early ends the
+    range early (``tarfile`` then refuses the member: a cut layer tar), or with ``pad``
+    is made up with zeros (an upper data file shorter than the size its mount
+    recorded). ``owned``: the handle is closed once the range is read.
     """
 
-    def __init__(
-        self, handle: BinaryIO, offset: int, size: int, *, pad: bool = False, owned: bool = False
-    ) -> None:
-        self._handle = handle
-        self._offset = offset
-        self._left = size
-        self._pad = pad
-        self._owned = owned
+    handle: BinaryIO
+    offset: int
+    size: int
+    pad: bool = False
+    owned: bool = False
 
     def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
+        if self.size <= 0:
             self._close()
             return b""
-        if n < 0 or n > self._left:
-            n = self._left
-        self._handle.seek(self._offset)
-        data = self._handle.read(n)
-        if self._pad and len(data) < n:
+        if n < 0 or n > self.size:
+            n = self.size
+        self.handle.seek(self.offset)
+        data = self.handle.read(n)
+        if self.pad and len(data) < n:
             data += bytes(n - len(data))
-        self._offset += len(data)
-        self._left -= len(data)
-        if self._left <= 0 or not data:
+        self.offset += len(data)
+        self.size -= len(data)
+        if self.size <= 0 or not data:
             self._close()
         return data
 
     def _close(self) -> None:
-        if self._owned and not self._handle.closed:
-            self._handle.close()
+        if self.owned and not self.handle.closed:
+            self.handle.close()
