@@ -10,16 +10,15 @@ layer (``fs/upper.py``) keeps its changes as rows with a thirteenth column,
 writes a column by its name: ``row[SIZE]``, never ``row[5]``.
 
 Why plain lists with named columns rather than a NamedTuple or a slotted class:
-rows arrive from msgpack as lists, and the merged tree reads each once. Measured with
-``tools/bench/bench_tree.py`` (section "Merged tree" of docs/benchmarks.md: the
-index rows of a 127-layer image, tracemalloc over every row held at once, and the
-time to decode a row, make it and read ten of its columns), a row costs about the same
-memory whatever its type (the path, the numbers and the list or tuple around them:
-under 300 bytes per entry either way, the object alone 152 bytes as a list, 144 as a
-NamedTuple, 136 as a slotted class), while turning each decoded list into a
-NamedTuple or an object made decoding and reading it 40-70% slower, and with it
-every mount's merge. The merged tree itself keeps no rows: about 160 bytes per
-merged entry of columns and names (``fs/inodes.py``).
+rows arrive from msgpack as lists, and the merged tree reads each one once and keeps
+none (it keeps its own columns: 158 bytes per merged entry, ``fs/inodes.py``).
+Measured with ``tools/bench/bench_tree.py`` on the index rows of a 127-layer image
+(52,101 merged entries; section "Merged tree" of docs/benchmarks.md): a row costs about the
+same memory whatever holds it, since its path and numbers are most of it (303 bytes
+per row with every row held as a list or a NamedTuple, 287 as a slotted class; the
+object alone 152, 144 and 136 bytes), while making a NamedTuple or an object of each
+decoded list took 3.9 and 4.4 µs per row decoded and read against 0.7 µs for the
+list itself: a slower merge for every mount, for no memory the merge keeps.
 """
 
 from __future__ import annotations
