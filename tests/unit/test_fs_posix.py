@@ -30,6 +30,7 @@ from layerfs.fs.posix import (
     listed_xattrs,
 )
 from layerfs.fs.upper import Upper
+from layerfs.store.rows import PATH
 from layerfs.store.store import Store
 
 MTIME = 1_500_000_000
@@ -360,7 +361,7 @@ def test_a_socket_over_a_lower_name_whites_it_out_in_the_rows(upper: Upper) -> N
     d = ino(upper, "dir")
     upper.unlink(d, b"suid")
     upper.make_node(d, b"suid", stat.S_IFSOCK | 0o644, ROOT_CALLER)
-    paths = [row[0] for row in upper.rows()]
+    paths = [row[PATH] for row in upper.rows()]
     assert b"dir/.wh.suid" in paths and b"dir/suid" not in paths
 
 
