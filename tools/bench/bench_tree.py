@@ -20,6 +20,11 @@ archive``), run interleaved in fresh processes over one store:
 
 The image: ``--files`` regular files (plus a symlink and a hardlink per 50 files) in 100
 directories, file k in layer k % 127, so every directory merges from many layers.
+``--mounts N`` adds, as root and where ``bench_mount.py`` has prepared its store
+(``$LAYERFS_BENCH_DIR``), N rounds of the real thing: ``layerfs mount --engine native``
+of its Debian image as 1 and as 127 layers, each checkout in turn, timed until the
+mount is ready, then a walk of the mount with the caches dropped first (cold).
+
 Medians of ``--rounds`` rounds (rotating the order), reported as seconds and as the
 ratio this / against (lower is better). Writes the "Merged tree" section of
 docs/benchmarks.md with ``--doc``. Not a test.
@@ -42,7 +47,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, REPO, median, stamp, update_section
+from common import PYTHON, REPO, drop_caches, median, stamp, update_section
 
 DEPTH = 127
 DIRS = 100
@@ -234,11 +239,66 @@ def _run_worker(code: Path, root: Path, image_id: str) -> dict[str, float]:
     return json.loads(out)  # type: ignore[no-any-return]
 
 
+MOUNT_IMAGES = ("bench/debian:1", "bench/debian:127")
+
+
+def mount_rounds(codes: dict[str, Path], rounds: int, mnt: Path) -> dict[str, dict[str, float]]:
+    """Checkout -> "mount, IMAGE" / "cold walk, IMAGE" -> median seconds (see the docstring)."""
+    work = Path(os.environ.get("LAYERFS_BENCH_DIR", "/var/tmp/layerfs-bench"))
+
+    def layerfs(code: Path, *args: str) -> None:
+        subprocess.run(
+            [PYTHON, "-m", "layerfs", "--root", str(work / "store"), *args],
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=str(code)),
+            cwd=code,
+        )
+
+    def cold_walk() -> int:
+        drop_caches()
+        count = 0
+        for directory, dirs, files in os.walk(mnt):
+            for name in dirs + files:
+                os.lstat(os.path.join(directory, name))
+                count += 1
+        return count
+
+    mnt.mkdir(parents=True, exist_ok=True)
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in codes}
+    for code in codes.values():  # once first, so that both run from compiled bytecode
+        layerfs(code, "mount", "--no-init", "--engine", "native", MOUNT_IMAGES[0], str(mnt))
+        layerfs(code, "umount", str(mnt))
+    for round_ in range(rounds):
+        order = list(codes) if round_ % 2 == 0 else list(reversed(codes))
+        for name in order:
+            for image in MOUNT_IMAGES:
+                drop_caches()
+                start = time.perf_counter()
+                layerfs(codes[name], "mount", "--no-init", "--engine", "native", image, str(mnt))
+                times[name].setdefault(f"mount, {image}", []).append(time.perf_counter() - start)
+                try:
+                    start = time.perf_counter()
+                    cold_walk()
+                    took = time.perf_counter() - start
+                    times[name].setdefault(f"cold walk, {image}", []).append(took)
+                finally:
+                    layerfs(codes[name], "umount", str(mnt))
+    return {name: {m: median(v) for m, v in by.items()} for name, by in times.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--files", type=int, default=50_000)
     parser.add_argument("--against", default="main", help="git revision to compare with")
+    parser.add_argument(
+        "--mounts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N rounds of mounts and cold walks (root, bench_mount's store)",
+    )
     parser.add_argument("--doc", action="store_true", help="write docs/benchmarks.md")
     parser.add_argument("--worker", nargs=2, metavar=("STORE", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,6 +317,7 @@ def main() -> int:
             order = list(codes) if round_ % 2 == 0 else list(reversed(codes))
             for name in order:
                 runs[name].append(_run_worker(codes[name], Path(tmp) / "store", image_id))
+        mounts = mount_rounds(codes, args.mounts, Path(tmp) / "mnt") if args.mounts else {}
         load_after = os.getloadavg()
     med = {
         name: {m: median([r[m] for r in results]) for m in MEASURES}
@@ -276,6 +337,12 @@ def main() -> int:
     for m in MEASURES:
         before, after = med["against"][m], med["this"][m]
         lines.append(f"| {m} | {before:.3f} | {after:.3f} | {after / before:.2f}x |")
+    for m in mounts.get("this", {}):
+        before, after = mounts["against"][m], mounts["this"][m]
+        lines.append(
+            f"| {m} (native engine, {args.mounts} rounds) | {before:.3f} | "
+            f"{after:.3f} | {after / before:.2f}x |"
+        )
     for name, label in (("against", args.against), ("this", "this checkout")):
         per = median([r["bytes per entry"] for r in runs[name]])
         lines.append(
