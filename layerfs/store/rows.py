@@ -17,7 +17,7 @@ Measured with ``tools/bench/bench_tree.py`` on the index rows of a 127-layer ima
 same memory whatever holds it, since its path and numbers are most of it (303 bytes
 per row with every row held as a list or a NamedTuple, 287 as a slotted class; the
 object alone 152, 144 and 136 bytes), while making a NamedTuple or an object of each
-decoded list took 3.9 and 4.4 µs per row decoded and read against 0.7 µs for the
+decoded list took 1.4 and 2.5 µs per row decoded and read, against 0.7 µs for the
 list itself: a slower merge for every mount, for no memory the merge keeps.
 """
 
