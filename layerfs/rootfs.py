@@ -177,6 +177,7 @@ def export_image(
                 if node.link_key is not None and node.link_key in written_links:
                     info.type = tarfile.LNKTYPE
                     info.linkname = written_links[node.link_key]
+                    # Another name of a written inode: a link, no data, no device numbers.
                     info.size = info.devmajor = info.devminor = 0
                     archive.addfile(info)
                     count += 1

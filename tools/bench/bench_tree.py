@@ -244,7 +244,8 @@ MOUNT_IMAGES = ("bench/debian:1", "bench/debian:127")
 
 def mount_rounds(codes: dict[str, Path], rounds: int, mnt: Path) -> dict[str, dict[str, float]]:
     """Checkout -> "mount, IMAGE" / "cold walk, IMAGE" -> median seconds (see the docstring)."""
-    work = Path(os.environ.get("LAYERFS_BENCH_DIR", "/var/tmp/layerfs-bench"))
+    from bench_mount import WORK as work
+    from bench_mount import walk
 
     def layerfs(code: Path, *args: str) -> None:
         subprocess.run(
@@ -254,15 +255,6 @@ def mount_rounds(codes: dict[str, Path], rounds: int, mnt: Path) -> dict[str, di
             env=dict(os.environ, PYTHONPATH=str(code)),
             cwd=code,
         )
-
-    def cold_walk() -> int:
-        drop_caches()
-        count = 0
-        for directory, dirs, files in os.walk(mnt):
-            for name in dirs + files:
-                os.lstat(os.path.join(directory, name))
-                count += 1
-        return count
 
     mnt.mkdir(parents=True, exist_ok=True)
     times: dict[str, dict[str, list[float]]] = {name: {} for name in codes}
@@ -278,8 +270,9 @@ def mount_rounds(codes: dict[str, Path], rounds: int, mnt: Path) -> dict[str, di
                 layerfs(codes[name], "mount", "--no-init", "--engine", "native", image, str(mnt))
                 times[name].setdefault(f"mount, {image}", []).append(time.perf_counter() - start)
                 try:
+                    drop_caches()
                     start = time.perf_counter()
-                    cold_walk()
+                    walk(mnt)
                     took = time.perf_counter() - start
                     times[name].setdefault(f"cold walk, {image}", []).append(took)
                 finally:
