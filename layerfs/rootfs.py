@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.errors import FormatError, NotFoundError, RegistryError, UsageError
-from layerfs.fs.union import INIT_LAYER, MergedTree
+from layerfs.fs.union import MergedTree
 from layerfs.model.changes import apply_changes
 from layerfs.model.image import Image
 from layerfs.model.platform import Platform
@@ -26,14 +26,8 @@ from layerfs.model.reference import Reference
 from layerfs.progress import Progress
 from layerfs.store.publish import publish_new_image
 from layerfs.store.store import Store
-from layerfs.store.tarindex import (
-    BLOCKDEV,
-    CHAR,
-    REG,
-    SYMLINK,
-    TARFILE_TYPES,
-    open_pax_writer,
-)
+from layerfs.store.tarindex import REG, open_pax_writer
+from layerfs.store.tarwriter import DataRange, tar_info
 
 
 @dataclass
@@ -179,39 +173,23 @@ def export_image(
                 if path == b"":
                     continue
                 entry = node.entry
-                name = os.fsdecode(path)
-                info = tarfile.TarInfo(name)
-                info.mode = entry.mode
-                info.uid, info.gid = entry.uid, entry.gid
-                info.mtime = entry.mtime_ns // 1_000_000_000
-                info.uname = info.gname = ""
-                if entry.xattrs:
-                    info.pax_headers = {
-                        "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
-                        for k, v in entry.xattrs.items()
-                    }
+                info = tar_info(entry)
                 if node.link_key is not None and node.link_key in written_links:
                     info.type = tarfile.LNKTYPE
                     info.linkname = written_links[node.link_key]
+                    # Another name of a written inode: a link, no data, no device numbers.
+                    info.size = info.devmajor = info.devminor = 0
                     archive.addfile(info)
                     count += 1
                     continue
-                info.type = TARFILE_TYPES[entry.type]
-                if entry.type == SYMLINK:
-                    info.linkname = os.fsdecode(entry.linkname)
-                if entry.type in (CHAR, BLOCKDEV):
-                    info.devmajor, info.devminor = entry.devmajor, entry.devminor
-                if entry.type == REG and node.layer not in (INIT_LAYER,) and entry.size:
-                    info.size = entry.size
-                    tar = tars[node.layer]
-                    tar.seek(entry.offset)
-                    archive.addfile(info, _Limited(tar, entry.size))
+                if entry.type == REG and node.layer >= 0 and entry.size:
+                    archive.addfile(info, DataRange(tars[node.layer], entry.offset, entry.size))
                     if progress is not None:
                         progress.advance("export", entry.size)
                 else:
                     archive.addfile(info)
                 if node.link_key is not None:
-                    written_links[node.link_key] = name
+                    written_links[node.link_key] = info.name
                 count += 1
     except tarfile.TarError as exc:
         raise FormatError(f"cannot export image {image.id[:12]}: {exc}") from exc
@@ -221,20 +199,3 @@ def export_image(
     if progress is not None:
         progress.finish("export", f"Exported {count} entries")
     return count
-
-
-class _Limited:
-    """Reads at most ``size`` bytes of a file from its current position."""
-
-    def __init__(self, handle: BinaryIO, size: int) -> None:
-        self._handle = handle
-        self._left = size
-
-    def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        if n < 0 or n > self._left:
-            n = self._left
-        data = self._handle.read(n)
-        self._left -= len(data)
-        return data

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 from layerfs.fs import whiteout
 from layerfs.fs.inodes import ROOT, SOCKET
+from layerfs.store.rows import PATH, Row, new_row
 from layerfs.store.tarindex import HARDLINK, REG
 
 if TYPE_CHECKING:
-    from layerfs.fs.upper import Row, Upper
+    from layerfs.fs.upper import Upper
 
 
 def changed_rows(upper: Upper) -> list[Row]:
@@ -57,9 +58,7 @@ class _Diff:
         self._flush()
         first = self.first_path.get(ino)
         if first is not None:
-            self.rows.append(
-                [path, HARDLINK, 0, 0, 0, 0, self.t.mtime[ino], 0, first, 0, 0, None, None]
-            )
+            self.rows.append(new_row(path, HARDLINK, mtime_ns=self.t.mtime[ino], linkname=first))
         else:
             self.rows.append(self.upper.row(path, ino))
             if not self.t.is_dir(ino):
@@ -124,8 +123,9 @@ class _Diff:
                     self._emit(full, ino)
 
     def _written(self, path: bytes) -> bool:
-        return any(row[0] == path for row in self.rows)
+        return any(row[PATH] == path for row in self.rows)
 
 
 def _marker(path: bytes) -> Row:
-    return [path, REG, 0, 0, 0, 0, 0, 0, b"", 0, 0, None, None]
+    """A whiteout or opaque marker: an empty regular file, all else zero (as Docker writes)."""
+    return new_row(path, REG)

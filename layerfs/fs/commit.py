@@ -17,23 +17,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.errors import LayerfsError, MountError, UsageError
-from layerfs.fs.upper import STATE_VERSION, Row
+from layerfs.fs.upper import STATE_VERSION
 from layerfs.model.changes import apply_changes
 from layerfs.model.image import Image
 from layerfs.model.reference import Reference
 from layerfs.store import codec
 from layerfs.store.publish import publish_new_image
+from layerfs.store.rows import INDEX_COLUMNS, OFFSET, SIZE, SOURCE, Row
 from layerfs.store.store import Store
-from layerfs.store.tarindex import (
-    BLOCKDEV,
-    CHAR,
-    DIR,
-    HARDLINK,
-    REG,
-    SYMLINK,
-    TARFILE_TYPES,
-    open_pax_writer,
-)
+from layerfs.store.tarindex import REG, Entry, open_pax_writer
+from layerfs.store.tarwriter import DataRange, tar_info
 
 
 def commit_upper(
@@ -133,26 +126,11 @@ def write_layer_tar(
     try:
         with open_pax_writer(out) as archive:
             for row in rows:
-                path, kind = row[0], row[1]
-                name = os.fsdecode(path) if path else "."
-                info = tarfile.TarInfo(name + "/" if kind == DIR and path else name)
-                info.type = TARFILE_TYPES[kind]
-                info.mode = row[2]
-                info.uid, info.gid = row[3], row[4]
-                info.uname = info.gname = ""
-                info.mtime = max(row[6], 0) // 1_000_000_000
-                if kind in (SYMLINK, HARDLINK):
-                    info.linkname = os.fsdecode(row[8])
-                if kind in (CHAR, BLOCKDEV):
-                    info.devmajor, info.devminor = row[9], row[10]
-                if row[11]:
-                    info.pax_headers = {
-                        "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
-                        for k, v in row[11].items()
-                    }
-                if kind == REG and row[5]:
-                    info.size = row[5]
-                    archive.addfile(info, _data_reader(row, directory, layers, open_layer))
+                entry = Entry.from_row(row[:INDEX_COLUMNS])
+                info = tar_info(entry)
+                info.mtime = max(info.mtime, 0)  # a commit writes no time before 1970
+                if entry.type == REG and entry.size:
+                    archive.addfile(info, _data(row, directory, layers, open_layer))
                 else:
                     archive.addfile(info)
                 count += 1
@@ -164,43 +142,14 @@ def write_layer_tar(
     return count
 
 
-def _data_reader(
+def _data(
     row: Row, directory: Path, layers: dict[str, BinaryIO], open_layer: Callable[[str], BinaryIO]
-) -> _Exactly:
-    source = row[12]
+) -> DataRange:
+    """A file's data: its upper data file, or its range of a lower layer tar."""
+    source = row[SOURCE]
     if source is None:
-        handle: BinaryIO = open(directory / "data" / str(row[7]), "rb")  # noqa: SIM115
-        return _Exactly(handle, 0, row[5], owned=True)
+        handle: BinaryIO = open(directory / "data" / str(row[OFFSET]), "rb")  # noqa: SIM115
+        return DataRange(handle, 0, row[SIZE], pad=True, owned=True)
     if source not in layers:
         layers[source] = open_layer(source)
-    return _Exactly(layers[source], row[7], row[5], owned=False)
-
-
-class _Exactly:
-    """Exactly ``size`` bytes from ``offset`` (zeros past the end of a shortened file)."""
-
-    def __init__(self, handle: BinaryIO, offset: int, size: int, *, owned: bool) -> None:
-        self._handle = handle
-        self._offset = offset
-        self._left = size
-        self._owned = owned
-
-    def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
-            self._close()
-            return b""
-        if n < 0 or n > self._left:
-            n = self._left
-        self._handle.seek(self._offset)
-        data = self._handle.read(n)
-        if len(data) < n:
-            data += bytes(n - len(data))
-        self._offset += n
-        self._left -= n
-        if self._left <= 0:
-            self._close()
-        return data
-
-    def _close(self) -> None:
-        if self._owned and not self._handle.closed:
-            self._handle.close()
+    return DataRange(layers[source], row[OFFSET], row[SIZE], pad=True)

@@ -308,11 +308,5 @@ class InodeTable:
         if layer is not None:
             self.layer[ino] = layer
 
-    def ctime_of(self, ino: int) -> int:
-        return self.ctime.get(ino, self.mtime[ino])
-
-    def atime_of(self, ino: int) -> int:
-        return self.atime.get(ino, self.mtime[ino])
-
     def __len__(self) -> int:
         return self.live

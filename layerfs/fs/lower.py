@@ -25,6 +25,7 @@ from layerfs.fs.union import MergedTree
 from layerfs.model.digest import sha256_digest
 from layerfs.model.image import MAX_IMAGE_DEPTH, Image, decode_json_object
 from layerfs.store.files import temp_path
+from layerfs.store.rows import OFFSET, Row
 from layerfs.store.store import Store
 from layerfs.store.tarindex import Entry, index_tar
 
@@ -164,10 +165,11 @@ def from_archive(spec: str, tmp_root: Path, *, init: bool = True) -> Lower:
         source.close()
 
 
-def _shifted(entries: list[Entry], base: int) -> Iterator[list[Any]]:
+def _shifted(entries: list[Entry], base: int) -> Iterator[Row]:
+    """The rows of a layer read in place, its data offsets moved to where the tar starts."""
     for entry in entries:
         row = entry.to_row()
-        row[7] += base
+        row[OFFSET] += base
         yield row
 
 

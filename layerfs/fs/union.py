@@ -9,10 +9,10 @@ layer share the inode of their target. The result lives in an
 map per directory, so a lookup costs the same whatever layer a file came
 from, and the mount serves it as it is.
 
-Rows are the layer index rows of ``store/tarindex.py`` (``Entry.to_row()``),
-consumed one at a time so that a big index never sits in memory twice. An
-optional 13th column overrides the layer an entry's data comes from (the
-writable layer's saved state uses it).
+Rows are layer index rows (``store/rows.py``), consumed one at a time so that
+a big index never sits in memory twice. A row's optional :data:`~layerfs.store.rows.SOURCE`
+column overrides the layer an entry's data comes from (the writable layer's saved
+state uses it).
 
 This module knows nothing of pyfuse3: the mount, ``export`` and the tests all
 use it directly.
@@ -24,7 +24,6 @@ import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from layerfs.fs import whiteout
 from layerfs.fs.inodes import (
@@ -35,21 +34,27 @@ from layerfs.fs.inodes import (
     InodeTable,
 )
 from layerfs.store.initlayer import INIT_ENTRIES, INIT_PARENT_MODE, init_parents
+from layerfs.store.rows import (
+    DEVMAJOR,
+    DEVMINOR,
+    GID,
+    INDEX_COLUMNS,
+    LINKNAME,
+    MODE,
+    MTIME_NS,
+    OFFSET,
+    PATH,
+    SIZE,
+    SOURCE,
+    TYPE,
+    UID,
+    XATTRS,
+    Row,
+)
 from layerfs.store.tarindex import BLOCKDEV, CHAR, DIR, HARDLINK, REG, SYMLINK, Entry
-
-# Kept for callers of the first version of this module.
-WHITEOUT = whiteout.PREFIX
-AUFS_META = whiteout.META_PREFIX
-INIT_LAYER = LAYER_INIT
-"""Layer number of nodes that come from the init layer (they have no tar data)."""
-IMPLIED = LAYER_IMPLIED
 
 _S_IFDIR = stat.S_IFDIR
 _IMPLIED_DIR_MODE = 0o755
-
-
-def is_whiteout(name: bytes) -> bool:
-    return whiteout.is_whiteout(name)
 
 
 @dataclass(slots=True)
@@ -57,7 +62,7 @@ class Node:
     """One path of the merged tree, as a snapshot (see :meth:`MergedTree.lookup`)."""
 
     entry: Entry  # metadata; for a hardlink, the shared inode's metadata and data offset
-    layer: int  # index into the stack (base = 0), INIT_LAYER, or IMPLIED
+    layer: int  # index into the stack (base = 0), LAYER_INIT or LAYER_IMPLIED
     link_key: tuple[int, bytes] | None = None  # shared by the names of a hardlink group
     children: dict[bytes, None] | None = None  # ordered names, for directories
     ino: int = 0
@@ -84,9 +89,7 @@ class MergedTree:
         return tree
 
     @classmethod
-    def from_rows(
-        cls, layers: Iterable[Iterable[Sequence[Any]]], *, init: bool = False
-    ) -> MergedTree:
+    def from_rows(cls, layers: Iterable[Iterable[Row]], *, init: bool = False) -> MergedTree:
         tree = cls()
         for number, rows in enumerate(layers):
             tree.apply_rows(number, rows)
@@ -97,7 +100,7 @@ class MergedTree:
     def apply_layer(self, number: int, entries: Iterable[Entry]) -> None:
         self.apply_rows(number, (e.to_row() for e in entries))
 
-    def apply_rows(self, number: int, rows: Iterable[Sequence[Any]]) -> None:
+    def apply_rows(self, number: int, rows: Iterable[Row]) -> None:
         """Lay one layer on top. Inodes numbered from here on belong to this layer."""
         t = self.table
         start = t.next_ino
@@ -110,7 +113,7 @@ class MergedTree:
         aufs_links: dict[bytes, int] = {}
         self._cache_path = None
         for row in rows:
-            path: bytes = row[0]
+            path: bytes = row[PATH]
             slash = path.rfind(b"/")
             if slash >= 0:
                 parent, name = path[:slash], path[slash + 1 :]
@@ -123,10 +126,10 @@ class MergedTree:
                     self._whiteout(parent, whiteout.whited_out(name), start, touched)
                 continue  # whiteouts, markers and AUFS metadata are never visible
             if path.startswith(whiteout.AUFS_LINK_DIR) and whiteout.in_aufs_link_dir(path):
-                if row[1] == REG:
+                if row[TYPE] == REG:
                     aufs_links[path] = self._new_from_row(row, number)
                 continue
-            kind: str = row[1]
+            kind: str = row[TYPE]
             if not path:
                 if kind == DIR:
                     self._set_from_row(ROOT, row, number)
@@ -136,13 +139,13 @@ class MergedTree:
             names = t.children[d]
             existing = names.get(name, 0)
             if kind == HARDLINK:
-                target = aufs_links.get(row[8]) or t.resolve(row[8])
+                target = aufs_links.get(row[LINKNAME]) or t.resolve(row[LINKNAME])
                 if not target or t.is_dir(target) or existing == target:
                     continue  # the tar indexer guarantees an earlier target; be safe
                 if existing:
                     self._remove(d, name)
                 t.add_name(d, name, target)
-                self.link_first.setdefault(target, row[8])
+                self.link_first.setdefault(target, row[LINKNAME])
                 continue
             if existing:
                 if kind == DIR and t.is_dir(existing):
@@ -159,37 +162,44 @@ class MergedTree:
             if not t.nlink[ino]:
                 t.drop(ino)  # a stashed file no hardlink of this layer named
 
-    def _new_from_row(self, row: Sequence[Any], number: int) -> int:
+    def _new_from_row(self, row: Row, number: int) -> int:
         t = self.table
-        kind = row[1]
-        layer = row[12] if len(row) > 12 and row[12] is not None else number
+        kind = row[TYPE]
+        if len(row) > INDEX_COLUMNS and row[SOURCE] is not None:
+            number = row[SOURCE]
         # A symlink's size is the length of its target, as lstat reports it.
-        size = row[5] if kind == REG else len(row[8]) if kind == SYMLINK else 0
+        size = row[SIZE] if kind == REG else len(row[LINKNAME]) if kind == SYMLINK else 0
         ino = t.new(
-            KIND_BITS[kind] | (row[2] & 0o7777), row[3], row[4], size, row[6], row[7], layer
+            KIND_BITS[kind] | (row[MODE] & 0o7777),
+            row[UID],
+            row[GID],
+            size,
+            row[MTIME_NS],
+            row[OFFSET],
+            number,
         )
         if kind == SYMLINK:
-            t.targets[ino] = row[8]
+            t.targets[ino] = row[LINKNAME]
         elif kind in (CHAR, BLOCKDEV):
-            t.rdev[ino] = os.makedev(row[9], row[10])
-        if row[11]:
-            t.xattrs[ino] = row[11]
+            t.rdev[ino] = os.makedev(row[DEVMAJOR], row[DEVMINOR])
+        if row[XATTRS]:
+            t.xattrs[ino] = row[XATTRS]
         return ino
 
-    def _set_from_row(self, ino: int, row: Sequence[Any], number: int) -> None:
+    def _set_from_row(self, ino: int, row: Row, number: int) -> None:
         t = self.table
         t.set_attrs(
             ino,
-            mode=row[2],
-            uid=row[3],
-            gid=row[4],
-            atime_ns=row[6],  # a layer keeps no atime: it reads as the mtime
-            mtime_ns=row[6],
-            offset=row[7],
+            mode=row[MODE],
+            uid=row[UID],
+            gid=row[GID],
+            atime_ns=row[MTIME_NS],  # a layer keeps no atime: it reads as the mtime
+            mtime_ns=row[MTIME_NS],
+            offset=row[OFFSET],
             layer=number,
         )
-        if row[11]:
-            t.xattrs[ino] = row[11]
+        if row[XATTRS]:
+            t.xattrs[ino] = row[XATTRS]
         else:
             t.xattrs.pop(ino, None)
 

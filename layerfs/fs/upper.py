@@ -35,7 +35,6 @@ import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from layerfs.errors import MountError, MountpointBusyError
 from layerfs.fs import datafile
@@ -47,19 +46,12 @@ from layerfs.fs.posix import (
 from layerfs.fs.union import MergedTree
 from layerfs.store import codec
 from layerfs.store.files import FileLock, atomic_write
+from layerfs.store.rows import SOURCE, Row, new_row
 from layerfs.store.tarindex import REG
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-Row = list[Any]
-"""A layer index row (``Entry.to_row()``) plus a 13th column: where a file's data is.
-
-``None``: the upper data file numbered by the offset column; a diff ID: that
-lower layer's tar, at the offset.
-"""
-
 
 _error = datafile.error
 
@@ -160,11 +152,11 @@ class Upper(PosixRules):
         layer_of = {d: i for i, d in reversed(list(enumerate(self.diff_ids)))}
         rows = []
         for row in doc["rows"]:
-            source = row[12]
+            source = row[SOURCE]
             if source is None:
-                row[12] = LAYER_UPPER
+                row[SOURCE] = LAYER_UPPER
             elif source in layer_of:
-                row[12] = layer_of[source]
+                row[SOURCE] = layer_of[source]
             else:
                 raise MountError(
                     f"upper {self.directory.name!r} refers to layer {source}, "
@@ -337,8 +329,9 @@ class Upper(PosixRules):
             except FileNotFoundError:
                 pass
 
-    def write(self, ino: int, offset: int, data: bytes | memoryview, *,
-              kill_privs: bool = False) -> int:
+    def write(
+        self, ino: int, offset: int, data: bytes | memoryview, *, kill_privs: bool = False
+    ) -> int:
         """Write ``data`` at ``offset``; mtime and ctime move, atime stays.
 
         The kernel has already put an ``O_APPEND`` descriptor's writes at the end of
@@ -417,18 +410,18 @@ class Upper(PosixRules):
         if kind == REG and layer >= 0:
             source = self.diff_ids[layer]
         rdev = t.rdev.get(ino, 0)
-        return [
+        return new_row(
             path,
             kind,
-            t.mode[ino] & 0o7777,
-            t.uid[ino],
-            t.gid[ino],
-            t.size[ino] if kind == REG else 0,
-            t.mtime[ino],
-            t.offset[ino] if kind == REG else 0,
-            t.targets.get(ino, b""),
-            os.major(rdev),
-            os.minor(rdev),
-            t.xattrs.get(ino),
-            source,
-        ]
+            mode=t.mode[ino] & 0o7777,
+            uid=t.uid[ino],
+            gid=t.gid[ino],
+            size=t.size[ino] if kind == REG else 0,
+            mtime_ns=t.mtime[ino],
+            offset=t.offset[ino] if kind == REG else 0,
+            linkname=t.targets.get(ino, b""),
+            devmajor=os.major(rdev),
+            devminor=os.minor(rdev),
+            xattrs=t.xattrs.get(ino),
+            source=source,
+        )

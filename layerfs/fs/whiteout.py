@@ -22,10 +22,6 @@ def is_reserved(name: bytes) -> bool:
     return name.startswith(PREFIX)
 
 
-def is_opaque(name: bytes) -> bool:
-    return name == OPAQUE
-
-
 def is_whiteout(name: bytes) -> bool:
     """``.wh.NAME`` that deletes ``NAME`` (not the opaque marker, not AUFS metadata)."""
     return name.startswith(PREFIX) and not name.startswith(META_PREFIX) and len(name) > 4

@@ -50,6 +50,7 @@ from layerfs.store.files import (
     reporting_no_space,
     trash,
 )
+from layerfs.store.rows import INDEX_COLUMNS, Row
 
 if TYPE_CHECKING:
     from layerfs.compression import ReadAheadReader
@@ -417,8 +418,8 @@ class LayerStore:
         except (KeyError, TypeError) as exc:
             raise CorruptIndexError(f"index of layer {diff_id} is malformed: {exc}") from exc
 
-    def index_rows(self, diff_id: str) -> Iterator[list[Any]]:
-        """The index rows of a layer (``Entry.to_row()`` form), read one at a time."""
+    def index_rows(self, diff_id: str) -> Iterator[Row]:
+        """The index rows of a layer (``store/rows.py``), read one at a time."""
         path = self.path(diff_id) / "index"
         try:
             data = path.read_bytes()
@@ -434,7 +435,7 @@ class LayerStore:
                     raise CorruptIndexError(
                         f"{what} has version {version!r}, expected {INDEX_VERSION}"
                     )
-                if not isinstance(value, list) or len(value) != 12:
+                if not isinstance(value, list) or len(value) != INDEX_COLUMNS:
                     raise CorruptIndexError(f"{what} is malformed: bad row {value!r:.80}")
                 yield value
 

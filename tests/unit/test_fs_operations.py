@@ -28,6 +28,7 @@ from layerfs.fs.operations import Operations as Core  # noqa: E402
 from layerfs.fs.pyfuse3_engine import Pyfuse3Operations as Operations  # noqa: E402
 from layerfs.fs.union import MergedTree  # noqa: E402
 from layerfs.fs.upper import Upper  # noqa: E402
+from layerfs.store.rows import PATH  # noqa: E402
 from layerfs.store.store import Store  # noqa: E402
 from layerfs.store.tarindex import index_tar  # noqa: E402
 
@@ -430,7 +431,7 @@ async def test_rmdir_mkdir_symlink_mknod_link(rw: Mounted):
     sock = await ops.mknod(ROOT, b"sock", stat.S_IFSOCK | 0o755, 0, Ctx())
     assert stat.S_ISSOCK(sock.st_mode)
     assert rw.upper is not None
-    assert b"sock" not in [row[0] for row in rw.upper.rows()]  # never in a layer
+    assert b"sock" not in [row[PATH] for row in rw.upper.rows()]  # never in a layer
     linked = await ops.link(rw.ino("etc/new"), ROOT, b"newlink", Ctx())
     assert linked.st_nlink == 2
     assert (await ops.getattr(rw.ino("lib"), Ctx())).st_nlink == 3
@@ -526,9 +527,9 @@ async def test_saved_upper_is_laid_again_by_the_next_mount(rw: Mounted, store: S
         assert snapshot(again.ops.ops.tree) == expected
         assert contents(again.ops.ops.tree, again.tars, again.upper) == expected_data
         # The same changes, though an opaque directory may come back as whiteouts.
-        names = {r[0] for r in again.upper.rows()}
+        names = {r[PATH] for r in again.upper.rows()}
         assert names - {b"lib/.wh.sub"} == \
-            {r[0] for r in read_state(again.upper.directory)["rows"]} - {b"lib/.wh..wh..opq"}
+            {r[PATH] for r in read_state(again.upper.directory)["rows"]} - {b"lib/.wh..wh..opq"}
         info = await again.ops.open(again.ino("etc/fresh"), os.O_WRONLY, Ctx())
         await again.ops.write(info.fh, 0, b"NEW")
         await again.ops.release(info.fh)
