@@ -199,15 +199,13 @@ class Authenticator:
             "client_id": CLIENT_ID,
             "scope": " ".join(scopes),
         }
-        response = self._request("POST", realm, data=form, check=False)
+        response = self._request("POST", realm, data=form)
         if response.status_code in (404, 405):
             response.close()
             return None  # no OAuth endpoint: fall back to GET
         return self._token_from(response, realm)
 
-    def _request(
-        self, method: str, url: str, *, check: bool = True, **kw: Any
-    ) -> requests.Response:
+    def _request(self, method: str, url: str, **kw: Any) -> requests.Response:
         try:
             if self._send is not None:
                 response = self._send(method, url, timeout=self.timeout, **kw)
