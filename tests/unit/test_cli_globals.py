@@ -24,9 +24,7 @@ from layerfs import cli
         ([], None),
     ],
 )
-def test_the_command_is_found_past_the_global_options(
-    argv: list[str], command: str | None
-) -> None:
+def test_the_command_is_found_past_the_global_options(argv: list[str], command: str | None) -> None:
     assert cli._command_of(argv) == command
 
 
