@@ -1,4 +1,5 @@
-"""Tests for layerfs.store.tarindex: the streaming layer tar parser and its safety rules."""
+"""Tests for layerfs.store.tarindex and its header reader (tarheaders): the streaming layer
+tar parser and its safety rules."""
 
 from __future__ import annotations
 
@@ -10,20 +11,17 @@ import pytest
 
 from layerfs.errors import ExpansionLimitError, FormatError, UnsafePathError
 from layerfs.store import tarindex
+from layerfs.store.tarheaders import BLOCK, MAX_LONG_NAME, MAX_PAX_HEADER, normalize_path
 from layerfs.store.tarindex import (
-    BLOCK,
     BLOCKDEV,
     CHAR,
     DIR,
     FIFO,
     HARDLINK,
-    MAX_LONG_NAME,
-    MAX_PAX_HEADER,
     REG,
     SYMLINK,
     Entry,
     index_tar,
-    normalize_path,
 )
 from tests.helpers import (
     build_tar,
