@@ -3,8 +3,9 @@
 Each module of this package registers its commands on the shared subparser
 set through ``register(subparsers)``; the functions only parse, call the
 library and print. Errors: a :class:`~layerfs.errors.LayerfsError` becomes one
-line ``layerfs: error: <message>`` on stderr and its exit code; anything else
-is a bug and shows its traceback. Ctrl-C exits 130.
+line ``layerfs: error: <message>`` on stderr and its exit code (with ``--debug``,
+after its traceback, and followed by one ``caused by:`` line per cause); anything
+else is a bug and shows its traceback. Ctrl-C exits 130.
 
 Start-up is most of what ``images``, ``inspect`` or ``tag`` cost, so a command imports
 only what it needs: the modules of this package import the library (transports, the
@@ -243,11 +244,15 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except LayerfsError as exc:
-        if getattr(args, "debug", False):
+        debug = bool(getattr(args, "debug", False))
+        if debug:
             import traceback
 
             traceback.print_exc()
         print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        if debug:
+            for cause in causes_of(exc):
+                print(f"  caused by: {_qualified_name(cause)}: {cause}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
@@ -265,6 +270,28 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
         return 1
     except Exception:
         return _internal_error(prog)
+
+
+def causes_of(exc: BaseException) -> list[BaseException]:
+    """What led to ``exc``, nearest first: its cause, or the error it was raised while
+    handling (unless ``from None`` hid it), and so on."""
+    chain: list[BaseException] = []
+    current = exc
+    while True:
+        nxt = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        if nxt is None or nxt is exc or nxt in chain:
+            return chain
+        chain.append(nxt)
+        current = nxt
+
+
+def _qualified_name(exc: BaseException) -> str:
+    kind = type(exc)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
 
 
 def _internal_error(prog: str) -> int:

@@ -46,7 +46,7 @@ def binary_output(path: str | None, what: str) -> tuple[BinaryIO, bool]:
         try:
             return open(path, "wb"), True
         except OSError as exc:
-            raise UsageError(f"cannot write {path!r}: {exc.strerror}") from None
+            raise UsageError(f"cannot write {path!r}: {exc.strerror}") from exc
     if sys.stdout.isatty():
         raise UsageError(f"refusing to write {what} to a terminal; use -o FILE or redirect")
     return sys.stdout.buffer, False

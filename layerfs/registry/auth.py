@@ -216,7 +216,7 @@ class Authenticator:
         except requests.RequestException as exc:
             raise RegistryError(
                 f"cannot get a token from {_host_of(url)} for {self.registry}: {type(exc).__name__}"
-            ) from None
+            ) from exc
         return response
 
     def _token_from(self, response: requests.Response, realm: str) -> Token:
@@ -236,10 +236,10 @@ class Authenticator:
                 )
             try:
                 doc = json.loads(response.content)
-            except ValueError:
+            except ValueError as exc:
                 raise RegistryError(
                     f"the token server {_host_of(realm)} answered something that is not JSON"
-                ) from None
+                ) from exc
         if not isinstance(doc, dict):
             raise RegistryError(f"the token server {_host_of(realm)} answered malformed JSON")
         value = doc.get("token") or doc.get("access_token")
