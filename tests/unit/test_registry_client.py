@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import socket
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from layerfs.transports.base import SourceImage
 from layerfs.transports.registry import RegistrySource
 from tests.conformance import assert_valid_image
 from tests.fake_registry import BlobHost, FakeRegistry, Fault, image_documents, running, sha256
+from tests.helpers import build_tar, tar_file
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -39,14 +38,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 def make_layer(seed: str, size: int = 3000) -> tuple[bytes, bytes, str]:
     """(tar, gzipped tar, diff ID) of a layer holding one file of pseudo-random bytes."""
-    data = seed.encode() + os.urandom(size)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(f"files/{seed}")
-        info.size = len(data)
-        info.mtime = 1_700_000_000
-        tar.addfile(info, io.BytesIO(data))
-    raw = buf.getvalue()
+    raw = build_tar(tar_file(f"files/{seed}", seed.encode() + os.urandom(size)))
     return raw, gzip.compress(raw, mtime=0), sha256_digest(raw)
 
 
