@@ -31,7 +31,7 @@ from layerfs.model.reference import Reference
 from layerfs.registry.client import RegistryClient, RegistryOptions
 from layerfs.transports.registry import RegistrySource
 from tests.conformance import assert_valid_image
-from tests.helpers import write_busybox_rootfs_tar
+from tests.helpers import build_tar, tar_file, write_busybox_rootfs_tar
 
 if TYPE_CHECKING:
     from .conftest import DockerEngine, LayerfsCli, RegistryFactory, RegistryServer
@@ -423,13 +423,7 @@ def _push_platform_image(repo: Any, plat: dict[str, str]) -> tuple[str, bytes, b
     """Upload a one-layer image for ``plat``; returns (manifest digest, manifest, config)."""
     import gzip
 
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w") as tar:
-        data = f"built for {plat['architecture']}\n".encode()
-        info = tarfile.TarInfo("etc/arch")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    raw = layer.getvalue()
+    raw = build_tar(tar_file("etc/arch", f"built for {plat['architecture']}\n".encode()))
     blob = gzip.compress(raw, mtime=0)
     diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
     config = json.dumps({**plat, "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
