@@ -8,6 +8,7 @@ the package list) and vagrant/checks/test_provisioning.py (the VM's provisioning
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -136,3 +137,15 @@ def package_list(text: str) -> dict[str, list[tuple[str, bool]]]:
             assert group is not None, f"package {name} before any '#@ GROUP' line"
             groups.setdefault(group, []).append((name, recommends))
     return groups
+
+
+@functools.cache
+def makefile_rules() -> dict[str, tuple[list[str], list[str]]]:
+    """The Makefile's rules (:func:`make_rules`), read once."""
+    return make_rules(MAKEFILE.read_text())
+
+
+@functools.cache
+def listed_packages() -> dict[str, list[tuple[str, bool]]]:
+    """tools/debian-packages.txt by group (:func:`package_list`), read once."""
+    return package_list(PACKAGE_LIST.read_text())

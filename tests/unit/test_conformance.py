@@ -13,37 +13,33 @@ import pytest
 
 from layerfs.transports import open_source
 from layerfs.transports.base import MEDIA_OCI_LAYER_ZSTD, ImageSource, SourceImage
-from tests.archive_builders import (
-    docker_members,
-    make_image,
-    make_layer,
-    oci_members,
-    pack,
-    sha256,
-    write_dir,
-)
+from tests import archive_builders as builders
 from tests.conformance import assert_valid_image
 
-LAYERS = [make_layer("base"), make_layer("top", ("f", b"data"))]
+LAYERS = [builders.make_layer("base"), builders.make_layer("top", ("f", b"data"))]
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
 def test_well_formed_layouts_and_archives_pass(tmp_path: Path, compression: str) -> None:
-    image = make_image(LAYERS, ["app:1"])
-    layout = write_dir(oci_members([image], layer_compression=compression), tmp_path / "oci")
+    image = builders.make_image(LAYERS, ["app:1"])
+    layout = builders.write_dir(
+        builders.oci_members([image], layer_compression=compression), tmp_path / "oci"
+    )
     (checked,) = assert_valid_image(open_source(f"oci:{layout}"))
     assert checked.config == image.config
     archive = tmp_path / "a.tar"
-    archive.write_bytes(pack(docker_members([image], layer_compression=compression)))
+    archive.write_bytes(
+        builders.pack(builders.docker_members([image], layer_compression=compression))
+    )
     (checked,) = assert_valid_image(open_source(f"docker-archive:{archive}"))
     assert checked.references == ["app:1"]
 
 
 def _archive(tmp_path: Path, history: list[dict[str, object]]) -> str:
-    image = make_image(LAYERS, ["app:1"], history=False)
+    image = builders.make_image(LAYERS, ["app:1"], history=False)
     image.config = json.dumps({**image.config_doc, "history": history}).encode()
     archive = tmp_path / "a.tar"
-    archive.write_bytes(pack(docker_members([image])))
+    archive.write_bytes(builders.pack(builders.docker_members([image])))
     return f"docker-archive:{archive}"
 
 
@@ -92,11 +88,11 @@ TAMPERING: dict[str, tuple[Callable[[SourceImage], None], str]] = {
         "uncompressed digest .* config says",
     ),
     "layer diff ID": (
-        lambda i: setattr(i.layers[1], "diff_id", sha256(b"other")),
+        lambda i: setattr(i.layers[1], "diff_id", builders.sha256(b"other")),
         "layer 2: diff ID .* described",
     ),
     "layer digest": (
-        lambda i: setattr(i.layers[1], "digest", sha256(b"other")),
+        lambda i: setattr(i.layers[1], "digest", builders.sha256(b"other")),
         "layer 2: blob digest is not",
     ),
     "layer size": (
@@ -108,7 +104,7 @@ TAMPERING: dict[str, tuple[Callable[[SourceImage], None], str]] = {
         "a gzip blob described as .*zstd",
     ),
     "manifest digest": (
-        lambda i: setattr(i, "manifest_digest", sha256(b"other")),
+        lambda i: setattr(i, "manifest_digest", builders.sha256(b"other")),
         "manifest digest is not",
     ),
     "manifest config size": (
@@ -128,8 +124,10 @@ TAMPERING: dict[str, tuple[Callable[[SourceImage], None], str]] = {
 
 @pytest.mark.parametrize("change", sorted(TAMPERING))
 def test_each_kind_of_broken_image_fails(tmp_path: Path, change: str) -> None:
-    image = make_image(LAYERS, ["app:1"])
-    layout = write_dir(oci_members([image], layer_compression="gzip"), tmp_path / "oci")
+    image = builders.make_image(LAYERS, ["app:1"])
+    layout = builders.write_dir(
+        builders.oci_members([image], layer_compression="gzip"), tmp_path / "oci"
+    )
     tamper, message = TAMPERING[change]
     with pytest.raises(AssertionError, match=message):
         assert_valid_image(_Tampered(open_source(f"oci:{layout}"), tamper))

@@ -11,40 +11,27 @@ from __future__ import annotations
 import shlex
 import subprocess
 
-import pytest
-
 from tests.provisioning import (
     INSTALL_DEPS,
     INSTALLERS,
-    MAKEFILE,
     PACKAGE_LIST,
     REPO,
+    listed_packages,
     make_install_commands,
-    make_rules,
-    package_list,
+    makefile_rules,
 )
 
 
-@pytest.fixture(scope="module")
-def rules() -> dict[str, tuple[list[str], list[str]]]:
-    return make_rules(MAKEFILE.read_text())
-
-
-@pytest.fixture(scope="module")
-def packages() -> dict[str, list[tuple[str, bool]]]:
-    return package_list(PACKAGE_LIST.read_text())
-
-
-def test_make_test_installs_through_install_deps_only(
-    rules: dict[str, tuple[list[str], list[str]]],
-):
+def test_make_test_installs_through_install_deps_only():
+    rules = makefile_rules()
     lines = make_install_commands(rules, "test")
 
     assert [shlex.split(line) for line in lines] == [["bash", INSTALL_DEPS]]
     assert not any(INSTALLERS.search(line) for line in rules["test"][1])
 
 
-def test_package_list_groups(packages: dict[str, list[tuple[str, bool]]]):
+def test_package_list_groups():
+    packages = listed_packages()
     assert set(packages) == {"build", "test", "vm"}
     names = {group: [name for name, _ in pkgs] for group, pkgs in packages.items()}
     # Needed inside the VM before and by `make test` itself.
@@ -60,8 +47,9 @@ def test_package_list_groups(packages: dict[str, list[tuple[str, bool]]]):
     assert len(every) == len(set(every)), "a package is listed twice"
 
 
-def test_install_deps_reads_the_same_list(packages: dict[str, list[tuple[str, bool]]]):
+def test_install_deps_reads_the_same_list():
     """install-deps.sh's own parser agrees with the one above, line for line."""
+    packages = listed_packages()
     script = (REPO / INSTALL_DEPS).read_text()
     start = script.index("read_package_list() {")
     end = script.index("\n}\n", start) + 3

@@ -11,18 +11,20 @@ import pytest
 
 from layerfs.errors import ExpansionLimitError, FormatError, UnsafePathError
 from layerfs.store import tarindex
-from layerfs.store.tarheaders import BLOCK, MAX_LONG_NAME, MAX_PAX_HEADER, normalize_path
-from layerfs.store.tarindex import (
+from layerfs.store.tarheaders import (
+    BLOCK,
     BLOCKDEV,
     CHAR,
     DIR,
     FIFO,
     HARDLINK,
+    MAX_LONG_NAME,
+    MAX_PAX_HEADER,
     REG,
     SYMLINK,
-    Entry,
-    index_tar,
+    normalize_path,
 )
+from layerfs.store.tarindex import Entry, index_tar
 from tests.helpers import (
     build_tar,
     tar_dir,

@@ -18,13 +18,11 @@ import pytest
 from tests.provisioning import (
     INSTALL_DEPS,
     INSTALLERS,
-    MAKEFILE,
-    PACKAGE_LIST,
     REPO,
     VAGRANTFILE,
+    listed_packages,
     make_install_commands,
-    make_rules,
-    package_list,
+    makefile_rules,
     shell_commands,
     vagrant_provisioners,
 )
@@ -35,23 +33,12 @@ def provisioners() -> list[tuple[str, str]]:
     return vagrant_provisioners(VAGRANTFILE.read_text())
 
 
-@pytest.fixture(scope="module")
-def rules() -> dict[str, tuple[list[str], list[str]]]:
-    return make_rules(MAKEFILE.read_text())
-
-
-@pytest.fixture(scope="module")
-def packages() -> dict[str, list[tuple[str, bool]]]:
-    return package_list(PACKAGE_LIST.read_text())
-
-
 def test_provisioners_are_deps_then_root_then_user(provisioners: list[tuple[str, str]]):
     assert [name for name, _ in provisioners] == ["deps", "test-root", "test-user"]
 
 
-def test_provisioning_runs_the_install_step_of_make_test(
-    provisioners: list[tuple[str, str]], rules: dict[str, tuple[list[str], list[str]]]
-):
+def test_provisioning_runs_the_install_step_of_make_test(provisioners: list[tuple[str, str]]):
+    rules = makefile_rules()
     deps_script = dict(provisioners)["deps"]
     make_commands = [shlex.split(line) for line in make_install_commands(rules, "test")]
 
@@ -62,9 +49,8 @@ def test_provisioning_runs_the_install_step_of_make_test(
     assert shell_commands(deps_script)[1] == ["cd", "/vagrant"]  # the synced repository
 
 
-def test_provisioning_names_no_package_and_runs_no_installer(
-    provisioners: list[tuple[str, str]], packages: dict[str, list[tuple[str, bool]]]
-):
+def test_provisioning_names_no_package_and_runs_no_installer(provisioners: list[tuple[str, str]]):
+    packages = listed_packages()
     listed = {name for group in packages.values() for name, _ in group}
     for name, script in provisioners:
         assert not INSTALLERS.search(script), f"provisioner {name} installs something itself"
@@ -76,8 +62,9 @@ def test_provisioning_names_no_package_and_runs_no_installer(
 
 
 def test_vm_runs_make_test_as_root_under_ci_and_fuse_tests_as_a_user(
-    provisioners: list[tuple[str, str]], rules: dict[str, tuple[list[str], list[str]]]
+    provisioners: list[tuple[str, str]],
 ):
+    rules = makefile_rules()
     scripts = dict(provisioners)
     root_commands = shell_commands(scripts["test-root"])
     # The host first: when Docker or a registry does not work here, say so before the suite.
@@ -96,10 +83,9 @@ def test_vm_runs_make_test_as_root_under_ci_and_fuse_tests_as_a_user(
     assert "usermod" in scripts["deps"] and "fuse" in scripts["deps"]
 
 
-def test_box_builder_takes_test_packages_from_the_list(
-    packages: dict[str, list[tuple[str, bool]]],
-):
+def test_box_builder_takes_test_packages_from_the_list():
     """The local box pre-installs the list's packages; it must not keep a list of its own."""
+    packages = listed_packages()
     script = (REPO / "tools" / "build-vagrant-box.sh").read_text()
     assert re.search(r'install-deps\.sh"?\s+--list', script)
     base = re.search(r"^packages=\((.*?)^\)", script, re.M | re.S)
