@@ -6,7 +6,10 @@
 #   make unit     the unit tests only (needs just the .venv)
 #   make lint     ruff and mypy (needs just the .venv)
 #   make bench    the benchmarks in tools/bench/
-#   make vm-test  the integration tests in a Vagrant VM (tools/vm-test.sh)
+#   make vm-test  the integration tests in a Vagrant VM (tools/vm-test.sh), after
+#                 checking that its provisioning installs as make test does
+#   make check-host  this machine runs what the integration tests need (Docker,
+#                 registries, skopeo, FUSE): checks of the host, not of layerfs
 #   make clean    remove the .venv, reports and caches
 
 SHELL := /bin/bash
@@ -16,7 +19,7 @@ PYTEST := $(PYTHON) -m pytest
 # One test may not hang the suite: pytest-timeout interrupts it and fixtures clean up.
 PYTEST_OPTS ?= --timeout=900
 
-.PHONY: all deps venv test unit lint demo bench vm-test clean
+.PHONY: all deps venv test unit lint demo bench vm-test check-provisioning check-host clean
 
 all: test
 
@@ -30,8 +33,8 @@ venv:
 # pytest exits 5 when it collected no test: that is a failure too.
 test: deps
 	@mkdir -p reports; failed=""; \
-	echo "+ ruff check layerfs tests tools"; \
-	$(VENV)/bin/ruff check layerfs tests tools || failed="$$failed ruff"; \
+	echo "+ ruff check layerfs tests tools vagrant"; \
+	$(VENV)/bin/ruff check layerfs tests tools vagrant || failed="$$failed ruff"; \
 	echo "+ mypy layerfs"; \
 	$(VENV)/bin/mypy layerfs || failed="$$failed mypy"; \
 	echo "+ pytest -n auto tests"; \
@@ -42,7 +45,7 @@ unit: venv
 	$(PYTEST) -n auto $(PYTEST_OPTS) tests/unit
 
 lint: venv
-	$(VENV)/bin/ruff check layerfs tests tools
+	$(VENV)/bin/ruff check layerfs tests tools vagrant
 	$(VENV)/bin/mypy layerfs
 
 demo: deps
@@ -55,9 +58,16 @@ bench: deps
 		echo "+ $$script"; $(PYTHON) "$$script" || exit 1; \
 	done
 
-vm-test:
+vm-test: check-provisioning
 	bash tools/install-deps.sh --vm
 	bash tools/vm-test.sh
+
+# Not in `make test`: these check the VM set-up and the host, not layerfs.
+check-provisioning: venv
+	$(PYTEST) vagrant/checks/test_provisioning.py
+
+check-host: deps
+	$(PYTEST) $(PYTEST_OPTS) -p tests.integration.conftest vagrant/checks/test_environment.py
 
 clean:
 	rm -rf $(VENV) reports build dist .pytest_cache .mypy_cache .ruff_cache

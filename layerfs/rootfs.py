@@ -59,7 +59,7 @@ def _open_source(source: str, stdin: BinaryIO) -> tuple[Any, int | None, Callabl
             f"cannot import {source!r}: it is a directory; make a tarball of it (tar -C DIR -c .)"
         ) from None
     except PermissionError as exc:
-        raise UsageError(f"cannot import {source!r}: {exc.strerror}") from None
+        raise UsageError(f"cannot import {source!r}: {exc.strerror}") from exc
     return handle, os.fstat(handle.fileno()).st_size, handle.close
 
 

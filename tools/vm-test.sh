@@ -16,7 +16,7 @@
 # libvirtd and libvirt's default network if they are not running, build the box
 # if it is missing and `vagrant box add` it, `vagrant up --provider=libvirt`
 # (provisioner deps: tools/install-deps.sh inside), provisioner test-root (make
-# test as root, CI=true), provisioner test-user (the FUSE tests as an
+# check-host, then make test as root, CI=true), provisioner test-user (the FUSE tests as an
 # unprivileged user in the fuse group), copy the JUnit reports to
 # reports/vm-BOX-root.xml and reports/vm-BOX-user.xml and print their counts.
 # KVM is used where /dev/kvm exists and the CPU shows vmx or svm, software

@@ -3,8 +3,9 @@
 Each module of this package registers its commands on the shared subparser
 set through ``register(subparsers)``; the functions only parse, call the
 library and print. Errors: a :class:`~layerfs.errors.LayerfsError` becomes one
-line ``layerfs: error: <message>`` on stderr and its exit code; anything else
-is a bug and shows its traceback. Ctrl-C exits 130.
+line ``layerfs: error: <message>`` on stderr and its exit code (with ``--debug``,
+after its traceback, and followed by one ``caused by:`` line per cause); anything
+else is a bug and shows its traceback. Ctrl-C exits 130.
 
 Start-up is most of what ``images``, ``inspect`` or ``tag`` cost, so a command imports
 only what it needs: the modules of this package import the library (transports, the
@@ -74,13 +75,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     import importlib
 
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"layerfs.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"layerfs.cli.{name}":
-                continue  # a command group not built into this copy
-            raise
-        module.register(commands)
+        importlib.import_module(f"layerfs.cli.{name}").register(commands)
     return parser
 
 
@@ -115,18 +110,21 @@ class _RawDescriptionFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormat
 
 def _command_of(argv: Sequence[str]) -> str | None:
     """The command ``argv`` runs, past the global options; None for --help, --version."""
+    end = _globals_end(argv)
+    if end < len(argv) and not argv[end].startswith("-"):
+        return argv[end]
+    return None
+
+
+def _globals_end(argv: Sequence[str]) -> int:
+    """The index of the first argument of ``argv`` that is not a global option."""
     i = 0
     while i < len(argv):
-        arg = argv[i]
-        if arg == "--root":
-            i += 2
-        elif arg.startswith("--root=") or arg in ("--debug", "--quiet"):
-            i += 1
-        elif arg.startswith("-"):
-            return None
-        else:
-            return arg
-    return None
+        name, equals, _ = argv[i].partition("=")
+        if name not in _GLOBAL_OPTIONS:
+            break
+        i += 2 if name in _GLOBAL_VALUED and not equals else 1
+    return i
 
 
 class _Commands:
@@ -159,20 +157,27 @@ class _NotRun:
         return self._ignore
 
 
+# The options that come before the command, for layerfs and the stand-alone tools alike:
+# name -> argparse keywords. Those without an action take a value.
+_GLOBAL_OPTIONS: dict[str, dict[str, Any]] = {
+    "--root": {
+        "metavar": "DIR",
+        "help": "the store (default: $LAYERFS_ROOT, /var/lib/layerfs as root, "
+        "else $XDG_DATA_HOME/layerfs, also in a user namespace)",
+    },
+    "--debug": {
+        "action": "store_true",
+        "help": "show debug logs, tracebacks of errors and their causes",
+    },
+    "--quiet": {"action": "store_true", "dest": "global_quiet", "help": "no progress output"},
+}
+_GLOBAL_VALUED = frozenset(name for name, kw in _GLOBAL_OPTIONS.items() if "action" not in kw)
+
+
 def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"layerfs {__version__}")
-    parser.add_argument(
-        "--root",
-        metavar="DIR",
-        help="the store (default: $LAYERFS_ROOT, /var/lib/layerfs as root, "
-        "else $XDG_DATA_HOME/layerfs, also in a user namespace)",
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show debug logs and tracebacks of errors"
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", dest="global_quiet", help="no progress output"
-    )
+    for name, keywords in _GLOBAL_OPTIONS.items():
+        parser.add_argument(name, **keywords)
 
 
 def configure_logging(debug: bool) -> None:
@@ -239,11 +244,15 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except LayerfsError as exc:
-        if getattr(args, "debug", False):
+        debug = bool(getattr(args, "debug", False))
+        if debug:
             import traceback
 
             traceback.print_exc()
         print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        if debug:
+            for cause in causes_of(exc):
+                print(f"  caused by: {_qualified_name(cause)}: {cause}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
@@ -261,6 +270,28 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
         return 1
     except Exception:
         return _internal_error(prog)
+
+
+def causes_of(exc: BaseException) -> list[BaseException]:
+    """What led to ``exc``, nearest first: its cause, or the error it was raised while
+    handling (unless ``from None`` hid it), and so on."""
+    chain: list[BaseException] = []
+    current = exc
+    while True:
+        nxt = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        if nxt is None or nxt is exc or nxt in chain:
+            return chain
+        chain.append(nxt)
+        current = nxt
+
+
+def _qualified_name(exc: BaseException) -> str:
+    kind = type(exc)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
 
 
 def _internal_error(prog: str) -> int:
@@ -304,13 +335,7 @@ def _standalone(command: str, argv: Sequence[str] | None) -> int:
             action.choices[command].prog = f"layerfs-{command}"
     args_list = list(sys.argv[1:] if argv is None else argv)
     # Global options may come first; the command name is inserted after them.
-    globals_end = 0
-    while globals_end < len(args_list) and args_list[globals_end] in (
-        "--root",
-        "--debug",
-        "--quiet",
-    ):
-        globals_end += 2 if args_list[globals_end] == "--root" else 1
+    globals_end = _globals_end(args_list)
     args = parser.parse_args([*args_list[:globals_end], command, *args_list[globals_end:]])
     args.prog_name = f"layerfs-{command}"
     return run(args.handler, args)

@@ -46,23 +46,10 @@ def binary_output(path: str | None, what: str) -> tuple[BinaryIO, bool]:
         try:
             return open(path, "wb"), True
         except OSError as exc:
-            raise UsageError(f"cannot write {path!r}: {exc.strerror}") from None
+            raise UsageError(f"cannot write {path!r}: {exc.strerror}") from exc
     if sys.stdout.isatty():
         raise UsageError(f"refusing to write {what} to a terminal; use -o FILE or redirect")
     return sys.stdout.buffer, False
-
-
-def binary_input(path: str | None, what: str) -> tuple[BinaryIO, bool]:
-    if path and path != "-":
-        try:
-            return open(path, "rb"), True
-        except FileNotFoundError:
-            raise UsageError(f"cannot read {path!r}: no such file") from None
-        except OSError as exc:
-            raise UsageError(f"cannot read {path!r}: {exc.strerror}") from None
-    if sys.stdin.isatty():
-        raise UsageError(f"refusing to read {what} from a terminal; use -i FILE or redirect")
-    return sys.stdin.buffer, False
 
 
 def finish_output(handle: BinaryIO, owned: bool, path: str | None) -> None:

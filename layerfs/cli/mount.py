@@ -241,7 +241,7 @@ def control(mountpoint: str, what: str) -> dict[str, Any]:
         if exc.errno == errno.ENOTCONN:
             raise MountError(f"the server of {mountpoint} is gone",
                              hint="layerfs umount cleans up the mountpoint") from None
-        raise MountError(f"cannot reach the server of {mountpoint}: {exc.strerror}") from None
+        raise MountError(f"cannot reach the server of {mountpoint}: {exc.strerror}") from exc
     doc: dict[str, Any] = json.loads(data)
     return doc
 

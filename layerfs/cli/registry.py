@@ -114,6 +114,23 @@ def _options(args: argparse.Namespace) -> RegistryOptions:
 
 
 def register(subparsers: Any) -> None:
+    _add_pull(subparsers)
+    _add_push(subparsers)
+    _add_login(subparsers)
+    _add_logout(subparsers)
+
+
+def _add_max_concurrent(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=3,
+        metavar="N",
+        help=f"{verb} up to N layers at once (default 3)",
+    )
+
+
+def _add_pull(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "pull",
         help="pull an image from a registry",
@@ -130,17 +147,13 @@ def register(subparsers: Any) -> None:
         metavar="OS/ARCH[/VARIANT]",
         help="the platform to pick from a multi-platform image (default: this machine's)",
     )
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=3,
-        metavar="N",
-        help="download up to N layers at once (default 3)",
-    )
+    _add_max_concurrent(p, "download")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image reference")
     _add_connection_options(p)
     p.set_defaults(handler=cmd_pull)
 
+
+def _add_push(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "push",
         help="push an image to a registry",
@@ -158,13 +171,7 @@ def register(subparsers: Any) -> None:
         default="docker",
         help="manifest format: Docker schema2 (default) or OCI",
     )
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=3,
-        metavar="N",
-        help="upload up to N layers at once (default 3)",
-    )
+    _add_max_concurrent(p, "upload")
     p.add_argument(
         "--compression-level",
         type=int,
@@ -177,6 +184,8 @@ def register(subparsers: Any) -> None:
     _add_connection_options(p)
     p.set_defaults(handler=cmd_push)
 
+
+def _add_login(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "login",
         help="log in to a registry",
@@ -192,6 +201,8 @@ def register(subparsers: Any) -> None:
     _add_connection_options(p)
     p.set_defaults(handler=cmd_login)
 
+
+def _add_logout(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "logout",
         help="log out from a registry",

@@ -47,7 +47,7 @@ def check_fuse(*, allow_other: bool = False, engine: str = "auto") -> None:
             f"cannot mount: /dev/fuse cannot be opened: {exc.strerror}",
             hint="run as root, or get read-write access to /dev/fuse (its group, or "
             "--device /dev/fuse --cap-add SYS_ADMIN in a container)",
-        ) from None
+        ) from exc
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise FuseUnavailableError(
             "cannot mount as a normal user: fusermount3 is not installed",
@@ -66,7 +66,7 @@ def check_fuse(*, allow_other: bool = False, engine: str = "auto") -> None:
         raise FuseUnavailableError(
             f"cannot mount: the pyfuse3 library is not available ({exc})",
             hint="apt-get install libfuse3-dev, then pip install 'layerfs[fuse]'",
-        ) from None
+        ) from exc
 
 
 def _user_allow_other() -> bool:
@@ -171,7 +171,7 @@ def check_mountpoint(path: Path) -> Path:
                     f"cannot mount on {str(path)!r}: the directory is not empty"
                 )
     except PermissionError as exc:
-        raise MountError(f"cannot mount on {str(path)!r}: {exc.strerror}") from None
+        raise MountError(f"cannot mount on {str(path)!r}: {exc.strerror}") from exc
     return real
 
 

@@ -258,7 +258,7 @@ def mount(store: Store, request: MountRequest) -> MountRecord:
     except _UnsupportedKernel as exc:
         if request.engine != "auto":
             raise MountError(f"cannot mount with the native engine: {exc}",
-                             hint="mount with --engine pyfuse3") from None
+                             hint="mount with --engine pyfuse3") from exc
         log.info("%s: mounting with pyfuse3", exc)
         return _mount(store, request, "pyfuse3")
 
@@ -455,4 +455,4 @@ def _serve_with(server: _Server, engine: Any, ready: Any, ready_fd: int | None) 
             os.write(ready_fd, f"{_UNSUPPORTED}{exc}\n".encode())
             os.close(ready_fd)
             return
-        raise MountError(str(exc)) from None
+        raise MountError(str(exc)) from exc

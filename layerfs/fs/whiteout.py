@@ -11,10 +11,11 @@ whiteout.
 
 from __future__ import annotations
 
-PREFIX = b".wh."
-OPAQUE = b".wh..wh..opq"
-META_PREFIX = b".wh..wh."
-AUFS_LINK_DIR = b".wh..wh.plnk"
+# The names themselves are the layer format's, shared with the tar indexer.
+from layerfs.model.whiteout import AUFS_LINK_DIR as AUFS_LINK_DIR
+from layerfs.model.whiteout import META_PREFIX as META_PREFIX
+from layerfs.model.whiteout import OPAQUE as OPAQUE
+from layerfs.model.whiteout import PREFIX as PREFIX
 
 
 def is_reserved(name: bytes) -> bool:

@@ -61,7 +61,7 @@ def _pairs(value: str, instruction: str) -> list[tuple[str, str]]:
     try:
         words = shlex.split(value)
     except ValueError as exc:
-        raise UsageError(f"invalid --change {instruction}: {exc}") from None
+        raise UsageError(f"invalid --change {instruction}: {exc}") from exc
     if instruction == "ENV" and words and "=" not in words[0]:
         if len(words) < 2:
             raise UsageError("ENV needs a value: ENV KEY VALUE or ENV KEY=VALUE")

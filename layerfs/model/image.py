@@ -99,7 +99,7 @@ def decode_json(data: bytes, what: str) -> Any:
             f"{what}: JSON nested too deeply (arrays or objects about 1000 levels deep)"
         ) from None
     except ValueError as exc:
-        raise FormatError(f"{what}: malformed JSON: {str(exc)[:200]}") from None
+        raise FormatError(f"{what}: malformed JSON: {str(exc)[:200]}") from exc
 
 
 def decode_json_object(data: bytes, what: str) -> dict[str, Any]:

@@ -199,15 +199,13 @@ class Authenticator:
             "client_id": CLIENT_ID,
             "scope": " ".join(scopes),
         }
-        response = self._request("POST", realm, data=form, check=False)
+        response = self._request("POST", realm, data=form)
         if response.status_code in (404, 405):
             response.close()
             return None  # no OAuth endpoint: fall back to GET
         return self._token_from(response, realm)
 
-    def _request(
-        self, method: str, url: str, *, check: bool = True, **kw: Any
-    ) -> requests.Response:
+    def _request(self, method: str, url: str, **kw: Any) -> requests.Response:
         try:
             if self._send is not None:
                 response = self._send(method, url, timeout=self.timeout, **kw)
@@ -218,7 +216,7 @@ class Authenticator:
         except requests.RequestException as exc:
             raise RegistryError(
                 f"cannot get a token from {_host_of(url)} for {self.registry}: {type(exc).__name__}"
-            ) from None
+            ) from exc
         return response
 
     def _token_from(self, response: requests.Response, realm: str) -> Token:
@@ -238,10 +236,10 @@ class Authenticator:
                 )
             try:
                 doc = json.loads(response.content)
-            except ValueError:
+            except ValueError as exc:
                 raise RegistryError(
                     f"the token server {_host_of(realm)} answered something that is not JSON"
-                ) from None
+                ) from exc
         if not isinstance(doc, dict):
             raise RegistryError(f"the token server {_host_of(realm)} answered malformed JSON")
         value = doc.get("token") or doc.get("access_token")

@@ -92,7 +92,7 @@ class Repository:
             try:
                 data = response.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True) or b""
             except _READ_ERRORS as exc:
-                raise RegistryError(f"{what}: the download failed: {read_failure(exc)}") from None
+                raise RegistryError(f"{what}: the download failed: {read_failure(exc)}") from exc
         if len(data) > MAX_MANIFEST_SIZE:
             raise RegistryError(f"{what} is larger than {MAX_MANIFEST_SIZE} bytes")
         return data, ctype, digest
@@ -430,7 +430,7 @@ class BlobReader:
             raise RegistryError(
                 f"download of blob {self.digest[:19]} of {self.repository.name} failed at "
                 f"byte {self.offset}: {read_failure(exc)}"
-            ) from None
+            ) from exc
         delay = client._backoff(self._failures - 1)
         log.info(
             "download of %s dropped at byte %d (%s); resuming in %.1f s",

@@ -251,7 +251,7 @@ class RegistryClient:
         except (OSError, ssl.SSLError) as exc:
             raise RegistryError(
                 f"cannot load TLS certificates for {self.registry}: {exc}"
-            ) from None
+            ) from exc
         return context
 
     # -- the base URL ----------------------------------------------------------------------
@@ -283,12 +283,12 @@ class RegistryClient:
                     hint="give the registry's CA with --ca-cert or in "
                     f"{(self.options.certs_dir or default_certs_dir()) / self.host}/ca.crt"
                     + ("" if self.plain_http_allowed else ", or use --insecure-registry"),
-                ) from None
+                ) from exc.__cause__  # the TLS library's own error
             except _RefusedFailure as exc:
                 if fallback:
                     log.debug("https to %s refused; trying http", self.host)
                     continue
-                raise exc.error from None
+                raise exc.error from exc.__cause__
             with response:
                 if response.status_code == 401:
                     self.auth.set_challenges(response.headers.get("WWW-Authenticate"))
@@ -410,16 +410,16 @@ class RegistryClient:
                 if not stream:
                     self._load_body(response, what)
             except requests.exceptions.SSLError as exc:
-                raise _TLSFailure(_reason(exc), _is_certificate_error(exc)) from None
+                raise _TLSFailure(_reason(exc), _is_certificate_error(exc)) from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
                 refused = isinstance(exc, requests.ConnectionError) and not isinstance(
                     exc, requests.Timeout
                 )
                 error = self._network_error(exc, what)
                 if refused and attempt == 0 and not retry:
-                    raise _RefusedFailure(error) from None
+                    raise _RefusedFailure(error) from exc
                 if not retry or attempt >= self.options.retries:
-                    raise error from None
+                    raise error from exc
                 delay = self._backoff(attempt)
                 log.info("%s: %s; retrying in %.1f s", what, error.message, delay)
             else:

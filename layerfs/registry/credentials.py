@@ -77,7 +77,7 @@ def check_own_symlinks(path: Path) -> None:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise CredentialsError(f"cannot read {candidate}: {exc.strerror}") from None
+            raise CredentialsError(f"cannot read {candidate}: {exc.strerror}") from exc
         if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.geteuid(), 0):
             raise CredentialsError(
                 f"{candidate} is a symlink owned by uid {st.st_uid}, not by this user "
@@ -94,7 +94,7 @@ def read_config_file(path: Path) -> bytes:
     except FileNotFoundError:
         return b""
     except OSError as exc:
-        raise CredentialsError(f"cannot read {path}: {exc.strerror}") from None
+        raise CredentialsError(f"cannot read {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CredentialsError(f"{path} is not a regular file")
@@ -108,7 +108,7 @@ def _decode_auth(value: str, where: str) -> tuple[str, str]:
     try:
         text = base64.b64decode(value, validate=False).decode()
     except (binascii.Error, UnicodeDecodeError) as exc:
-        raise CredentialsError(f"{where}: 'auth' is not valid base64: {exc}") from None
+        raise CredentialsError(f"{where}: 'auth' is not valid base64: {exc}") from exc
     user, sep, password = text.partition(":")
     if not sep or not user:
         raise CredentialsError(f"{where}: 'auth' is not base64 of user:password")
@@ -129,7 +129,7 @@ class DockerConfig:
         try:
             doc = json.loads(data)
         except ValueError as exc:
-            raise CredentialsError(f"{self.path} is not valid JSON: {exc}") from None
+            raise CredentialsError(f"{self.path} is not valid JSON: {exc}") from exc
         except RecursionError:
             raise CredentialsError(f"{self.path}: JSON nested too deeply") from None
         if not isinstance(doc, dict):
@@ -276,7 +276,7 @@ def _run_helper(name: str, action: str, data: bytes) -> subprocess.CompletedProc
             f"credential helper {program} is not installed (configured in {config_path()})"
         ) from None
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CredentialsError(f"credential helper {program} {action} failed: {exc}") from None
+        raise CredentialsError(f"credential helper {program} {action} failed: {exc}") from exc
 
 
 def _not_found(result: subprocess.CompletedProcess[bytes]) -> bool:
@@ -295,10 +295,10 @@ def helper_get(name: str, server: str) -> Credentials | None:
     try:
         doc = json.loads(result.stdout)
         user, secret = str(doc.get("Username", "")), str(doc.get("Secret", ""))
-    except (ValueError, AttributeError, RecursionError):
+    except (ValueError, AttributeError, RecursionError) as exc:
         raise CredentialsError(
             f"credential helper docker-credential-{name} printed malformed JSON"
-        ) from None
+        ) from exc
     if user == TOKEN_USERNAME:
         return Credentials("", "", secret)
     creds = Credentials(user, secret)

@@ -33,7 +33,7 @@ def list_tags(client: RegistryClient, remote_name: str) -> list[str]:
             try:
                 doc = json.loads(response.content)
             except ValueError as exc:
-                raise RegistryError(f"{what}: the registry sent no JSON: {exc}") from None
+                raise RegistryError(f"{what}: the registry sent no JSON: {exc}") from exc
             link = response.headers.get("Link", "")
         page = doc.get("tags") if isinstance(doc, dict) else None
         if page is not None and not (

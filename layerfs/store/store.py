@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from layerfs.errors import LayerfsError, StoreError
@@ -217,8 +215,3 @@ def _make_private(root: Path) -> None:
             os.chmod(root, st.st_mode & 0o700)
     except OSError:
         pass  # a read-only medium: the modes it has are the ones it keeps
-
-
-@contextmanager
-def open_store(root: Path | None = None) -> Iterator[Store]:
-    yield Store.open(root)

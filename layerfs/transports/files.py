@@ -199,7 +199,7 @@ class TarFiles(ArchiveFiles):
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise NotFoundError(f"cannot read {description}: {exc.strerror}") from None
+            raise NotFoundError(f"cannot read {description}: {exc.strerror}") from exc
         try:
             self._index()
         except BaseException:
@@ -212,13 +212,13 @@ class TarFiles(ArchiveFiles):
             try:
                 tar = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 - closed below
             except tarfile.TarError as exc:
-                raise FormatError(f"{self.description} is not a tar archive: {exc}") from None
+                raise FormatError(f"{self.description} is not a tar archive: {exc}") from exc
             try:
                 while True:
                     try:
                         info = tar.next()
                     except tarfile.TarError as exc:
-                        raise FormatError(f"{self.description}: corrupt tar: {exc}") from None
+                        raise FormatError(f"{self.description}: corrupt tar: {exc}") from exc
                     if info is None:
                         break
                     tar.members.clear()  # type: ignore[attr-defined]  # keep memory flat whatever the member count
@@ -397,7 +397,7 @@ def open_tar_path(path: Path, tmp_dir: Path | None, description: str) -> TarFile
     except IsADirectoryError:
         raise FormatError(f"{description} is a directory, not an archive") from None
     except PermissionError as exc:
-        raise NotFoundError(f"cannot read {description}: {exc.strerror}") from None
+        raise NotFoundError(f"cannot read {description}: {exc.strerror}") from exc
     return TarFiles(spooled, description, remove=True)
 
 

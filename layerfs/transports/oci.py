@@ -392,7 +392,7 @@ def existing_index(root: Path) -> list[dict[str, Any]] | None:
         layout = decode_json(_read_small(root / "oci-layout"), f"{root}/oci-layout")
         index = decode_json(_read_small(root / "index.json"), f"{root}/index.json")
     except OSError as exc:
-        raise FormatError(f"{root} is not a usable OCI layout: {exc}") from None
+        raise FormatError(f"{root} is not a usable OCI layout: {exc}") from exc
     if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != LAYOUT_VERSION:
         raise FormatError(f"{root}: unsupported OCI layout version")
     manifests = expect_list(expect_object(index, "index.json").get("manifests", []), "index.json")

@@ -107,7 +107,7 @@ class TarWriter(LayoutWriter):
             fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+                raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
         else:
             writer = cls(open(fd, "wb"), final=path, temp=temp)  # noqa: SIM115 - see finish
             writer._anonymous = True
@@ -115,7 +115,7 @@ class TarWriter(LayoutWriter):
         try:
             out = open(temp, "xb")  # noqa: SIM115 - closed by finish/abort
         except OSError as exc:
-            raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+            raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
         return cls(out, final=path, temp=temp)
 
     def existing_size(self, name: str) -> int | None:
@@ -217,7 +217,7 @@ class DirWriter(LayoutWriter):
             try:
                 self.root.mkdir(parents=True)
             except OSError as exc:
-                raise UsageError(f"cannot create {self.root}: {exc.strerror}") from None
+                raise UsageError(f"cannot create {self.root}: {exc.strerror}") from exc
             self._created_root = True
         elif not self.root.is_dir():
             raise UsageError(f"cannot write a layout to {self.root}: it is not a directory")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.store.store import Store
+from tests.helpers import tar_member
 
 MTIME = 1_700_000_000
 SKIP_XATTRS = ("trusted.overlay.", "security.selinux")
@@ -56,17 +57,22 @@ class Layer:
         size: int = 0,
         mtime: int = MTIME,
     ) -> Layer:
-        info = tarfile.TarInfo(os.fsdecode(name))
-        info.type = kind
-        info.mode = mode if mode is not None else (0o755 if kind == tarfile.DIRTYPE else 0o644)
-        info.uid, info.gid, info.mtime = uid, gid, mtime
-        info.uname = info.gname = ""
-        info.linkname = os.fsdecode(link)
-        info.devmajor, info.devminor = dev
-        if xattrs:
-            info.pax_headers = {
-                "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
-            }
+        pax = {
+            "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+            for k, v in (xattrs or {}).items()
+        }
+        info, _ = tar_member(
+            os.fsdecode(name),
+            kind,
+            mode=mode,
+            linkname=os.fsdecode(link),
+            mtime=mtime,
+            uid=uid,
+            gid=gid,
+            devmajor=dev[0],
+            devminor=dev[1],
+            pax=pax,
+        )
         if kind == tarfile.REGTYPE:
             if stream is not None:
                 info.size = size

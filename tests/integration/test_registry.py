@@ -27,7 +27,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.helpers import write_busybox_rootfs_tar
+from layerfs.model.reference import Reference
+from layerfs.registry.client import RegistryClient, RegistryOptions
+from layerfs.transports.registry import RegistrySource
+from tests.conformance import assert_valid_image
+from tests.helpers import build_tar, tar_file, write_busybox_rootfs_tar
 
 if TYPE_CHECKING:
     from .conftest import DockerEngine, LayerfsCli, RegistryFactory, RegistryServer
@@ -322,7 +326,7 @@ def _skopeo_env(tmp: Path) -> dict[str, str]:
 
 
 def test_layerfs_push_repeat_is_free_and_pull_round_trips(
-    setup: Setup, layerfs_cli: LayerfsCli, tmp_path: Path
+    setup: Setup, layerfs_cli: LayerfsCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     name = f"{setup.host}/solo/busybox:1"
     layerfs_cli("import", write_busybox_rootfs_tar(tmp_path / "rootfs.tar"), name)
@@ -331,6 +335,18 @@ def test_layerfs_push_repeat_is_free_and_pull_round_trips(
     second = layerfs_cli("push", *setup.layerfs_args, name, env=setup.env)
     assert b"Layer already exists" in second.stderr and b"Pushed" not in second.stderr
     assert first.stdout.splitlines()[-1] == second.stdout.splitlines()[-1]
+
+    # What the registry now holds, read as a docker:// source, is a well-formed image.
+    for key, value in setup.env.items():
+        monkeypatch.setenv(key, value)  # the credentials login stored
+    ca = setup.layerfs_args[1] if setup.layerfs_args[:1] == ["--ca-cert"] else None
+    reference = Reference.parse(name)
+    client = RegistryClient(reference.registry, RegistryOptions(ca_cert=ca))
+    try:
+        (pushed,) = assert_valid_image(RegistrySource(client, reference))
+    finally:
+        client.close()
+    assert pushed.config_digest == image_id
 
     other = tmp_path / "other-store"
     pulled = subprocess.run(
@@ -407,13 +423,7 @@ def _push_platform_image(repo: Any, plat: dict[str, str]) -> tuple[str, bytes, b
     """Upload a one-layer image for ``plat``; returns (manifest digest, manifest, config)."""
     import gzip
 
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w") as tar:
-        data = f"built for {plat['architecture']}\n".encode()
-        info = tarfile.TarInfo("etc/arch")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    raw = layer.getvalue()
+    raw = build_tar(tar_file("etc/arch", f"built for {plat['architecture']}\n".encode()))
     blob = gzip.compress(raw, mtime=0)
     diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
     config = json.dumps({**plat, "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()

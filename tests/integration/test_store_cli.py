@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, write_busybox_rootfs_tar
+from tests.helpers import (
+    build_tar,
+    free_port,
+    tar_file,
+    tar_member,
+    write_busybox_rootfs_tar,
+)
 from tests.integration.conftest import LayerfsCli
 
 pytestmark = pytest.mark.integration
@@ -203,12 +209,7 @@ def test_unsafe_tarball_is_refused_and_nothing_is_written(
     canary = tmp_path / "canary"
     canary.mkdir()
     bad = tmp_path / "bad.tar"
-    with tarfile.open(bad, "w") as tar:
-        ok = tarfile.TarInfo("fine")
-        tar.addfile(ok)
-        info = tarfile.TarInfo(name)
-        info.size = 4
-        tar.addfile(info, io.BytesIO(b"evil"))
+    bad.write_bytes(build_tar(tar_file("fine"), tar_file(name, b"evil")))
     result = layerfs_cli("import", bad, "bad/img", check=False)
     assert result.returncode != 0
     lines = result.stderr.decode().strip().splitlines()
@@ -230,12 +231,8 @@ def test_symlink_write_through_and_bad_hardlinks_are_refused(
     }
     for label, entries in cases.items():
         path = tmp_path / f"{label}.tar"
-        with tarfile.open(path, "w") as tar:
-            for entry_name, kind, link in entries:
-                info = tarfile.TarInfo(entry_name)
-                info.type = kind
-                info.linkname = link
-                tar.addfile(info)
+        members = [tar_member(entry, kind, linkname=link) for entry, kind, link in entries]
+        path.write_bytes(build_tar(*members))
         result = layerfs_cli("import", path, f"bad/{label}", check=False)
         assert result.returncode != 0, label
         assert len(result.stderr.decode().strip().splitlines()) == 1, result.stderr
@@ -361,10 +358,7 @@ def test_images_never_fails_while_rmi_runs(layerfs_cli: LayerfsCli, tmp_path: Pa
     names = []
     for i in range(6):
         tar_path = tmp_path / f"r{i}.tar"
-        with tarfile.open(tar_path, "w") as tar:
-            info = tarfile.TarInfo(f"file{i}")
-            info.size = 1
-            tar.addfile(info, io.BytesIO(b"x"))
+        tar_path.write_bytes(build_tar(tar_file(f"file{i}", b"x")))
         layerfs_cli("import", tar_path, f"many/img{i}")
         names.append(f"many/img{i}")
     remover = subprocess.Popen(
@@ -471,9 +465,7 @@ def test_two_processes_tagging_one_name_take_turns(layerfs_cli: LayerfsCli, tmp_
     ids = {}
     for name in ("a", "b"):
         tar = tmp_path / f"{name}.tar"
-        with tarfile.open(tar, "w") as archive:
-            info = tarfile.TarInfo(name)
-            archive.addfile(info, io.BytesIO())
+        tar.write_bytes(build_tar(tar_file(name)))
         ids[name] = _image_id(layerfs_cli("import", tar, f"src/{name}").stdout)
     base = [sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root), "tag"]
     for _ in range(3):

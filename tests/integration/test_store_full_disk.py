@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import errno
 import gzip
-import io
 import os
 import subprocess
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.archive_builders import docker_members, make_image, pack
+from tests.helpers import build_tar, tar_file
 from tests.integration.conftest import LayerfsCli
 from tests.integration.test_mount_ro import mounted
 
@@ -58,12 +57,7 @@ def cli(small: Path, layerfs_cli: LayerfsCli, monkeypatch: pytest.MonkeyPatch) -
 
 
 def _tar(name: str, size: int, *, zeros: bool = False) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        info = tarfile.TarInfo(f"{name}/data")
-        info.size = size
-        tar.addfile(info, io.BytesIO(bytes(size) if zeros else os.urandom(size)))
-    return out.getvalue()
+    return build_tar(tar_file(f"{name}/data", bytes(size) if zeros else os.urandom(size)))
 
 
 def _fill(path: Path, leave: int) -> Path:
@@ -165,13 +159,8 @@ def test_save_to_a_full_disk_leaves_no_partial_output(cli: LayerfsCli, small: Pa
 
 def test_a_copy_up_on_a_full_disk_keeps_the_lower_file(cli: LayerfsCli, small: Path) -> None:
     data = os.urandom(5 << 20)
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        info = tarfile.TarInfo("big")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
     source = small.parent / "rootfs.tar"
-    source.write_bytes(out.getvalue())
+    source.write_bytes(build_tar(tar_file("big", data)))
     cli("import", source, "cow/img:1")
     with mounted(cli, "cow/img:1", small.parent / "mnt", "--rw") as mnt:
         upper = cli.root / "upper"

@@ -27,6 +27,7 @@ from tests.archive_builders import (
     pack,
     sha256,
 )
+from tests.conformance import assert_valid_image
 from tests.helpers import REPO_ROOT, fake_image_id
 
 BASE = make_layer("base")
@@ -115,12 +116,15 @@ def test_saving_twice_gives_the_same_bytes(store: Store, tmp_path: Path) -> None
 def test_round_trip_keeps_ids_and_digests(store: Store, tmp_path: Path, spec: str) -> None:
     target = spec.format(p=tmp_path / "saved")
     save(store, target, "first:1", "example.com/second:x")
+    saved = assert_valid_image(open_source(target, tmp_dir=store.tmp))
+    assert [image.config for image in saved] == [FIRST.config, SECOND.config]
     fresh = Store.open(tmp_path / "fresh")
 
     destination = StoreDestination(fresh)
     result = copy(open_source(target, tmp_dir=fresh.tmp), destination)
 
     assert not result.failed
+    assert_valid_image(StoreSource(fresh, ["first:1", "example.com/second:x"]))
     for image in (FIRST, SECOND):
         node = fresh.graph.get(image.image_id)
         assert node.raw_json == image.config

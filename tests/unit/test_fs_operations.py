@@ -31,28 +31,17 @@ from layerfs.fs.upper import Upper  # noqa: E402
 from layerfs.store.rows import PATH  # noqa: E402
 from layerfs.store.store import Store  # noqa: E402
 from layerfs.store.tarindex import index_tar  # noqa: E402
+from tests.helpers import build_tar, tar_member  # noqa: E402
 
 MTIME = 1_700_000_000
 
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", *, mode: int = 0o644,
            link: str = "", uid: int = 0, gid: int = 0) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.linkname = kind, mode, link
-    info.size = len(data) if kind == tarfile.REGTYPE else 0
-    info.uid, info.gid, info.mtime = uid, gid, MTIME
-    return info, data
+    return tar_member(name, kind, data=data, mode=mode, linkname=link, uid=uid, gid=gid)
 
 
-def tar_bytes(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    return buf.getvalue()
-
-
-BASE = tar_bytes(
+BASE = build_tar(
     member("etc", tarfile.DIRTYPE, mode=0o755),
     member("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n"),
     member("etc/big", data=bytes(range(256)) * 8192),  # 2 MiB: copied up in a thread
@@ -63,7 +52,7 @@ BASE = tar_bytes(
     member("link", tarfile.SYMTYPE, link="etc/passwd", mode=0o777),
     member("gone", data=b"old"),
 )
-TOP = tar_bytes(member(".wh.gone"), member("etc/new", data=b"added\n", uid=7, gid=8))
+TOP = build_tar(member(".wh.gone"), member("etc/new", data=b"added\n", uid=7, gid=8))
 
 
 @dataclass

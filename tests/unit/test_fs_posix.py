@@ -32,6 +32,7 @@ from layerfs.fs.posix import (
 from layerfs.fs.upper import Upper
 from layerfs.store.rows import PATH
 from layerfs.store.store import Store
+from tests.helpers import build_tar, tar_member
 
 MTIME = 1_500_000_000
 ROOT_CALLER = Caller(0, 0, 0o022)
@@ -41,17 +42,21 @@ LOWER_DATA = bytes(range(256)) * 40
 
 def _tar(*members: tuple[str, bytes, int, bytes, int]) -> bytes:
     """(name, type, mode, data or link target, uid) -> tar bytes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind, mode, data, uid in members:
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, uid, MTIME
-            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
-                info.linkname = data.decode()
-            elif kind == tarfile.REGTYPE:
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-    return buf.getvalue()
+    return build_tar(
+        *(
+            tar_member(
+                name,
+                kind,
+                data=data if kind == tarfile.REGTYPE else b"",
+                linkname=data.decode() if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else "",
+                mode=mode,
+                mtime=MTIME,
+                uid=uid,
+                gid=uid,
+            )
+            for name, kind, mode, data, uid in members
+        )
+    )
 
 
 LAYER = _tar(

@@ -31,6 +31,7 @@ from layerfs.fs.native.session import Negotiated, Session
 from layerfs.fs.operations import Operations
 from layerfs.fs.upper import Upper
 from layerfs.store.store import Store
+from tests.helpers import build_tar, tar_member
 
 HEADER = Path("/usr/include/linux/fuse.h")
 
@@ -394,16 +395,20 @@ MTIME = 1_700_000_000
 
 
 def _tar(*members: tuple[str, bytes, bytes, int, str]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path, kind, data, mode, link in members:
-            info = tarfile.TarInfo(path)
-            info.type, info.mode, info.mtime, info.linkname = kind, mode, MTIME, link
-            info.size = len(data) if kind == tarfile.REGTYPE else 0
-            if path == "etc/passwd":
-                info.pax_headers = {"SCHILY.xattr.user.note": "hi"}
-            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-    return buf.getvalue()
+    return build_tar(
+        *(
+            tar_member(
+                path,
+                kind,
+                data=data,
+                mode=mode,
+                linkname=link,
+                mtime=MTIME,
+                pax={"SCHILY.xattr.user.note": "hi"} if path == "etc/passwd" else None,
+            )
+            for path, kind, data, mode, link in members
+        )
+    )
 
 
 IMAGE = _tar(("etc", tarfile.DIRTYPE, b"", 0o755, ""),

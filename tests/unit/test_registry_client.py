@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import socket
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +19,18 @@ from layerfs.errors import (
 )
 from layerfs.model.digest import sha256_digest
 from layerfs.model.platform import Platform, PlatformNotFoundError
+from layerfs.model.reference import Reference
 from layerfs.registry import client as client_module
 from layerfs.registry.auth import Credentials
 from layerfs.registry.client import RegistryClient, RegistryOptions
 from layerfs.registry.manifests import schema1_config
 from layerfs.registry.transfer import pull, push
 from layerfs.store.store import Store
+from layerfs.transports.base import SourceImage
+from layerfs.transports.registry import RegistrySource
+from tests.conformance import assert_valid_image
 from tests.fake_registry import BlobHost, FakeRegistry, Fault, image_documents, running, sha256
+from tests.helpers import build_tar, tar_file
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -35,14 +38,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 def make_layer(seed: str, size: int = 3000) -> tuple[bytes, bytes, str]:
     """(tar, gzipped tar, diff ID) of a layer holding one file of pseudo-random bytes."""
-    data = seed.encode() + os.urandom(size)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(f"files/{seed}")
-        info.size = len(data)
-        info.mtime = 1_700_000_000
-        tar.addfile(info, io.BytesIO(data))
-    raw = buf.getvalue()
+    raw = build_tar(tar_file(f"files/{seed}", seed.encode() + os.urandom(size)))
     return raw, gzip.compress(raw, mtime=0), sha256_digest(raw)
 
 
@@ -363,6 +359,17 @@ def _import(store: Store, tmp_path: Path, name: str, seed: str, size: int = 3000
     return import_rootfs(store, str(path), name).image.id
 
 
+def assert_valid_in_registry(name: str, options: RegistryOptions) -> SourceImage:
+    """The image ``name`` of a registry, read back as a docker:// source, is well-formed."""
+    reference = Reference.parse(name)
+    client = RegistryClient(reference.registry, options)
+    try:
+        (image,) = assert_valid_image(RegistrySource(client, reference))
+    finally:
+        client.close()
+    return image
+
+
 def test_push_then_pull_back(registry: FakeRegistry, store: Store, options, tmp_path: Path):
     image_id = _import(store, tmp_path, f"{registry.host}/app:v1", "one", 100_000)
     result = push(store, f"{registry.host}/app:v1", options=options)
@@ -375,6 +382,8 @@ def test_push_then_pull_back(registry: FakeRegistry, store: Store, options, tmp_
     diff_id = store.graph.get(image_id).layer
     assert layer_digest in store.layers.info(diff_id).blob_digests
     assert store.graph.get_layer_digest(image_id) == layer_digest
+    pushed = assert_valid_in_registry(f"{registry.host}/app:v1", options)
+    assert pushed.config_digest == "sha256:" + image_id
 
     other = Store.open(tmp_path / "other")
     assert pull(other, f"{registry.host}/app:v1", options=options).image_id == image_id
@@ -430,6 +439,8 @@ def test_push_oci_format_and_all_tags(
     doc = json.loads(registry.manifests[("app", "a")][0])
     assert doc["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert doc["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    for tag in ("a", "b", "c"):
+        assert_valid_in_registry(f"{registry.host}/app:{tag}", options)
 
 
 def test_identity_token_is_exchanged_with_oauth(store: Store, options, monkeypatch):

@@ -1,5 +1,6 @@
 """``import`` sources: a URL without a scheme is tried over https, then http, as Docker's
-legacy import took it; a platform is recorded in the image config."""
+legacy import took it; a platform is recorded in the image config; what is imported is a
+valid image."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from layerfs.errors import NotFoundError, RegistryError
 from layerfs.model.platform import Platform
 from layerfs.rootfs import import_rootfs
 from layerfs.store.store import Store
+from layerfs.transports.local import StoreSource
+from tests.conformance import assert_valid_image
 from tests.helpers import build_tar, tar_file
 
 TAR = build_tar(tar_file("etc/motd", b"from the web\n"))
@@ -84,3 +87,5 @@ def test_import_platform(store: Store, tmp_path: Path) -> None:
     ).image
     doc = json.loads(image.raw_json)
     assert (doc["os"], doc["architecture"], doc["variant"]) == ("linux", "arm", "v7")
+    (checked,) = assert_valid_image(StoreSource(store, [image.id]))
+    assert checked.config == image.raw_json

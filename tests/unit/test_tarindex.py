@@ -1,4 +1,5 @@
-"""Tests for layerfs.store.tarindex: the streaming layer tar parser and its safety rules."""
+"""Tests for layerfs.store.tarindex and its header reader (tarheaders): the streaming layer
+tar parser and its safety rules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from layerfs.errors import ExpansionLimitError, FormatError, UnsafePathError
 from layerfs.store import tarindex
-from layerfs.store.tarindex import (
+from layerfs.store.tarheaders import (
     BLOCK,
     BLOCKDEV,
     CHAR,
@@ -21,10 +22,9 @@ from layerfs.store.tarindex import (
     MAX_PAX_HEADER,
     REG,
     SYMLINK,
-    Entry,
-    index_tar,
     normalize_path,
 )
+from layerfs.store.tarindex import Entry, index_tar
 from tests.helpers import (
     build_tar,
     tar_dir,

@@ -93,7 +93,7 @@ def mount(mountpoint: str, options: MountOptions) -> Connection:
             # Root of a user namespace without /dev/fuse access, or a container
             # without CAP_SYS_ADMIN: the setuid helper may still do it.
             if shutil.which("fusermount3") is None:
-                raise MountError(f"cannot mount on {mountpoint}: {exc.strerror}") from None
+                raise MountError(f"cannot mount on {mountpoint}: {exc.strerror}") from exc
     return _mount_fusermount(mountpoint, options)
 
 

@@ -1,6 +1,9 @@
-"""The integration fixtures work for real: a Docker engine, registries, skopeo, FUSE.
+"""The machine can run the integration tests: a Docker engine, registries, skopeo, FUSE.
 
-When one of these fails, the other integration tests cannot be trusted; look here first.
+These check the host, not layerfs: ``make check-host`` runs them (the VM's test-root
+provisioner does, before ``make test``), with the integration fixtures of
+tests/integration/conftest.py loaded as a plugin. When one of them fails, the integration
+tests cannot be trusted; look here first.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pytest
 from tests.helpers import write_busybox_rootfs_tar
 
 if TYPE_CHECKING:
-    from .conftest import DockerEngine, RegistryFactory
+    from tests.integration.conftest import DockerEngine, RegistryFactory
 
 pytestmark = pytest.mark.integration
 
