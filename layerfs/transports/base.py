@@ -47,19 +47,7 @@ from typing import Any, BinaryIO, Protocol
 
 from layerfs.model.digest import sha256_digest
 from layerfs.model.image import decode_json_object
-
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-MEDIA_DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
-MEDIA_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-MEDIA_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+from layerfs.model.manifest import MEDIA_OCI_LAYER_TAR
 
 
 @dataclass

@@ -35,31 +35,30 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
+from layerfs.model.config import schema1_config
 from layerfs.model.digest import is_sha256_digest, sha256_digest
 from layerfs.model.image import decode_json_object
-from layerfs.model.platform import Platform, host_platform, select
-from layerfs.model.reference import Reference, remote_name
-from layerfs.progress import Progress
-from layerfs.registry.blobs import Repository
-from layerfs.registry.client import RegistryClient
-from layerfs.registry.manifests import (
+from layerfs.model.manifest import (
+    COMPRESSED_LAYER_TYPES,
+    GZIP_LAYER_TYPES,
+    MEDIA_DOCKER_LAYER_GZIP,
+    MEDIA_OCI_LAYER_ZSTD,
     Descriptor,
     ImageManifest,
     IndexManifest,
     Schema1Manifest,
     build_image_manifest,
     parse,
-    schema1_config,
+    select_platform,
 )
+from layerfs.model.platform import Platform, host_platform
+from layerfs.model.reference import Reference, remote_name
+from layerfs.progress import Progress
+from layerfs.registry.blobs import Repository
+from layerfs.registry.client import RegistryClient
 from layerfs.store.files import atomic_write
 from layerfs.store.store import Store
-from layerfs.transports.base import (
-    MEDIA_DOCKER_LAYER_GZIP,
-    MEDIA_OCI_LAYER_GZIP,
-    MEDIA_OCI_LAYER_ZSTD,
-    LayerDesc,
-    SourceImage,
-)
+from layerfs.transports.base import LayerDesc, SourceImage
 
 _fast_zlib: types.ModuleType
 try:  # ISA-L's igzip: about 5x zlib's speed at level 1 here (docs/benchmarks.md)
@@ -73,7 +72,6 @@ except ImportError:  # pragma: no cover - isal is a dependency, but keep working
 log = logging.getLogger(__name__)
 
 MAX_CONFIG_SIZE = 8 << 20
-GZIP_TYPES = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP)
 _READ = 1 << 20
 
 
@@ -215,8 +213,7 @@ class RegistrySource:
             )
         self.manifest_digest = manifest.digest
         if isinstance(manifest, IndexManifest):
-            entry = select(manifest.manifests, self.platform, self.what)
-            child = entry["digest"]
+            child = select_platform(manifest.manifests, self.what, self.platform).digest
             raw, ctype, _ = self.repository.get_manifest(child)
             inner = parse(raw, ctype, f"manifest {child[:19]} of {self.what}")
             if inner.digest != child:
@@ -430,8 +427,8 @@ class RegistryDestination:
 
     def _usable(self, media_type: str) -> bool:
         if self.fmt == "oci":
-            return media_type in (*GZIP_TYPES, MEDIA_OCI_LAYER_ZSTD)
-        return media_type in GZIP_TYPES
+            return media_type in COMPRESSED_LAYER_TYPES
+        return media_type in GZIP_LAYER_TYPES
 
     def has_layer(self, layer: LayerDesc) -> bool:
         checked = self._checked.pop(layer.diff_id or layer.digest or "", None)

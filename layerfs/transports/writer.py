@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 from layerfs.compression import open_decompressed
 from layerfs.errors import DigestMismatchError, FormatError, UsageError
+from layerfs.model.config import config_diff_ids
 from layerfs.model.digest import HashingReader
 from layerfs.model.image import parse_created
 from layerfs.model.reference import Reference
@@ -33,7 +34,6 @@ from layerfs.progress import ReportingReader
 from layerfs.store.faults import fault
 from layerfs.store.files import fsync_dir, temp_path
 from layerfs.transports.base import LayerDesc, ProgressFn, SourceImage
-from layerfs.transports.documents import config_diff_ids
 
 _CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE

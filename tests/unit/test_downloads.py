@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from layerfs.copy import WAITING_FOR_OTHER, copy
+from layerfs.model.manifest import MEDIA_DOCKER_LAYER_GZIP
 from layerfs.store.check import fsck
 from layerfs.store.store import Store
-from layerfs.transports.base import MEDIA_DOCKER_LAYER_GZIP, LayerDesc, SourceImage
+from layerfs.transports.base import LayerDesc, SourceImage
 from layerfs.transports.local import StoreDestination
 from tests.helpers import build_tar, tar_file
 

@@ -19,12 +19,12 @@ from layerfs.errors import (
     LayerfsError,
     RegistryError,
 )
+from layerfs.model.config import schema1_config
 from layerfs.model.digest import sha256_digest
 from layerfs.model.platform import Platform, PlatformNotFoundError
 from layerfs.registry import client as client_module
 from layerfs.registry.auth import Credentials
 from layerfs.registry.client import RegistryClient, RegistryOptions
-from layerfs.registry.manifests import schema1_config
 from layerfs.registry.transfer import pull, push
 from layerfs.store.store import Store
 from tests.fake_registry import BlobHost, FakeRegistry, Fault, image_documents, running, sha256
@@ -175,7 +175,7 @@ def test_pull_schema1(registry: FakeRegistry, store: Store, options):
 
     result = pull(store, f"{registry.host}/old:v1", options=options)
 
-    from layerfs.registry.manifests import parse
+    from layerfs.model.manifest import parse
 
     expected = schema1_config(parse(manifest, "", "m"), [layers[0][2], layers[1][2]])  # type: ignore[arg-type]
     assert result.image_id == sha256_digest(expected)[7:]

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from layerfs.errors import DigestMismatchError, FormatError, InvalidReferenceError
+from layerfs.model.config import go_time, schema1_config
 from layerfs.model.digest import sha256_digest
+from layerfs.model.manifest import (
+    ImageManifest,
+    IndexManifest,
+    Schema1Manifest,
+    build_image_manifest,
+    parse,
+    verify_digest,
+)
 from layerfs.model.platform import (
     Platform,
     PlatformNotFoundError,
@@ -24,16 +33,6 @@ from layerfs.registry.auth import Credentials, parse_challenges
 from layerfs.registry.blobs import parse_range
 from layerfs.registry.client import is_loopback, safe_url
 from layerfs.registry.credentials import DockerConfig, auth_key
-from layerfs.registry.manifests import (
-    ImageManifest,
-    IndexManifest,
-    Schema1Manifest,
-    build_image_manifest,
-    go_time,
-    parse,
-    schema1_config,
-    verify_digest,
-)
 
 # -- challenges ------------------------------------------------------------------------------
 
@@ -185,7 +184,7 @@ def test_parse_dispatches_on_type_and_checks_agreement():
 
 
 def test_build_manifest_docker_and_oci():
-    from layerfs.registry.manifests import Descriptor
+    from layerfs.model.manifest import Descriptor
 
     layer = Descriptor("application/vnd.docker.image.rootfs.diff.tar.gzip", "sha256:" + "c" * 64, 5)
     raw, media = build_image_manifest(b"{}", [layer], "docker")

@@ -21,7 +21,8 @@ from pathlib import Path
 import layerfs.store.workers as workers
 from layerfs.copy import copy
 from layerfs.store.store import Store
-from layerfs.transports.base import MEDIA_DOCKER_LAYER_GZIP, LayerDesc, SourceImage
+from layerfs.model.manifest import MEDIA_DOCKER_LAYER_GZIP
+from layerfs.transports.base import LayerDesc, SourceImage
 from layerfs.transports.local import StoreDestination
 
 root, report, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
