@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from layerfs.copy import copy
 from layerfs.errors import AuthenticationError, ConflictError, UsageError
 from layerfs.model.platform import Platform
-from layerfs.model.reference import Reference
+from layerfs.model.reference import DOCKER_HUB, Reference, is_docker_hub
 from layerfs.progress import Progress
 from layerfs.registry.auth import Credentials
 from layerfs.registry.client import RegistryClient, RegistryOptions
@@ -204,6 +204,6 @@ def _registry_name(text: str) -> str:
     text = text.split("/", 1)[0]
     if not text:
         raise UsageError("a registry name is required")
-    if text in ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"):
-        return "docker.io"
+    if is_docker_hub(text):
+        return DOCKER_HUB
     return text
