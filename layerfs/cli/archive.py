@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
         "--input",
         metavar="FILE",
         help="read from FILE (a tarball, an OCI layout directory, or docker-archive:PATH, "
-        "oci-archive:PATH[:REF], oci:DIR[:REF]) instead of standard input",
+        "oci-archive:PATH[:REF], oci:DIR[:REF], docker://NAME) instead of standard input",
     )
     p.add_argument(
         "--platform",

@@ -32,7 +32,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
 from layerfs.model.config import schema1_config
@@ -54,8 +54,8 @@ from layerfs.model.manifest import (
 from layerfs.model.platform import Platform, host_platform
 from layerfs.model.reference import Reference, remote_name
 from layerfs.progress import Progress
-from layerfs.registry.blobs import Repository
-from layerfs.registry.client import RegistryClient
+from layerfs.registry.blobs import BlobReader, Repository
+from layerfs.registry.client import RegistryClient, RegistryOptions
 from layerfs.store.files import atomic_write
 from layerfs.store.store import Store
 from layerfs.transports.base import LayerDesc, SourceImage
@@ -189,19 +189,27 @@ class RegistrySource:
         platform: Platform | None = None,
         progress: Progress | None = None,
         known_config: Callable[[str], bytes | None] | None = None,
+        owns_client: bool = False,
     ) -> None:
         self.client = client
+        self.owns_client = owns_client  # close() closes the client too
         self.known_config = known_config  # config digest → bytes we already have
         self.reference = reference
         self.platform = platform or host_platform()
         self.progress = progress
         self.repository = Repository(client, reference.remote_name)
         self.manifest_digest: str | None = None
-        self.readers: list[Any] = []  # the BlobReaders handed out (tests look at resumes)
+        self.readers: list[BlobReader] = []  # the downloads handed out
+        self.description = f"docker://{reference}"
 
     @property
     def what(self) -> str:
         return str(self.reference)
+
+    @property
+    def resumes(self) -> int:
+        """How many times a layer download was picked up again where it broke."""
+        return sum(reader.resumes for reader in self.readers)
 
     def images(self) -> list[SourceImage]:
         ref = self.reference.ref
@@ -306,8 +314,12 @@ class RegistrySource:
         return reader  # type: ignore[return-value]
 
     def close(self) -> None:
-        for reader in self.readers:
-            reader.close()
+        try:
+            for reader in self.readers:
+                reader.close()
+        finally:
+            if self.owns_client:
+                self.client.close()
 
 
 # -- push ------------------------------------------------------------------------------------
@@ -358,8 +370,10 @@ class RegistryDestination:
         fmt: str = "docker",
         level: int | None = None,
         progress: Progress | None = None,
+        owns_client: bool = False,
     ) -> None:
         self.tags = tags
+        self.owns_client = owns_client  # close() closes the client too
         if fmt not in ("docker", "oci"):
             raise LayerfsError(f"unknown manifest format {fmt!r}: use docker or oci")
         self.client = client
@@ -597,7 +611,8 @@ class RegistryDestination:
         pass
 
     def close(self) -> None:
-        pass
+        if self.owns_client:
+            self.client.close()
 
 
 def config_from_store(store: Store) -> Callable[[str], bytes | None]:
@@ -626,3 +641,69 @@ def record_pulled(store: Store, source: RegistrySource, images: list[SourceImage
                     records.add(layer.digest, layer.size, layer.media_type, layer.diff_id, repo_key)
                 except (OSError, LayerfsError):
                     log.debug("cannot record blob %s", layer.digest, exc_info=True)
+
+
+# -- the docker:// transport -------------------------------------------------------------
+
+
+def pool_size(max_concurrent: int) -> int:
+    """Connections to keep per registry: one per parallel layer and a few for documents."""
+    return max(10, max_concurrent + 2)
+
+
+def open_registry_source(
+    reference: Reference,
+    *,
+    options: RegistryOptions | None = None,
+    platform: Platform | None = None,
+    progress: Progress | None = None,
+    store: Store | None = None,
+    max_concurrent: int = 3,
+) -> RegistrySource:
+    """``docker://NAME`` as a source: the image ``reference`` names, with a client of its own.
+
+    With ``store``, a config the store already holds is not downloaded again.
+    """
+    client = RegistryClient(reference.registry, options, pool_size=pool_size(max_concurrent))
+    return RegistrySource(
+        client,
+        reference,
+        platform=platform,
+        progress=progress,
+        known_config=config_from_store(store) if store is not None else None,
+        owns_client=True,
+    )
+
+
+def open_registry_destination(
+    reference: Reference,
+    *,
+    tags: list[str] | None = None,
+    options: RegistryOptions | None = None,
+    store: Store | None = None,
+    fmt: str = "docker",
+    level: int | None = None,
+    progress: Progress | None = None,
+    max_concurrent: int = 3,
+) -> RegistryDestination:
+    """``docker://NAME`` as a destination: pushes to ``reference``'s repository.
+
+    ``tags`` None: each image under the tags its references give in that repository.
+    With ``store`` (the images come from it), each layer's compressed digest is recorded
+    so that the next push neither compresses nor uploads it again.
+    """
+    client = RegistryClient(reference.registry, options, pool_size=pool_size(max_concurrent))
+    try:
+        return RegistryDestination(
+            client,
+            reference,
+            store=store,
+            tags=tags,
+            fmt=fmt,
+            level=level,
+            progress=progress,
+            owns_client=True,
+        )
+    except BaseException:
+        client.close()
+        raise
