@@ -133,7 +133,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         source.images()  # an archive-level problem: one line naming the archive
     except LayerfsError as exc:
         source.close()
-        what = getattr(source, "description", spec)
+        what = source.description
         raise _renamed(exc, f"cannot load {what}: {exc.message}") from exc
     destination = StoreDestination(store)
     progress = _progress(args)

@@ -118,7 +118,7 @@ def from_archive(spec: str, tmp_root: Path, *, init: bool = True) -> Lower:
     fds: list[int] = []
     try:
         images = source.images()
-        rejected = getattr(source, "rejected", [])
+        rejected = source.rejected
         if not images:
             reason = f": {rejected[0][1]}" if rejected else ""
             raise FormatError(f"cannot mount {spec}: it holds no usable image{reason}")

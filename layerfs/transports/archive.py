@@ -48,7 +48,7 @@ from layerfs.model.image import MAX_IMAGE_DEPTH, Image, decode_json
 from layerfs.model.manifest import blob_layer_type
 from layerfs.model.reference import Reference, full_name
 from layerfs.model.v1compat import go_quote, v1_layers
-from layerfs.transports.base import LayerDesc, LegacyNode, SourceImage
+from layerfs.transports.base import ImageSource, LayerDesc, LegacyNode, SourceImage
 from layerfs.transports.files import ArchiveFiles
 from layerfs.transports.writer import (
     ImagePlan,
@@ -69,7 +69,7 @@ _CHUNK = 1 << 20
 # -- reading -------------------------------------------------------------------------------
 
 
-class DockerArchiveSource:
+class DockerArchiveSource(ImageSource):
     """Images of a docker-archive (modern or legacy), read in place."""
 
     def __init__(self, files: ArchiveFiles, *, reference: str | None = None) -> None:

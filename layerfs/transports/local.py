@@ -53,12 +53,19 @@ from layerfs.store.journal import CREATE, Record
 from layerfs.store.layers import StagedLayer
 from layerfs.store.store import Store
 from layerfs.store.workers import MIN_SIZE, IngestWorkers
-from layerfs.transports.base import LayerDesc, LegacyNode, ProgressFn, SourceImage
+from layerfs.transports.base import (
+    ImageDestination,
+    ImageSource,
+    LayerDesc,
+    LegacyNode,
+    ProgressFn,
+    SourceImage,
+)
 
 log = logging.getLogger(__name__)
 
 
-class StoreDestination:
+class StoreDestination(ImageDestination):
     """Loads images into the store: stage every layer, then publish nodes and tags at once."""
 
     def __init__(self, store: Store, *, tag: bool = True) -> None:
@@ -344,7 +351,7 @@ def _legacy_parent(raw: bytes) -> str:
     return parent if isinstance(parent, str) else ""
 
 
-class StoreSource:
+class StoreSource(ImageSource):
     """Images of the store, by name, as a source for save and push."""
 
     def __init__(self, store: Store, names: list[str]) -> None:

@@ -48,7 +48,7 @@ from layerfs.model.manifest import (
 from layerfs.model.platform import Platform
 from layerfs.model.reference import Reference
 from layerfs.transports.archive import DockerManifest, containerd_name
-from layerfs.transports.base import LayerDesc, SourceImage
+from layerfs.transports.base import ImageSource, LayerDesc, SourceImage
 from layerfs.transports.files import MAX_DOCUMENT, ArchiveFiles
 from layerfs.transports.writer import ImagePlan, LayoutDestination, LayoutWriter, WrittenLayer
 
@@ -77,7 +77,7 @@ def descriptor_references(desc: Descriptor, what: str) -> list[str]:
     return []
 
 
-class OciLayoutSource:
+class OciLayoutSource(ImageSource):
     """Images of an OCI layout (a directory or a tar), read in place."""
 
     def __init__(self, files: ArchiveFiles, *, reference: str | None = None) -> None:
@@ -92,6 +92,9 @@ class OciLayoutSource:
         if self._images is None:
             self._images = self._read()
         return self._images
+
+    def want_platform(self, wanted: Platform) -> None:
+        self.platform = wanted
 
     def open_layer(self, image: SourceImage, index: int) -> BinaryIO:
         digest = image.layers[index].digest

@@ -58,7 +58,7 @@ from layerfs.registry.blobs import BlobReader, Repository
 from layerfs.registry.client import RegistryClient, RegistryOptions
 from layerfs.store.files import atomic_write
 from layerfs.store.store import Store
-from layerfs.transports.base import LayerDesc, SourceImage
+from layerfs.transports.base import ImageDestination, ImageSource, LayerDesc, SourceImage
 
 _fast_zlib: types.ModuleType
 try:  # ISA-L's igzip: about 5x zlib's speed at level 1 here (docs/benchmarks.md)
@@ -178,7 +178,7 @@ class Schema1Image(SourceImage):
 # -- pull ------------------------------------------------------------------------------------
 
 
-class RegistrySource:
+class RegistrySource(ImageSource):
     """One image of a registry, by tag or digest, for the wanted platform."""
 
     def __init__(
@@ -205,6 +205,9 @@ class RegistrySource:
     @property
     def what(self) -> str:
         return str(self.reference)
+
+    def want_platform(self, wanted: Platform) -> None:
+        self.platform = wanted
 
     @property
     def resumes(self) -> int:
@@ -357,7 +360,7 @@ class _Compressed:
         return "sha256:" + self.hash.hexdigest()
 
 
-class RegistryDestination:
+class RegistryDestination(ImageDestination):
     """Pushes store images to one repository, under the tags their references name."""
 
     def __init__(
@@ -489,9 +492,8 @@ class RegistryDestination:
         if layer.diff_id:
             with self._mutex:
                 self._blobs[layer.diff_id] = desc
-        note = getattr(self.progress, "note", None)
-        if note is not None:
-            note(key, status)  # shown instead of the pipeline's "Already exists"
+        if self.progress is not None:
+            self.progress.note(key, status)  # shown instead of the pipeline's "Already exists"
 
     def _probe_media(self, digest: str) -> str | None:
         """The type of a blob we know only by digest: look at its first bytes."""

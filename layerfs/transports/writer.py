@@ -33,7 +33,7 @@ from layerfs.model.reference import Reference
 from layerfs.progress import ReportingReader
 from layerfs.store.faults import fault
 from layerfs.store.files import fsync_dir, temp_path
-from layerfs.transports.base import LayerDesc, ProgressFn, SourceImage
+from layerfs.transports.base import ImageDestination, LayerDesc, ProgressFn, SourceImage
 
 _CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
@@ -418,7 +418,7 @@ class ImagePlan:
         return self.diff_ids.index(layer.diff_id or "")
 
 
-class LayoutDestination:
+class LayoutDestination(ImageDestination):
     """An image destination writing one archive or layout through a :class:`LayoutWriter`.
 
     Images come one at a time (``begin_image``, layers, ``put_image``); each layer goes

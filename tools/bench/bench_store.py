@@ -77,10 +77,10 @@ def build(root: Path, names: list[str]) -> None:
     from layerfs.copy import copy
     from layerfs.model.manifest import MEDIA_DOCKER_LAYER_GZIP
     from layerfs.store.store import Store
-    from layerfs.transports.base import LayerDesc, SourceImage
+    from layerfs.transports.base import ImageSource, LayerDesc, SourceImage
     from layerfs.transports.local import StoreDestination
 
-    class MemorySource:
+    class MemorySource(ImageSource):
         def __init__(self, images: list[SourceImage]) -> None:
             self._images = images
 
