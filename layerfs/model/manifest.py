@@ -340,6 +340,23 @@ def build_image_manifest(
     return json.dumps(doc, indent=3).encode(), media
 
 
+def layout_descriptor(media_type: str, digest: str, size: int) -> dict[str, Any]:
+    """A descriptor with its keys in the OCI order (mediaType, digest, size)."""
+    return {"mediaType": media_type, "digest": digest, "size": size}
+
+
+def build_layout_manifest(config: bytes, layers: list[Descriptor]) -> bytes:
+    """The OCI image manifest ``docker save`` writes into a layout: compact JSON, the
+    descriptors' keys in the OCI order (a push writes distribution's, see above)."""
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "config": layout_descriptor(MEDIA_OCI_CONFIG, sha256_digest(config), len(config)),
+        "layers": [layout_descriptor(d.media_type, d.digest, d.size) for d in layers],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def verify_digest(raw: bytes, expected: str, what: str) -> None:
     actual = sha256_digest(raw)
     if actual != expected:

@@ -36,11 +36,12 @@ from layerfs.model.manifest import (
     IMAGE_TYPES,
     INDEX_TYPES,
     LAYER_TYPES,
-    MEDIA_OCI_CONFIG,
     MEDIA_OCI_INDEX,
     MEDIA_OCI_LAYER_TAR,
     MEDIA_OCI_MANIFEST,
     Descriptor,
+    build_layout_manifest,
+    layout_descriptor,
     manifest_kind,
     parse_descriptor,
     select_platform,
@@ -236,12 +237,6 @@ class OciLayoutSource(ImageSource):
         )
 
 
-def _descriptor_json(media_type: str, digest: str, size: int) -> str:
-    return json.dumps(
-        {"mediaType": media_type, "digest": digest, "size": size}, separators=(",", ":")
-    )
-
-
 class OciLayoutDestination(LayoutDestination):
     """Writes an OCI layout (plus Docker's manifest.json) through a :class:`LayoutWriter`."""
 
@@ -296,20 +291,12 @@ class OciLayoutDestination(LayoutDestination):
         for diff_id in plan.diff_ids:
             if diff_id not in self._sizes:
                 raise FormatError(f"{image.name}: layer {diff_id} was never written")
-            layers.append(_descriptor_json(MEDIA_OCI_LAYER_TAR, diff_id, self._sizes[diff_id]))
-        manifest = (
-            '{"schemaVersion":2,"mediaType":"'
-            + MEDIA_OCI_MANIFEST
-            + '","config":'
-            + _descriptor_json(MEDIA_OCI_CONFIG, image.config_digest, len(image.config))
-            + ',"layers":['
-            + ",".join(layers)
-            + "]}"
-        ).encode()
+            layers.append(Descriptor(MEDIA_OCI_LAYER_TAR, diff_id, self._sizes[diff_id]))
+        manifest = build_layout_manifest(image.config, layers)
         digest = sha256_digest(manifest)
         if self.writer.existing_size(blob_path(digest)) is None:
             self.writer.add_bytes(blob_path(digest), manifest, 0)
-        base = {"mediaType": MEDIA_OCI_MANIFEST, "digest": digest, "size": len(manifest)}
+        base = layout_descriptor(MEDIA_OCI_MANIFEST, digest, len(manifest))
         if self.reference is not None:
             self._descriptors.append({**base, "annotations": {ANNOTATION_REF_NAME: self.reference}})
         elif plan.tags:
