@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from layerfs.errors import LayerfsError, NotFoundError
-from layerfs.model.platform import Platform
+from layerfs.model.platform import Platform, matches
 from layerfs.transports.base import ImageSource, SourceImage
 
 
@@ -22,16 +22,6 @@ def image_platform(image: SourceImage) -> Platform | None:
         return Platform.from_json(image.config_json())
     except LayerfsError:
         return None
-
-
-def matches(found: Platform | None, wanted: Platform) -> bool:
-    if found is None:
-        return False
-    return (
-        found.os == wanted.os
-        and found.architecture == wanted.architecture
-        and (not wanted.variant or found.variant == wanted.variant)
-    )
 
 
 class PlatformSource(ImageSource):

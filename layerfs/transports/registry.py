@@ -42,12 +42,13 @@ from layerfs.model.manifest import (
     COMPRESSED_LAYER_TYPES,
     GZIP_LAYER_TYPES,
     MEDIA_DOCKER_LAYER_GZIP,
-    MEDIA_OCI_LAYER_ZSTD,
     Descriptor,
     ImageManifest,
     IndexManifest,
     Schema1Manifest,
+    blob_layer_type,
     build_image_manifest,
+    layer_type_for_format,
     parse,
     select_platform,
 )
@@ -503,11 +504,8 @@ class RegistryDestination(ImageDestination):
             reader.close()
         except RegistryError:
             return None
-        if head.startswith(b"\x1f\x8b"):
-            return MEDIA_DOCKER_LAYER_GZIP
-        if head.startswith(b"\x28\xb5\x2f\xfd"):
-            return MEDIA_OCI_LAYER_ZSTD
-        return None
+        media = layer_type_for_format(blob_layer_type(head), "docker")
+        return media if media in COMPRESSED_LAYER_TYPES else None
 
     def put_layer(
         self,
