@@ -9,6 +9,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -263,12 +264,21 @@ def test_file_lock_in_a_missing_directory(tmp_path: Path) -> None:
         FileLock(tmp_path / "missing" / "lock").acquire()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may open any file")
-def test_file_lock_without_permission(tmp_path: Path) -> None:
+def test_file_lock_without_permission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "lock"
     path.write_bytes(b"")
     path.chmod(0o400)
-    with pytest.raises(StoreError, match="cannot open lock file"):
+    if os.geteuid() == 0:
+        # Root opens a file whatever its mode: refuse it as the kernel refuses anyone else.
+        real_open = os.open
+
+        def refusing_open(name: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+            if Path(name) == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+            return real_open(name, flags, mode, **kw)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(StoreError, match=r"cannot open lock file .*: Permission denied$"):
         FileLock(path).acquire()
 
 
@@ -351,6 +361,7 @@ def test_locked_serialises_threads(tmp_path: Path) -> None:
 _CHILD_LOCKER = """
 import sys
 from pathlib import Path
+from typing import Any
 from layerfs.store.files import FileLock, locked
 
 path, marker = Path(sys.argv[1]), Path(sys.argv[2])
@@ -381,6 +392,7 @@ def test_locked_excludes_another_process_until_released(tmp_path: Path) -> None:
 _CHILD_HOLDER = """
 import sys
 from pathlib import Path
+from typing import Any
 from layerfs.store.files import locked
 
 with locked(Path(sys.argv[1])):
@@ -410,6 +422,7 @@ def test_a_killed_process_never_leaves_the_lock_taken(tmp_path: Path) -> None:
 OWNER_THEN_WAIT = """
 import sys
 from pathlib import Path
+from typing import Any
 from layerfs.store.files import make_temp_dir
 path = make_temp_dir(Path(sys.argv[1]), "layer")
 (path / "data").write_bytes(b"x")
@@ -519,6 +532,7 @@ def test_a_long_wait_for_the_lock_names_the_holder(
 HOLD_LOCK = """
 import sys
 from pathlib import Path
+from typing import Any
 from layerfs.store.files import FileLock
 lock = FileLock(Path(sys.argv[1]))
 lock.acquire()
@@ -530,6 +544,7 @@ sys.stdin.readline()
 FORK_THEN_EXIT = """
 import os, sys
 from pathlib import Path
+from typing import Any
 from layerfs.store.files import make_temp_dir
 path = make_temp_dir(Path(sys.argv[1]), "mount-layer")
 if os.fork() == 0:  # a server going on with the staging its parent made
