@@ -19,6 +19,7 @@ from layerfs.errors import DigestMismatchError, FormatError
 from layerfs.store.files import temp_path
 from layerfs.store.tarindex import Entry, index_tar
 from layerfs.transports.base import ImageDestination, LayerDesc, ProgressFn, SourceImage
+from layerfs.transports.files import MemberReader
 
 
 class ArchiveLayers(ImageDestination):
@@ -91,9 +92,8 @@ class ArchiveLayers(ImageDestination):
 
 def index_layer(stream: BinaryIO, what: str, tmp_root: Path) -> tuple[int, int, list[Entry], str]:
     """(descriptor, offset of the tar in it, entries, diff ID) of one layer."""
-    extent = getattr(stream, "extent", None)  # a member of an archive file, read in place
-    if extent is not None:
-        fd, offset, size = extent()
+    if isinstance(stream, MemberReader):  # a member of an archive file: read it in place
+        fd, offset, size = stream.extent()
         head = os.pread(fd, 6, offset)
         if detect(head) == "none":
             result = index_tar(stream)
