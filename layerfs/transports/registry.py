@@ -24,14 +24,12 @@ blobs are checked at once, not one after the other.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import types
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
@@ -57,7 +55,7 @@ from layerfs.model.reference import Reference, remote_name
 from layerfs.progress import Progress
 from layerfs.registry.blobs import BlobReader, Repository
 from layerfs.registry.client import RegistryClient, RegistryOptions
-from layerfs.store.files import atomic_write
+from layerfs.store.blobrecords import BlobRecord, BlobRecords
 from layerfs.store.store import Store
 from layerfs.transports.base import ImageDestination, ImageSource, LayerDesc, SourceImage
 
@@ -74,74 +72,6 @@ log = logging.getLogger(__name__)
 
 MAX_CONFIG_SIZE = 8 << 20
 _READ = 1 << 20
-
-
-# -- what the store remembers about blobs it has seen in registries ------------------------
-
-
-@dataclass
-class BlobRecord:
-    digest: str
-    size: int
-    media_type: str
-    diff_id: str = ""
-    repositories: list[str] = field(default_factory=list)  # "host/remote-name"
-
-
-class BlobRecords:
-    """``<store>/registry/blobs/<hex>.json``: size, type and where a compressed blob lives.
-
-    The diff ID → blob digest map itself is the layer's ``blob_digests``; this adds
-    what a push needs to reuse a blob: its media type, size, and the repositories
-    that hold it (for cross-repository mounts).
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.root = store.root / "registry" / "blobs"
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> BlobRecord | None:
-        if not is_sha256_digest(digest):
-            return None
-        try:
-            doc = json.loads((self.root / f"{digest[7:]}.json").read_bytes())
-            return BlobRecord(
-                doc["digest"],
-                int(doc["size"]),
-                str(doc["media_type"]),
-                str(doc.get("diff_id", "")),
-                [str(r) for r in doc.get("repositories", [])],
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def add(self, digest: str, size: int, media_type: str, diff_id: str, repository: str) -> None:
-        if not is_sha256_digest(digest):
-            return
-        with self._lock:
-            record = self.get(digest)
-            if (
-                record is not None
-                and (record.size, record.media_type) == (size, media_type)
-                and record.diff_id == (diff_id or record.diff_id)
-                and repository in record.repositories
-            ):
-                return  # nothing new: no write, no fsync
-            record = record or BlobRecord(digest, size, media_type, diff_id)
-            record.size, record.media_type = size, media_type
-            record.diff_id = diff_id or record.diff_id
-            if repository in record.repositories:
-                record.repositories.remove(repository)
-            record.repositories.insert(0, repository)  # the latest first
-            del record.repositories[20:]
-            self.root.parent.mkdir(mode=0o700, exist_ok=True)
-            self.root.mkdir(mode=0o700, exist_ok=True)
-            atomic_write(
-                self.root / f"{digest[7:]}.json",
-                json.dumps(record.__dict__, sort_keys=True).encode(),
-                self.store.tmp,
-            )
 
 
 class Schema1Image(SourceImage):
