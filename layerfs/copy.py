@@ -45,9 +45,7 @@ def copy_image(
 ) -> None:
     """Copy one image: its missing layers (in parallel if asked), then the image itself."""
     result = result if result is not None else CopyResult()
-    begin = getattr(destination, "begin_image", None)
-    if begin is not None:
-        begin(image)
+    destination.begin_image(image)
     todo: list[int] = []
     seen: set[str] = set()
     for index, layer in enumerate(image.layers):
@@ -67,12 +65,8 @@ def copy_image(
 
     def one(index: int) -> None:
         key = _layer_key(image, index)
-        claim = getattr(destination, "claim_layer", None)
-        if claim is None:
-            fetch(index, key)
-            return
         waiting = partial(progress.status, key, WAITING_FOR_OTHER) if progress is not None else None
-        with claim(image.layers[index], waiting) as needed:
+        with destination.claim_layer(image.layers[index], waiting) as needed:
             if needed:
                 fetch(index, key)
             elif progress is not None:
@@ -126,7 +120,7 @@ def copy(
     result = CopyResult()
     try:
         images = source.images()
-        result.failed.extend(getattr(source, "rejected", ()))
+        result.failed.extend(source.rejected)
         for image in images:
             try:
                 copy_image(source, destination, image, progress, max_concurrent, result)

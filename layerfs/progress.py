@@ -104,6 +104,11 @@ class Progress:
     def finish(self, key: str, status: str = "Done") -> None:
         self.status(key, status)
 
+    def note(self, key: str, status: str) -> None:
+        """A status a destination found for a layer it already has ("Mounted from x"); a
+        progress that shows more than the pipeline's "Already exists" keeps it."""
+        return None
+
     def message(self, text: str) -> None:
         """A line that stays (not a bar)."""
         with self._lock:

@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
         "--input",
         metavar="FILE",
         help="read from FILE (a tarball, an OCI layout directory, or docker-archive:PATH, "
-        "oci-archive:PATH[:REF], oci:DIR[:REF]) instead of standard input",
+        "oci-archive:PATH[:REF], oci:DIR[:REF], docker://NAME) instead of standard input",
     )
     p.add_argument(
         "--platform",
@@ -133,7 +133,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         source.images()  # an archive-level problem: one line naming the archive
     except LayerfsError as exc:
         source.close()
-        what = getattr(source, "description", spec)
+        what = source.description
         raise _renamed(exc, f"cannot load {what}: {exc.message}") from exc
     destination = StoreDestination(store)
     progress = _progress(args)

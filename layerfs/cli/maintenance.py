@@ -92,7 +92,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 def _refetcher(store: Store) -> Callable[[str], str | None]:
     def refetch(diff_id: str) -> str | None:
-        from layerfs.registry.refetch import refetch_layer  # only a repair pays for requests
+        from layerfs.transports.refetch import refetch_layer  # only a repair pays for requests
 
         return refetch_layer(store, diff_id)
 

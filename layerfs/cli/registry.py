@@ -215,7 +215,7 @@ def _add_logout(subparsers: Any) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     from layerfs.model.platform import Platform
     from layerfs.model.reference import Reference, remote_name
-    from layerfs.registry.transfer import pull
+    from layerfs.transfer import pull
 
     if args.max_concurrent < 1:
         raise UsageError("--max-concurrent must be at least 1")
@@ -269,7 +269,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from layerfs.registry.transfer import push
+    from layerfs.transfer import push
 
     if args.max_concurrent < 1:
         raise UsageError("--max-concurrent must be at least 1")
@@ -302,7 +302,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    from layerfs.registry.transfer import login
+    from layerfs.registry.login import login
 
     password = args.password
     if args.password_stdin:
@@ -330,7 +330,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
-    from layerfs.registry.transfer import logout
+    from layerfs.registry.login import logout
 
     print(logout(args.registry))
     return 0

@@ -4,11 +4,13 @@
 chains deeper than Docker's 127), streams each layer's index into one merged
 tree and names the tar files that hold the data. :func:`from_archive` does
 the same for an image in a docker-archive tarball or an OCI layout without
-loading it: each layer is indexed in one pass (its diff ID checked against
-the config) and read in place, at its offset inside the archive; a
-compressed layer is decompressed once into an unlinked file of the store's
-tmp/. Either way the server reads data with ``pread`` on descriptors opened
-once; layers never change, so nothing here is ever refreshed.
+loading it: the copy pipeline moves the image from the archive's source into
+:class:`layerfs.fs.archive.ArchiveLayers`, which indexes each layer in one pass
+(its diff ID checked as every destination checks it) and reads it in place, at
+its offset inside the archive; a compressed layer is decompressed once into an
+unlinked file of the store's tmp/. Either way the server reads data with
+``pread`` on descriptors opened once; layers never change, so nothing here is
+ever refreshed.
 """
 
 from __future__ import annotations
@@ -19,15 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerfs.compression import detect, open_decompressed
-from layerfs.errors import DepthLimitError, DigestMismatchError, FormatError, UsageError
+from layerfs.errors import DepthLimitError, FormatError, UsageError
 from layerfs.fs.union import MergedTree
 from layerfs.model.digest import sha256_digest
 from layerfs.model.image import MAX_IMAGE_DEPTH, Image, decode_json_object
-from layerfs.store.files import temp_path
 from layerfs.store.rows import OFFSET, Row
 from layerfs.store.store import Store
-from layerfs.store.tarindex import Entry, index_tar
+from layerfs.store.tarindex import Entry
 
 ARCHIVE_PREFIXES = ("docker-archive:", "oci:", "oci-archive:")
 
@@ -113,13 +113,15 @@ def is_archive(name: str) -> bool:
 
 def from_archive(spec: str, tmp_root: Path, *, init: bool = True) -> Lower:
     """The merged tree of the image in a docker-archive or OCI layout, read in place."""
+    from layerfs.copy import copy_image
+    from layerfs.fs.archive import ArchiveLayers
     from layerfs.transports import open_source
 
     source = open_source(spec, tmp_dir=tmp_root)
-    fds: list[int] = []
+    destination = ArchiveLayers(spec, tmp_root)
     try:
         images = source.images()
-        rejected = getattr(source, "rejected", [])
+        rejected = source.rejected
         if not images:
             reason = f": {rejected[0][1]}" if rejected else ""
             raise FormatError(f"cannot mount {spec}: it holds no usable image{reason}")
@@ -134,35 +136,24 @@ def from_archive(spec: str, tmp_root: Path, *, init: bool = True) -> Lower:
                 f"cannot mount {spec}: it has {len(image.layers)} layers, more than the "
                 f"{MAX_IMAGE_DEPTH} a mount allows (Docker's MaxImageDepth)")
         config = decode_json_object(image.config, f"config of {image.name or spec}")
-        expected = config.get("rootfs", {}).get("diff_ids") if isinstance(
-            config.get("rootfs"), dict) else None
-        layers: list[list[Entry]] = []
-        bases: list[int] = []
-        diff_ids: list[str] = []
-        for number in range(len(image.layers)):
-            fd, base, entries, diff_id = _layer(source, image, number, tmp_root)
-            fds.append(fd)
-            if isinstance(expected, list) and number < len(expected) and \
-                    expected[number] != diff_id:
-                raise DigestMismatchError(
-                    f"cannot mount {spec}: layer {number + 1} has diff ID {diff_id}, the "
-                    f"config says {expected[number]}")
-            layers.append(entries)
-            bases.append(base)
-            diff_ids.append(diff_id)
+        copy_image(source, destination, image)  # each layer indexed and checked
         tree = MergedTree.from_rows((_shifted(entries, base) for entries, base
-                                     in zip(layers, bases, strict=True)), init=init)
+                                     in zip(destination.entries, destination.bases, strict=True)),
+                                    init=init)
         run_config = config.get("config")
         return Lower(image_id=sha256_digest(image.config)[7:], reference=spec,
                      config=dict(run_config) if isinstance(run_config, dict) else {},
-                     diff_ids=diff_ids, tar_paths=[], tree=tree, init=init, fds=fds,
-                     archive=True)
+                     diff_ids=destination.diff_ids, tar_paths=[], tree=tree, init=init,
+                     fds=destination.fds, archive=True)
     except BaseException:
-        for fd in fds:
+        for fd in destination.fds:
             os.close(fd)
         raise
     finally:
-        source.close()
+        try:
+            destination.close()
+        finally:
+            source.close()
 
 
 def _shifted(entries: list[Entry], base: int) -> Iterator[Row]:
@@ -171,34 +162,3 @@ def _shifted(entries: list[Entry], base: int) -> Iterator[Row]:
         row = entry.to_row()
         row[OFFSET] += base
         yield row
-
-
-def _layer(source: Any, image: Any, number: int, tmp_root: Path) -> tuple[int, int, list[Entry],
-                                                                          str]:
-    """(descriptor, offset of the tar in it, entries, diff ID) of one layer."""
-    what = f"layer {number + 1} of {image.name or 'the image'}"
-    stream = source.open_layer(image, number)
-    try:
-        extent = getattr(stream, "extent", None)
-        if extent is not None:
-            fd, offset, size = extent()
-            head = os.pread(fd, 6, offset)
-            if detect(head) == "none":
-                result = index_tar(stream)
-                if result.tar_size > size:
-                    raise FormatError(f"{what} is cut short")
-                return os.dup(fd), offset, result.entries, result.diff_id
-        # Compressed (or not a plain file): decompress once into an unlinked file.
-        path = temp_path(tmp_root, "mount-layer")
-        out_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.unlink(path)
-        try:
-            with open(os.dup(out_fd), "wb") as out:
-                reader, _ = open_decompressed(stream, what)
-                result = index_tar(reader, out)
-        except BaseException:
-            os.close(out_fd)
-            raise
-        return out_fd, 0, result.entries, result.diff_id
-    finally:
-        stream.close()

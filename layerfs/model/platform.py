@@ -145,6 +145,18 @@ def candidates(wanted: Platform) -> list[Platform]:
     return seen
 
 
+def matches(found: Platform | None, wanted: Platform) -> bool:
+    """An image for ``found`` is one for ``wanted`` (``load``/``save --platform``): the same
+    os and architecture, and the same variant when one is wanted."""
+    if found is None:
+        return False
+    return (
+        found.os == wanted.os
+        and found.architecture == wanted.architecture
+        and (not wanted.variant or found.variant == wanted.variant)
+    )
+
+
 def is_attestation(entry: dict[str, Any]) -> bool:
     annotations = entry.get("annotations")
     if isinstance(annotations, dict) and (

@@ -21,9 +21,11 @@ from layerfs.errors import InvalidReferenceError
 DEFAULT_TAG = "latest"
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
+DOCKER_HUB_LEGACY = "index.docker.io"
+# Every host name Docker Hub answers to: logins and credentials treat them as one.
+DOCKER_HUB_ALIASES = (DOCKER_HUB, DOCKER_HUB_LEGACY, DOCKER_HUB_API, "registry.hub.docker.com")
 NAME_TOTAL_LENGTH_MAX = 255
 
-_LEGACY_HUB = "index.docker.io"
 _OFFICIAL_PREFIX = "library/"
 _RESERVED_NAMES = ("scratch",)
 # A repository named after the digest algorithm makes ``sha256:<hex>`` ambiguous.
@@ -79,7 +81,7 @@ def split_hostname(name: str) -> tuple[str, str]:
     first, slash, rest = name.partition("/")
     if not slash or not _looks_like_host(first):
         return DOCKER_HUB, name
-    if first == _LEGACY_HUB:
+    if first == DOCKER_HUB_LEGACY:
         first = DOCKER_HUB
     return first, rest
 
@@ -209,7 +211,7 @@ def registry_host(name: str) -> str:
 
 def registry_api_host(registry: str) -> str:
     """The host to send API requests to: docker.io's is ``registry-1.docker.io``."""
-    if registry in (DOCKER_HUB, _LEGACY_HUB):
+    if registry in (DOCKER_HUB, DOCKER_HUB_LEGACY):
         return DOCKER_HUB_API
     return registry
 
@@ -286,3 +288,8 @@ class Reference:
         if self.tag:
             return f"{self.repository}:{self.tag}"
         return self.repository
+
+
+def is_docker_hub(host: str) -> bool:
+    """True for any of the names Docker Hub goes by (:data:`DOCKER_HUB_ALIASES`)."""
+    return host in DOCKER_HUB_ALIASES

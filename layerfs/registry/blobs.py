@@ -23,9 +23,9 @@ import requests
 import urllib3
 
 from layerfs.errors import DigestMismatchError, RegistryError
+from layerfs.model.manifest import ACCEPT, MAX_MANIFEST_SIZE
 from layerfs.registry.auth import repository_scope
 from layerfs.registry.client import RegistryClient, safe_url
-from layerfs.registry.manifests import ACCEPT, MAX_MANIFEST_SIZE
 from layerfs.registry.pace import StalledError
 
 log = logging.getLogger(__name__)

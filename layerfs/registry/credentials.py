@@ -31,13 +31,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from layerfs.errors import AuthenticationError, LayerfsError, UsageError
-from layerfs.model.reference import DOCKER_HUB
+from layerfs.model.reference import is_docker_hub
 from layerfs.registry.auth import Credentials
 
 log = logging.getLogger(__name__)
 
 HUB_AUTH_KEY = "https://index.docker.io/v1/"
-_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 TOKEN_USERNAME = "<token>"  # helper output: Secret is an identity token
 MAX_CONFIG_FILE = 16 << 20
 
@@ -57,7 +56,7 @@ def config_path() -> Path:
 
 def auth_key(registry: str) -> str:
     """The key a registry has in ``auths`` and for helpers: Docker Hub's is a URL."""
-    if registry in _HUB_NAMES or registry == DOCKER_HUB:
+    if is_docker_hub(registry):
         return HUB_AUTH_KEY
     return registry
 

@@ -3,11 +3,15 @@
 ``docker-archive:PATH[:REF]``  a docker save tarball (plain, gzip, zstd, bzip2, xz)
 ``oci-archive:PATH[:REF]``     an OCI image layout in a tar
 ``oci:DIR[:REF]``              an OCI image layout directory
+``docker://NAME``              an image in a registry (API v2): pulled from, pushed to
 ``PATH`` / ``-``               a source only: a file, a directory or standard input,
                                recognised by what it holds
 
 As in skopeo, the path ends at the first ``:`` after the transport; REF is an image name
-(docker-archive) or the ref name of the image in the layout (OCI). Another module adds a
+(docker-archive) or the ref name of the image in the layout (OCI). ``docker://`` takes a
+whole image name instead (``docker://localhost:5000/app:v1``; the tag defaults to
+``latest``), with the registry options' defaults: ``layerfs pull`` and ``push`` are this
+transport with their options, and what they record in the store. Another module adds a
 transport by adding a function to :data:`SOURCES` / :data:`DESTINATIONS`.
 """
 
@@ -92,12 +96,32 @@ def _oci_destination(path: str, ref: str | None, tmp_dir: Path | None) -> ImageD
     )
 
 
+def _docker_source(name: str, ref: str | None, tmp_dir: Path | None) -> ImageSource:
+    # The registry client (and requests under it) is loaded only by who uses it.
+    from layerfs.model.reference import Reference
+    from layerfs.transports.registry import open_registry_source
+
+    return open_registry_source(Reference.parse(name))
+
+
+def _docker_destination(name: str, ref: str | None, tmp_dir: Path | None) -> ImageDestination:
+    from layerfs.model.reference import Reference
+    from layerfs.transports.registry import open_registry_destination
+
+    reference = Reference.parse(name)
+    if reference.digest:
+        raise UsageError(f"docker://{name}: cannot push to a digest reference; name a tag")
+    return open_registry_destination(reference, tags=[reference.tag or "latest"])
+
+
 SOURCES: dict[str, SourceOpener] = {
+    "docker": _docker_source,
     "docker-archive": _docker_archive_source,
     "oci": _oci_source,
     "oci-archive": _oci_archive_source,
 }
 DESTINATIONS: dict[str, DestinationOpener] = {
+    "docker": _docker_destination,
     "docker-archive": _docker_archive_destination,
     "oci": _oci_destination,
     "oci-archive": _oci_archive_destination,
@@ -105,10 +129,17 @@ DESTINATIONS: dict[str, DestinationOpener] = {
 
 
 def split_spec(spec: str, known: dict[str, Any]) -> tuple[str | None, str, str | None]:
-    """``transport:path[:ref]`` → (transport, path, ref); (None, spec, None) without one."""
+    """``transport:path[:ref]`` → (transport, path, ref); (None, spec, None) without one.
+
+    ``docker://NAME`` → ("docker", NAME, None): an image name has colons of its own.
+    """
     transport, colon, rest = spec.partition(":")
     if not colon or transport not in known:
         return None, spec, None
+    if transport == "docker":
+        if not rest.startswith("//") or not rest[2:]:
+            raise UsageError(f"{spec!r}: the docker transport takes docker://NAME")
+        return transport, rest[2:], None
     path, colon, ref = rest.partition(":")
     if not path:
         raise UsageError(f"{spec!r}: the {transport} transport needs a path")
@@ -129,7 +160,8 @@ def open_source(spec: str, *, tmp_dir: Path | None = None, stdin: Any = None) ->
 
 
 def open_destination(spec: str, *, tmp_dir: Path | None = None) -> ImageDestination:
-    """A destination by transport name (``docker-archive:``, ``oci-archive:``, ``oci:``)."""
+    """A destination by transport name (``docker-archive:``, ``oci-archive:``, ``oci:``,
+    ``docker://``)."""
     transport, path, ref = split_spec(spec, DESTINATIONS)
     if transport is None:
         raise UsageError(

@@ -41,20 +41,15 @@ from typing import Any, BinaryIO
 
 from layerfs.compression import open_decompressed
 from layerfs.errors import DepthLimitError, FormatError, LayerfsError
+from layerfs.model.config import config_diff_ids, config_from_chain
 from layerfs.model.digest import sha256_digest
+from layerfs.model.documents import expect_list, expect_object, expect_str
 from layerfs.model.image import MAX_IMAGE_DEPTH, Image, decode_json
+from layerfs.model.manifest import blob_layer_type
 from layerfs.model.reference import Reference, full_name
-from layerfs.transports.base import LayerDesc, LegacyNode, SourceImage
-from layerfs.transports.documents import (
-    config_diff_ids,
-    expect_list,
-    expect_object,
-    expect_str,
-    layer_media_type,
-)
+from layerfs.model.v1compat import go_quote, v1_layers
+from layerfs.transports.base import ImageSource, LayerDesc, LegacyNode, SourceImage
 from layerfs.transports.files import ArchiveFiles
-from layerfs.transports.local import config_from_chain
-from layerfs.transports.v1compat import go_quote, v1_layers
 from layerfs.transports.writer import (
     ImagePlan,
     LayoutDestination,
@@ -74,7 +69,7 @@ _CHUNK = 1 << 20
 # -- reading -------------------------------------------------------------------------------
 
 
-class DockerArchiveSource:
+class DockerArchiveSource(ImageSource):
     """Images of a docker-archive (modern or legacy), read in place."""
 
     def __init__(self, files: ArchiveFiles, *, reference: str | None = None) -> None:
@@ -170,7 +165,7 @@ class DockerArchiveSource:
                     diff_id=diff_id,
                     digest="sha256:" + match.group(1) if match else None,
                     size=size,
-                    media_type=layer_media_type(self.files.head(real, 6)),
+                    media_type=blob_layer_type(self.files.head(real, 6)),
                 )
             )
             resolved.append(real)
@@ -304,7 +299,7 @@ class DockerArchiveSource:
                 LayerDesc(
                     diff_id=diff_id,
                     size=size,
-                    media_type=layer_media_type(self.files.head(real, 6)),
+                    media_type=blob_layer_type(self.files.head(real, 6)),
                 )
             )
             parent = doc.get("parent") or ""

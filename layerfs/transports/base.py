@@ -27,39 +27,33 @@ digest against the manifest, JSON shape) before it returns them from
 digest mismatch, an exception) fails that image and leaves nothing of it
 behind; ``close()`` after a failure removes whatever was staged.
 
-Optional parts: a source may keep a list ``rejected`` of ``(name, LayerfsError)``
-for images it found broken while reading its documents (an archive holding one
-bad image among good ones); ``images()`` leaves those out and ``copy()`` reports
-them as failed. A destination may define ``begin_image(image)``, called before
-any ``has_layer``/``put_layer`` of that image, when where a layer goes depends
-on the image (a docker-archive names layer directories by v1 IDs). A destination may
-define ``claim_layer(layer, on_wait)``, a context manager around the fetch of one layer
-(``open_layer`` and ``put_layer``) that yields whether the layer must be streamed at all:
-the store uses it so that two processes never fetch the same blob at once, the second
-waiting for the first and taking its copy (:mod:`layerfs.store.downloads`).
+Optional parts, each a method of the base classes below with a default that does
+nothing, so that mypy checks every transport against them: a source offers
+``rejected``, the images it found broken while reading its documents (an archive
+holding one bad image among good ones; ``images()`` leaves those out and ``copy()``
+reports them as failed), and ``want_platform(wanted)``, which makes an index in it
+resolve to ``wanted``'s entry instead of this host's. A destination defines
+``begin_image(image)``, called before any ``has_layer``/``put_layer`` of that image, when
+where a layer goes depends on the image (a docker-archive names layer directories by v1
+IDs), and ``claim_layer(layer, on_wait)``, a context manager around the fetch of one
+layer (``open_layer`` and ``put_layer``) that yields whether the layer must be streamed
+at all: the store uses it so that two processes never fetch the same blob at once, the
+second waiting for the first and taking its copy (:mod:`layerfs.store.downloads`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
+from layerfs.errors import LayerfsError
 from layerfs.model.digest import sha256_digest
 from layerfs.model.image import decode_json_object
-
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-MEDIA_DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
-MEDIA_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-MEDIA_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+from layerfs.model.manifest import MEDIA_OCI_LAYER_TAR
+from layerfs.model.platform import Platform
 
 
 @dataclass
@@ -118,37 +112,63 @@ class SourceImage:
 ProgressFn = Callable[[int], None]
 
 
-class ImageSource(Protocol):
+class ImageSource(ABC):
+    """Where images come from; see the module docstring for the call order."""
+
+    description: str = "the source"  # how messages name the whole source
+    # Images found broken while reading the documents, left out of images().
+    rejected: Sequence[tuple[str, LayerfsError]] = ()
+
+    @abstractmethod
     def images(self) -> list[SourceImage]:
         """Every image to copy, checked (see the module docstring)."""
-        ...
 
+    @abstractmethod
     def open_layer(self, image: SourceImage, index: int) -> BinaryIO:
         """A stream of ``image.layers[index]``'s blob, as described by its LayerDesc."""
-        ...
 
-    def close(self) -> None: ...
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything the source holds open."""
+
+    def want_platform(self, wanted: Platform) -> None:
+        """Resolve an index to ``wanted``'s entry (default: this host's); before images()."""
+        return None  # a source without indexes has nothing to resolve
 
 
-class ImageDestination(Protocol):
+class ImageDestination(ABC):
+    """Where images go; see the module docstring for the call order."""
+
+    def begin_image(self, image: SourceImage) -> None:
+        """Called before the layers of ``image``: where a layer goes may depend on it."""
+        return None
+
+    @contextmanager
+    def claim_layer(
+        self, layer: LayerDesc, on_wait: Callable[[], None] | None = None
+    ) -> Iterator[bool]:
+        """Around the fetch of one layer: yields False when it need not be streamed after
+        all (another process fetched it meanwhile). By default every layer is streamed."""
+        yield True
+
+    @abstractmethod
     def has_layer(self, layer: LayerDesc) -> bool:
         """True when the destination already has this layer and needs no stream."""
-        ...
 
+    @abstractmethod
     def put_layer(
         self, stream: BinaryIO, layer: LayerDesc, what: str, progress: ProgressFn | None = None
     ) -> None:
         """Consume and verify one layer; stage it, publish nothing yet."""
-        ...
 
+    @abstractmethod
     def put_image(self, image: SourceImage) -> None:
         """Publish the image with its staged layers, all or nothing."""
-        ...
 
+    @abstractmethod
     def commit(self) -> None:
         """Finish after the last image (write indexes, close archives)."""
-        ...
 
+    @abstractmethod
     def close(self) -> None:
         """Release everything; after a failure, remove what was staged."""
-        ...

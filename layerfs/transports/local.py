@@ -35,8 +35,10 @@ from layerfs.errors import (
     ImageNotFoundError,
     LayerfsError,
 )
+from layerfs.model.config import config_from_chain, derived_config
 from layerfs.model.digest import HashingReader, hex_of, is_sha256_digest, sha256_digest
 from layerfs.model.image import MAX_IMAGE_DEPTH, Image, canonical_json
+from layerfs.model.manifest import COMPRESSED_LAYER_TYPES, MEDIA_OCI_LAYER_TAR
 from layerfs.model.reference import (
     Reference,
     familiar_name,
@@ -52,10 +54,8 @@ from layerfs.store.layers import StagedLayer
 from layerfs.store.store import Store
 from layerfs.store.workers import MIN_SIZE, IngestWorkers
 from layerfs.transports.base import (
-    MEDIA_DOCKER_LAYER_GZIP,
-    MEDIA_OCI_LAYER_GZIP,
-    MEDIA_OCI_LAYER_TAR,
-    MEDIA_OCI_LAYER_ZSTD,
+    ImageDestination,
+    ImageSource,
     LayerDesc,
     LegacyNode,
     ProgressFn,
@@ -64,64 +64,8 @@ from layerfs.transports.base import (
 
 log = logging.getLogger(__name__)
 
-COMPRESSED_LAYER_TYPES = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD)
 
-
-def derived_config(config: dict[str, Any], count: int) -> dict[str, Any]:
-    """The config of the node holding the first ``count`` layers of ``config``."""
-    diff_ids = config["rootfs"]["diff_ids"][:count]
-    history: list[Any] = []
-    created = config.get("created")
-    seen_layers = 0
-    for entry in config.get("history") or []:
-        if not isinstance(entry, dict):
-            continue
-        history.append(entry)
-        if not entry.get("empty_layer"):
-            seen_layers += 1
-            if seen_layers == count:
-                created = entry.get("created", created)
-                break
-    doc: dict[str, Any] = {
-        "architecture": config.get("architecture", ""),
-        "os": config.get("os", "linux"),
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }
-    if history:
-        doc["history"] = history
-    if created:
-        doc["created"] = created
-    return doc
-
-
-def config_from_chain(chain: list[Image], diff_ids: list[str]) -> bytes:
-    """A modern config for a legacy chain (base first), like Docker's v1 migration."""
-    top = chain[-1]
-    doc = {
-        k: v
-        for k, v in top.data.items()
-        if k not in ("id", "parent", "Size", "parent_id", "layer_id", "checksum")
-    }
-    history = []
-    for node in chain:
-        entry: dict[str, Any] = {"created": node.created or "1970-01-01T00:00:00Z"}
-        if node.author:
-            entry["author"] = node.author
-        created_by = node.created_by()
-        if created_by:
-            entry["created_by"] = created_by
-        if node.comment:
-            entry["comment"] = node.comment
-        if not node.layer:
-            entry["empty_layer"] = True
-        history.append(entry)
-    doc["history"] = history
-    doc["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
-    doc.setdefault("os", "linux")
-    return canonical_json(doc)
-
-
-class StoreDestination:
+class StoreDestination(ImageDestination):
     """Loads images into the store: stage every layer, then publish nodes and tags at once."""
 
     def __init__(self, store: Store, *, tag: bool = True) -> None:
@@ -407,7 +351,7 @@ def _legacy_parent(raw: bytes) -> str:
     return parent if isinstance(parent, str) else ""
 
 
-class StoreSource:
+class StoreSource(ImageSource):
     """Images of the store, by name, as a source for save and push."""
 
     def __init__(self, store: Store, names: list[str]) -> None:

@@ -27,35 +27,29 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.errors import FormatError, LayerfsError, UsageError
+from layerfs.model.config import config_diff_ids
 from layerfs.model.digest import hex_of, sha256_digest
+from layerfs.model.documents import expect_list, expect_object
 from layerfs.model.image import decode_json
-from layerfs.model.platform import Platform
-from layerfs.model.reference import Reference
-from layerfs.transports.archive import DockerManifest, containerd_name
-from layerfs.transports.base import (
-    MEDIA_DOCKER_CONFIG,
-    MEDIA_DOCKER_FOREIGN,
-    MEDIA_DOCKER_LAYER_GZIP,
-    MEDIA_DOCKER_LAYER_TAR,
-    MEDIA_DOCKER_LIST,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_CONFIG,
+from layerfs.model.manifest import (
+    CONFIG_TYPES,
+    IMAGE_TYPES,
+    INDEX_TYPES,
+    LAYER_TYPES,
     MEDIA_OCI_INDEX,
-    MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_LAYER_TAR,
-    MEDIA_OCI_LAYER_ZSTD,
     MEDIA_OCI_MANIFEST,
-    LayerDesc,
-    SourceImage,
-)
-from layerfs.transports.documents import (
     Descriptor,
-    config_diff_ids,
-    expect_list,
-    expect_object,
+    build_layout_manifest,
+    layout_descriptor,
+    manifest_kind,
     parse_descriptor,
     select_platform,
 )
+from layerfs.model.platform import Platform
+from layerfs.model.reference import Reference
+from layerfs.transports.archive import DockerManifest, containerd_name
+from layerfs.transports.base import ImageSource, LayerDesc, SourceImage
 from layerfs.transports.files import MAX_DOCUMENT, ArchiveFiles
 from layerfs.transports.writer import ImagePlan, LayoutDestination, LayoutWriter, WrittenLayer
 
@@ -64,19 +58,6 @@ log = logging.getLogger(__name__)
 LAYOUT_VERSION = "1.0.0"
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
-_INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
-_MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
-_LAYER_TYPES = (
-    MEDIA_OCI_LAYER_TAR,
-    MEDIA_OCI_LAYER_GZIP,
-    MEDIA_OCI_LAYER_ZSTD,
-    MEDIA_OCI_LAYER_TAR.replace(".layer.", ".layer.nondistributable."),
-    MEDIA_OCI_LAYER_GZIP.replace(".layer.", ".layer.nondistributable."),
-    MEDIA_OCI_LAYER_ZSTD.replace(".layer.", ".layer.nondistributable."),
-    MEDIA_DOCKER_LAYER_GZIP,
-    MEDIA_DOCKER_LAYER_TAR,
-    MEDIA_DOCKER_FOREIGN,
-)
 _MAX_NESTING = 8
 
 
@@ -97,7 +78,7 @@ def descriptor_references(desc: Descriptor, what: str) -> list[str]:
     return []
 
 
-class OciLayoutSource:
+class OciLayoutSource(ImageSource):
     """Images of an OCI layout (a directory or a tar), read in place."""
 
     def __init__(self, files: ArchiveFiles, *, reference: str | None = None) -> None:
@@ -112,6 +93,9 @@ class OciLayoutSource:
         if self._images is None:
             self._images = self._read()
         return self._images
+
+    def want_platform(self, wanted: Platform) -> None:
+        self.platform = wanted
 
     def open_layer(self, image: SourceImage, index: int) -> BinaryIO:
         digest = image.layers[index].digest
@@ -191,25 +175,26 @@ class OciLayoutSource:
                 )
             if doc.get("schemaVersion") != 2:
                 raise FormatError(f"{what}: manifest schemaVersion must be 2")
-            if media in _INDEX_TYPES or (not media and "manifests" in doc):
+            kind = manifest_kind(media, doc)
+            if kind == "index":
                 children = [
                     parse_descriptor(m, f"{what}: index manifests")
                     for m in expect_list(doc.get("manifests"), f"{what}: index manifests")
                 ]
                 desc = select_platform(children, what, self.platform)
                 continue
-            if media in _MANIFEST_TYPES or (not media and "layers" in doc):
+            if kind == "image":
                 return desc, doc, raw
             raise FormatError(f"{what}: unsupported manifest media type {str(media)[:80]!r}")
         raise FormatError(f"{what}: indexes nested more than {_MAX_NESTING} deep")
 
     def _image(self, desc: Descriptor, name: str, references: list[str]) -> SourceImage | None:
-        if desc.media_type and desc.media_type not in _INDEX_TYPES + _MANIFEST_TYPES:
+        if desc.media_type and desc.media_type not in INDEX_TYPES + IMAGE_TYPES:
             log.info("%s: skipping %s of media type %s", self.description, name, desc.media_type)
             return None
         desc, manifest, raw = self._manifest(desc, name)
         config_desc = parse_descriptor(manifest.get("config"), f"{name}: manifest config")
-        if config_desc.media_type not in ("", MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG):
+        if config_desc.media_type not in ("", *CONFIG_TYPES):
             raise FormatError(f"{name}: not an image: config media type {config_desc.media_type!r}")
         config = self._blob(config_desc, f"{name}: config")
         doc = expect_object(decode_json(config, f"{name}: config"), f"{name}: config")
@@ -226,7 +211,7 @@ class OciLayoutSource:
         layers = []
         for index, (layer, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
             what = f"{name}: layer {index + 1}"
-            if layer.media_type not in _LAYER_TYPES:
+            if layer.media_type not in LAYER_TYPES:
                 raise FormatError(f"{what}: unsupported layer media type {layer.media_type[:80]!r}")
             size = self.files.size(blob_path(layer.digest), what)
             if size != layer.size:
@@ -250,12 +235,6 @@ class OciLayoutSource:
             manifest=raw,
             manifest_media_type=desc.media_type or MEDIA_OCI_MANIFEST,
         )
-
-
-def _descriptor_json(media_type: str, digest: str, size: int) -> str:
-    return json.dumps(
-        {"mediaType": media_type, "digest": digest, "size": size}, separators=(",", ":")
-    )
 
 
 class OciLayoutDestination(LayoutDestination):
@@ -312,20 +291,12 @@ class OciLayoutDestination(LayoutDestination):
         for diff_id in plan.diff_ids:
             if diff_id not in self._sizes:
                 raise FormatError(f"{image.name}: layer {diff_id} was never written")
-            layers.append(_descriptor_json(MEDIA_OCI_LAYER_TAR, diff_id, self._sizes[diff_id]))
-        manifest = (
-            '{"schemaVersion":2,"mediaType":"'
-            + MEDIA_OCI_MANIFEST
-            + '","config":'
-            + _descriptor_json(MEDIA_OCI_CONFIG, image.config_digest, len(image.config))
-            + ',"layers":['
-            + ",".join(layers)
-            + "]}"
-        ).encode()
+            layers.append(Descriptor(MEDIA_OCI_LAYER_TAR, diff_id, self._sizes[diff_id]))
+        manifest = build_layout_manifest(image.config, layers)
         digest = sha256_digest(manifest)
         if self.writer.existing_size(blob_path(digest)) is None:
             self.writer.add_bytes(blob_path(digest), manifest, 0)
-        base = {"mediaType": MEDIA_OCI_MANIFEST, "digest": digest, "size": len(manifest)}
+        base = layout_descriptor(MEDIA_OCI_MANIFEST, digest, len(manifest))
         if self.reference is not None:
             self._descriptors.append({**base, "annotations": {ANNOTATION_REF_NAME: self.reference}})
         elif plan.tags:

@@ -10,10 +10,10 @@ as it was named on purpose.
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from layerfs.errors import LayerfsError, NotFoundError
-from layerfs.model.platform import Platform
+from layerfs.model.platform import Platform, matches
 from layerfs.transports.base import ImageSource, SourceImage
 
 
@@ -24,36 +24,21 @@ def image_platform(image: SourceImage) -> Platform | None:
         return None
 
 
-def matches(found: Platform | None, wanted: Platform) -> bool:
-    if found is None:
-        return False
-    return (
-        found.os == wanted.os
-        and found.architecture == wanted.architecture
-        and (not wanted.variant or found.variant == wanted.variant)
-    )
-
-
-class PlatformSource:
+class PlatformSource(ImageSource):
     """The images of ``source`` for ``wanted``; see the module docstring."""
 
     def __init__(self, source: ImageSource, wanted: Platform, *, strict: bool = False) -> None:
         self.source = source
         self.wanted = wanted
         self.strict = strict
-        self.description: str = getattr(source, "description", "the source")
-        if hasattr(source, "platform"):
-            source.platform = wanted
+        self.description = source.description
+        source.want_platform(wanted)
         self._images: list[SourceImage] | None = None
-
-    @property
-    def rejected(self) -> list[tuple[str, LayerfsError]]:
-        found: list[tuple[str, LayerfsError]] = getattr(self.source, "rejected", [])
-        return found
 
     def images(self) -> list[SourceImage]:
         if self._images is None:
             found = self.source.images()
+            self.rejected = self.source.rejected  # known once the source read its documents
             kept = []
             for image in found:
                 platform = image_platform(image)
@@ -73,6 +58,3 @@ class PlatformSource:
 
     def close(self) -> None:
         self.source.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.source, name)

@@ -24,42 +24,40 @@ blobs are checked at once, not one after the other.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import types
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from layerfs.errors import DigestMismatchError, FormatError, LayerfsError, RegistryError
+from layerfs.model.config import schema1_config
 from layerfs.model.digest import is_sha256_digest, sha256_digest
 from layerfs.model.image import decode_json_object
-from layerfs.model.platform import Platform, host_platform, select
-from layerfs.model.reference import Reference, remote_name
-from layerfs.progress import Progress
-from layerfs.registry.blobs import Repository
-from layerfs.registry.client import RegistryClient
-from layerfs.registry.manifests import (
+from layerfs.model.manifest import (
+    COMPRESSED_LAYER_TYPES,
+    GZIP_LAYER_TYPES,
+    MEDIA_DOCKER_LAYER_GZIP,
     Descriptor,
     ImageManifest,
     IndexManifest,
     Schema1Manifest,
+    blob_layer_type,
     build_image_manifest,
+    layer_type_for_format,
     parse,
-    schema1_config,
+    select_platform,
 )
-from layerfs.store.files import atomic_write
+from layerfs.model.platform import Platform, host_platform
+from layerfs.model.reference import Reference, remote_name
+from layerfs.progress import Progress
+from layerfs.registry.blobs import BlobReader, Repository
+from layerfs.registry.client import RegistryClient, RegistryOptions
+from layerfs.store.blobrecords import BlobRecord, BlobRecords
 from layerfs.store.store import Store
-from layerfs.transports.base import (
-    MEDIA_DOCKER_LAYER_GZIP,
-    MEDIA_OCI_LAYER_GZIP,
-    MEDIA_OCI_LAYER_ZSTD,
-    LayerDesc,
-    SourceImage,
-)
+from layerfs.transports.base import ImageDestination, ImageSource, LayerDesc, SourceImage
 
 _fast_zlib: types.ModuleType
 try:  # ISA-L's igzip: about 5x zlib's speed at level 1 here (docs/benchmarks.md)
@@ -73,76 +71,7 @@ except ImportError:  # pragma: no cover - isal is a dependency, but keep working
 log = logging.getLogger(__name__)
 
 MAX_CONFIG_SIZE = 8 << 20
-GZIP_TYPES = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP)
 _READ = 1 << 20
-
-
-# -- what the store remembers about blobs it has seen in registries ------------------------
-
-
-@dataclass
-class BlobRecord:
-    digest: str
-    size: int
-    media_type: str
-    diff_id: str = ""
-    repositories: list[str] = field(default_factory=list)  # "host/remote-name"
-
-
-class BlobRecords:
-    """``<store>/registry/blobs/<hex>.json``: size, type and where a compressed blob lives.
-
-    The diff ID → blob digest map itself is the layer's ``blob_digests``; this adds
-    what a push needs to reuse a blob: its media type, size, and the repositories
-    that hold it (for cross-repository mounts).
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.root = store.root / "registry" / "blobs"
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> BlobRecord | None:
-        if not is_sha256_digest(digest):
-            return None
-        try:
-            doc = json.loads((self.root / f"{digest[7:]}.json").read_bytes())
-            return BlobRecord(
-                doc["digest"],
-                int(doc["size"]),
-                str(doc["media_type"]),
-                str(doc.get("diff_id", "")),
-                [str(r) for r in doc.get("repositories", [])],
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def add(self, digest: str, size: int, media_type: str, diff_id: str, repository: str) -> None:
-        if not is_sha256_digest(digest):
-            return
-        with self._lock:
-            record = self.get(digest)
-            if (
-                record is not None
-                and (record.size, record.media_type) == (size, media_type)
-                and record.diff_id == (diff_id or record.diff_id)
-                and repository in record.repositories
-            ):
-                return  # nothing new: no write, no fsync
-            record = record or BlobRecord(digest, size, media_type, diff_id)
-            record.size, record.media_type = size, media_type
-            record.diff_id = diff_id or record.diff_id
-            if repository in record.repositories:
-                record.repositories.remove(repository)
-            record.repositories.insert(0, repository)  # the latest first
-            del record.repositories[20:]
-            self.root.parent.mkdir(mode=0o700, exist_ok=True)
-            self.root.mkdir(mode=0o700, exist_ok=True)
-            atomic_write(
-                self.root / f"{digest[7:]}.json",
-                json.dumps(record.__dict__, sort_keys=True).encode(),
-                self.store.tmp,
-            )
 
 
 class Schema1Image(SourceImage):
@@ -180,7 +109,7 @@ class Schema1Image(SourceImage):
 # -- pull ------------------------------------------------------------------------------------
 
 
-class RegistrySource:
+class RegistrySource(ImageSource):
     """One image of a registry, by tag or digest, for the wanted platform."""
 
     def __init__(
@@ -191,19 +120,30 @@ class RegistrySource:
         platform: Platform | None = None,
         progress: Progress | None = None,
         known_config: Callable[[str], bytes | None] | None = None,
+        owns_client: bool = False,
     ) -> None:
         self.client = client
+        self.owns_client = owns_client  # close() closes the client too
         self.known_config = known_config  # config digest → bytes we already have
         self.reference = reference
         self.platform = platform or host_platform()
         self.progress = progress
         self.repository = Repository(client, reference.remote_name)
         self.manifest_digest: str | None = None
-        self.readers: list[Any] = []  # the BlobReaders handed out (tests look at resumes)
+        self.readers: list[BlobReader] = []  # the downloads handed out
+        self.description = f"docker://{reference}"
 
     @property
     def what(self) -> str:
         return str(self.reference)
+
+    def want_platform(self, wanted: Platform) -> None:
+        self.platform = wanted
+
+    @property
+    def resumes(self) -> int:
+        """How many times a layer download was picked up again where it broke."""
+        return sum(reader.resumes for reader in self.readers)
 
     def images(self) -> list[SourceImage]:
         ref = self.reference.ref
@@ -215,8 +155,7 @@ class RegistrySource:
             )
         self.manifest_digest = manifest.digest
         if isinstance(manifest, IndexManifest):
-            entry = select(manifest.manifests, self.platform, self.what)
-            child = entry["digest"]
+            child = select_platform(manifest.manifests, self.what, self.platform).digest
             raw, ctype, _ = self.repository.get_manifest(child)
             inner = parse(raw, ctype, f"manifest {child[:19]} of {self.what}")
             if inner.digest != child:
@@ -309,8 +248,12 @@ class RegistrySource:
         return reader  # type: ignore[return-value]
 
     def close(self) -> None:
-        for reader in self.readers:
-            reader.close()
+        try:
+            for reader in self.readers:
+                reader.close()
+        finally:
+            if self.owns_client:
+                self.client.close()
 
 
 # -- push ------------------------------------------------------------------------------------
@@ -348,7 +291,7 @@ class _Compressed:
         return "sha256:" + self.hash.hexdigest()
 
 
-class RegistryDestination:
+class RegistryDestination(ImageDestination):
     """Pushes store images to one repository, under the tags their references name."""
 
     def __init__(
@@ -361,8 +304,10 @@ class RegistryDestination:
         fmt: str = "docker",
         level: int | None = None,
         progress: Progress | None = None,
+        owns_client: bool = False,
     ) -> None:
         self.tags = tags
+        self.owns_client = owns_client  # close() closes the client too
         if fmt not in ("docker", "oci"):
             raise LayerfsError(f"unknown manifest format {fmt!r}: use docker or oci")
         self.client = client
@@ -430,8 +375,8 @@ class RegistryDestination:
 
     def _usable(self, media_type: str) -> bool:
         if self.fmt == "oci":
-            return media_type in (*GZIP_TYPES, MEDIA_OCI_LAYER_ZSTD)
-        return media_type in GZIP_TYPES
+            return media_type in COMPRESSED_LAYER_TYPES
+        return media_type in GZIP_LAYER_TYPES
 
     def has_layer(self, layer: LayerDesc) -> bool:
         checked = self._checked.pop(layer.diff_id or layer.digest or "", None)
@@ -478,9 +423,8 @@ class RegistryDestination:
         if layer.diff_id:
             with self._mutex:
                 self._blobs[layer.diff_id] = desc
-        note = getattr(self.progress, "note", None)
-        if note is not None:
-            note(key, status)  # shown instead of the pipeline's "Already exists"
+        if self.progress is not None:
+            self.progress.note(key, status)  # shown instead of the pipeline's "Already exists"
 
     def _probe_media(self, digest: str) -> str | None:
         """The type of a blob we know only by digest: look at its first bytes."""
@@ -490,11 +434,8 @@ class RegistryDestination:
             reader.close()
         except RegistryError:
             return None
-        if head.startswith(b"\x1f\x8b"):
-            return MEDIA_DOCKER_LAYER_GZIP
-        if head.startswith(b"\x28\xb5\x2f\xfd"):
-            return MEDIA_OCI_LAYER_ZSTD
-        return None
+        media = layer_type_for_format(blob_layer_type(head), "docker")
+        return media if media in COMPRESSED_LAYER_TYPES else None
 
     def put_layer(
         self,
@@ -600,7 +541,8 @@ class RegistryDestination:
         pass
 
     def close(self) -> None:
-        pass
+        if self.owns_client:
+            self.client.close()
 
 
 def config_from_store(store: Store) -> Callable[[str], bytes | None]:
@@ -629,3 +571,69 @@ def record_pulled(store: Store, source: RegistrySource, images: list[SourceImage
                     records.add(layer.digest, layer.size, layer.media_type, layer.diff_id, repo_key)
                 except (OSError, LayerfsError):
                     log.debug("cannot record blob %s", layer.digest, exc_info=True)
+
+
+# -- the docker:// transport -------------------------------------------------------------
+
+
+def pool_size(max_concurrent: int) -> int:
+    """Connections to keep per registry: one per parallel layer and a few for documents."""
+    return max(10, max_concurrent + 2)
+
+
+def open_registry_source(
+    reference: Reference,
+    *,
+    options: RegistryOptions | None = None,
+    platform: Platform | None = None,
+    progress: Progress | None = None,
+    store: Store | None = None,
+    max_concurrent: int = 3,
+) -> RegistrySource:
+    """``docker://NAME`` as a source: the image ``reference`` names, with a client of its own.
+
+    With ``store``, a config the store already holds is not downloaded again.
+    """
+    client = RegistryClient(reference.registry, options, pool_size=pool_size(max_concurrent))
+    return RegistrySource(
+        client,
+        reference,
+        platform=platform,
+        progress=progress,
+        known_config=config_from_store(store) if store is not None else None,
+        owns_client=True,
+    )
+
+
+def open_registry_destination(
+    reference: Reference,
+    *,
+    tags: list[str] | None = None,
+    options: RegistryOptions | None = None,
+    store: Store | None = None,
+    fmt: str = "docker",
+    level: int | None = None,
+    progress: Progress | None = None,
+    max_concurrent: int = 3,
+) -> RegistryDestination:
+    """``docker://NAME`` as a destination: pushes to ``reference``'s repository.
+
+    ``tags`` None: each image under the tags its references give in that repository.
+    With ``store`` (the images come from it), each layer's compressed digest is recorded
+    so that the next push neither compresses nor uploads it again.
+    """
+    client = RegistryClient(reference.registry, options, pool_size=pool_size(max_concurrent))
+    try:
+        return RegistryDestination(
+            client,
+            reference,
+            store=store,
+            tags=tags,
+            fmt=fmt,
+            level=level,
+            progress=progress,
+            owns_client=True,
+        )
+    except BaseException:
+        client.close()
+        raise

@@ -26,14 +26,14 @@ from typing import Any, BinaryIO
 
 from layerfs.compression import open_decompressed
 from layerfs.errors import DigestMismatchError, FormatError, UsageError
+from layerfs.model.config import config_diff_ids
 from layerfs.model.digest import HashingReader
 from layerfs.model.image import parse_created
 from layerfs.model.reference import Reference
 from layerfs.progress import ReportingReader
 from layerfs.store.faults import fault
 from layerfs.store.files import fsync_dir, temp_path
-from layerfs.transports.base import LayerDesc, ProgressFn, SourceImage
-from layerfs.transports.documents import config_diff_ids
+from layerfs.transports.base import ImageDestination, LayerDesc, ProgressFn, SourceImage
 
 _CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
@@ -418,7 +418,7 @@ class ImagePlan:
         return self.diff_ids.index(layer.diff_id or "")
 
 
-class LayoutDestination:
+class LayoutDestination(ImageDestination):
     """An image destination writing one archive or layout through a :class:`LayoutWriter`.
 
     Images come one at a time (``begin_image``, layers, ``put_image``); each layer goes

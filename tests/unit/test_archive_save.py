@@ -14,10 +14,10 @@ import pytest
 from layerfs.cli import main
 from layerfs.copy import copy
 from layerfs.errors import LayerfsError
+from layerfs.model.v1compat import v1_layers
 from layerfs.store.store import Store
 from layerfs.transports import open_destination, open_source
 from layerfs.transports.local import StoreDestination, StoreSource
-from layerfs.transports.v1compat import v1_layers
 from tests.archive_builders import (
     docker_members,
     hex_of,

@@ -357,7 +357,7 @@ def test_a_pull_fetches_a_damaged_layer_again(tmp_path: Path) -> None:
     import gzip
 
     from layerfs.registry.client import RegistryOptions
-    from layerfs.registry.transfer import pull
+    from layerfs.transfer import pull
     from tests.fake_registry import image_documents, running
 
     store = Store.open(tmp_path / "pulled")
@@ -388,8 +388,8 @@ def test_repair_fetches_a_damaged_layer_again_from_where_it_was_pulled(tmp_path:
     import gzip
 
     from layerfs.registry.client import RegistryOptions
-    from layerfs.registry.refetch import refetch_layer
-    from layerfs.registry.transfer import pull
+    from layerfs.transfer import pull
+    from layerfs.transports.refetch import refetch_layer
     from tests.fake_registry import image_documents, running
 
     store = Store.open(tmp_path / "pulled")

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from layerfs.copy import WAITING_FOR_OTHER, copy
+from layerfs.model.manifest import MEDIA_DOCKER_LAYER_GZIP
 from layerfs.store.check import fsck
 from layerfs.store.store import Store
-from layerfs.transports.base import MEDIA_DOCKER_LAYER_GZIP, LayerDesc, SourceImage
+from layerfs.transports.base import ImageSource, LayerDesc, SourceImage
 from layerfs.transports.local import StoreDestination
 from tests.helpers import build_tar, tar_file
 
@@ -50,7 +51,7 @@ def image(name: str) -> SourceImage:
     return SourceImage(config=config, layers=layers, references=[name], name=name)
 
 
-class Source:
+class Source(ImageSource):
     """Serves the blobs; counts how often each is opened; may hold one until released."""
 
     def __init__(self, name: str, gate: threading.Event | None = None) -> None:

@@ -32,11 +32,11 @@ from layerfs.cli import main as cli_main
 from layerfs.fs.commit import commit_upper
 from layerfs.fs.upper import STATE_VERSION
 from layerfs.registry.client import RegistryOptions
-from layerfs.registry.transfer import pull
 from layerfs.store import codec
 from layerfs.store.check import fsck
 from layerfs.store.faults import FAULT_ENV, POINTS, TRACE_ENV
 from layerfs.store.store import Store
+from layerfs.transfer import pull
 from tests.archive_builders import docker_members, make_image, make_layer, pack
 from tests.fake_registry import FakeRegistry, image_documents, running
 

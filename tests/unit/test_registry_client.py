@@ -17,15 +17,15 @@ from layerfs.errors import (
     LayerfsError,
     RegistryError,
 )
+from layerfs.model.config import schema1_config
 from layerfs.model.digest import sha256_digest
 from layerfs.model.platform import Platform, PlatformNotFoundError
 from layerfs.model.reference import Reference
 from layerfs.registry import client as client_module
 from layerfs.registry.auth import Credentials
 from layerfs.registry.client import RegistryClient, RegistryOptions
-from layerfs.registry.manifests import schema1_config
-from layerfs.registry.transfer import pull, push
 from layerfs.store.store import Store
+from layerfs.transfer import pull, push
 from layerfs.transports.base import SourceImage
 from layerfs.transports.registry import RegistrySource
 from tests.conformance import assert_valid_image
@@ -171,7 +171,7 @@ def test_pull_schema1(registry: FakeRegistry, store: Store, options):
 
     result = pull(store, f"{registry.host}/old:v1", options=options)
 
-    from layerfs.registry.manifests import parse
+    from layerfs.model.manifest import parse
 
     expected = schema1_config(parse(manifest, "", "m"), [layers[0][2], layers[1][2]])  # type: ignore[arg-type]
     assert result.image_id == sha256_digest(expected)[7:]
@@ -461,7 +461,7 @@ def test_identity_token_is_exchanged_with_oauth(store: Store, options, monkeypat
 
 def test_login_stores_the_refresh_token(tmp_path: Path, options, monkeypatch):
     from layerfs.registry.credentials import DockerConfig
-    from layerfs.registry.transfer import login, logout
+    from layerfs.registry.login import login, logout
 
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "cfg"))
     monkeypatch.delenv("DOCKER_AUTH_CONFIG", raising=False)
@@ -513,3 +513,54 @@ def test_failed_chunk_is_resumed_from_the_upload_status(
     statuses = [e for e in registry.requests("GET", "/blobs/uploads/")]
     assert len(statuses) == 1  # asked where the upload stood, then went on
     assert registry.manifests[("app", "v1")]
+
+
+# -- the docker:// transport ----------------------------------------------------------------
+
+
+def test_docker_transport_is_a_source_and_a_destination(
+    registry: FakeRegistry, store: Store, tmp_path: Path
+):
+    from layerfs.copy import copy
+    from layerfs.transports import open_destination, open_source
+    from layerfs.transports.local import StoreDestination, StoreSource
+
+    digest, image_id, blobs = publish_image(registry, "team/app", "v1", ["a", "b"])
+    result = copy(open_source(f"docker://{registry.host}/team/app:v1"), StoreDestination(store))
+    assert [i.image_id for i in result.copied] == [image_id]
+    assert store.tags.get(f"{registry.host}/team/app")["v1"] == image_id
+
+    destination = open_destination(f"docker://{registry.host}/copy:v2")
+    copy(StoreSource(store, [f"{registry.host}/team/app:v1"]), destination, keep_going=False)
+    pushed = json.loads(registry.manifests[("copy", "v2")][0])
+    original = json.loads(registry.manifests[("team/app", "v1")][0])
+    assert pushed["config"]["digest"] == original["config"]["digest"] == f"sha256:{image_id}"
+    assert len(pushed["layers"]) == len(blobs)
+    assert digest != sha256(registry.manifests[("copy", "v2")][0])  # recompressed, not copied
+
+
+def test_docker_transport_names(registry: FakeRegistry, store: Store, tmp_path: Path):
+    from layerfs.errors import UsageError
+    from layerfs.transports import DESTINATIONS, SOURCES, open_destination, split_spec
+
+    assert split_spec("docker://localhost:5000/a/b:v1", SOURCES) == (
+        "docker",
+        "localhost:5000/a/b:v1",
+        None,
+    )
+    for spec in ("docker:/x", "docker://"):
+        with pytest.raises(UsageError, match="docker://NAME"):
+            split_spec(spec, DESTINATIONS)
+    with pytest.raises(UsageError, match="digest"):
+        open_destination(f"docker://{registry.host}/app@sha256:{'a' * 64}")
+
+
+def test_load_from_a_registry(registry: FakeRegistry, tmp_path: Path, capsys):
+    from layerfs.cli import main
+
+    digest, image_id, _ = publish_image(registry, "app", "v1", ["a"])
+    root = str(tmp_path / "store")
+    assert main(["--root", root, "load", "-q", "-i", f"docker://{registry.host}/app:v1"]) == 0
+    assert f"Loaded image: {registry.host}/app:v1" in capsys.readouterr().out
+    tags = Store.open(Path(root)).tags.get(f"{registry.host}/app")
+    assert tags == {"v1": image_id, digest: image_id}

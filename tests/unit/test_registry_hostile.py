@@ -24,8 +24,8 @@ import pytest
 
 from layerfs.errors import LayerfsError, RegistryError
 from layerfs.registry.client import RegistryOptions
-from layerfs.registry.transfer import pull
 from layerfs.store.store import Store
+from layerfs.transfer import pull
 from tests.fake_registry import image_documents
 from tests.unit.test_registry_client import make_layer
 

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from layerfs.errors import DigestMismatchError, FormatError, InvalidReferenceError
+from layerfs.model.config import go_time, schema1_config
 from layerfs.model.digest import sha256_digest
+from layerfs.model.manifest import (
+    ImageManifest,
+    IndexManifest,
+    Schema1Manifest,
+    build_image_manifest,
+    parse,
+    verify_digest,
+)
 from layerfs.model.platform import (
     Platform,
     PlatformNotFoundError,
@@ -24,16 +33,6 @@ from layerfs.registry.auth import Credentials, parse_challenges
 from layerfs.registry.blobs import parse_range
 from layerfs.registry.client import is_loopback, safe_url
 from layerfs.registry.credentials import DockerConfig, auth_key
-from layerfs.registry.manifests import (
-    ImageManifest,
-    IndexManifest,
-    Schema1Manifest,
-    build_image_manifest,
-    go_time,
-    parse,
-    schema1_config,
-    verify_digest,
-)
 
 # -- challenges ------------------------------------------------------------------------------
 
@@ -185,7 +184,7 @@ def test_parse_dispatches_on_type_and_checks_agreement():
 
 
 def test_build_manifest_docker_and_oci():
-    from layerfs.registry.manifests import Descriptor
+    from layerfs.model.manifest import Descriptor
 
     layer = Descriptor("application/vnd.docker.image.rootfs.diff.tar.gzip", "sha256:" + "c" * 64, 5)
     raw, media = build_image_manifest(b"{}", [layer], "docker")
@@ -475,3 +474,31 @@ def test_progress_speaks_docker():
         "dddddddddddd: Pushing",
         "dddddddddddd: Pushed",
     ]
+
+
+def test_index_or_manifest_is_decided_once():
+    """The rule model.manifest.manifest_kind applies for the registry and OCI layouts alike."""
+    from layerfs.model.manifest import (
+        MEDIA_DOCKER_LAYER_GZIP,
+        MEDIA_DOCKER_LIST,
+        MEDIA_OCI_LAYER_GZIP,
+        MEDIA_OCI_LAYER_TAR,
+        MEDIA_OCI_LAYER_ZSTD,
+        MEDIA_OCI_MANIFEST,
+        blob_layer_type,
+        layer_type_for_format,
+        manifest_kind,
+    )
+
+    assert manifest_kind(MEDIA_DOCKER_LIST, {"layers": []}) == "index"  # the type decides
+    assert manifest_kind(MEDIA_OCI_MANIFEST, {"manifests": []}) == "image"
+    assert manifest_kind("", {"manifests": []}) == "index"  # no type: the shape decides
+    assert manifest_kind("", {"layers": []}) == "image"
+    assert manifest_kind("", {}) is None
+    assert manifest_kind("text/plain", {"layers": []}) is None
+    assert blob_layer_type(b"\x1f\x8b\x08\x00") == MEDIA_OCI_LAYER_GZIP
+    assert blob_layer_type(b"\x28\xb5\x2f\xfd") == MEDIA_OCI_LAYER_ZSTD
+    assert blob_layer_type(b"etc/") == MEDIA_OCI_LAYER_TAR
+    assert layer_type_for_format(MEDIA_OCI_LAYER_GZIP, "docker") == MEDIA_DOCKER_LAYER_GZIP
+    assert layer_type_for_format(MEDIA_DOCKER_LAYER_GZIP, "oci") == MEDIA_OCI_LAYER_GZIP
+    assert layer_type_for_format(MEDIA_OCI_LAYER_ZSTD, "docker") == MEDIA_OCI_LAYER_ZSTD

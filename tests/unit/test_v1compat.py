@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from layerfs.transports.v1compat import (
+from layerfs.model.v1compat import (
     chain_ids,
     create_id,
     go_quote,

@@ -21,7 +21,8 @@ from pathlib import Path
 import layerfs.store.workers as workers
 from layerfs.copy import copy
 from layerfs.store.store import Store
-from layerfs.transports.base import MEDIA_DOCKER_LAYER_GZIP, LayerDesc, SourceImage
+from layerfs.model.manifest import MEDIA_DOCKER_LAYER_GZIP
+from layerfs.transports.base import ImageSource, LayerDesc, SourceImage
 from layerfs.transports.local import StoreDestination
 
 root, report, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
@@ -55,7 +56,7 @@ layers = [LayerDesc(digest(t), digest(b), len(b), MEDIA_DOCKER_LAYER_GZIP)
           for t, b in zip(tars, blobs)]
 image = SourceImage(config=config, layers=layers, references=["big:1"], name="big:1")
 
-class Source:
+class Source(ImageSource):
     def images(self): return [image]
     def open_layer(self, image, index): return io.BytesIO(blobs[index])
     def close(self): pass

@@ -75,11 +75,12 @@ def small_tar(seed: str) -> bytes:
 def build(root: Path, names: list[str]) -> None:
     """Images ``names`` (``repo:tag``) of LAYERS fresh layers each, as pulls write them."""
     from layerfs.copy import copy
+    from layerfs.model.manifest import MEDIA_DOCKER_LAYER_GZIP
     from layerfs.store.store import Store
-    from layerfs.transports.base import MEDIA_DOCKER_LAYER_GZIP, LayerDesc, SourceImage
+    from layerfs.transports.base import ImageSource, LayerDesc, SourceImage
     from layerfs.transports.local import StoreDestination
 
-    class MemorySource:
+    class MemorySource(ImageSource):
         def __init__(self, images: list[SourceImage]) -> None:
             self._images = images
 

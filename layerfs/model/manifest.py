@@ -1,10 +1,13 @@
-"""Manifests a registry serves and accepts: parse, check, convert, build.
+"""The image manifest vocabulary: media types, descriptors, manifests and indexes.
 
-Docker schema2 and OCI image manifests, Docker manifest lists and OCI indexes,
-and schema1 (signed or not, read only) as old registries serve it. A schema1
-manifest becomes a modern config the way Docker 1.10+ converts it on pull
-(FORMATS §3.4), which needs the layers' diff IDs and so happens after they are
-downloaded. Pure functions on bytes, no I/O.
+The one place that says what a manifest is, for every transport, the registry client and
+the store: media types, :class:`Descriptor` (parsed strictly), Docker schema2 and OCI
+image manifests, Docker manifest lists and OCI indexes (and the rule that tells one from
+the other, :func:`manifest_kind`), schema1 manifests (signed or not, read only) as old
+registries serve them, the layer media types and how they map between the Docker and
+OCI vocabularies, the choice of one platform's entry in an index, and building the
+manifest a push writes. What an image config holds is :mod:`layerfs.model.config`.
+Pure functions on bytes, no I/O.
 """
 
 from __future__ import annotations
@@ -15,58 +18,133 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerfs.compression import detect
 from layerfs.errors import DigestMismatchError, FormatError
+from layerfs.model import platform
 from layerfs.model.digest import is_sha256_digest, sha256_digest
-from layerfs.model.image import decode_json_object
-from layerfs.transports.base import (
-    MEDIA_DOCKER_CONFIG,
-    MEDIA_DOCKER_LAYER_GZIP,
-    MEDIA_DOCKER_LIST,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_CONFIG,
-    MEDIA_OCI_INDEX,
-    MEDIA_OCI_LAYER_GZIP,
-    MEDIA_OCI_MANIFEST,
+from layerfs.model.documents import (
+    expect_digest,
+    expect_object,
+    expect_size,
+    expect_str,
+    expect_str_list,
+    expect_str_map,
 )
-from layerfs.transports.v1compat import marshal_v1_image
+from layerfs.model.image import decode_json_object
 
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MEDIA_DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
+MEDIA_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 MEDIA_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 MEDIA_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
 IMAGE_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 SCHEMA1_TYPES = (MEDIA_SCHEMA1_SIGNED, MEDIA_SCHEMA1)
+CONFIG_TYPES = (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG)
 # Every type we can parse, best first (FORMATS §8.4: leaving schema2 out makes
 # distribution down-convert to schema1, with another digest).
 ACCEPT = ", ".join((*INDEX_TYPES, *IMAGE_TYPES, *SCHEMA1_TYPES))
+
+GZIP_LAYER_TYPES = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP)
+COMPRESSED_LAYER_TYPES = (*GZIP_LAYER_TYPES, MEDIA_OCI_LAYER_ZSTD)
+# Every layer type an image may list (OCI image-spec "Image Layer Filesystem Changeset").
+LAYER_TYPES = (
+    MEDIA_OCI_LAYER_TAR,
+    MEDIA_OCI_LAYER_GZIP,
+    MEDIA_OCI_LAYER_ZSTD,
+    MEDIA_OCI_LAYER_TAR.replace(".layer.", ".layer.nondistributable."),
+    MEDIA_OCI_LAYER_GZIP.replace(".layer.", ".layer.nondistributable."),
+    MEDIA_OCI_LAYER_ZSTD.replace(".layer.", ".layer.nondistributable."),
+    MEDIA_DOCKER_LAYER_GZIP,
+    MEDIA_DOCKER_LAYER_TAR,
+    MEDIA_DOCKER_FOREIGN,
+)
 
 MAX_MANIFEST_SIZE = 4 << 20
 
 
 @dataclass
 class Descriptor:
+    """An OCI content descriptor, checked."""
+
     media_type: str
     digest: str
     size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: dict[str, Any] | None = None
     urls: list[str] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_json(cls, doc: Any, what: str) -> Descriptor:
-        if not isinstance(doc, dict):
-            raise FormatError(f"{what}: descriptor is not an object")
-        media_type, digest, size = doc.get("mediaType", ""), doc.get("digest"), doc.get("size")
-        if not isinstance(media_type, str):
-            raise FormatError(f"{what}: mediaType is not a string")
-        if not is_sha256_digest(digest):
-            raise FormatError(f"{what}: unsupported or malformed digest {str(digest)[:80]!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise FormatError(f"{what}: size is not a non-negative integer")
-        urls = doc.get("urls") or []
-        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-            raise FormatError(f"{what}: urls is not a list of strings")
-        assert isinstance(digest, str)
-        return cls(media_type, digest, size, urls, doc)
+
+def parse_descriptor(value: Any, what: str) -> Descriptor:
+    doc = expect_object(value, what)
+    media_type = doc.get("mediaType", "")
+    if media_type is None:
+        media_type = ""
+    expect_str(media_type, f"{what} mediaType")
+    digest = expect_digest(doc.get("digest"), f"{what} digest")
+    size = expect_size(doc.get("size"), f"{what} size")
+    annotations = doc.get("annotations") or {}
+    expect_str_map(annotations, f"{what} annotations")
+    platform = doc.get("platform")
+    if platform is not None:
+        expect_object(platform, f"{what} platform")
+    urls = doc.get("urls") or []
+    expect_str_list(urls, f"{what} urls")
+    return Descriptor(media_type, digest, size, annotations, platform, urls)
+
+
+def manifest_kind(media_type: str, doc: dict[str, Any]) -> str | None:
+    """``"index"``, ``"image"`` or None: what a schema 2 document is.
+
+    Its media type decides; an OCI document may omit it, and then its shape does (a
+    ``manifests`` list makes an index, a ``layers`` list an image manifest).
+    """
+    if media_type in INDEX_TYPES:
+        return "index"
+    if media_type in IMAGE_TYPES:
+        return "image"
+    if not media_type:
+        if "manifests" in doc:
+            return "index"
+        if "layers" in doc:
+            return "image"
+    return None
+
+
+def select_platform(
+    descriptors: list[Descriptor], what: str, wanted: platform.Platform | None = None
+) -> Descriptor:
+    """The entry of an index for ``wanted`` (this host), by the rules of a registry pull."""
+    entries = [{"platform": d.platform, "annotations": d.annotations} for d in descriptors]
+    chosen = platform.select(entries, wanted or platform.host_platform(), what)
+    return next(d for d, e in zip(descriptors, entries, strict=True) if e is chosen)
+
+
+def blob_layer_type(head: bytes) -> str:
+    """The OCI layer media type matching a layer blob's first bytes."""
+    kind = detect(head)
+    if kind == "gzip":
+        return MEDIA_OCI_LAYER_GZIP
+    if kind == "zstd":
+        return MEDIA_OCI_LAYER_ZSTD
+    return MEDIA_OCI_LAYER_TAR
+
+
+def layer_type_for_format(media_type: str, fmt: str) -> str:
+    """A layer type in the vocabulary of the manifest format being written (docker, oci)."""
+    if fmt == "oci":
+        return MEDIA_OCI_LAYER_GZIP if media_type in GZIP_LAYER_TYPES else media_type
+    return MEDIA_DOCKER_LAYER_GZIP if media_type in GZIP_LAYER_TYPES else media_type
 
 
 @dataclass
@@ -81,7 +159,7 @@ class ImageManifest:
 @dataclass
 class IndexManifest:
     media_type: str
-    manifests: list[dict[str, Any]]
+    manifests: list[Descriptor]
     raw: bytes
     digest: str
 
@@ -125,24 +203,23 @@ def parse(raw: bytes, content_type: str | None, what: str) -> Manifest:
     kind = declared or (ctype if ctype in (*IMAGE_TYPES, *INDEX_TYPES) else "")
     if declared and ctype in (*IMAGE_TYPES, *INDEX_TYPES) and ctype != declared:
         raise FormatError(f"{what}: served as {ctype} but its mediaType says {declared}")
-    if not kind:
-        # An OCI document may omit mediaType: tell an index from a manifest by shape.
-        kind = MEDIA_OCI_INDEX if "manifests" in doc else MEDIA_OCI_MANIFEST
+    found = manifest_kind(kind, doc)
+    if found is None and kind:
+        raise FormatError(f"{what}: unsupported manifest type {kind}")
+    if not kind:  # no type and no shape either: checked as an image manifest below
+        kind = MEDIA_OCI_INDEX if found == "index" else MEDIA_OCI_MANIFEST
     digest = sha256_digest(raw)
-    if kind in INDEX_TYPES:
+    if found == "index":
         entries = doc.get("manifests")
         if not isinstance(entries, list):
             raise FormatError(f"{what}: index has no manifests list")
-        for i, entry in enumerate(entries):
-            Descriptor.from_json(entry, f"{what}: manifests[{i}]")
-        return IndexManifest(kind, entries, raw, digest)
-    if kind not in IMAGE_TYPES:
-        raise FormatError(f"{what}: unsupported manifest type {kind}")
-    config = Descriptor.from_json(doc.get("config"), f"{what}: config")
+        children = [parse_descriptor(e, f"{what}: manifests[{i}]") for i, e in enumerate(entries)]
+        return IndexManifest(kind, children, raw, digest)
+    config = parse_descriptor(doc.get("config"), f"{what}: config")
     layers_doc = doc.get("layers")
     if not isinstance(layers_doc, list):
         raise FormatError(f"{what}: manifest has no layers list")
-    layers = [Descriptor.from_json(d, f"{what}: layers[{i}]") for i, d in enumerate(layers_doc)]
+    layers = [parse_descriptor(d, f"{what}: layers[{i}]") for i, d in enumerate(layers_doc)]
     return ImageManifest(kind, config, layers, raw, digest)
 
 
@@ -235,81 +312,6 @@ def _fix_layers(sums: list[str], compat: list[str], what: str) -> tuple[list[str
     return sums, compat
 
 
-_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})$")
-
-
-def go_time(value: Any) -> str:
-    """A timestamp as Go's ``time.Time`` marshals it (RFC 3339, trimmed nanoseconds)."""
-    if not isinstance(value, str):
-        return "0001-01-01T00:00:00Z"
-    m = _TIME.match(value)
-    if not m:
-        return value
-    base, frac, zone = m.groups()
-    frac = (frac or "")[:9].rstrip("0")
-    zone = "Z" if zone in ("Z", "z", "+00:00", "-00:00") else zone
-    return f"{base}{'.' + frac if frac else ''}{zone}"
-
-
-def go_json(value: Any) -> str:
-    """Compact JSON escaped the way Go's encoding/json escapes (HTML-safe)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return (
-        text.replace("<", "\\u003c")
-        .replace(">", "\\u003e")
-        .replace("&", "\\u0026")
-        .replace("\u2028", "\\u2028")
-        .replace("\u2029", "\\u2029")
-    )
-
-
-def schema1_config(manifest: Schema1Manifest, diff_ids: list[str]) -> bytes:
-    """The image config Docker 1.10+ makes of a schema1 manifest (FORMATS §3.4).
-
-    ``diff_ids`` are those of the non-throwaway layers, base first.
-    """
-    history = []
-    for v1 in manifest.v1_compatibility:
-        doc = json.loads(v1)
-        cmd = (doc.get("container_config") or {}).get("Cmd") or []
-        entry: dict[str, Any] = {"created": go_time(doc.get("created"))}
-        if doc.get("author"):
-            entry["author"] = doc["author"]
-        created_by = " ".join(c for c in cmd if isinstance(c, str))
-        if created_by:
-            entry["created_by"] = created_by
-        if doc.get("comment"):
-            entry["comment"] = doc["comment"]
-        if doc.get("throwaway"):
-            entry["empty_layer"] = True
-        history.append(entry)
-    top = json.loads(manifest.v1_compatibility[-1])
-    if _version_less(str(top.get("docker_version") or ""), "1.8.3"):
-        # Docker re-marshals old (or unversioned) v1 JSON through its V1Image struct first.
-        top = json.loads(marshal_v1_image(top))
-    for key in ("id", "parent", "Size", "parent_id", "layer_id", "throwaway"):
-        top.pop(key, None)
-    top["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
-    top["history"] = history
-    parts = [f"{go_json(k)}:{go_json(top[k])}" for k in sorted(top)]
-    return ("{" + ",".join(parts) + "}").encode()
-
-
-def _version_less(version: str, other: str) -> bool:
-    """Docker's ``versions.LessThan``: dot-separated integers, a non-number counts as 0."""
-
-    def number(part: str) -> int:
-        return int(part) if part.isdigit() else 0
-
-    mine, theirs = version.split("."), other.split(".")
-    for i in range(max(len(mine), len(theirs))):
-        a = number(mine[i]) if i < len(mine) else 0
-        b = number(theirs[i]) if i < len(theirs) else 0
-        if a != b:
-            return a < b
-    return False
-
-
 # -- building --------------------------------------------------------------------------
 
 
@@ -326,7 +328,11 @@ def build_image_manifest(
         "mediaType": media,
         "config": {"mediaType": config_media, "size": len(config), "digest": sha256_digest(config)},
         "layers": [
-            {"mediaType": layer_media_type(d.media_type, fmt), "size": d.size, "digest": d.digest}
+            {
+                "mediaType": layer_type_for_format(d.media_type, fmt),
+                "size": d.size,
+                "digest": d.digest,
+            }
             for d in layers
         ],
     }
@@ -334,12 +340,21 @@ def build_image_manifest(
     return json.dumps(doc, indent=3).encode(), media
 
 
-def layer_media_type(media_type: str, fmt: str) -> str:
-    """Map a layer type to the vocabulary of the manifest format being written."""
-    gzip_types = (MEDIA_DOCKER_LAYER_GZIP, MEDIA_OCI_LAYER_GZIP)
-    if fmt == "oci":
-        return MEDIA_OCI_LAYER_GZIP if media_type in gzip_types else media_type
-    return MEDIA_DOCKER_LAYER_GZIP if media_type in gzip_types else media_type
+def layout_descriptor(media_type: str, digest: str, size: int) -> dict[str, Any]:
+    """A descriptor with its keys in the OCI order (mediaType, digest, size)."""
+    return {"mediaType": media_type, "digest": digest, "size": size}
+
+
+def build_layout_manifest(config: bytes, layers: list[Descriptor]) -> bytes:
+    """The OCI image manifest ``docker save`` writes into a layout: compact JSON, the
+    descriptors' keys in the OCI order (a push writes distribution's, see above)."""
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "config": layout_descriptor(MEDIA_OCI_CONFIG, sha256_digest(config), len(config)),
+        "layers": [layout_descriptor(d.media_type, d.digest, d.size) for d in layers],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def verify_digest(raw: bytes, expected: str, what: str) -> None:

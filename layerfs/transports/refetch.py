@@ -1,7 +1,7 @@
 """Fetching a stored layer again from a registry it was pulled from (``fsck --repair``).
 
 The store remembers, per compressed blob, the registries and repositories that hold
-it (:class:`layerfs.transports.registry.BlobRecords`) and, per layer, the compressed
+it (:class:`layerfs.store.blobrecords.BlobRecords`) and, per layer, the compressed
 digests it is known by. A layer that ``fsck --verify`` found damaged is streamed
 again from the first of those that answers, checked against its diff ID, and put in
 place of the damaged copy file by file (:meth:`StagedLayer.publish`).
@@ -14,8 +14,8 @@ import logging
 from layerfs.errors import LayerfsError
 from layerfs.registry.blobs import Repository
 from layerfs.registry.client import RegistryClient, RegistryOptions
+from layerfs.store.blobrecords import BlobRecords
 from layerfs.store.store import Store
-from layerfs.transports.registry import BlobRecords
 
 log = logging.getLogger(__name__)
 
