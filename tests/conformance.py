@@ -30,7 +30,7 @@ from typing import Any
 
 import zstandard
 
-from layerfs.transports.base import (
+from layerfs.model.manifest import (
     MEDIA_DOCKER_CONFIG,
     MEDIA_DOCKER_LAYER_GZIP,
     MEDIA_DOCKER_LAYER_TAR,
@@ -38,10 +38,8 @@ from layerfs.transports.base import (
     MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_LAYER_TAR,
     MEDIA_OCI_LAYER_ZSTD,
-    ImageSource,
-    LayerDesc,
-    SourceImage,
 )
+from layerfs.transports.base import ImageSource, LayerDesc, SourceImage
 
 # What a blob of each layer media type must be compressed with ("tar": not at all, or,
 # in a docker-archive, with bzip2 or xz, which no media type names).

@@ -11,8 +11,9 @@ from typing import Any, BinaryIO
 
 import pytest
 
+from layerfs.model.manifest import MEDIA_OCI_LAYER_ZSTD
 from layerfs.transports import open_source
-from layerfs.transports.base import MEDIA_OCI_LAYER_ZSTD, ImageSource, SourceImage
+from layerfs.transports.base import ImageSource, SourceImage
 from tests import archive_builders as builders
 from tests.conformance import assert_valid_image
 
