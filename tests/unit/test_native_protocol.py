@@ -19,6 +19,7 @@ import struct
 import subprocess
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -323,9 +324,23 @@ class Replies:
         return out
 
 
+_POOLS: list[ThreadPoolExecutor] = []
+
+
+@pytest.fixture(autouse=True)
+def _io_pools_shut_down() -> Iterator[None]:
+    yield
+    while _POOLS:
+        _POOLS.pop().shutdown(wait=True)
+
+
 def bare_session(dispatcher: NativeDispatcher, replies: Replies, flags: int) -> Session:
     conn = device.Connection(replies.write_fd, "/nonexistent", "test")
     session = Session(conn, dispatcher, workers=1)
+    # A READ of a page not in the page cache goes to the I/O pool (run_blocking), as in a
+    # served session: whether a page is cached is the machine's, not the test's, choice.
+    session._pool = ThreadPoolExecutor(1, thread_name_prefix="test-io")
+    _POOLS.append(session._pool)
     negotiated = Negotiated(7, 41, 45, flags, flags, 131072, 1 << 20, 256)
     session.negotiated = negotiated
     session._table = dispatcher.handlers(negotiated, session)
