@@ -162,7 +162,10 @@ def fsck(
         for ref, image_id in refs.items():
             report.checked_tags += 1
             # A tag to a broken image was named with the image's problem: once is enough.
-            if image_id not in broken_images and image_id not in images:
+            # An image published (with its tag, atomically) after the graph was read above
+            # is whole: look again before calling its tag dangling.
+            if (image_id not in broken_images and image_id not in images
+                    and not store.graph.exists(image_id)):
                 report.problems.append(f"tag {repo}:{ref} points to missing image {image_id[:12]}")
     for diff_id in diff_ids:
         if diff_id not in used_layers and not store.graph.is_held(diff_id):
