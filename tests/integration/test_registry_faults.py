@@ -6,6 +6,8 @@ through :class:`FaultProxy`, which breaks things in one precise way.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -77,7 +79,6 @@ def push_layers(registry: RegistryServer, ref: str, tars: list[Path]) -> tuple[s
     Returns (image ID, blob digests). Images sharing a tar share that layer.
     """
     import gzip
-    import hashlib
 
     from layerfs.model.reference import Reference
     from layerfs.registry.blobs import Repository
@@ -348,33 +349,30 @@ def _two_layers(registry: RegistryServer, tmp: Path, ref: str) -> tuple[str, lis
     """Push a two-layer image; returns (image ID, blob digests, short diff IDs)."""
     tars = [layer_tar(tmp / f"{n}.tar", n, 600_000) for n in ("first", "second")]
     image_id, blobs = push_layers(registry, ref, tars)
-    import hashlib
-
     shorts = [hashlib.sha256(t.read_bytes()).hexdigest()[:12] for t in tars]
     return image_id, blobs, shorts
 
 
-def test_two_pulls_of_one_image_download_each_blob_once(
-    registry: RegistryServer, proxy: FaultProxy, tmp_path: Path
-):
-    """The second pull waits for the layer the first is downloading, then takes its copy."""
-    image_id, blobs, shorts = _two_layers(registry, tmp_path, f"{registry.host}/same/app:1")
-    ref = f"{proxy.host}/same/app:1"
+@contextlib.contextmanager
+def _second_pull_waiting(
+    proxy: FaultProxy, tmp: Path, ref: str, store: str, blob: str, short: str
+) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], _Lines, threading.Event]]:
+    """Two pulls of ``ref`` into ``store``: the first held by the proxy inside ``blob``'s
+    download (until the yielded gate is set), the second printing "Waiting" for it.
+    Both are killed, if still running, and reaped on the way out."""
     gate = threading.Event()
-    proxy.rules = [Rule("GET", f"/blobs/{blobs[0]}", times=1, gate=gate)]
-    first = _start_pull(tmp_path, ref, "one")
+    proxy.rules = [Rule("GET", f"/blobs/{blob}", times=1, gate=gate)]
+    first = _start_pull(tmp, ref, store)
     second: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 60
-        while not proxy.seen("GET", f"/blobs/{blobs[0]}") and time.monotonic() < deadline:
+        while not proxy.seen("GET", f"/blobs/{blob}") and time.monotonic() < deadline:
             time.sleep(0.05)
-        # The first pull is inside layer 0's download (its blob held by the proxy).
-        second = _start_pull(tmp_path, ref, "one")
+        assert proxy.seen("GET", f"/blobs/{blob}"), "the first pull never asked for the blob"
+        second = _start_pull(tmp, ref, store)
         output = _Lines(second)
-        output.wait_for(f"{shorts[0]}: Waiting")
-        gate.set()
-        assert first.wait(120) == 0, first.communicate()[1]
-        assert second.wait(120) == 0, output.join()
+        output.wait_for(f"{short}: Waiting")
+        yield first, second, output, gate
     finally:
         gate.set()
         for proc in (first, second):
@@ -384,6 +382,19 @@ def test_two_pulls_of_one_image_download_each_blob_once(
         first.communicate()
         if second is not None:
             second.communicate()
+
+
+def test_two_pulls_of_one_image_download_each_blob_once(
+    registry: RegistryServer, proxy: FaultProxy, tmp_path: Path
+):
+    """The second pull waits for the layer the first is downloading, then takes its copy."""
+    image_id, blobs, shorts = _two_layers(registry, tmp_path, f"{registry.host}/same/app:1")
+    ref = f"{proxy.host}/same/app:1"
+    with _second_pull_waiting(proxy, tmp_path, ref, "one", blobs[0], shorts[0]) as running:
+        first, second, output, gate = running
+        gate.set()
+        assert first.wait(120) == 0, first.communicate()[1]
+        assert second.wait(120) == 0, output.join()
     lines = output.join()
     assert lines.index(f"{shorts[0]}: Waiting") < lines.index(f"{shorts[0]}: Pull complete")
     for blob in blobs:  # every layer blob crossed the wire once, for both pulls
@@ -400,29 +411,11 @@ def test_a_killed_pull_does_not_block_the_next(
     """SIGKILL of the downloading pull: its lock dies with it, the waiting pull downloads."""
     image_id, blobs, shorts = _two_layers(registry, tmp_path, f"{registry.host}/kill/app:1")
     ref = f"{proxy.host}/kill/app:1"
-    gate = threading.Event()
-    proxy.rules = [Rule("GET", f"/blobs/{blobs[0]}", times=1, gate=gate)]
-    first = _start_pull(tmp_path, ref, "k")
-    second: subprocess.Popen[bytes] | None = None
-    try:
-        deadline = time.monotonic() + 60
-        while not proxy.seen("GET", f"/blobs/{blobs[0]}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        second = _start_pull(tmp_path, ref, "k")
-        output = _Lines(second)
-        output.wait_for(f"{shorts[0]}: Waiting")
+    with _second_pull_waiting(proxy, tmp_path, ref, "k", blobs[0], shorts[0]) as running:
+        first, second, output, _gate = running
         first.kill()
         first.wait()
         assert second.wait(120) == 0, output.join()
-    finally:
-        gate.set()
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        first.communicate()
-        if second is not None:
-            second.communicate()
     assert inspect_id(tmp_path, ref, "k") == image_id
     assert len(proxy.seen("GET", f"/blobs/{blobs[0]}")) == 2  # the dead one's, then its own
     fsck = subprocess.run([*other_store(tmp_path, "k"), "fsck", "--verify"], capture_output=True)
