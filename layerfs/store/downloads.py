@@ -32,7 +32,13 @@ from pathlib import Path
 
 from layerfs.errors import IntegrityError
 from layerfs.model.digest import hex_of, is_sha256_digest
-from layerfs.store.files import FileLock, make_temp_dir, owner_alive, owner_of, remove_tree
+from layerfs.store.files import (
+    make_temp_dir,
+    owner_alive,
+    owner_of,
+    remove_tree,
+    remove_unheld_lock_files,
+)
 from layerfs.store.layers import LayerInfo, LayerStore, StagedLayer
 
 POLL = 0.05  # seconds between two tries of a held lock (a waiting thread stays interruptible)
@@ -127,13 +133,4 @@ class DownloadLocks:
 
     def prune(self) -> int:
         """Remove lock files nobody holds (store lock held by the caller)."""
-        removed = 0
-        if not self.root.is_dir():
-            return 0
-        for path in self.root.iterdir():
-            probe = FileLock(path)
-            if probe.acquire(exclusive=True, blocking=False):
-                path.unlink(missing_ok=True)
-                probe.release()
-                removed += 1
-        return removed
+        return remove_unheld_lock_files(self.root)

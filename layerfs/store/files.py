@@ -454,6 +454,24 @@ def is_locked(path: Path) -> bool:
     return True
 
 
+def remove_unheld_lock_files(directory: Path) -> int:
+    """Remove the lock files in ``directory`` that no process holds; how many went.
+
+    The caller holds the store lock, so no one takes a new lock file meanwhile; one taken
+    before is skipped while it is held.
+    """
+    removed = 0
+    if not directory.is_dir():
+        return 0
+    for path in directory.iterdir():
+        probe = FileLock(path)
+        if probe.acquire(exclusive=True, blocking=False):
+            path.unlink(missing_ok=True)
+            probe.release()
+            removed += 1
+    return removed
+
+
 _held: dict[str, tuple[FileLock, int]] = {}
 _held_mutex = threading.RLock()
 _lock_hooks: dict[str, Callable[[], None]] = {}

@@ -62,6 +62,7 @@ from layerfs.store.files import (
     make_temp_dir,
     publish_dir,
     remove_tree,
+    remove_unheld_lock_files,
     temp_path,
     trash,
 )
@@ -522,16 +523,7 @@ class Graph:
 
     def prune_hold_files(self) -> int:
         """Remove hold files nobody holds (store lock held by the caller)."""
-        removed = 0
-        if not self.holds_root.is_dir():
-            return 0
-        for path in self.holds_root.iterdir():
-            probe = FileLock(path)
-            if probe.acquire(exclusive=True, blocking=False):
-                path.unlink(missing_ok=True)
-                probe.release()
-                removed += 1
-        return removed
+        return remove_unheld_lock_files(self.holds_root)
 
     # -- per-node metadata --------------------------------------------------------
 
