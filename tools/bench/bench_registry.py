@@ -42,6 +42,7 @@ import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -49,6 +50,7 @@ from common import (
     PYTHON,
     REPO,
     Dockerd,
+    closing_lines,
     have_dockerd,
     load_average,
     median,
@@ -199,13 +201,14 @@ def gzip_codecs() -> str:
     return "\n".join(rows)
 
 
-def inflate_and_hash(blob: Path, out: Path) -> None:
-    """Hash ``blob`` (checked against its name), inflate it, hash and write it, fsync."""
+def _inflate_to(src: BinaryIO, out: Path) -> str:
+    """Hash what ``src`` gives, inflate it, hash and write that to ``out``, fsync; the
+    hex digest of what was read."""
     from isal import isal_zlib
 
     blob_hash, tar_hash = hashlib.sha256(), hashlib.sha256()
     inflater = isal_zlib.decompressobj(31)
-    with open(blob, "rb") as src, open(out, "wb") as dst:
+    with open(out, "wb") as dst:
         while chunk := src.read(1 << 20):
             blob_hash.update(chunk)
             data = inflater.decompress(chunk)
@@ -213,26 +216,23 @@ def inflate_and_hash(blob: Path, out: Path) -> None:
             dst.write(data)
         dst.flush()
         os.fsync(dst.fileno())
+    return blob_hash.hexdigest()
+
+
+def inflate_and_hash(blob: Path, out: Path) -> None:
+    """Hash ``blob`` (checked against its name), inflate it, hash and write it, fsync."""
+    with open(blob, "rb") as src:
+        hex_digest = _inflate_to(src, out)
     # docker-registry keeps a blob as blobs/sha256/<2 hex>/<hex>/data.
-    if blob_hash.hexdigest() != blob.parent.name:
+    if hex_digest != blob.parent.name:
         raise RuntimeError(f"{blob}: content does not hash to its name")
 
 
 def inflate_and_hash_url(url: str, out: Path) -> None:
     """inflate_and_hash of a blob downloaded from the registry (checked against its digest)."""
-    from isal import isal_zlib
-
-    blob_hash, tar_hash = hashlib.sha256(), hashlib.sha256()
-    inflater = isal_zlib.decompressobj(31)
-    with urllib.request.urlopen(url, timeout=60) as src, open(out, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            blob_hash.update(chunk)
-            data = inflater.decompress(chunk)
-            tar_hash.update(data)
-            dst.write(data)
-        dst.flush()
-        os.fsync(dst.fileno())
-    if "sha256:" + blob_hash.hexdigest() != url.rsplit("/", 1)[1]:
+    with urllib.request.urlopen(url, timeout=60) as src:
+        hex_digest = _inflate_to(src, out)
+    if "sha256:" + hex_digest != url.rsplit("/", 1)[1]:
         raise RuntimeError(f"{url}: content does not hash to its digest")
 
 
@@ -528,8 +528,7 @@ pull (`isal` is a dependency; zlib-ng was measured and not taken):
 
 {codecs}
 
-Load average (1 min) while measuring: {load_start} at the start, {load_end} at the end.
-Run it with `.venv/bin/python tools/bench/bench_registry.py`.
+{closing_lines(load_start, load_end, "bench_registry.py")}
 """
     print(body)
     update_section("registry", "Pull and push", body)

@@ -32,7 +32,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import PYTHON, REPO, Dockerd, have_dockerd, load_average, median, stamp, update_section
+from common import (
+    PYTHON,
+    REPO,
+    Dockerd,
+    closing_lines,
+    have_dockerd,
+    load_average,
+    median,
+    stamp,
+    update_section,
+)
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))
 LAYERFS = os.environ.get("BENCH_LAYERFS", str(REPO / ".venv" / "bin" / "layerfs"))
@@ -185,8 +195,7 @@ argparse command line working on files loads (`import argparse, json, pathlib, t
 
 {report}
 
-Load average (1 min) while measuring: {load_start} at the start, {load_end} at the end.
-Run it with `.venv/bin/python tools/bench/bench_startup.py`.
+{closing_lines(load_start, load_end, "bench_startup.py")}
 """
     print(body)
     update_section("startup", "Start-up", body)

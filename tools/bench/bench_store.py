@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import REPO, load_average, median, stamp, update_section
+from common import REPO, closing_lines, load_average, median, stamp, update_section
 
 IMAGES = int(os.environ.get("BENCH_IMAGES", "1000"))
 LAYERS = int(os.environ.get("BENCH_LAYERS", "10"))
@@ -251,8 +251,7 @@ image of 1 MB from a docker-registry on 127.0.0.1 into the store, `fsck` checks 
 "fsck floor" is the loop described in the tool's docstring: what reading the files that
 `fsck` checks costs in Python, before checking anything.
 
-Load average (1 min) while measuring: {load_start} at the start, {load_end} at the end.
-Run it with `.venv/bin/python tools/bench/bench_store.py`.
+{closing_lines(load_start, load_end, "bench_store.py")}
 """
     print(body)
     update_section("store", "A store of 1,000 images", body)

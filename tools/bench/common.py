@@ -153,3 +153,11 @@ def have_dockerd() -> bool:
 def load_average() -> str:
     """The 1-minute load average, for the record of a shared machine."""
     return f"{os.getloadavg()[0]:.1f}"
+
+
+def closing_lines(load_start: str, load_end: str, tool: str) -> str:
+    """The last lines of a recorded section: the machine's load, and how to run ``tool``."""
+    return (
+        f"Load average (1 min) while measuring: {load_start} at the start, {load_end} at the"
+        f" end.\nRun it with `.venv/bin/python tools/bench/{tool}`."
+    )
