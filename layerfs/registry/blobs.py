@@ -72,18 +72,22 @@ class Repository:
     def _path(self, kind: str, ref: str) -> str:
         return f"/v2/{self.name}/{kind}/{quote(ref, safe=':')}"
 
+    def _manifest_name(self, ref: str) -> str:
+        """``registry/name:tag`` or ``registry/name@digest``, as errors name a manifest."""
+        sep = "@" if ":" in ref else ":"
+        return f"{self.client.registry}/{self.name}{sep}{ref}"
+
     # -- manifests -------------------------------------------------------------------------
 
     def get_manifest(self, ref: str) -> tuple[bytes, str, str | None]:
         """(bytes, content type, Docker-Content-Digest) of a manifest by tag or digest."""
-        sep = "@" if ":" in ref else ":"
         response = self.client.request(
             "GET",
             self._path("manifests", ref),
             scopes=self.scopes,
             headers={"Accept": ACCEPT},
             stream=True,
-            what=f"manifest for {self.client.registry}/{self.name}{sep}{ref}",
+            what=f"manifest for {self._manifest_name(ref)}",
         )
         what = f"manifest {self.name}:{ref}"
         with response:
@@ -99,14 +103,13 @@ class Repository:
 
     def manifest_digest(self, ref: str) -> str | None:
         """HEAD a manifest: the digest of what the registry holds under ``ref``, or None."""
-        sep = "@" if ":" in ref else ":"
         response = self.client.request(
             "HEAD",
             self._path("manifests", ref),
             scopes=self.scopes,
             headers={"Accept": ACCEPT},
             expected=(200, 404),
-            what=f"check manifest {self.client.registry}/{self.name}{sep}{ref}",
+            what=f"check manifest {self._manifest_name(ref)}",
         )
         with response:
             if response.status_code == 404:
