@@ -7,7 +7,9 @@ It then checks every layer's files and sizes, every image's json, parent and
 layer, that a modern config hashes to its ID and its ``rootfs.diff_ids`` match
 its chain, every tag's target, and the indexes under index/ against what they
 index (``repair`` rebuilds one that disagrees). Every node and every layer's
-info is read once. ``verify`` re-hashes every layer tar
+info is read once. The checks run under the store lock, so they see one state of
+the store while other commands work. ``verify`` re-hashes every layer tar (without
+the lock; what it finds is confirmed under it)
 against its diff ID and rebuilds every index to compare it with the stored
 one, naming the images that use a damaged layer; the damaged layer is marked
 so that a pull fetches it again. ``repair`` removes unused layers and released
@@ -16,6 +18,7 @@ hold files, and drops the images of damaged layers (a remove record, like rmi).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,17 +125,56 @@ def fsck(
 ) -> Report:
     """Check the store; ``refetch(diff_id)`` fetches a damaged layer again (its source)."""
     report = Report()
-    if not _settle(store):
+    can_lock = _settle(store)
+    if not can_lock:
         for path in stale_tmp_entries(store):
             report.leftovers.append(f"unpublished staging leftover tmp/{path.name}")
+    # Re-hashing takes as long as reading every layer: it runs without the lock, and
+    # what it finds is looked at again under the lock (a layer may go or come meanwhile).
+    verified, suspects = _verify_layers(store, progress) if verify else (set(), set())
+    # Every command that changes the store does so under its lock: holding it while the
+    # metadata is read and checked gives one state of the store, not a mix of two.
+    with locked(store.lock_path) if can_lock else contextlib.nullcontext():
+        _check(store, report, verify, verified, suspects, progress)
+    if repair:
+        _repair(store, report, refetch)
+    return report
+
+
+def _verify_layers(store: Store, progress: Progress | None) -> tuple[set[str], set[str]]:
+    """(the layers verified, those whose re-hash or rebuilt index found a problem)."""
+    diff_ids = store.layers.diff_ids()
+    if progress is not None:
+        progress.start("fsck", "Verifying layers", len(diff_ids))
+    suspects: set[str] = set()
+    for diff_id in diff_ids:
+        if any(True for _ in store.layers.verify(diff_id)):
+            suspects.add(diff_id)
+        if progress is not None:
+            progress.advance("fsck", 1)
+    return set(diff_ids), suspects
+
+
+def _check(
+    store: Store,
+    report: Report,
+    verify: bool,
+    verified: set[str],
+    suspects: set[str],
+    progress: Progress | None,
+) -> None:
+    """The checks of :func:`fsck`, on a store nobody changes meanwhile."""
     images = store.graph.map()  # every node read once: parents and chains are found here
     diff_ids = store.layers.diff_ids()
     infos: dict[str, LayerInfo] = {}
-    if progress is not None:
-        progress.start("fsck", "Verifying layers" if verify else "Checking layers", len(diff_ids))
+    if progress is not None and not verify:
+        progress.start("fsck", "Checking layers", len(diff_ids))
     for diff_id in diff_ids:
-        found = list(store.layers.verify(diff_id)) if verify else []
-        if not verify:
+        if verify:
+            # A suspect is confirmed, a layer stored since the re-hashing verified, now.
+            again = diff_id in suspects or diff_id not in verified
+            found = list(store.layers.verify(diff_id)) if again else []
+        else:
             problem = _layer_files(store, diff_id, infos)
             found = [problem] if problem else []
         if found:
@@ -144,7 +186,7 @@ def fsck(
         elif verify:
             store.layers.clear_damaged(diff_id)
         report.checked_layers += 1
-        if progress is not None:
+        if progress is not None and not verify:
             progress.advance("fsck", 1)
     used_layers: set[str] = set()
     broken_images: set[str] = set()
@@ -162,19 +204,13 @@ def fsck(
         for ref, image_id in refs.items():
             report.checked_tags += 1
             # A tag to a broken image was named with the image's problem: once is enough.
-            # An image published (with its tag, atomically) after the graph was read above
-            # is whole: look again before calling its tag dangling.
-            if (image_id not in broken_images and image_id not in images
-                    and not store.graph.exists(image_id)):
+            if image_id not in broken_images and image_id not in images:
                 report.problems.append(f"tag {repo}:{ref} points to missing image {image_id[:12]}")
     for diff_id in diff_ids:
         if diff_id not in used_layers and not store.graph.is_held(diff_id):
             report.leftovers.append(f"layer {diff_id} is used by no image")
     report.stale_indexes.extend(store.layers.check_blob_index(infos))
     report.stale_indexes.extend(store.graph.check_summaries(images))
-    if repair:
-        _repair(store, report, refetch)
-    return report
 
 
 def _check_image(

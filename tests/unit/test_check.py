@@ -7,13 +7,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from layerfs.model.digest import sha256_digest
 from layerfs.model.image import canonical_json
 from layerfs.store.check import Report, fsck, gc, stale_tmp_entries
+from layerfs.store.files import is_locked
 from layerfs.store.store import Store
 from tests.helpers import build_tar, fake_image_id, legacy_image_json, tar_dir, tar_file
 
@@ -73,6 +76,48 @@ def only_problem(report: Report) -> str:
 def test_a_healthy_store_is_clean(store: Store) -> None:
     report = fsck(store)
     assert report.problems == [] and report.leftovers == [] and report.repaired == []
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+def test_fsck_reads_the_graph_and_the_tags_under_the_store_lock(
+    store: Store, monkeypatch: pytest.MonkeyPatch, verify: bool
+) -> None:
+    """Every command that changes the store holds its lock: a check that reads the images
+    and later the tags without it took an image imported in between for a dangling tag."""
+    held: list[tuple[str, bool]] = []
+    for owner, name in ((store.graph, "map"), (store.tags, "all")):
+        real = getattr(owner, name)
+
+        def recording(*args: object, _real: Any = real, _name: str = name) -> Any:
+            held.append((_name, is_locked(store.lock_path)))
+            return _real(*args)
+
+        monkeypatch.setattr(owner, name, recording)
+    report = fsck(store, verify=verify)
+    assert report.clean, report.problems
+    assert held == [("map", True), ("all", True)]
+
+
+def test_a_layer_the_re_hashing_suspects_is_looked_at_again_under_the_lock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-hashing runs without the lock: what it saw of a layer a pull was replacing
+    meanwhile is not a finding unless the layer is still wrong under the lock."""
+    real = store.layers.verify
+    seen: list[str] = []
+
+    def first_time_wrong(diff_id: str) -> Iterator[str]:
+        seen.append(diff_id)
+        if diff_id == DIFF_A and seen.count(diff_id) == 1:
+            yield f"layer {diff_id}: content hashes to something else"
+            return
+        yield from real(diff_id)
+
+    monkeypatch.setattr(store.layers, "verify", first_time_wrong)
+    report = fsck(store, verify=True)
+    assert report.clean, report.problems
+    assert seen.count(DIFF_A) == 2 and seen.count(DIFF_B) == 1
+    assert not (store.layers.path(DIFF_A) / "damaged").exists()
     assert report.clean
     assert (report.checked_layers, report.checked_images, report.checked_tags) == (2, 3, 3)
 
