@@ -75,8 +75,9 @@ def copy_image(
     def fetch(index: int, key: str) -> None:
         layer = image.layers[index]
         named = layer.diff_id or layer.digest
-        what = f"{image.name or 'image'}: layer {index + 1}/{len(image.layers)}" + (
-            f" ({named[:19]})" if named else ""
+        what = layer.what or (
+            f"{image.name or 'image'}: layer {index + 1}/{len(image.layers)}"
+            + (f" ({named[:19]})" if named else "")
         )
         if progress is not None:
             progress.status(key, "Copying")
@@ -105,6 +106,7 @@ def copy_image(
         for index in todo:
             one(index)
     result.layers_copied += len(todo)
+    source.finish_image(image)
     destination.put_image(image)
 
 

@@ -17,17 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from layerfs.copy import copy
 from layerfs.errors import FormatError, NotFoundError, RegistryError, UsageError
 from layerfs.fs.union import MergedTree
 from layerfs.model.changes import apply_changes
 from layerfs.model.image import Image
 from layerfs.model.platform import Platform
 from layerfs.model.reference import Reference
-from layerfs.progress import Progress
-from layerfs.store.publish import publish_new_image
+from layerfs.progress import Progress, ReportingReader
 from layerfs.store.store import Store
 from layerfs.store.tarindex import REG, open_pax_writer
 from layerfs.store.tarwriter import DataRange, tar_info
+from layerfs.transports.local import StoreDestination
+from layerfs.transports.new_image import NewImage, NewImageSource
 
 
 @dataclass
@@ -123,31 +125,31 @@ def import_rootfs(
     if ref is not None and ref.digest:
         raise UsageError(f"cannot import as {reference!r}: a digest cannot be a tag")
     config = apply_changes({}, changes or [])
+    recipe = NewImage(
+        comment=message or f"Imported from {source}",
+        config=config,
+        platform=(platform.os, platform.architecture, platform.variant) if platform else None,
+        references=[f"{ref.repository}:{ref.tag or 'latest'}"] if ref is not None else [],
+    )
     stream, size, close = _open_source(source, stdin or sys.stdin.buffer)
-    label = "Importing"
     if progress is not None:
-        progress.start("import", label, size, "")
+        progress.start("import", "Importing", size, "")
+        stream = ReportingReader(stream, lambda n: progress.advance("import", n))
+    what = f"cannot import {source!r}"
+    destination = StoreDestination(store, command="import")
     try:
-        staged = store.layers.ingest(
-            stream,
-            what=f"cannot import {source!r}",
-            progress=(lambda n: progress.advance("import", n)) if progress else None,
+        copy(
+            NewImageSource(store, recipe, stream, name=source, what=what, size=size),
+            destination,
+            keep_going=False,
         )
     finally:
         close()
-    image, messages = publish_new_image(
-        store,
-        staged,
-        command="import",
-        comment=message or f"Imported from {source}",
-        config=config,
-        tags=[(ref.repository, ref.tag or "latest")] if ref is not None else [],
-        platform=(platform.os, platform.architecture, platform.variant) if platform else None,
-    )
     if progress is not None:
         progress.finish("import", "Imported")
-    rename = messages[0] if messages else None
-    return ImportResult(image, str(ref) if ref else None, rename)
+    loaded, messages = destination.loaded[0]
+    image = store.graph.get(loaded.image_id)
+    return ImportResult(image, str(ref) if ref else None, messages[0] if messages else None)
 
 
 def merged_tree(store: Store, image: Image, *, init: bool = False) -> tuple[MergedTree, list[str]]:

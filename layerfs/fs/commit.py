@@ -2,9 +2,9 @@
 
 The saved state of the upper (``upper.py``) is written as a layer tar with
 ``.wh.`` whiteouts and ``.wh..wh..opq`` markers, streamed through a pipe into
-the store's ingest (hashed and indexed in the same pass, as any layer), and
-registered with ``Graph.create`` whose parent is the mounted image, like
-``docker commit``. No pyfuse3 here.
+the store as the new layer of a new image whose parent is the mounted image, like
+``docker commit``: ``copy(NewImageSource, StoreDestination)``, the path of every
+image into the store (``transports/new_image.py``). No FUSE here.
 """
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ import tarfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
+from layerfs.copy import copy
 from layerfs.errors import LayerfsError, MountError, UsageError
 from layerfs.fs.upper import STATE_VERSION
 from layerfs.model.changes import apply_changes
 from layerfs.model.image import Image
 from layerfs.model.reference import Reference
 from layerfs.store import codec
-from layerfs.store.publish import publish_new_image
 from layerfs.store.rows import INDEX_COLUMNS, OFFSET, SIZE, SOURCE, Row
 from layerfs.store.store import Store
 from layerfs.store.tarindex import REG, Entry, open_pax_writer
 from layerfs.store.tarwriter import DataRange, tar_info
+from layerfs.transports.local import StoreDestination
+from layerfs.transports.new_image import NewImage, NewImageSource
 
 
 def commit_upper(
@@ -54,47 +56,74 @@ def commit_upper(
             f"{str(state.get('image'))[:12]}, not {image_id[:12]}"
         )
     parent = store.graph.get(image_id)
-    config = apply_changes(dict(parent.config), changes or [])
-    read_fd, write_fd = os.pipe()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with open(write_fd, "wb") as out:
-                write_layer_tar(state["rows"], upper_dir, out, store.layers.open_tar)
-        except BrokenPipeError:
-            pass  # the consumer failed; its error is the one to report
-        except BaseException as exc:
-            failure.append(exc)
-
-    writer = threading.Thread(target=produce, name="commit-tar", daemon=True)
-    writer.start()
-    try:
-        with open(read_fd, "rb") as stream:
-            staged = store.layers.ingest(
-                stream, what=f"commit of {upper_dir.name}", decompress=False
-            )
-    finally:
-        writer.join()
-    if failure:
-        staged.discard()
-        error = failure[0]
-        if isinstance(error, LayerfsError):
-            raise error
-        raise MountError(f"cannot commit upper {upper_dir.name!r}: {error}") from error
-    image, messages = publish_new_image(
-        store,
-        staged,
-        command="commit",
-        parent=image_id,
+    recipe = NewImage(
+        base=image_id,
         comment=message,
         author=author,
-        config=config,
+        config=apply_changes(dict(parent.config), changes or []),
         created_by=created_by,
-        tags=[(ref.repository, ref.tag or "latest")] if ref is not None else [],
+        references=[f"{ref.repository}:{ref.tag or 'latest'}"] if ref is not None else [],
     )
-    rename = messages[0] if messages else None
-    return image, rename
+    destination = StoreDestination(store, command="commit")
+    with _LayerTar(state["rows"], upper_dir, store) as layer:
+        source = NewImageSource(
+            store,
+            recipe,
+            layer,
+            name=upper_dir.name,
+            what=f"commit of {upper_dir.name}",
+            plain=True,
+        )
+        copy(source, destination, keep_going=False)
+    loaded, messages = destination.loaded[0]
+    return store.graph.get(loaded.image_id), messages[0] if messages else None
+
+
+class _LayerTar:
+    """The layer tar of an upper's changes as a stream, written by a thread into a pipe.
+
+    Its end is the writer's end: a read that finds the pipe closed waits for the writer,
+    and raises the writer's error, if it failed, instead of returning a short tar.
+    """
+
+    def __init__(self, rows: Sequence[Row], directory: Path, store: Store) -> None:
+        read_fd, write_fd = os.pipe()
+        self._reader = open(read_fd, "rb")  # noqa: SIM115 - closed by close()
+        self._failure: BaseException | None = None
+        self._name = directory.name
+
+        def produce() -> None:
+            try:
+                with open(write_fd, "wb") as out:
+                    write_layer_tar(rows, directory, out, store.layers.open_tar)
+            except BrokenPipeError:
+                pass  # the reader stopped (its own error is the one to report)
+            except BaseException as exc:
+                self._failure = exc
+
+        self._writer = threading.Thread(target=produce, name="commit-tar", daemon=True)
+        self._writer.start()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._reader.read(size)
+        if not data:
+            self._writer.join()
+            if self._failure is not None:
+                error = self._failure
+                if isinstance(error, LayerfsError):
+                    raise error
+                raise MountError(f"cannot commit upper {self._name!r}: {error}") from error
+        return data
+
+    def close(self) -> None:
+        self._reader.close()  # a writer still writing gets EPIPE and stops
+        self._writer.join()
+
+    def __enter__(self) -> BinaryIO:
+        return cast(BinaryIO, self)  # it reads as a binary stream, which is all ingest asks
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- the saved state and its layer tar -------------------------------------------------------

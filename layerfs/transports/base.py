@@ -14,6 +14,7 @@ Call order (driven by :func:`layerfs.copy.copy`)::
             destination.has_layer(layer)   # True: skip it (the destination holds it)
             source.open_layer(image, i)    # a stream of the blob as described
             destination.put_layer(stream, layer, what)
+        source.finish_image(image)         # optional: a new image's config, now complete
         destination.put_image(image)       # publish: all of it or nothing
     destination.commit()                   # finish the output (an archive's index)
     source.close(); destination.close()    # always, also after an error
@@ -32,7 +33,11 @@ nothing, so that mypy checks every transport against them: a source offers
 ``rejected``, the images it found broken while reading its documents (an archive
 holding one bad image among good ones; ``images()`` leaves those out and ``copy()``
 reports them as failed), and ``want_platform(wanted)``, which makes an index in it
-resolve to ``wanted``'s entry instead of this host's. A destination defines
+resolve to ``wanted``'s entry instead of this host's, and ``finish_image(image)``, called
+after the destination took the image's layers and before ``put_image``: a source that
+makes a new image rather than moving one (import, commit: ``transports/new_image.py``)
+writes its config there, once the destination has measured the new layer's diff ID.
+A destination defines
 ``begin_image(image)``, called before any ``has_layer``/``put_layer`` of that image, when
 where a layer goes depends on the image (a docker-archive names layer directories by v1
 IDs), and ``claim_layer(layer, on_wait)``, a context manager around the fetch of one
@@ -67,6 +72,11 @@ class LayerDesc:
     # Compressed digests this layer is known by elsewhere (lets push skip work).
     known_blob_digests: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)  # foreign layers
+    # How messages name this layer, when the source knows better than "IMAGE: layer i/n".
+    what: str = ""
+    # False for a stream that is a plain tar whatever its first bytes (a commit's own tar):
+    # the destination then never takes them for a compression header.
+    may_be_compressed: bool = True
 
 
 @dataclass
@@ -92,6 +102,9 @@ class SourceImage:
     # The config digest of the image this one was built on, when the source records it
     # (manifest.json's Parent) and offers that image too, before this one.
     parent: str | None = None
+    # A new image made here on a stored image (commit): that image's ID. The destination
+    # puts the image's one node right above it, whatever kind of image it is.
+    base: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -134,6 +147,11 @@ class ImageSource(ABC):
     def want_platform(self, wanted: Platform) -> None:
         """Resolve an index to ``wanted``'s entry (default: this host's); before images()."""
         return None  # a source without indexes has nothing to resolve
+
+    def finish_image(self, image: SourceImage) -> None:
+        """After the destination took ``image``'s layers, before ``put_image``: complete
+        what depended on them (a new image's config needs its new layer's diff ID)."""
+        return None  # the images of most sources are whole from images() on
 
 
 class ImageDestination(ABC):

@@ -16,6 +16,8 @@ How an image becomes graph nodes (the rule ``docs/store-format.md`` documents):
   parent is this image's parent in the graph and no extra node stands in for it.
 * A legacy (v1) chain keeps its v1 IDs and JSON exactly.
 * An image without layers is one node without a layer.
+* A new image made here (``SourceImage.base``: import makes one on nothing, commit on the
+  mounted image) is one node above that image, whatever kind of image it is.
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ log = logging.getLogger(__name__)
 class StoreDestination(ImageDestination):
     """Loads images into the store: stage every layer, then publish nodes and tags at once."""
 
-    def __init__(self, store: Store, *, tag: bool = True) -> None:
+    def __init__(self, store: Store, *, tag: bool = True, command: str | None = None) -> None:
         self.store = store
         self.tag = tag
+        self.command = command  # what the journal and messages call it; pull or load if None
         self.session = f"copy-{uuid.uuid4().hex}"
         self._staged: dict[str, StagedLayer] = {}
         self._mutex = threading.Lock()
@@ -87,7 +90,7 @@ class StoreDestination(ImageDestination):
             for layer in image.layers
             if not (layer.diff_id and self.store.layers.exists(layer.diff_id))
         )
-        what = "pull" if image.manifest_digest else "load"
+        what = self._command(image)
         check_free_space(self.store.root, needed, f"cannot {what} {image.name or 'image'}")
         big = [layer for layer in image.layers if _for_workers(layer)]
         if len(big) > 1 and not self._workers_tried:
@@ -164,7 +167,12 @@ class StoreDestination(ImageDestination):
             staged = self._workers.ingest(reader, expected_diff_id=layer.diff_id, what=what)
         else:
             staged = self.store.layers.ingest(
-                reader, expected_diff_id=layer.diff_id, what=what, progress=None, blob_digest=None
+                reader,
+                expected_diff_id=layer.diff_id,
+                what=what,
+                progress=None,
+                blob_digest=None,
+                decompress=layer.may_be_compressed,
             )
         try:
             if hashing is not None and hashing.digest != layer.digest:
@@ -213,10 +221,22 @@ class StoreDestination(ImageDestination):
         nodes.append((image.config_digest[7:], image.config, diff_ids[-1]))
         return nodes
 
+    def _command(self, image: SourceImage) -> str:
+        return self.command or ("pull" if image.manifest_digest else "load")
+
     def _parent_of(
         self, image: SourceImage, config: dict[str, Any], diff_ids: list[str]
     ) -> Image | None:
-        """The image ``image.parent`` names, if it is stored and a valid parent."""
+        """The image ``image.base`` or ``image.parent`` names, if it is stored and a valid
+        parent: a base must be (its layers begin this image's), a parent may not be."""
+        if image.base is not None:
+            base = self.store.graph.get(image.base)
+            base_layers = self.store.graph.layers_of(base)
+            if diff_ids[: len(base_layers)] != base_layers or len(diff_ids) > len(base_layers) + 1:
+                raise FormatError(
+                    f"{image.name}: its layers are not those of {image.base[:12]} and one more"
+                )
+            return base
         if image.parent is None:
             return None
         try:
@@ -237,7 +257,7 @@ class StoreDestination(ImageDestination):
 
     def _base(self, image: SourceImage) -> str:
         """The graph parent of the image's first node: its parent image's top, or none."""
-        if image.legacy or image.parent is None:
+        if image.legacy or (image.parent is None and image.base is None):
             return ""
         config = image.config_json()
         diff_ids = config.get("rootfs", {}).get("diff_ids") or []
@@ -274,7 +294,7 @@ class StoreDestination(ImageDestination):
                     log.warning("digest %s@%s already names image %s", *ref[:2], current[:12])
                     refs.remove(ref)
             record = Record(
-                "pull" if image.manifest_digest else "load",
+                self._command(image),
                 CREATE,
                 [n for n, _, _ in nodes if not (graph.root / n / "json").is_file()],
                 sorted({d for _, _, d in nodes if d and not self.store.layers.exists(d)}),

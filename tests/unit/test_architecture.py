@@ -170,3 +170,29 @@ def test_every_source_and_destination_derives_from_the_contract():
     assert [c.__name__ for c in destinations if not issubclass(c, ImageDestination)] == []
     named = [c for c in classes if c.__name__ in SOURCES | DESTINATIONS]
     assert [c.__name__ for c in named if inspect.isabstract(c)] == []
+
+
+def graph_publishing_calls() -> list[str]:
+    """Every call of ``<graph>.register(...)`` or ``<graph>.create(...)`` in the package
+    outside the graph itself, as ``path:line``."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = path.relative_to(PACKAGE.parent).as_posix()
+        if where == "layerfs/store/graph.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), where)):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            owner = node.func.value
+            name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            if node.func.attr in {"register", "create"} and name == "graph":
+                found.append(f"{where}:{node.lineno}")
+    return found
+
+
+def test_images_enter_the_store_through_the_store_destination_only():
+    """Load, pull, import and commit all publish in StoreDestination.put_image (one journal
+    record, one set of checks): nothing else makes image nodes."""
+    calls = graph_publishing_calls()
+    assert [c for c in calls if not c.startswith("layerfs/transports/local.py:")] == []
+    assert calls != []  # the search finds the one that is meant to be there
