@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from layerfs.copy import copy
-from layerfs.errors import FormatError, NotFoundError, RegistryError, UsageError
+from layerfs.errors import (
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    RegistryError,
+    UsageError,
+)
 from layerfs.fs.union import MergedTree
 from layerfs.model.changes import apply_changes
 from layerfs.model.image import Image
@@ -195,6 +201,14 @@ def export_image(
                 count += 1
     except tarfile.TarError as exc:
         raise FormatError(f"cannot export image {image.id[:12]}: {exc}") from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the output's or the disk's: the command line says which
+        # tarfile's own "unexpected end of data": a stored layer tar shorter than its index
+        raise IntegrityError(
+            f"cannot export image {image.id[:12]}: a layer tar ends before its data "
+            "(run layerfs fsck --verify)"
+        ) from exc
     finally:
         for tar in tars:
             tar.close()

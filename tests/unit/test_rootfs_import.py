@@ -1,20 +1,22 @@
 """``import`` sources: a URL without a scheme is tried over https, then http, as Docker's
 legacy import took it; a platform is recorded in the image config; what is imported is a
-valid image."""
+valid image; an export of a cut layer tar is a one-line error."""
 
 from __future__ import annotations
 
 import http.server
+import io
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from layerfs.errors import NotFoundError, RegistryError
+from layerfs.errors import IntegrityError, NotFoundError, RegistryError
 from layerfs.model.platform import Platform
-from layerfs.rootfs import import_rootfs
+from layerfs.rootfs import export_image, import_rootfs
 from layerfs.store.store import Store
 from layerfs.transports.local import StoreSource
 from tests.conformance import assert_valid_image
@@ -89,3 +91,15 @@ def test_import_platform(store: Store, tmp_path: Path) -> None:
     assert (doc["os"], doc["architecture"], doc["variant"]) == ("linux", "arm", "v7")
     (checked,) = assert_valid_image(StoreSource(store, [image.id]))
     assert checked.config == image.raw_json
+
+
+def test_export_of_an_image_whose_layer_tar_was_cut_is_a_one_line_error(
+    store: Store, tmp_path: Path
+):
+    data = b"x" * 5000
+    (tmp_path / "rootfs.tar").write_bytes(build_tar(tar_file("big", data)))
+    image = import_rootfs(store, str(tmp_path / "rootfs.tar"), "cut:1").image
+    tar = store.layers.tar_path(image.diff_ids[0])
+    os.truncate(tar, 1024)  # the header and the first 512 bytes of the data
+    with pytest.raises(IntegrityError, match=r"^cannot export image \w{12}: a layer tar ends"):
+        export_image(store, image, io.BytesIO())
