@@ -70,6 +70,7 @@ class NewImageSource(ImageSource):
     def images(self) -> list[SourceImage]:
         graph = self.store.graph
         base = None
+        chain = []
         if self.recipe.base:
             # Held until the copy ends: no rmi takes the base away before the new image
             # names it as its parent.
@@ -77,7 +78,7 @@ class NewImageSource(ImageSource):
                 base = graph.get(self.recipe.base)
                 chain = graph.walk_history(base)
                 graph.retain(self._session, *(node.id for node in chain))
-        layers = [LayerDesc(diff_id=d) for d in (graph.layers_of(base) if base else [])]
+        layers = [LayerDesc(diff_id=node.layer) for node in reversed(chain) if node.layer]
         return [
             SourceImage(
                 config=b"",  # written by finish_image
