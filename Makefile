@@ -2,7 +2,7 @@
 # every target that needs something installed goes through it.
 #
 #   make demo     install what is missing, then run tools/demo.sh
-#   make test     install what is missing, then ruff, mypy and the whole test suite
+#   make test     install what is missing, then ruff (lint and format), mypy and the whole test suite
 #   make unit     the unit tests only (needs just the .venv)
 #   make lint     ruff and mypy (needs just the .venv)
 #   make bench    the benchmarks in tools/bench/
@@ -35,6 +35,8 @@ test: deps
 	@mkdir -p reports; failed=""; \
 	echo "+ ruff check layerfs tests tools vagrant"; \
 	$(VENV)/bin/ruff check layerfs tests tools vagrant || failed="$$failed ruff"; \
+	echo "+ ruff format --check layerfs tests tools vagrant"; \
+	$(VENV)/bin/ruff format --check layerfs tests tools vagrant || failed="$$failed ruff-format"; \
 	echo "+ mypy layerfs"; \
 	$(VENV)/bin/mypy layerfs || failed="$$failed mypy"; \
 	echo "+ pytest -n auto tests"; \
@@ -46,6 +48,7 @@ unit: venv
 
 lint: venv
 	$(VENV)/bin/ruff check layerfs tests tools vagrant
+	$(VENV)/bin/ruff format --check layerfs tests tools vagrant
 	$(VENV)/bin/mypy layerfs
 
 demo: deps

@@ -43,10 +43,24 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_BIND, MS_REC, MS_PRIVATE, MS_STRICTATIME = 4096, 16384, 1 << 18, 1 << 24
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
-           ("urandom", 1, 9), ("tty", 5, 0))
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
+DEVICES = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+    signal.SIGCONT,
+)
 EXIT_SETUP_FAILED = 125
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
@@ -74,19 +88,29 @@ def _check(result: int, what: str) -> None:
         raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
-def _mount(source: str, target: str | Path, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    _check(_libc.mount(source.encode(), os.fsencode(target),
-                       fstype.encode() if fstype else None, ctypes.c_ulong(flags),
-                       data.encode() if data else None), f"mount {target}")
+def _mount(
+    source: str, target: str | Path, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            os.fsencode(target),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
 
 
 def run(store: Store, spec: RunSpec) -> int:
     """Run the image's command; returns its exit status."""
     if os.geteuid() != 0:
-        raise UsageError("layerfs run needs root: it creates namespaces and chroots",
-                         hint="mount the image with 'layerfs mount --rw' and use unshare/"
-                              "chroot or a container runtime yourself")
+        raise UsageError(
+            "layerfs run needs root: it creates namespaces and chroots",
+            hint="mount the image with 'layerfs mount --rw' and use unshare/"
+            "chroot or a container runtime yourself",
+        )
     image = store.tags.lookup_image(spec.image)
     store.graph.check_depth(image)
     config: dict[str, Any] = dict(image.config)
@@ -101,14 +125,33 @@ def run(store: Store, spec: RunSpec) -> int:
     upper_name = spec.name or f"run-{run_id}"
     mounted = False
     try:
-        mount(store, MountRequest(image=image.id, mountpoint=root, writable=True,
-                                  upper=upper_name, allow_other=True, suid=True, dev=True,
-                                  container=True, debug=spec.debug, engine=spec.engine))
+        mount(
+            store,
+            MountRequest(
+                image=image.id,
+                mountpoint=root,
+                writable=True,
+                upper=upper_name,
+                allow_other=True,
+                suid=True,
+                dev=True,
+                container=True,
+                debug=spec.debug,
+                engine=spec.engine,
+            ),
+        )
         mounted = True
         _host_files(etc_copy, hostname)
         env = _environment(config, spec.env, hostname)
-        return _spawn(root, etc_copy, argv, env, spec.workdir or config.get("WorkingDir") or "/",
-                      spec.user or config.get("User") or "", hostname)
+        return _spawn(
+            root,
+            etc_copy,
+            argv,
+            env,
+            spec.workdir or config.get("WorkingDir") or "/",
+            spec.user or config.get("User") or "",
+            hostname,
+        )
     finally:
         try:
             if mounted:
@@ -164,8 +207,15 @@ def _host_files(directory: Path, hostname: str) -> None:
     (directory / "hostname").write_text(hostname + "\n")
 
 
-def _spawn(root: Path, etc_copy: Path, argv: list[str], env: dict[str, str], workdir: str,
-           user: str, hostname: str) -> int:
+def _spawn(
+    root: Path,
+    etc_copy: Path,
+    argv: list[str],
+    env: dict[str, str],
+    workdir: str,
+    user: str,
+    hostname: str,
+) -> int:
     pid_r, pid_w = os.pipe()
     helper = os.fork()
     if helper == 0:
@@ -193,17 +243,23 @@ def _spawn(root: Path, etc_copy: Path, argv: list[str], env: dict[str, str], wor
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
-        128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
-def _helper(root: Path, etc_copy: Path, argv: list[str], env: dict[str, str], workdir: str,
-            user: str, hostname: str, pid_w: int) -> None:
+def _helper(
+    root: Path,
+    etc_copy: Path,
+    argv: list[str],
+    env: dict[str, str],
+    workdir: str,
+    user: str,
+    hostname: str,
+    pid_w: int,
+) -> None:
     """Runs in the first child: makes the namespaces, forks PID 1, waits for it."""
     code = EXIT_SETUP_FAILED
     try:
-        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC),
-               "unshare")
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
         _mount("none", "/", None, MS_REC | MS_PRIVATE)
         init = os.fork()
         if init == 0:
@@ -214,16 +270,24 @@ def _helper(root: Path, etc_copy: Path, argv: list[str], env: dict[str, str], wo
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # the terminal's signals are PID 1's business
         _, status = os.waitpid(init, 0)
-        code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
-            128 + os.WTERMSIG(status)
+        code = (
+            os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        )
     except BaseException as exc:
         _say(f"cannot start the container: {exc}")
     finally:
         os._exit(code)
 
 
-def _init(root: Path, etc_copy: Path, argv: list[str], env: dict[str, str], workdir: str,
-          user: str, hostname: str) -> None:
+def _init(
+    root: Path,
+    etc_copy: Path,
+    argv: list[str],
+    env: dict[str, str],
+    workdir: str,
+    user: str,
+    hostname: str,
+) -> None:
     """PID 1 of the new namespaces: set up the root file system and exec the command."""
     try:
         _setup_root(root, etc_copy)
@@ -263,12 +327,21 @@ def _setup_root(root: Path, etc_copy: Path) -> None:
         (dev / "shm").mkdir(mode=0o1777)
     finally:
         os.umask(old_umask)
-    _mount("devpts", dev / "pts", "devpts", MS_NOSUID | MS_NOEXEC,
-           "newinstance,ptmxmode=0666,mode=0620")
+    _mount(
+        "devpts",
+        dev / "pts",
+        "devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
     _mount("shm", dev / "shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777")
-    for link, points_to in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"),
-                            ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                            ("stderr", "/proc/self/fd/2")):
+    for link, points_to in (
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(points_to, dev / link)
     (dev / "console").touch()
     for name in ("resolv.conf", "hosts", "hostname"):
@@ -284,8 +357,9 @@ def _resolve_user(user: str) -> tuple[int, int, list[int], str]:
     uid, gid, home = 0, 0, "/"
     username = ""
     if name:
-        match = next((row for row in passwd if row[0] == name or
-                      (name.isdigit() and row[2] == name)), None)
+        match = next(
+            (row for row in passwd if row[0] == name or (name.isdigit() and row[2] == name)), None
+        )
         if match is not None:
             username, uid, home = match[0], int(match[2]), match[5] or "/"
             gid = int(match[3]) if match[3].isdigit() else 0
@@ -299,16 +373,28 @@ def _resolve_user(user: str) -> tuple[int, int, list[int], str]:
             username, home = root_row[0], root_row[5] or "/"
     groups_table = _table("/etc/group")
     if group:
-        match = next((row for row in groups_table if row[0] == group or
-                      (group.isdigit() and row[2] == group)), None)
+        match = next(
+            (
+                row
+                for row in groups_table
+                if row[0] == group or (group.isdigit() and row[2] == group)
+            ),
+            None,
+        )
         if match is not None:
             gid = int(match[2])
         elif group.isdigit():
             gid = int(group)
         else:
             raise LayerfsError(f"unable to find group {group}: no matching entries in group file")
-    groups = sorted({gid} | {int(row[2]) for row in groups_table
-                             if username and len(row) > 3 and username in row[3].split(",")})
+    groups = sorted(
+        {gid}
+        | {
+            int(row[2])
+            for row in groups_table
+            if username and len(row) > 3 and username in row[3].split(",")
+        }
+    )
     return uid, gid, groups, home
 
 

@@ -109,7 +109,6 @@ def write_zstd_bomb(path: Path, size: int = BOMB_SIZE) -> Path:
 # -- tar streams that are never held whole ----------------------------------------------------
 
 
-
 _EMPTY_FILE = tarfile.TarInfo("x")
 _EMPTY_FILE.mtime = 1_700_000_000
 _TEMPLATE = _EMPTY_FILE.tobuf(tarfile.USTAR_FORMAT)

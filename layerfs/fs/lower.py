@@ -72,19 +72,27 @@ class Lower:
         return fds
 
 
-def chain_of(store: Store, image: Image, reference: str, *, limit: int = MAX_IMAGE_DEPTH
-             ) -> list[Image]:
+def chain_of(
+    store: Store, image: Image, reference: str, *, limit: int = MAX_IMAGE_DEPTH
+) -> list[Image]:
     """The image and its ancestors (image first), refused past ``limit`` images."""
     chain = store.graph.walk_history(image)
     if len(chain) > limit:
         raise DepthLimitError(
             f"cannot mount {reference}: its chain has {len(chain)} images, more than the "
-            f"{limit} a mount allows (Docker's MaxImageDepth)")
+            f"{limit} a mount allows (Docker's MaxImageDepth)"
+        )
     return chain
 
 
-def from_store(store: Store, image: Image, reference: str, *, init: bool = True,
-               chain: list[Image] | None = None) -> Lower:
+def from_store(
+    store: Store,
+    image: Image,
+    reference: str,
+    *,
+    init: bool = True,
+    chain: list[Image] | None = None,
+) -> Lower:
     """The merged tree of a stored image (the caller holds the image against deletion;
     ``chain``: its :func:`chain_of`, when the caller has it already)."""
     if chain is None or len(chain) > MAX_IMAGE_DEPTH:
@@ -92,9 +100,16 @@ def from_store(store: Store, image: Image, reference: str, *, init: bool = True,
     diff_ids = [i.layer for i in reversed(chain) if i.layer]
     tar_paths = [store.layers.tar_path(d) for d in diff_ids]
     tree = MergedTree.from_rows((store.layers.index_rows(d) for d in diff_ids), init=init)
-    return Lower(image_id=image.id, reference=reference, config=dict(image.config),
-                 diff_ids=diff_ids, tar_paths=tar_paths, tree=tree,
-                 chain=[i.id for i in chain], init=init)
+    return Lower(
+        image_id=image.id,
+        reference=reference,
+        config=dict(image.config),
+        diff_ids=diff_ids,
+        tar_paths=tar_paths,
+        tree=tree,
+        chain=[i.id for i in chain],
+        init=init,
+    )
 
 
 # -- archives --------------------------------------------------------------------------------
@@ -107,8 +122,9 @@ def is_archive(name: str) -> bool:
     path = Path(name)
     if path.is_file():
         return True
-    return path.is_dir() and any((path / marker).exists()
-                                 for marker in ("oci-layout", "manifest.json", "index.json"))
+    return path.is_dir() and any(
+        (path / marker).exists() for marker in ("oci-layout", "manifest.json", "index.json")
+    )
 
 
 def from_archive(spec: str, tmp_root: Path, *, init: bool = True) -> Lower:
@@ -127,24 +143,37 @@ def from_archive(spec: str, tmp_root: Path, *, init: bool = True) -> Lower:
             raise FormatError(f"cannot mount {spec}: it holds no usable image{reason}")
         if len(images) > 1:
             names = ", ".join(r for i in images for r in i.references[:1]) or "untagged"
-            raise UsageError(f"cannot mount {spec}: it holds {len(images)} images ({names})",
-                             hint="name one: docker-archive:PATH:REF, oci:DIR:REF or "
-                                  "oci-archive:PATH:REF")
+            raise UsageError(
+                f"cannot mount {spec}: it holds {len(images)} images ({names})",
+                hint="name one: docker-archive:PATH:REF, oci:DIR:REF or oci-archive:PATH:REF",
+            )
         image = images[0]
         if len(image.layers) > MAX_IMAGE_DEPTH:
             raise DepthLimitError(
                 f"cannot mount {spec}: it has {len(image.layers)} layers, more than the "
-                f"{MAX_IMAGE_DEPTH} a mount allows (Docker's MaxImageDepth)")
+                f"{MAX_IMAGE_DEPTH} a mount allows (Docker's MaxImageDepth)"
+            )
         config = decode_json_object(image.config, f"config of {image.name or spec}")
         copy_image(source, destination, image)  # each layer indexed and checked
-        tree = MergedTree.from_rows((_shifted(entries, base) for entries, base
-                                     in zip(destination.entries, destination.bases, strict=True)),
-                                    init=init)
+        tree = MergedTree.from_rows(
+            (
+                _shifted(entries, base)
+                for entries, base in zip(destination.entries, destination.bases, strict=True)
+            ),
+            init=init,
+        )
         run_config = config.get("config")
-        return Lower(image_id=sha256_digest(image.config)[7:], reference=spec,
-                     config=dict(run_config) if isinstance(run_config, dict) else {},
-                     diff_ids=destination.diff_ids, tar_paths=[], tree=tree, init=init,
-                     fds=destination.fds, archive=True)
+        return Lower(
+            image_id=sha256_digest(image.config)[7:],
+            reference=spec,
+            config=dict(run_config) if isinstance(run_config, dict) else {},
+            diff_ids=destination.diff_ids,
+            tar_paths=[],
+            tree=tree,
+            init=init,
+            fds=destination.fds,
+            archive=True,
+        )
     except BaseException:
         for fd in destination.fds:
             os.close(fd)

@@ -100,8 +100,10 @@ def fuse_options(request: MountRequest, fsname: str) -> set[str]:
 
 def validate_upper_name(name: str) -> str:
     if not _UPPER_NAME.match(name):
-        raise UsageError(f"invalid upper name {name!r}: use letters, digits, '_', '.', '-' "
-                         "(at most 128, starting with a letter or digit)")
+        raise UsageError(
+            f"invalid upper name {name!r}: use letters, digits, '_', '.', '-' "
+            "(at most 128, starting with a letter or digit)"
+        )
     return name
 
 
@@ -143,39 +145,66 @@ class _Server:
         layers = [hex_of(i.layer) for i in chain if i.layer]
         store.graph.retain(self.session, *(i.id for i in chain), *layers)
         if not store.graph.exists(image.id):
-            raise MountError(f"cannot mount {request.image}: the image was deleted while it "
-                             "was being mounted")
+            raise MountError(
+                f"cannot mount {request.image}: the image was deleted while it was being mounted"
+            )
         self.lower = from_store(store, image, request.image, init=request.init, chain=chain)
         self.tars = self.lower.open_tars()
         upper_name = None
         if request.writable:
             upper_name = validate_upper_name(request.upper or f"mount-{self.id}")
-            self.upper = Upper.open(self.lower.tree, store.subdir("upper") / upper_name,
-                                    image_id=image.id, diff_ids=self.lower.diff_ids,
-                                    tars=self.tars, init=request.init, tmp_root=store.tmp)
+            self.upper = Upper.open(
+                self.lower.tree,
+                store.subdir("upper") / upper_name,
+                image_id=image.id,
+                diff_ids=self.lower.diff_ids,
+                tars=self.tars,
+                init=request.init,
+                tmp_root=store.tmp,
+            )
         self.record = MountRecord(
-            id=self.id, mountpoint=str(mountpoint), image=image.id, reference=request.image,
-            mode="rw" if request.writable else "ro", upper=upper_name,
-            upper_path=str(self.upper.directory) if self.upper else None, pid=os.getpid(),
-            started=now_rfc3339(), log=str(self.log_path),
+            id=self.id,
+            mountpoint=str(mountpoint),
+            image=image.id,
+            reference=request.image,
+            mode="rw" if request.writable else "ro",
+            upper=upper_name,
+            upper_path=str(self.upper.directory) if self.upper else None,
+            pid=os.getpid(),
+            started=now_rfc3339(),
+            log=str(self.log_path),
             options=sorted(fuse_options(request, "layerfs")),
         )
-        return Operations(self.lower.tree, self.tars, upper=self.upper, control=self.control,
-                          data_size=self.lower.data_size)
+        return Operations(
+            self.lower.tree,
+            self.tars,
+            upper=self.upper,
+            control=self.control,
+            data_size=self.lower.data_size,
+        )
 
     def _prepare_archive(self, mountpoint: Path) -> Operations:
         """An image in a docker-archive or OCI layout, mounted from the file: read-only."""
         request = self.request
         if request.writable:
-            raise UsageError(f"cannot mount {request.image} writable: an archive is mounted "
-                             "read-only", hint="load it (layerfs load) to mount it with --rw")
+            raise UsageError(
+                f"cannot mount {request.image} writable: an archive is mounted read-only",
+                hint="load it (layerfs load) to mount it with --rw",
+            )
         self.lock = self.records.hold(self.id)
         self.lower = from_archive(request.image, self.store.tmp, init=request.init)
         self.tars = self.lower.open_tars()
         self.record = MountRecord(
-            id=self.id, mountpoint=str(mountpoint), image=self.lower.image_id,
-            reference=request.image, mode="ro", pid=os.getpid(), started=now_rfc3339(),
-            log=str(self.log_path), options=sorted(fuse_options(request, "layerfs")))
+            id=self.id,
+            mountpoint=str(mountpoint),
+            image=self.lower.image_id,
+            reference=request.image,
+            mode="ro",
+            pid=os.getpid(),
+            started=now_rfc3339(),
+            log=str(self.log_path),
+            options=sorted(fuse_options(request, "layerfs")),
+        )
         return Operations(self.lower.tree, self.tars, control=self.control)
 
     def control(self, what: bytes) -> bytes:
@@ -183,10 +212,16 @@ class _Server:
         if what == b"stats":
             return json.dumps(self.engine.counts(), sort_keys=True).encode()
         doc: dict[str, Any] = {
-            "id": self.id, "image": self.record.image, "reference": self.record.reference,
-            "mode": self.record.mode, "upper": self.record.upper,
-            "upper_path": self.record.upper_path, "store": str(self.store.root),
-            "pid": os.getpid(), "engine": self.engine.name}
+            "id": self.id,
+            "image": self.record.image,
+            "reference": self.record.reference,
+            "mode": self.record.mode,
+            "upper": self.record.upper,
+            "upper_path": self.record.upper_path,
+            "store": str(self.store.root),
+            "pid": os.getpid(),
+            "engine": self.engine.name,
+        }
         if what == b"info":
             doc["engine_info"] = self.engine.info()
         elif what == b"sync":
@@ -257,8 +292,9 @@ def mount(store: Store, request: MountRequest) -> MountRecord:
         return _mount(store, request, engine)
     except _UnsupportedKernel as exc:
         if request.engine != "auto":
-            raise MountError(f"cannot mount with the native engine: {exc}",
-                             hint="mount with --engine pyfuse3") from exc
+            raise MountError(
+                f"cannot mount with the native engine: {exc}", hint="mount with --engine pyfuse3"
+            ) from exc
         log.info("%s: mounting with pyfuse3", exc)
         return _mount(store, request, "pyfuse3")
 
@@ -288,10 +324,17 @@ def _mount(store: Store, request: MountRequest, engine_name: str) -> MountRecord
         if engine.name == "native":
             from layerfs.fs.native.device import MountOptions
 
-            engine.mount(server.record.mountpoint, MountOptions(
-                fsname=fsname, read_only=not request.writable, nosuid=not request.suid,
-                nodev=not request.dev, allow_other=request.allow_other,
-                extra=list(request.extra_options)))
+            engine.mount(
+                server.record.mountpoint,
+                MountOptions(
+                    fsname=fsname,
+                    read_only=not request.writable,
+                    nosuid=not request.suid,
+                    nodev=not request.dev,
+                    allow_other=request.allow_other,
+                    extra=list(request.extra_options),
+                ),
+            )
         else:
             engine.mount(server.record.mountpoint, fuse_options(request, fsname))
         server.mounted = True
@@ -334,8 +377,10 @@ def _mount(store: Store, request: MountRequest, engine_name: str) -> MountRecord
         server.records.remove(record.id)
         if answer.startswith(_UNSUPPORTED):
             raise _UnsupportedKernel(answer.removeprefix(_UNSUPPORTED))
-        raise MountError(f"the mount server for {record.mountpoint} exited during start-up",
-                         hint=f"see its log: {server.log_path}")
+        raise MountError(
+            f"the mount server for {record.mountpoint} exited during start-up",
+            hint=f"see its log: {server.log_path}",
+        )
     return record
 
 
@@ -412,8 +457,14 @@ def _wait_ready(fd: int) -> str:
 def _serve(server: _Server, ready_fd: int | None) -> None:
     record, engine = server.record, server.engine
     assert record is not None and engine is not None
-    log.info("serving %s (image %s, %s) on %s with the %s engine", record.reference,
-             record.image[:12], record.mode, record.mountpoint, engine.name)
+    log.info(
+        "serving %s (image %s, %s) on %s with the %s engine",
+        record.reference,
+        record.image[:12],
+        record.mode,
+        record.mountpoint,
+        engine.name,
+    )
 
     def ready() -> None:
         if ready_fd is not None:

@@ -168,8 +168,19 @@ class Operations:
             self._take_over_data_changes(ino)
         size = t.size[ino]
         mtime = t.mtime[ino]
-        return (ino, t.mode[ino], t.nlink[ino], t.uid[ino], t.gid[ino], t.rdev.get(ino, 0),
-                size, (size + 511) >> 9, t.atime.get(ino, mtime), mtime, t.ctime.get(ino, mtime))
+        return (
+            ino,
+            t.mode[ino],
+            t.nlink[ino],
+            t.uid[ino],
+            t.gid[ino],
+            t.rdev.get(ino, 0),
+            size,
+            (size + 511) >> 9,
+            t.atime.get(ino, mtime),
+            mtime,
+            t.ctime.get(ino, mtime),
+        )
 
     def alive(self, ino: int) -> None:
         if not self.t.alive(ino):
@@ -235,10 +246,17 @@ class Operations:
         if self.upper is not None:
             vfs = os.statvfs(self.upper.directory)
             ffree = max(vfs.f_ffree, 1 << 20)
-            return Statfs(vfs.f_bsize, vfs.f_frsize, vfs.f_blocks, vfs.f_bfree, vfs.f_bavail,
-                          len(self.t) + ffree, ffree, NAME_MAX)
-        return Statfs(4096, 4096, (self.data_size + 4095) // 4096, 0, 0, len(self.t), 0,
-                      NAME_MAX)
+            return Statfs(
+                vfs.f_bsize,
+                vfs.f_frsize,
+                vfs.f_blocks,
+                vfs.f_bfree,
+                vfs.f_bavail,
+                len(self.t) + ffree,
+                ffree,
+                NAME_MAX,
+            )
+        return Statfs(4096, 4096, (self.data_size + 4095) // 4096, 0, 0, len(self.t), 0, NAME_MAX)
 
     # -- directories --------------------------------------------------------------------------
 
@@ -355,8 +373,9 @@ class Operations:
 
     def needs_copy(self, ino: int) -> bool:
         """True if changing the data of ``ino`` first needs a copy-up."""
-        return self.upper is not None and stat.S_ISREG(self.t.mode[ino]) and \
-            self.upper.needs_copy(ino)
+        return (
+            self.upper is not None and stat.S_ISREG(self.t.mode[ino]) and self.upper.needs_copy(ino)
+        )
 
     def plan_copy(self, ino: int, keep: int | None = None) -> CopyPlan | None:
         """Start a copy-up: run ``Upper.run_copy(plan)`` anywhere, then :meth:`finish_copy`
@@ -369,15 +388,19 @@ class Operations:
     def abort_copy(self, plan: CopyPlan) -> None:
         self._writable().abort_copy(plan)
 
-    def write(self, ino: int, offset: int, data: bytes | memoryview, *,
-              kill_privs: bool = False) -> int:
+    def write(
+        self, ino: int, offset: int, data: bytes | memoryview, *, kill_privs: bool = False
+    ) -> int:
         upper = self._writable()
         return upper.write(ino, offset, data, kill_privs=kill_privs)  # copies up, if need be
 
     def data_fd(self, ino: int) -> int | None:
         """The upper data file of ``ino`` (to fsync, or to let the kernel use), if it has one."""
-        if self.upper is None or self.t.layer[ino] != LAYER_UPPER or \
-                not stat.S_ISREG(self.t.mode[ino]):
+        if (
+            self.upper is None
+            or self.t.layer[ino] != LAYER_UPPER
+            or not stat.S_ISREG(self.t.mode[ino])
+        ):
             return None
         return self.upper.fd(ino)
 
@@ -437,13 +460,29 @@ class Operations:
         self.alive(ino)
         upper = self._writable()
         with self._data_changing(ino):
-            upper.setattr(ino, caller, mode=mode, uid=uid, gid=gid, size=size,
-                          atime_ns=atime_ns, mtime_ns=mtime_ns)
+            upper.setattr(
+                ino,
+                caller,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                size=size,
+                atime_ns=atime_ns,
+                mtime_ns=mtime_ns,
+            )
         if size is not None and not self._open.get(ino):
             upper.close_fd(ino)
 
-    def make(self, parent: int, name: bytes, mode: int, caller: Caller, *, rdev: int = 0,
-             target: bytes = b"") -> int:
+    def make(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        caller: Caller,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> int:
         """A new directory, node, symlink or (closed) file; ``mode`` has the type bits."""
         upper = self._writable()
         ino = upper.make_node(parent, name, mode, caller, rdev=rdev, target=target)
@@ -452,8 +491,9 @@ class Operations:
         self.referenced(ino)
         return ino
 
-    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
-               ) -> tuple[int, int]:
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, int]:
         """``open(O_CREAT)`` of a name: (handle, inode), the file new or (without
         ``O_EXCL``) the one that is there."""
         upper = self._writable()
@@ -477,8 +517,9 @@ class Operations:
     def rmdir(self, parent: int, name: bytes) -> None:
         self._maybe_free(self._writable().rmdir(parent, name))
 
-    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
-               flags: int = 0) -> None:
+    def rename(
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
         replaced = self._writable().rename(parent, name, new_parent, new_name, flags)
         if replaced:
             self._maybe_free(replaced)
@@ -496,8 +537,9 @@ class Operations:
             raise oserror(errno.EINVAL)
         return datafile.seek_contiguous(self.t.size[ino], offset, whence)
 
-    def copy_range(self, ino_in: int, offset_in: int, ino_out: int, offset_out: int,
-                   length: int) -> int:
+    def copy_range(
+        self, ino_in: int, offset_in: int, ino_out: int, offset_out: int, length: int
+    ) -> int:
         """copy_file_range between two files of the mount: data moves in the kernel."""
         upper = self._writable()
         if not stat.S_ISREG(self.t.mode[ino_out]) or not stat.S_ISREG(self.t.mode[ino_in]):
@@ -509,21 +551,21 @@ class Operations:
                 return 0
             copied = os.copy_file_range(src, dst, count, pos, offset_out)
             t = self.t
-            t.set_attrs(ino_out, size=max(t.size[ino_out], offset_out + copied),
-                        mtime_ns=time.time_ns())
+            t.set_attrs(
+                ino_out, size=max(t.size[ino_out], offset_out + copied), mtime_ns=time.time_ns()
+            )
         return copied
 
     # -- extended attributes ------------------------------------------------------------------
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT and name.startswith(CONTROL_PREFIX) and self.control is not None:
-            return self.control(name[len(CONTROL_PREFIX):])
+            return self.control(name[len(CONTROL_PREFIX) :])
         return get_xattr(self.t, ino, name.decode("utf-8", "surrogateescape"))
 
     def listxattr(self, ino: int, caller: Caller) -> list[bytes]:
         self.alive(ino)
-        return [k.encode("utf-8", "surrogateescape")
-                for k in listed_xattrs(self.t, ino, caller)]
+        return [k.encode("utf-8", "surrogateescape") for k in listed_xattrs(self.t, ino, caller)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         self.alive(ino)

@@ -85,7 +85,6 @@ class Caller:
         return self.uid == 0
 
 
-
 def listed_xattrs(table: InodeTable, ino: int, caller: Caller) -> list[str]:
     """The names listxattr(2) shows ``caller``: ``trusted.*`` only to root, as ext4 lists.
 

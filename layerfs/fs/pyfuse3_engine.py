@@ -312,8 +312,9 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            return self._attr(self.ops.make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777),
-                                            self._caller(ctx)))
+            return self._attr(
+                self.ops.make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), self._caller(ctx))
+            )
         except Exception as exc:
             raise fuse_error(exc, "mkdir", parent_inode, name) from None
 
@@ -321,8 +322,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            return self._attr(self.ops.make(parent_inode, name, mode, self._caller(ctx),
-                                            rdev=rdev))
+            return self._attr(self.ops.make(parent_inode, name, mode, self._caller(ctx), rdev=rdev))
         except Exception as exc:
             raise fuse_error(exc, "mknod", parent_inode, name) from None
 
@@ -330,8 +330,11 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            return self._attr(self.ops.make(parent_inode, name, stat.S_IFLNK | 0o777,
-                                            self._caller(ctx), target=target))
+            return self._attr(
+                self.ops.make(
+                    parent_inode, name, stat.S_IFLNK | 0o777, self._caller(ctx), target=target
+                )
+            )
         except Exception as exc:
             raise fuse_error(exc, "symlink", parent_inode, name) from None
 
@@ -410,10 +413,37 @@ class Pyfuse3Operations(pyfuse3.Operations):
             raise fuse_error(exc, "removexattr", inode, name) from None
 
 
-_COUNTED = ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
-            "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush", "release",
-            "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "setxattr",
-            "getxattr", "listxattr", "removexattr", "access", "create")
+_COUNTED = (
+    "lookup",
+    "forget",
+    "getattr",
+    "setattr",
+    "readlink",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "symlink",
+    "rename",
+    "link",
+    "open",
+    "read",
+    "write",
+    "flush",
+    "release",
+    "fsync",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "fsyncdir",
+    "statfs",
+    "setxattr",
+    "getxattr",
+    "listxattr",
+    "removexattr",
+    "access",
+    "create",
+)
 
 
 def counting(cls: type[Pyfuse3Operations]) -> type[Pyfuse3Operations]:
@@ -452,15 +482,18 @@ class Pyfuse3Session:
         except RuntimeError as exc:
             from layerfs.errors import MountError
 
-            raise MountError(f"cannot mount on {mountpoint}: {exc} (the FUSE library printed "
-                             "why above)") from None
+            raise MountError(
+                f"cannot mount on {mountpoint}: {exc} (the FUSE library printed why above)"
+            ) from None
 
     def counts(self) -> dict[str, int]:
         return dict(self.handlers.counts)
 
     def info(self) -> dict[str, Any]:
-        return {"pyfuse3": getattr(pyfuse3, "__version__", "unknown"),
-                "workers": WORKERS_WRITABLE if self.ops.writable else WORKERS_READ_ONLY}
+        return {
+            "pyfuse3": getattr(pyfuse3, "__version__", "unknown"),
+            "workers": WORKERS_WRITABLE if self.ops.writable else WORKERS_READ_ONLY,
+        }
 
     def serve(self, ready: Callable[[], None], tick: Callable[[], None] | None) -> None:
         """Serve until unmounted or signalled; ``ready`` runs once requests are answered,
@@ -474,8 +507,7 @@ class Pyfuse3Session:
                 log.exception("closing the FUSE session")
 
 
-async def _main(ready: Callable[[], None], tick: Callable[[], None] | None,
-                writable: bool) -> None:
+async def _main(ready: Callable[[], None], tick: Callable[[], None] | None, writable: bool) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals)
         if tick is not None:

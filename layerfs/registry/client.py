@@ -249,9 +249,7 @@ class RegistryClient:
                             )
                         context.load_cert_chain(str(path), str(key))
         except (OSError, ssl.SSLError) as exc:
-            raise RegistryError(
-                f"cannot load TLS certificates for {self.registry}: {exc}"
-            ) from exc
+            raise RegistryError(f"cannot load TLS certificates for {self.registry}: {exc}") from exc
         return context
 
     # -- the base URL ----------------------------------------------------------------------

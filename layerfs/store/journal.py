@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from layerfs.store.store import Store
 
 
-
 def _log(level: str, message: str, *args: object, **kw: object) -> None:
     import logging  # every command opens the journal; few have something to say
 
@@ -129,9 +128,7 @@ class Journal:
             names = os.listdir(self.root)
         except (FileNotFoundError, PermissionError):
             return []
-        return [
-            self.root / n for n in names if n.endswith(".d") and f"{n[:-2]}.json" not in names
-        ]
+        return [self.root / n for n in names if n.endswith(".d") and f"{n[:-2]}.json" not in names]
 
     def has_dead_records(self) -> bool:
         """True when some record's writer is gone (checked without the store lock)."""

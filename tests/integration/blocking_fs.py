@@ -48,8 +48,24 @@ class _Files(Dispatcher):
         if ino == protocol.ROOT_ID:
             return (ino, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 4096, 0)
         size = len(self.data)
-        return (ino, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0, stat.S_IFREG | 0o644, 1, 0, 0,
-                0, 4096, 0)
+        return (
+            ino,
+            size,
+            (size + 511) // 512,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            stat.S_IFREG | 0o644,
+            1,
+            0,
+            0,
+            0,
+            4096,
+            0,
+        )
 
     def lookup(self, req: Request) -> Reply:
         if req.nodeid != protocol.ROOT_ID or req.names[0] != self.name:
@@ -67,7 +83,7 @@ class _Files(Dispatcher):
         if self.blocked.is_set():
             self.waiting.set()
             self.released.wait()
-        return self.data[offset:offset + size]
+        return self.data[offset : offset + size]
 
 
 class BlockingFs:

@@ -241,8 +241,9 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
         try:
             import pyfuse3  # noqa: F401
         except ImportError as err:
-            pytest.skip(f"pyfuse3 cannot be imported ({err}); apt-get install libfuse3-dev, "
-                        "then make deps")
+            pytest.skip(
+                f"pyfuse3 cannot be imported ({err}); apt-get install libfuse3-dev, then make deps"
+            )
     monkeypatch.setenv("LAYERFS_ENGINE", name)
     return name
 

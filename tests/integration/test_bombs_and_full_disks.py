@@ -107,7 +107,10 @@ def _assert_untouched(cli: LayerfsCli) -> None:
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_a_20_gib_bomb_in_a_20_mb_archive_is_stopped_at_once(
-    kind: str, layerfs_cli: LayerfsCli, tmp_path: Path, bomb_diff_id: str,
+    kind: str,
+    layerfs_cli: LayerfsCli,
+    tmp_path: Path,
+    bomb_diff_id: str,
     pytestconfig: pytest.Config,
 ) -> None:
     blob = _bomb_blob(kind, tmp_path, pytestconfig)
@@ -161,8 +164,12 @@ def _push_bomb(registry_host: str, ref: str, blob: Path, kind: str, diff_id: str
 @pytest.mark.registry
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_a_pulled_bomb_is_stopped_at_once(
-    kind: str, registry_server: RegistryFactory, layerfs_cli: LayerfsCli, tmp_path: Path,
-    bomb_diff_id: str, pytestconfig: pytest.Config,
+    kind: str,
+    registry_server: RegistryFactory,
+    layerfs_cli: LayerfsCli,
+    tmp_path: Path,
+    bomb_diff_id: str,
+    pytestconfig: pytest.Config,
 ) -> None:
     registry = registry_server()
     ref = f"{registry.host}/bomb/{kind}:1"
@@ -220,8 +227,9 @@ def _assert_reserve_error(
     assert f"the file system of {store}/tmp has" in first, first
     assert "LAYERFS_MIN_FREE" in first
     # load reports each image's failure on one line; the other commands add the hint.
-    assert not hint or any(line.startswith("hint: ") and "LAYERFS_MIN_FREE" in line
-                           for line in lines)
+    assert not hint or any(
+        line.startswith("hint: ") and "LAYERFS_MIN_FREE" in line for line in lines
+    )
     assert b"Traceback" not in result.stderr
 
 
@@ -266,7 +274,10 @@ def cli_argv(root: Path) -> list[str]:
 
 @pytest.mark.registry
 def test_the_reserve_stops_a_pull(
-    small_store: Path, registry_server: RegistryFactory, tmp_path: Path, bomb_diff_id: str,
+    small_store: Path,
+    registry_server: RegistryFactory,
+    tmp_path: Path,
+    bomb_diff_id: str,
     pytestconfig: pytest.Config,
 ) -> None:
     registry = registry_server()

@@ -74,8 +74,14 @@ def pinned(root: Path, files: list[str]) -> Iterator[None]:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long)
+    libc.mmap.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    )
     libc.mlock.argtypes = libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
     maps: list[tuple[int, int]] = []
     held: list[int] = []
@@ -113,8 +119,12 @@ def pinned(root: Path, files: list[str]) -> Iterator[None]:
 
 
 def regular_files(root: Path) -> list[str]:
-    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names
-            if stat.S_ISREG(os.lstat(os.path.join(d, n)).st_mode)]
+    return [
+        os.path.join(d, n)
+        for d, _, names in os.walk(root)
+        for n in names
+        if stat.S_ISREG(os.lstat(os.path.join(d, n)).st_mode)
+    ]
 
 
 def walk_and_read(root: Path) -> int:
@@ -148,8 +158,9 @@ def debian_tar() -> Path:
 
 
 @ROOT_ONLY
-def test_both_engines_show_the_same_images(layerfs_cli: LayerfsCli, tmp_path: Path,
-                                           debian_tar: Path):
+def test_both_engines_show_the_same_images(
+    layerfs_cli: LayerfsCli, tmp_path: Path, debian_tar: Path
+):
     layers = torture_layers(tmp_path / "layers", big=False)
     extra = Layer(tmp_path / "layers" / "3.tar").dir("data")
     extra.add("data/medium", stream=PatternStream(b"medium", 5 << 20), size=5 << 20)
@@ -158,8 +169,7 @@ def test_both_engines_show_the_same_images(layerfs_cli: LayerfsCli, tmp_path: Pa
     for image in ("torture:1", "debian:1"):
         seen = {}
         for engine in ENGINES:
-            with mounted(layerfs_cli, image, tmp_path / f"mnt-{engine}", "--engine",
-                         engine) as mnt:
+            with mounted(layerfs_cli, image, tmp_path / f"mnt-{engine}", "--engine", engine) as mnt:
                 assert info(mnt)["engine"] == engine
                 seen[engine] = listing(mnt)
         assert len(seen["native"]) > 20
@@ -213,16 +223,24 @@ def test_both_engines_make_the_same_changes(layerfs_cli: LayerfsCli, tmp_path: P
     build_image(layerfs_cli.root, [*layers, extra.close()], "torture:1")
     seen, exported = {}, {}
     for engine in ENGINES:
-        with mounted(layerfs_cli, "torture:1", tmp_path / f"mnt-{engine}", "--rw", "--no-init",
-                     "--engine", engine) as mnt:
+        with mounted(
+            layerfs_cli,
+            "torture:1",
+            tmp_path / f"mnt-{engine}",
+            "--rw",
+            "--no-init",
+            "--engine",
+            engine,
+        ) as mnt:
             change_everything(mnt)
             seen[engine] = listing(mnt)
             layerfs_cli("commit", "-q", mnt, f"changed:{engine}")
         out = tmp_path / f"{engine}.tar"
         layerfs_cli("export", "-q", "-o", out, f"changed:{engine}")
         with tarfile.open(out) as tar:
-            exported[engine] = sorted((m.name, m.type, m.mode, m.uid, m.gid, m.size, m.linkname)
-                                      for m in tar)
+            exported[engine] = sorted(
+                (m.name, m.type, m.mode, m.uid, m.gid, m.size, m.linkname) for m in tar
+            )
     # Changed entries got "now" as their mtime, which differs between the two runs.
     assert seen["native"][b"etc/new"][9] == seen["pyfuse3"][b"etc/new"][9] == 1_600_000_000
     assert diff_listings(without_mtimes(seen["native"]), without_mtimes(seen["pyfuse3"])) == []
@@ -241,13 +259,19 @@ def without_mtimes(entries: dict[bytes, tuple[object, ...]]) -> dict[bytes, tupl
 
 
 @ROOT_ONLY
-def test_a_second_pass_sends_no_open_opendir_read_or_readdir(layerfs_cli: LayerfsCli,
-                                                            tmp_path: Path, debian_tar: Path):
+def test_a_second_pass_sends_no_open_opendir_read_or_readdir(
+    layerfs_cli: LayerfsCli, tmp_path: Path, debian_tar: Path
+):
     layerfs_cli("import", "-q", debian_tar, "debian:1")
     with mounted(layerfs_cli, "debian:1", tmp_path / "mnt", "--engine", "native") as mnt:
         flags = info(mnt)["engine_info"]["flags"]  # type: ignore[index]
-        assert {"no_open_support", "no_opendir_support", "cache_symlinks", "do_readdirplus",
-                "max_pages"} <= set(flags)
+        assert {
+            "no_open_support",
+            "no_opendir_support",
+            "cache_symlinks",
+            "do_readdirplus",
+            "max_pages",
+        } <= set(flags)
         before = stats(mnt)
         listed = first_pass(mnt)
         during = delta(before, stats(mnt))
@@ -268,8 +292,16 @@ def test_a_second_pass_sends_no_open_opendir_read_or_readdir(layerfs_cli: Layerf
             unexpected = second_pass(mnt, listed)
             second = delta(middle, stats(mnt))
         assert unexpected == [], unexpected
-        for kind in ("open", "opendir", "read", "release", "releasedir", "lookup", "getattr",
-                     "readdir"):
+        for kind in (
+            "open",
+            "opendir",
+            "read",
+            "release",
+            "releasedir",
+            "lookup",
+            "getattr",
+            "readdir",
+        ):
             assert kind not in second, second
 
 
@@ -380,18 +412,18 @@ def second_pass(root: Path, listed: list[tuple[str, int]]) -> list[str]:
 
 
 @ROOT_ONLY
-def test_passthrough_reads_back_exactly_what_was_written(layerfs_cli: LayerfsCli,
-                                                         tmp_path: Path):
+def test_passthrough_reads_back_exactly_what_was_written(layerfs_cli: LayerfsCli, tmp_path: Path):
     layer = Layer(tmp_path / "0.tar").dir("srv").file("srv/lower", bytes(range(256)) * 4096)
     build_image(layerfs_cli.root, [layer.close()], "pt:1")
     pattern = PatternStream(b"passthrough", 24 << 20).read()
-    with mounted(layerfs_cli, "pt:1", tmp_path / "mnt", "--rw", "--upper", "pt",
-                 "--engine", "native") as mnt:
+    with mounted(
+        layerfs_cli, "pt:1", tmp_path / "mnt", "--rw", "--upper", "pt", "--engine", "native"
+    ) as mnt:
         assert info(mnt)["engine_info"]["passthrough"] is True  # type: ignore[index]
         before = stats(mnt)
         with open(mnt / "srv/new", "wb") as handle:
             for start in range(0, len(pattern), 3 << 20):
-                handle.write(pattern[start:start + (3 << 20)])
+                handle.write(pattern[start : start + (3 << 20)])
             os.fsync(handle.fileno())
         fd = os.open(mnt / "srv/lower", os.O_RDWR)  # copied up on open, then passthrough
         try:
@@ -401,15 +433,16 @@ def test_passthrough_reads_back_exactly_what_was_written(layerfs_cli: LayerfsCli
         finally:
             os.close(fd)
         assert (mnt / "srv/new").read_bytes() == pattern
-        want = b"HEAD" + (bytes(range(256)) * 4096)[4:(1 << 20) - 4] + b"TAIL"
+        want = b"HEAD" + (bytes(range(256)) * 4096)[4 : (1 << 20) - 4] + b"TAIL"
         assert (mnt / "srv/lower").read_bytes() == want
         assert os.stat(mnt / "srv/new").st_size == len(pattern)
         during = {k: v - before.get(k, 0) for k, v in stats(mnt).items()}
         assert "read" not in during and "write" not in during, during  # all in the kernel
         mtime = os.stat(mnt / "srv/new").st_mtime_ns
         layerfs_cli("commit", "-q", mnt, "pt:2")
-    with mounted(layerfs_cli, "pt:1", tmp_path / "mnt", "--upper", "pt", "--engine",
-                 "native") as mnt:
+    with mounted(
+        layerfs_cli, "pt:1", tmp_path / "mnt", "--upper", "pt", "--engine", "native"
+    ) as mnt:
         assert (mnt / "srv/new").read_bytes() == pattern
         assert (mnt / "srv/lower").read_bytes() == want
         assert os.stat(mnt / "srv/new").st_mtime_ns == mtime
@@ -449,11 +482,11 @@ def test_interrupt_ends_a_blocked_read(layerfs_cli: LayerfsCli, tmp_path: Path):
     layerfs_cli("save", "-q", "-o", archive, "slow:1")
     (tmp_path / "blocking").mkdir()
     slow = BlockingFs(tmp_path / "blocking", b"slow.tar", archive.read_bytes())
-    with slow, mounted(layerfs_cli, str(slow.path), tmp_path / "mnt", "--engine",
-                       "native") as mnt:
+    with slow, mounted(layerfs_cli, str(slow.path), tmp_path / "mnt", "--engine", "native") as mnt:
         slow.block()
-        reader = subprocess.Popen([sys.executable, "-c", READER, str(mnt / "data")],
-                                  stdout=subprocess.PIPE, text=True)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, str(mnt / "data")], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert reader.stdout is not None
             assert reader.stdout.readline() == "reading\n"
@@ -465,8 +498,9 @@ def test_interrupt_ends_a_blocked_read(layerfs_cli: LayerfsCli, tmp_path: Path):
             assert stats(mnt).get("interrupt", 0) > before.get("interrupt", 0)
             assert not slow.files.released.is_set()
             # The server goes on answering.
-            assert sorted(os.listdir(mnt)) == sorted(["data", ".dockerenv", ".dockerinit",
-                                                      "dev", "etc", "proc", "sys"])
+            assert sorted(os.listdir(mnt)) == sorted(
+                ["data", ".dockerenv", ".dockerinit", "dev", "etc", "proc", "sys"]
+            )
         finally:
             if reader.poll() is None:
                 reader.kill()
@@ -491,10 +525,10 @@ def _wait_gone(pid: int) -> None:
 
 
 @pytest.mark.usefixtures("engine")
-@pytest.mark.skipif(os.geteuid() != 0,
-                    reason="writes into root-owned directories of its image")
-def test_a_killed_writable_server_leaves_a_mountpoint_umount_cleans(layerfs_cli: LayerfsCli,
-                                                                    tmp_path: Path):
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes into root-owned directories of its image")
+def test_a_killed_writable_server_leaves_a_mountpoint_umount_cleans(
+    layerfs_cli: LayerfsCli, tmp_path: Path
+):
     layer = Layer(tmp_path / "0.tar").dir("etc").file("etc/keep", b"kept\n").close()
     build_image(layerfs_cli.root, [layer], "kill:1")
     mnt = tmp_path / "mnt"
@@ -579,21 +613,48 @@ def test_a_normal_user_mounts_reads_writes_in_a_user_namespace(tmp_path: Path, e
         devdir = tmp_path / "dev"
         devdir.mkdir()
         result = subprocess.run(
-            ["unshare", "-m", "sh", "-c",
-             'mount --make-rprivate / && mount -t tmpfs none "$0" && '
-             'mknod -m 666 "$0/fuse" c 10 229 && mount --bind "$0/fuse" /dev/fuse && '
-             'exec "$@"', str(devdir),
-             "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-             "env", "-i", f"HOME={home}", f"VENV={venv}", "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
-             "sh", str(script)],
-            capture_output=True, text=True, timeout=300, cwd="/", check=False)
+            [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                'mount --make-rprivate / && mount -t tmpfs none "$0" && '
+                'mknod -m 666 "$0/fuse" c 10 229 && mount --bind "$0/fuse" /dev/fuse && '
+                'exec "$@"',
+                str(devdir),
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={gid}",
+                "--clear-groups",
+                "env",
+                "-i",
+                f"HOME={home}",
+                f"VENV={venv}",
+                "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
+                "sh",
+                str(script),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd="/",
+            check=False,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
         mounts = json.loads(lines[0])
         assert (mounts["Engine"], mounts["Mode"], mounts["Status"]) == (engine, "ro", "running")
-        assert lines[1:] == ["from the image", "denied outside", "0 0 644", "0 0 755",
-                             "written in a namespace", "0 0 755", "done"]
+        assert lines[1:] == [
+            "from the image",
+            "denied outside",
+            "0 0 644",
+            "0 0 755",
+            "written in a namespace",
+            "0 0 755",
+            "done",
+        ]
     finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(home / "mnt")], capture_output=True,
-                       check=False)
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(home / "mnt")], capture_output=True, check=False
+        )
         shutil.rmtree(home, ignore_errors=True)

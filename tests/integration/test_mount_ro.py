@@ -58,11 +58,24 @@ def torture_layers(work: Path, *, big: bool = True) -> list[Path]:
     """
     work.mkdir(parents=True, exist_ok=True)
     base = Layer(work / "0.tar")
-    for name, mode in (("bin", 0o755), ("etc", 0o755), ("data", 0o755), ("dirs", 0o755),
-                       ("dirs/empty", 0o755), ("dirs/mode000", 0o000), ("opq", 0o755),
-                       ("opq/sub", 0o755), ("wh", 0o755), ("wh/tree", 0o755),
-                       ("wh/tree/deep", 0o700), ("links", 0o755), ("dev", 0o755),
-                       ("names", 0o755), ("tmp", 0o1777), ("shared", 0o2775)):
+    for name, mode in (
+        ("bin", 0o755),
+        ("etc", 0o755),
+        ("data", 0o755),
+        ("dirs", 0o755),
+        ("dirs/empty", 0o755),
+        ("dirs/mode000", 0o000),
+        ("opq", 0o755),
+        ("opq/sub", 0o755),
+        ("wh", 0o755),
+        ("wh/tree", 0o755),
+        ("wh/tree/deep", 0o700),
+        ("links", 0o755),
+        ("dev", 0o755),
+        ("names", 0o755),
+        ("tmp", 0o1777),
+        ("shared", 0o2775),
+    ):
         base.dir(name, mode)
     base.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     base.file("bin/sh", b"#!shell\n" * 100, mode=0o755)
@@ -101,9 +114,11 @@ def torture_layers(work: Path, *, big: bool = True) -> list[Path]:
         base.dir("names/" + "/".join(["d" * 60] * i))
     base.file(deep + "/file", b"deep path")
     if big:
-        base.add("data/sparse", stream=PatternStream(b"sparse", SPARSE,
-                                                     lambda i: i not in (0, 100, 255)),
-                 size=SPARSE)
+        base.add(
+            "data/sparse",
+            stream=PatternStream(b"sparse", SPARSE, lambda i: i not in (0, 100, 255)),
+            size=SPARSE,
+        )
     base.close()
 
     middle = Layer(work / "1.tar")
@@ -133,13 +148,16 @@ def torture_layers(work: Path, *, big: bool = True) -> list[Path]:
 
 
 @ROOT_ONLY
-def test_merged_tree_matches_overlayfs_over_the_same_layers(layerfs_cli: LayerfsCli,
-                                                           tmp_path: Path):
+def test_merged_tree_matches_overlayfs_over_the_same_layers(
+    layerfs_cli: LayerfsCli, tmp_path: Path
+):
     layers = torture_layers(tmp_path / "layers")
     image = build_image(layerfs_cli.root, layers, "torture:1")
 
-    with overlay_reference(layers, tmp_path / "ref") as reference, \
-            mounted(layerfs_cli, "torture:1", tmp_path / "mnt", "--no-init") as mnt:
+    with (
+        overlay_reference(layers, tmp_path / "ref") as reference,
+        mounted(layerfs_cli, "torture:1", tmp_path / "mnt", "--no-init") as mnt,
+    ):
         want = listing(reference)
         got = listing(mnt)
         assert diff_listings(got, want) == []
@@ -164,8 +182,10 @@ def test_opaque_root_hides_every_lower_layer(layerfs_cli: LayerfsCli, tmp_path: 
     top = Layer(work / "2.tar").dir("bin").file("bin/tool", b"tool").close()
     build_image(layerfs_cli.root, [base, middle, top], "opaque-root:1")
 
-    with overlay_reference([base, middle, top], tmp_path / "ref") as reference, \
-            mounted(layerfs_cli, "opaque-root:1", tmp_path / "mnt", "--no-init") as mnt:
+    with (
+        overlay_reference([base, middle, top], tmp_path / "ref") as reference,
+        mounted(layerfs_cli, "opaque-root:1", tmp_path / "mnt", "--no-init") as mnt,
+    ):
         assert diff_listings(listing(mnt), listing(reference)) == []
         assert sorted(os.listdir(mnt)) == ["bin", "fresh"]
 
@@ -192,13 +212,22 @@ def test_init_layer_options_and_holds(layerfs_cli: LayerfsCli, tmp_path: Path):
         assert result.returncode != 0 and b"held" in result.stderr
         listed = layerfs_cli("mounts", "--no-trunc", "--format", "json").stdout.decode()
         rows = [json.loads(line) for line in listed.splitlines()]
-        assert [(r["Mountpoint"], r["ID"], r["Mode"], r["Status"]) for r in rows] == \
-            [(str(mnt), "sha256:" + image, "ro", "running")]
+        assert [(r["Mountpoint"], r["ID"], r["Mode"], r["Status"]) for r in rows] == [
+            (str(mnt), "sha256:" + image, "ro", "running")
+        ]
         with pytest.raises(OSError):
             (mnt / "newfile").write_bytes(b"x")
     assert layerfs_cli("mounts", "-q").stdout == b""
-    with mounted(layerfs_cli, image[:12], tmp_path / "mnt", "--no-init", "--suid", "--dev",
-                 "-o", "allow_other") as mnt:
+    with mounted(
+        layerfs_cli,
+        image[:12],
+        tmp_path / "mnt",
+        "--no-init",
+        "--suid",
+        "--dev",
+        "-o",
+        "allow_other",
+    ) as mnt:
         assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1 image\n"
         assert not (mnt / ".dockerenv").exists()
         fields = _mount_options(mnt)
@@ -276,8 +305,9 @@ def test_errors_are_one_line(layerfs_cli: LayerfsCli, tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
     _one_line_error(layerfs_cli("mount", "nosuch:image", empty, check=False), "nosuch")
-    _one_line_error(layerfs_cli("mount", "err:1", tmp_path / "missing", check=False),
-                    "no such directory")
+    _one_line_error(
+        layerfs_cli("mount", "err:1", tmp_path / "missing", check=False), "no such directory"
+    )
     _one_line_error(layerfs_cli("mount", "err:1", full, check=False), "not empty")
     _one_line_error(layerfs_cli("mount", "-o", "bogus", "err:1", full, check=False), "bogus")
     _one_line_error(layerfs_cli("umount", tmp_path, check=False), "not mounted")
@@ -292,31 +322,69 @@ def test_missing_or_forbidden_dev_fuse_is_explained(layerfs_cli: LayerfsCli, tmp
 
     (tmp_path / "mnt").mkdir()
     hidden = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         'mount -t tmpfs none /dev && exec "$@"', "sh",
-         sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root), "mount", "x",
-         str(tmp_path / "mnt")], capture_output=True, check=False)
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            'mount -t tmpfs none /dev && exec "$@"',
+            "sh",
+            sys.executable,
+            "-m",
+            "layerfs",
+            "--root",
+            str(layerfs_cli.root),
+            "mount",
+            "x",
+            str(tmp_path / "mnt"),
+        ],
+        capture_output=True,
+        check=False,
+    )
     _one_line_error(hidden, "/dev/fuse does not exist")
     # /dev/fuse is 0600 on some systems and 0666 on others: stage a root-only one in a
     # private mount namespace, so that the user below cannot open it wherever this runs.
     devdir = tmp_path / "dev"
     devdir.mkdir()
     forbidden = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         'mount -t tmpfs none "$0" && mknod -m 600 "$0/fuse" c 10 229 '
-         '&& mount --bind "$0/fuse" /dev/fuse && exec "$@"', str(devdir),
-         "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-         "layerfs", "--root", str(tmp_path / "nobody-store"), "mount", "x",
-         str(tmp_path / "mnt")], capture_output=True, check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}, cwd="/")
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            'mount -t tmpfs none "$0" && mknod -m 600 "$0/fuse" c 10 229 '
+            '&& mount --bind "$0/fuse" /dev/fuse && exec "$@"',
+            str(devdir),
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "layerfs",
+            "--root",
+            str(tmp_path / "nobody-store"),
+            "mount",
+            "x",
+            str(tmp_path / "mnt"),
+        ],
+        capture_output=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        cwd="/",
+    )
     _one_line_error(forbidden, "/dev/fuse cannot be opened")
 
 
 def _chain(store_root: Path, count: int) -> list[str]:
     layers = []
     for i in range(count):
-        layers.append(Layer(store_root.parent / f"d{i}.tar").dir("d")
-                      .file(f"d/f{i:03}", f"layer {i}".encode()).close())
+        layers.append(
+            Layer(store_root.parent / f"d{i}.tar")
+            .dir("d")
+            .file(f"d/f{i:03}", f"layer {i}".encode())
+            .close()
+        )
     ids = []
     store = Store.open(store_root)
     parent = ""
@@ -358,8 +426,9 @@ def test_127_layers_mount_and_depth_128_is_refused(layerfs_cli: LayerfsCli, tmp_
     (node / "parent").write_text(ids[-1])
     (node / "layersize").write_text("0")
     (tmp_path / "mnt2").mkdir()
-    _one_line_error(layerfs_cli("mount", crafted, tmp_path / "mnt2", check=False),
-                    "128 images", "127")
+    _one_line_error(
+        layerfs_cli("mount", crafted, tmp_path / "mnt2", check=False), "128 images", "127"
+    )
 
 
 def test_archives_mount_without_loading(layerfs_cli: LayerfsCli, tmp_path: Path):
@@ -382,15 +451,20 @@ def test_archives_mount_without_loading(layerfs_cli: LayerfsCli, tmp_path: Path)
 
     with mounted(layerfs_cli, "arch:1", tmp_path / "stored") as stored:
         want = listing(stored)
-        for spec in (str(docker), str(oci_dir), f"oci-archive:{oci_tar}", str(gzipped),
-                     f"docker-archive:{both}:arch:1"):
+        for spec in (
+            str(docker),
+            str(oci_dir),
+            f"oci-archive:{oci_tar}",
+            str(gzipped),
+            f"docker-archive:{both}:arch:1",
+        ):
             with mounted(layerfs_cli, spec, tmp_path / "archive") as mnt:
                 assert diff_listings(listing(mnt), want) == [], spec
                 assert (mnt / "etc/b").read_bytes() == b"top"
-    _one_line_error(layerfs_cli("mount", both, tmp_path / "archive", check=False),
-                    "2 images")
-    _one_line_error(layerfs_cli("mount", "--rw", docker, tmp_path / "archive", check=False),
-                    "read-only")
+    _one_line_error(layerfs_cli("mount", both, tmp_path / "archive", check=False), "2 images")
+    _one_line_error(
+        layerfs_cli("mount", "--rw", docker, tmp_path / "archive", check=False), "read-only"
+    )
 
 
 def test_foreground_mount_serves_until_a_signal(layerfs_cli: LayerfsCli, tmp_path: Path):
@@ -400,8 +474,20 @@ def test_foreground_mount_serves_until_a_signal(layerfs_cli: LayerfsCli, tmp_pat
     build_image(layerfs_cli.root, [layer], "fg:1")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "layerfs", "--root", str(layerfs_cli.root),
-                             "mount", "-f", "fg:1", str(mnt)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "layerfs",
+            "--root",
+            str(layerfs_cli.root),
+            "mount",
+            "-f",
+            "fg:1",
+            str(mnt),
+        ],
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 30
         while not os.path.ismount(mnt) and time.monotonic() < deadline:
@@ -434,5 +520,6 @@ def test_image_deleted_underneath(layerfs_cli: LayerfsCli, tmp_path: Path):
         shutil.move(layer_dir, tmp_path / "moved")
         assert (mnt / "f").read_bytes() == b"still here"
     (tmp_path / "mnt2").mkdir()
-    _one_line_error(layerfs_cli("mount", "gone:1", tmp_path / "mnt2", check=False),
-                    "not in the store")
+    _one_line_error(
+        layerfs_cli("mount", "gone:1", tmp_path / "mnt2", check=False), "not in the store"
+    )

@@ -41,8 +41,12 @@ def base_image(cli: LayerfsCli, tmp_path: Path) -> str:
     base.file("var/big", bytes(range(256)) * 20_000)  # 5 MB: copied up in a thread
     base.close()
     top = Layer(layers / "1.tar").dir("etc").file("etc/hostname.orig", b"image\n").close()
-    return build_image(cli.root, [layers / "0.tar", top], "base:1",
-                       config={"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"]})
+    return build_image(
+        cli.root,
+        [layers / "0.tar", top],
+        "base:1",
+        config={"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"]},
+    )
 
 
 def upper_of(cli: LayerfsCli) -> Path:
@@ -131,7 +135,8 @@ def test_copy_up_while_a_reader_holds_the_file(layerfs_cli: LayerfsCli, tmp_path
 
 @ROOT_OWNED
 def test_rename_of_a_lower_directory_delete_and_recreate_chmod_without_copy(
-        layerfs_cli: LayerfsCli, tmp_path: Path):
+    layerfs_cli: LayerfsCli, tmp_path: Path
+):
     base_image(layerfs_cli, tmp_path)
     with mounted(layerfs_cli, "base:1", tmp_path / "mnt", "--rw", "--upper", "work") as mnt:
         os.rename(mnt / "usr/lib", mnt / "usr/lib64")  # a lower directory: no EXDEV
@@ -168,8 +173,17 @@ def test_commit_then_mount_the_new_image(layerfs_cli: LayerfsCli, tmp_path: Path
             handle.seek(1_000_000)
             handle.write(b"changed")
         want = listing(mnt)
-        result = layerfs_cli("commit", mnt, "base:2", "-m", "my change",
-                             "-c", "ENV FOO=bar", "-c", 'CMD ["/bin/true"]')
+        result = layerfs_cli(
+            "commit",
+            mnt,
+            "base:2",
+            "-m",
+            "my change",
+            "-c",
+            "ENV FOO=bar",
+            "-c",
+            'CMD ["/bin/true"]',
+        )
         new_id = result.stdout.decode().strip().removeprefix("sha256:")
     history = layerfs_cli("history", "--no-trunc", "--format", "json", "base:2").stdout.decode()
     rows = [json.loads(line) for line in history.splitlines()]
@@ -188,8 +202,7 @@ def test_commit_then_mount_the_new_image(layerfs_cli: LayerfsCli, tmp_path: Path
 
 
 @ROOT_ONLY
-def test_extracting_a_distribution_into_a_writable_mount(layerfs_cli: LayerfsCli,
-                                                         tmp_path: Path):
+def test_extracting_a_distribution_into_a_writable_mount(layerfs_cli: LayerfsCli, tmp_path: Path):
     import shutil
     import subprocess
 

@@ -203,8 +203,10 @@ def test_setuid_and_devices_do_nothing_without_suid_and_dev(
     layer.add("dev/null", b"3", mode=0o666, dev=(1, 3)).close()
     build_image(layerfs_cli.root, [layer.path], "suid:1")
     drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    for options, euid, dev_ok in ((["-o", "allow_other"], str(NOBODY), False),
-                                  (["-o", "allow_other", "--suid", "--dev"], "0", True)):
+    for options, euid, dev_ok in (
+        (["-o", "allow_other"], str(NOBODY), False),
+        (["-o", "allow_other", "--suid", "--dev"], "0", True),
+    ):
         with mounted(layerfs_cli, "suid:1", public_dir / "mnt", *options) as mnt:
             assert os.stat(mnt / "bin/id").st_mode & stat.S_ISUID  # it is there...
             ran = subprocess.run([*drop, str(mnt / "bin/id"), "-u"], capture_output=True,

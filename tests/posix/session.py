@@ -62,8 +62,9 @@ class Engine:
 ENGINES = {
     "native": Engine("native", ("--engine", "native")),
     # pyfuse3 has no lseek, fallocate or tmpfile handler (docs/guide.md says what it means).
-    "pyfuse3": Engine("pyfuse3", ("--engine", "pyfuse3"),
-                      {"lseek": False, "fallocate": False, "tmpfile": False}),
+    "pyfuse3": Engine(
+        "pyfuse3", ("--engine", "pyfuse3"), {"lseek": False, "fallocate": False, "tmpfile": False}
+    ),
 }
 
 

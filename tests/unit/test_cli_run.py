@@ -19,8 +19,7 @@ def test_run_refuses_the_root_of_a_user_namespace(
     assert status == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == (
-        "layerfs: error: layerfs run needs the host's root; it does not run inside a user "
-        "namespace"
+        "layerfs: error: layerfs run needs the host's root; it does not run inside a user namespace"
     )
     assert [line for line in lines[1:] if not line.startswith("hint: ")] == []
     assert not (tmp_path / "store").exists()

@@ -25,8 +25,15 @@ def test_mount_table_knows_the_root():
 def test_records_round_trip_and_liveness(tmp_path: Path):
     records = Records(tmp_path / "mounts", tmp_path)
     (tmp_path / "mounts").mkdir()
-    record = MountRecord(id="abc", mountpoint=str(tmp_path / "mnt"), image="f" * 64,
-                         reference="img:1", mode="rw", upper="u", pid=123)
+    record = MountRecord(
+        id="abc",
+        mountpoint=str(tmp_path / "mnt"),
+        image="f" * 64,
+        reference="img:1",
+        mode="rw",
+        upper="u",
+        pid=123,
+    )
     records.write(record)
     assert records.find(tmp_path / "mnt") == record
     assert not records.alive("abc")  # nobody holds its lock

@@ -36,8 +36,16 @@ from tests.helpers import build_tar, tar_member  # noqa: E402
 MTIME = 1_700_000_000
 
 
-def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", *, mode: int = 0o644,
-           link: str = "", uid: int = 0, gid: int = 0) -> tuple[tarfile.TarInfo, bytes]:
+def member(
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    data: bytes = b"",
+    *,
+    mode: int = 0o644,
+    link: str = "",
+    uid: int = 0,
+    gid: int = 0,
+) -> tuple[tarfile.TarInfo, bytes]:
     return tar_member(name, kind, data=data, mode=mode, linkname=link, uid=uid, gid=gid)
 
 
@@ -104,14 +112,22 @@ def store(tmp_path: Path) -> Store:
     return Store.open(tmp_path / "store")
 
 
-def open_mount(store: Store, image_id: str, *, writable: bool, upper: str = "u",
-               init: bool = False) -> Mounted:
+def open_mount(
+    store: Store, image_id: str, *, writable: bool, upper: str = "u", init: bool = False
+) -> Mounted:
     lower = from_store(store, store.graph.get(image_id), image_id, init=init)
     tars = lower.open_tars()
     up = None
     if writable:
-        up = Upper.open(lower.tree, store.subdir("upper") / upper, image_id=image_id,
-                        diff_ids=lower.diff_ids, tars=tars, init=init, tmp_root=store.tmp)
+        up = Upper.open(
+            lower.tree,
+            store.subdir("upper") / upper,
+            image_id=image_id,
+            diff_ids=lower.diff_ids,
+            tars=tars,
+            init=init,
+            tmp_root=store.tmp,
+        )
     return Mounted(store, Operations(Core(lower.tree, tars, upper=up)), up, image_id, tars)
 
 
@@ -146,8 +162,9 @@ async def read_all(ops: Operations, ino: int) -> bytes:
         await ops.release(info.fh)
 
 
-async def listdir(ops: Operations, ino: int, monkeypatch: pytest.MonkeyPatch
-                  ) -> list[tuple[bytes, int, int]]:
+async def listdir(
+    ops: Operations, ino: int, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[bytes, int, int]]:
     """All entries, read two per readdir call as a small kernel buffer would."""
     accepted: list[tuple[bytes, int, int]] = []
     room = [0]
@@ -211,8 +228,9 @@ async def test_read_data_links_and_xattrs(ro: Mounted):
 
 
 @pytest.mark.trio
-async def test_readdir_resumes_at_offsets_and_agrees_with_lookup(ro: Mounted,
-                                                                monkeypatch: pytest.MonkeyPatch):
+async def test_readdir_resumes_at_offsets_and_agrees_with_lookup(
+    ro: Mounted, monkeypatch: pytest.MonkeyPatch
+):
     entries = await listdir(ro.ops, ro.ino("etc"), monkeypatch)
 
     assert [name for name, _, _ in entries[:2]] == [b".", b".."]
@@ -283,8 +301,9 @@ async def test_a_bug_in_a_handler_becomes_eio(ro: Mounted, caplog: pytest.LogCap
 # -- writable ------------------------------------------------------------------------------
 
 
-async def write_file(ops: Operations, parent: int, name: bytes, data: bytes,
-                     ctx: Ctx | None = None) -> int:
+async def write_file(
+    ops: Operations, parent: int, name: bytes, data: bytes, ctx: Ctx | None = None
+) -> int:
     info, attr = await ops.create(parent, name, 0o644, os.O_WRONLY, ctx or Ctx())
     await ops.write(info.fh, 0, data)
     await ops.release(info.fh)
@@ -315,8 +334,13 @@ async def test_chmod_chown_utimens_setxattr_copy_metadata_only(rw: Mounted):
     ino = rw.ino("etc/big")
     attr = pyfuse3.EntryAttributes()
     attr.st_mode, attr.st_uid, attr.st_gid, attr.st_mtime_ns = 0o4711, 42, 43, 5 * 10**9
-    await ops.setattr(ino, attr, Fields(update_mode=True, update_uid=True, update_gid=True,
-                                        update_mtime=True), None, Ctx())
+    await ops.setattr(
+        ino,
+        attr,
+        Fields(update_mode=True, update_uid=True, update_gid=True, update_mtime=True),
+        None,
+        Ctx(),
+    )
     await ops.setxattr(ino, b"user.note", b"v", Ctx())
 
     got = await ops.getattr(ino, Ctx())
@@ -356,7 +380,7 @@ async def test_big_copy_up_and_truncate(rw: Mounted):
     await ops.release(info.fh)
 
     data = await read_all(ops, ino)
-    expected = (bytes(range(256)) * 8192)[:1 << 20] + b"X"
+    expected = (bytes(range(256)) * 8192)[: 1 << 20] + b"X"
     assert data == expected
     attr.st_size = 0
     await ops.setattr(rw.ino("lib/sub/file"), attr, Fields(update_size=True), None, Ctx())
@@ -454,9 +478,22 @@ def snapshot(tree: MergedTree) -> list[tuple[Any, ...]]:
     for path, node in tree.walk():
         e = node.entry
         group = groups.setdefault(node.ino, path) if e.type != "d" else None
-        rows.append((path, e.type, e.mode, e.uid, e.gid, e.size, e.linkname, e.devmajor,
-                     e.devminor, sorted((e.xattrs or {}).items()), group,
-                     tree.table.nlink[node.ino] if e.type != "d" else 0))
+        rows.append(
+            (
+                path,
+                e.type,
+                e.mode,
+                e.uid,
+                e.gid,
+                e.size,
+                e.linkname,
+                e.devmajor,
+                e.devminor,
+                sorted((e.xattrs or {}).items()),
+                group,
+                tree.table.nlink[node.ino] if e.type != "d" else 0,
+            )
+        )
     return rows
 
 
@@ -485,8 +522,9 @@ async def test_commit_rows_give_exactly_the_mounted_tree(rw: Mounted, store: Sto
     expected_data = contents(expected_tree, rw.tars, rw.upper)
 
     out = io.BytesIO()
-    write_layer_tar(read_state(rw.upper.directory)["rows"], rw.upper.directory, out,
-                    store.layers.open_tar)
+    write_layer_tar(
+        read_state(rw.upper.directory)["rows"], rw.upper.directory, out, store.layers.open_tar
+    )
     out.seek(0)
     staged = store.layers.ingest(out)
     new_image = store.graph.create(staged, parent=rw.image_id).id
@@ -517,8 +555,9 @@ async def test_saved_upper_is_laid_again_by_the_next_mount(rw: Mounted, store: S
         assert contents(again.ops.ops.tree, again.tars, again.upper) == expected_data
         # The same changes, though an opaque directory may come back as whiteouts.
         names = {r[PATH] for r in again.upper.rows()}
-        assert names - {b"lib/.wh.sub"} == \
-            {r[PATH] for r in read_state(again.upper.directory)["rows"]} - {b"lib/.wh..wh..opq"}
+        assert names - {b"lib/.wh.sub"} == {
+            r[PATH] for r in read_state(again.upper.directory)["rows"]
+        } - {b"lib/.wh..wh..opq"}
         info = await again.ops.open(again.ino("etc/fresh"), os.O_WRONLY, Ctx())
         await again.ops.write(info.fh, 0, b"NEW")
         await again.ops.release(info.fh)

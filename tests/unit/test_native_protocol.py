@@ -38,39 +38,97 @@ HEADER = Path("/usr/include/linux/fuse.h")
 
 # Our layout of each structure of the header, field by field (None: padding we skip).
 LAYOUTS: dict[str, tuple[struct.Struct, list[str | None]]] = {
-    "fuse_in_header": (protocol.IN_HEADER, ["len", "opcode", "unique", "nodeid", "uid", "gid",
-                                            "pid", "total_extlen", "padding"]),
+    "fuse_in_header": (
+        protocol.IN_HEADER,
+        ["len", "opcode", "unique", "nodeid", "uid", "gid", "pid", "total_extlen", "padding"],
+    ),
     "fuse_out_header": (protocol.OUT_HEADER, ["len", "error", "unique"]),
-    "fuse_attr": (protocol.ATTR, ["ino", "size", "blocks", "atime", "mtime", "ctime",
-                                  "atimensec", "mtimensec", "ctimensec", "mode", "nlink", "uid",
-                                  "gid", "rdev", "blksize", "flags"]),
-    "fuse_entry_out": (protocol.ENTRY_OUT, ["nodeid", "generation", "entry_valid",
-                                            "attr_valid", "entry_valid_nsec",
-                                            "attr_valid_nsec"]),
+    "fuse_attr": (
+        protocol.ATTR,
+        [
+            "ino",
+            "size",
+            "blocks",
+            "atime",
+            "mtime",
+            "ctime",
+            "atimensec",
+            "mtimensec",
+            "ctimensec",
+            "mode",
+            "nlink",
+            "uid",
+            "gid",
+            "rdev",
+            "blksize",
+            "flags",
+        ],
+    ),
+    "fuse_entry_out": (
+        protocol.ENTRY_OUT,
+        [
+            "nodeid",
+            "generation",
+            "entry_valid",
+            "attr_valid",
+            "entry_valid_nsec",
+            "attr_valid_nsec",
+        ],
+    ),
     "fuse_attr_out": (protocol.ATTR_OUT, ["attr_valid", "attr_valid_nsec", "dummy"]),
     "fuse_open_out": (protocol.OPEN_OUT, ["fh", "open_flags", None]),
     "fuse_write_out": (protocol.WRITE_OUT, ["size", "padding"]),
     "fuse_statfs_out": (protocol.STATFS_OUT, []),
-    "fuse_kstatfs": (protocol.STATFS_OUT, ["blocks", "bfree", "bavail", "files", "ffree",
-                                           "bsize", "namelen", "frsize", "padding"]),
+    "fuse_kstatfs": (
+        protocol.STATFS_OUT,
+        ["blocks", "bfree", "bavail", "files", "ffree", "bsize", "namelen", "frsize", "padding"],
+    ),
     "fuse_getxattr_out": (protocol.GETXATTR_OUT, ["size", "padding"]),
     "fuse_lseek_out": (protocol.LSEEK_OUT, ["offset"]),
     "fuse_ioctl_out": (protocol.IOCTL_OUT, ["result", "flags", "in_iovs", "out_iovs"]),
-    "fuse_init_out": (protocol.INIT_OUT, ["major", "minor", "max_readahead", "flags",
-                                          "max_background", "congestion_threshold",
-                                          "max_write", "time_gran", "max_pages",
-                                          "map_alignment", "flags2"]),
-    "fuse_init_in": (protocol.INIT_IN_EXT, ["major", "minor", "max_readahead", "flags",
-                                            "flags2"]),
+    "fuse_init_out": (
+        protocol.INIT_OUT,
+        [
+            "major",
+            "minor",
+            "max_readahead",
+            "flags",
+            "max_background",
+            "congestion_threshold",
+            "max_write",
+            "time_gran",
+            "max_pages",
+            "map_alignment",
+            "flags2",
+        ],
+    ),
+    "fuse_init_in": (protocol.INIT_IN_EXT, ["major", "minor", "max_readahead", "flags", "flags2"]),
     "fuse_dirent": (protocol.DIRENT, ["ino", "off", "namelen", "type"]),
     "fuse_forget_in": (protocol.FORGET_IN, ["nlookup"]),
     "fuse_batch_forget_in": (protocol.BATCH_FORGET_IN, ["count", "dummy"]),
     "fuse_forget_one": (protocol.FORGET_ONE, ["nodeid", "nlookup"]),
     "fuse_getattr_in": (protocol.GETATTR_IN, ["getattr_flags", "dummy", "fh"]),
-    "fuse_setattr_in": (protocol.SETATTR_IN, ["valid", "padding", "fh", "size", "lock_owner",
-                                              "atime", "mtime", "ctime", "atimensec",
-                                              "mtimensec", "ctimensec", "mode", "unused4",
-                                              "uid", "gid", "unused5"]),
+    "fuse_setattr_in": (
+        protocol.SETATTR_IN,
+        [
+            "valid",
+            "padding",
+            "fh",
+            "size",
+            "lock_owner",
+            "atime",
+            "mtime",
+            "ctime",
+            "atimensec",
+            "mtimensec",
+            "ctimensec",
+            "mode",
+            "unused4",
+            "uid",
+            "gid",
+            "unused5",
+        ],
+    ),
     "fuse_mknod_in": (protocol.MKNOD_IN, ["mode", "rdev", "umask", "padding"]),
     "fuse_mkdir_in": (protocol.MKDIR_IN, ["mode", "umask"]),
     "fuse_rename_in": (protocol.RENAME_IN, ["newdir"]),
@@ -78,28 +136,30 @@ LAYOUTS: dict[str, tuple[struct.Struct, list[str | None]]] = {
     "fuse_link_in": (protocol.LINK_IN, ["oldnodeid"]),
     "fuse_open_in": (protocol.OPEN_IN, ["flags", "open_flags"]),
     "fuse_create_in": (protocol.CREATE_IN, ["flags", "mode", "umask", "open_flags"]),
-    "fuse_read_in": (protocol.READ_IN, ["fh", "offset", "size", "read_flags", "lock_owner",
-                                        "flags", "padding"]),
-    "fuse_write_in": (protocol.WRITE_IN, ["fh", "offset", "size", "write_flags", "lock_owner",
-                                          "flags", "padding"]),
+    "fuse_read_in": (
+        protocol.READ_IN,
+        ["fh", "offset", "size", "read_flags", "lock_owner", "flags", "padding"],
+    ),
+    "fuse_write_in": (
+        protocol.WRITE_IN,
+        ["fh", "offset", "size", "write_flags", "lock_owner", "flags", "padding"],
+    ),
     "fuse_release_in": (protocol.RELEASE_IN, ["fh", "flags", "release_flags", "lock_owner"]),
     "fuse_flush_in": (protocol.FLUSH_IN, ["fh", "unused", "padding", "lock_owner"]),
     "fuse_fsync_in": (protocol.FSYNC_IN, ["fh", "fsync_flags", "padding"]),
-    "fuse_setxattr_in": (protocol.SETXATTR_IN_EXT, ["size", "flags", "setxattr_flags",
-                                                    "padding"]),
+    "fuse_setxattr_in": (protocol.SETXATTR_IN_EXT, ["size", "flags", "setxattr_flags", "padding"]),
     "fuse_getxattr_in": (protocol.GETXATTR_IN, ["size", "padding"]),
     "fuse_access_in": (protocol.ACCESS_IN, ["mask", "padding"]),
     "fuse_interrupt_in": (protocol.INTERRUPT_IN, ["unique"]),
     "fuse_bmap_in": (protocol.BMAP_IN, ["block", "blocksize", "padding"]),
-    "fuse_ioctl_in": (protocol.IOCTL_IN, ["fh", "flags", "cmd", "arg", "in_size",
-                                          "out_size"]),
+    "fuse_ioctl_in": (protocol.IOCTL_IN, ["fh", "flags", "cmd", "arg", "in_size", "out_size"]),
     "fuse_poll_in": (protocol.POLL_IN, ["fh", "kh", "flags", "events"]),
-    "fuse_fallocate_in": (protocol.FALLOCATE_IN, ["fh", "offset", "length", "mode",
-                                                  "padding"]),
+    "fuse_fallocate_in": (protocol.FALLOCATE_IN, ["fh", "offset", "length", "mode", "padding"]),
     "fuse_lseek_in": (protocol.LSEEK_IN, ["fh", "offset", "whence", "padding"]),
-    "fuse_copy_file_range_in": (protocol.COPY_FILE_RANGE_IN, ["fh_in", "off_in", "nodeid_out",
-                                                              "fh_out", "off_out", "len",
-                                                              "flags"]),
+    "fuse_copy_file_range_in": (
+        protocol.COPY_FILE_RANGE_IN,
+        ["fh_in", "off_in", "nodeid_out", "fh_out", "off_out", "len", "flags"],
+    ),
     "fuse_syncfs_in": (protocol.SYNCFS_IN, ["padding"]),
 }
 # Sizes from headers newer than Debian's (minors 39 and 40): fuse_statx_in and
@@ -134,8 +194,12 @@ def header_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     if compiler is None or not HEADER.exists():
         pytest.skip("needs a C compiler and linux/fuse.h (apt-get install gcc linux-libc-dev)")
     work = tmp_path_factory.mktemp("fuseh")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/fuse.h>",
-             "int main(void) {"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/fuse.h>",
+        "int main(void) {",
+    ]
     for name, (_layout, fields) in LAYOUTS.items():
         lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
         for field in fields:
@@ -143,8 +207,11 @@ def header_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
                 lines.append(f'printf("{name}.{field} %zu\\n", offsetof(struct {name}, {field}));')
     lines += ["return 0;", "}"]
     (work / "sizes.c").write_text("\n".join(lines))
-    subprocess.run([compiler, "-o", str(work / "sizes"), str(work / "sizes.c")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [compiler, "-o", str(work / "sizes"), str(work / "sizes.c")],
+        check=True,
+        capture_output=True,
+    )
     out = subprocess.run([str(work / "sizes")], check=True, capture_output=True, text=True).stdout
     return {key: int(value) for key, value in (line.split() for line in out.splitlines())}
 
@@ -173,10 +240,15 @@ def test_structures_newer_than_the_header():
 # -- decoding every request ---------------------------------------------------------------------
 
 
-def request(opcode: int, body: bytes = b"", *, unique: int = 7, nodeid: int = 3,
-            extlen: int = 0) -> memoryview:
-    data = protocol.IN_HEADER.pack(protocol.IN_HEADER.size + len(body), opcode, unique, nodeid,
-                                   1000, 100, 4242, extlen, 0) + body
+def request(
+    opcode: int, body: bytes = b"", *, unique: int = 7, nodeid: int = 3, extlen: int = 0
+) -> memoryview:
+    data = (
+        protocol.IN_HEADER.pack(
+            protocol.IN_HEADER.size + len(body), opcode, unique, nodeid, 1000, 100, 4242, extlen, 0
+        )
+        + body
+    )
     return memoryview(data)
 
 
@@ -184,8 +256,24 @@ def name(*names: bytes) -> bytes:
     return b"".join(n + b"\0" for n in names)
 
 
-SETATTR = protocol.SETATTR_IN.pack(protocol.FATTR_MODE | protocol.FATTR_SIZE, 0, 9, 4096, 0,
-                                   1, 2, 3, 4, 5, 6, 0o100600, 0, 10, 20, 0)
+SETATTR = protocol.SETATTR_IN.pack(
+    protocol.FATTR_MODE | protocol.FATTR_SIZE,
+    0,
+    9,
+    4096,
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    0o100600,
+    0,
+    10,
+    20,
+    0,
+)
 READ = protocol.READ_IN.pack(5, 8192, 4096, 0, 0, os.O_RDONLY, 0)
 # opcode: (body, expected args, expected names, expected data)
 CASES: dict[int, tuple[bytes, tuple[int, ...], tuple[bytes, ...], bytes]] = {
@@ -195,63 +283,118 @@ CASES: dict[int, tuple[bytes, tuple[int, ...], tuple[bytes, ...], bytes]] = {
     protocol.SETATTR: (SETATTR, protocol.SETATTR_IN.unpack(SETATTR), (), b""),
     protocol.READLINK: (b"", (), (), b""),
     protocol.SYMLINK: (name(b"link", b"../target"), (), (b"link", b"../target"), b""),
-    protocol.MKNOD: (protocol.MKNOD_IN.pack(0o20644, 0x103, 0o22, 0) + name(b"null"),
-                     (0o20644, 0x103, 0o22, 0), (b"null",), b""),
-    protocol.MKDIR: (protocol.MKDIR_IN.pack(0o755, 0o22) + name(b"d"), (0o755, 0o22), (b"d",),
-                     b""),
+    protocol.MKNOD: (
+        protocol.MKNOD_IN.pack(0o20644, 0x103, 0o22, 0) + name(b"null"),
+        (0o20644, 0x103, 0o22, 0),
+        (b"null",),
+        b"",
+    ),
+    protocol.MKDIR: (protocol.MKDIR_IN.pack(0o755, 0o22) + name(b"d"), (0o755, 0o22), (b"d",), b""),
     protocol.UNLINK: (name(b"f"), (), (b"f",), b""),
     protocol.RMDIR: (name(b"d"), (), (b"d",), b""),
     protocol.RENAME: (protocol.RENAME_IN.pack(4) + name(b"a", b"b"), (4,), (b"a", b"b"), b""),
     protocol.LINK: (protocol.LINK_IN.pack(12) + name(b"hard"), (12,), (b"hard",), b""),
     protocol.OPEN: (protocol.OPEN_IN.pack(os.O_RDWR, 0), (os.O_RDWR, 0), (), b""),
     protocol.READ: (READ, protocol.READ_IN.unpack(READ), (), b""),
-    protocol.WRITE: (protocol.WRITE_IN.pack(5, 0, 5, 0, 0, os.O_WRONLY, 0) + b"hello",
-                     (5, 0, 5, 0, 0, os.O_WRONLY, 0), (), b"hello"),
+    protocol.WRITE: (
+        protocol.WRITE_IN.pack(5, 0, 5, 0, 0, os.O_WRONLY, 0) + b"hello",
+        (5, 0, 5, 0, 0, os.O_WRONLY, 0),
+        (),
+        b"hello",
+    ),
     protocol.STATFS: (b"", (), (), b""),
     protocol.RELEASE: (protocol.RELEASE_IN.pack(5, 0, 0, 0), (5, 0, 0, 0), (), b""),
     protocol.FSYNC: (protocol.FSYNC_IN.pack(5, 1, 0), (5, 1, 0), (), b""),
-    protocol.SETXATTR: (protocol.SETXATTR_IN.pack(3, 1) + name(b"user.k") + b"v\0x",
-                        (3, 1), (b"user.k",), b"v\0x"),
-    protocol.GETXATTR: (protocol.GETXATTR_IN.pack(64, 0) + name(b"user.k"), (64, 0),
-                        (b"user.k",), b""),
+    protocol.SETXATTR: (
+        protocol.SETXATTR_IN.pack(3, 1) + name(b"user.k") + b"v\0x",
+        (3, 1),
+        (b"user.k",),
+        b"v\0x",
+    ),
+    protocol.GETXATTR: (
+        protocol.GETXATTR_IN.pack(64, 0) + name(b"user.k"),
+        (64, 0),
+        (b"user.k",),
+        b"",
+    ),
     protocol.LISTXATTR: (protocol.GETXATTR_IN.pack(0, 0), (0, 0), (), b""),
     protocol.REMOVEXATTR: (name(b"user.k"), (), (b"user.k",), b""),
     protocol.FLUSH: (protocol.FLUSH_IN.pack(5, 0, 0, 77), (5, 0, 0, 77), (), b""),
-    protocol.INIT: (protocol.INIT_IN_EXT.pack(7, 45, 131072, protocol.INIT_EXT, 1 << 5),
-                    (7, 45, 131072, protocol.INIT_EXT), (), struct.pack("=I", 1 << 5) + bytes(44)),
+    protocol.INIT: (
+        protocol.INIT_IN_EXT.pack(7, 45, 131072, protocol.INIT_EXT, 1 << 5),
+        (7, 45, 131072, protocol.INIT_EXT),
+        (),
+        struct.pack("=I", 1 << 5) + bytes(44),
+    ),
     protocol.OPENDIR: (protocol.OPEN_IN.pack(os.O_RDONLY, 0), (os.O_RDONLY, 0), (), b""),
     protocol.READDIR: (READ, protocol.READ_IN.unpack(READ), (), b""),
     protocol.RELEASEDIR: (protocol.RELEASE_IN.pack(5, 0, 0, 0), (5, 0, 0, 0), (), b""),
     protocol.FSYNCDIR: (protocol.FSYNC_IN.pack(5, 0, 0), (5, 0, 0), (), b""),
-    protocol.GETLK: (protocol.LK_IN.pack(1, 2, 3, 4, 5, 6, 7, 0), (1, 2, 3, 4, 5, 6, 7, 0),
-                     (), b""),
-    protocol.SETLK: (protocol.LK_IN.pack(1, 2, 3, 4, 5, 6, 7, 0), (1, 2, 3, 4, 5, 6, 7, 0),
-                     (), b""),
-    protocol.SETLKW: (protocol.LK_IN.pack(1, 2, 3, 4, 5, 6, 7, 0), (1, 2, 3, 4, 5, 6, 7, 0),
-                      (), b""),
+    protocol.GETLK: (
+        protocol.LK_IN.pack(1, 2, 3, 4, 5, 6, 7, 0),
+        (1, 2, 3, 4, 5, 6, 7, 0),
+        (),
+        b"",
+    ),
+    protocol.SETLK: (
+        protocol.LK_IN.pack(1, 2, 3, 4, 5, 6, 7, 0),
+        (1, 2, 3, 4, 5, 6, 7, 0),
+        (),
+        b"",
+    ),
+    protocol.SETLKW: (
+        protocol.LK_IN.pack(1, 2, 3, 4, 5, 6, 7, 0),
+        (1, 2, 3, 4, 5, 6, 7, 0),
+        (),
+        b"",
+    ),
     protocol.ACCESS: (protocol.ACCESS_IN.pack(4, 0), (4, 0), (), b""),
-    protocol.CREATE: (protocol.CREATE_IN.pack(os.O_WRONLY, 0o644, 0o22, 0) + name(b"new"),
-                      (os.O_WRONLY, 0o644, 0o22, 0), (b"new",), b""),
+    protocol.CREATE: (
+        protocol.CREATE_IN.pack(os.O_WRONLY, 0o644, 0o22, 0) + name(b"new"),
+        (os.O_WRONLY, 0o644, 0o22, 0),
+        (b"new",),
+        b"",
+    ),
     protocol.INTERRUPT: (protocol.INTERRUPT_IN.pack(99), (99,), (), b""),
     protocol.BMAP: (protocol.BMAP_IN.pack(1, 4096, 0), (1, 4096, 0), (), b""),
     protocol.DESTROY: (b"", (), (), b""),
-    protocol.IOCTL: (protocol.IOCTL_IN.pack(0, 0, 0x5401, 0, 0, 60), (0, 0, 0x5401, 0, 0, 60),
-                     (), b""),
+    protocol.IOCTL: (
+        protocol.IOCTL_IN.pack(0, 0, 0x5401, 0, 0, 60),
+        (0, 0, 0x5401, 0, 0, 60),
+        (),
+        b"",
+    ),
     protocol.POLL: (protocol.POLL_IN.pack(5, 6, 0, 1), (5, 6, 0, 1), (), b""),
-    protocol.BATCH_FORGET: (protocol.BATCH_FORGET_IN.pack(2, 0) + protocol.FORGET_ONE.pack(3, 1)
-                            + protocol.FORGET_ONE.pack(4, 2), (2, 0), (),
-                            protocol.FORGET_ONE.pack(3, 1) + protocol.FORGET_ONE.pack(4, 2)),
-    protocol.FALLOCATE: (protocol.FALLOCATE_IN.pack(5, 0, 100, 1, 0), (5, 0, 100, 1, 0), (),
-                         b""),
+    protocol.BATCH_FORGET: (
+        protocol.BATCH_FORGET_IN.pack(2, 0)
+        + protocol.FORGET_ONE.pack(3, 1)
+        + protocol.FORGET_ONE.pack(4, 2),
+        (2, 0),
+        (),
+        protocol.FORGET_ONE.pack(3, 1) + protocol.FORGET_ONE.pack(4, 2),
+    ),
+    protocol.FALLOCATE: (protocol.FALLOCATE_IN.pack(5, 0, 100, 1, 0), (5, 0, 100, 1, 0), (), b""),
     protocol.READDIRPLUS: (READ, protocol.READ_IN.unpack(READ), (), b""),
-    protocol.RENAME2: (protocol.RENAME2_IN.pack(4, 2, 0) + name(b"a", b"b"), (4, 2, 0),
-                       (b"a", b"b"), b""),
+    protocol.RENAME2: (
+        protocol.RENAME2_IN.pack(4, 2, 0) + name(b"a", b"b"),
+        (4, 2, 0),
+        (b"a", b"b"),
+        b"",
+    ),
     protocol.LSEEK: (protocol.LSEEK_IN.pack(5, 10, 3, 0), (5, 10, 3, 0), (), b""),
-    protocol.COPY_FILE_RANGE: (protocol.COPY_FILE_RANGE_IN.pack(5, 0, 9, 6, 10, 100, 0),
-                               (5, 0, 9, 6, 10, 100, 0), (), b""),
+    protocol.COPY_FILE_RANGE: (
+        protocol.COPY_FILE_RANGE_IN.pack(5, 0, 9, 6, 10, 100, 0),
+        (5, 0, 9, 6, 10, 100, 0),
+        (),
+        b"",
+    ),
     protocol.SYNCFS: (protocol.SYNCFS_IN.pack(0), (0,), (), b""),
-    protocol.TMPFILE: (protocol.CREATE_IN.pack(os.O_RDWR, 0o600, 0o22, 0) + name(b""),
-                       (os.O_RDWR, 0o600, 0o22, 0), (b"",), b""),
+    protocol.TMPFILE: (
+        protocol.CREATE_IN.pack(os.O_RDWR, 0o600, 0o22, 0) + name(b""),
+        (os.O_RDWR, 0o600, 0o22, 0),
+        (b"",),
+        b"",
+    ),
     protocol.STATX: (protocol.STATX_IN.pack(0, 0, 0, 0, 0x7FF), (0, 0, 0, 0, 0x7FF), (), b""),
 }
 
@@ -264,8 +407,14 @@ def test_every_request_the_engine_knows_has_a_case():
 def test_every_request_type_decodes(opcode: int):
     body, args, names, data = CASES[opcode]
     req = protocol.decode(request(opcode, body))
-    assert (req.opcode, req.unique, req.nodeid, req.uid, req.gid, req.pid) == \
-        (opcode, 7, 3, 1000, 100, 4242)
+    assert (req.opcode, req.unique, req.nodeid, req.uid, req.gid, req.pid) == (
+        opcode,
+        7,
+        3,
+        1000,
+        100,
+        4242,
+    )
     assert req.args == args
     assert req.names == names
     assert bytes(req.data) == data
@@ -285,14 +434,21 @@ def test_setxattr_ext_layout():
     assert req.args == (1, 0, 1, 0) and req.names == (b"user.a",) and bytes(req.data) == b"z"
 
 
-@pytest.mark.parametrize("data, unique, words", [
-    (b"\x01\x02", 0, "short request"),
-    (protocol.IN_HEADER.pack(99, protocol.LOOKUP, 5, 1, 0, 0, 0, 0, 0), 5, "length 99"),
-    (bytes(request(protocol.LOOKUP, b"unterminated")), 7, "not terminated"),
-    (bytes(request(protocol.READ, b"\x00" * 10)), 7, "needs 40"),
-    (bytes(request(protocol.RENAME, protocol.RENAME_IN.pack(4) + b"a\0b")), 7, "not terminated"),
-    (bytes(request(protocol.LOOKUP, name(b"x"), extlen=9)), 7, "extension length"),
-])
+@pytest.mark.parametrize(
+    "data, unique, words",
+    [
+        (b"\x01\x02", 0, "short request"),
+        (protocol.IN_HEADER.pack(99, protocol.LOOKUP, 5, 1, 0, 0, 0, 0, 0), 5, "length 99"),
+        (bytes(request(protocol.LOOKUP, b"unterminated")), 7, "not terminated"),
+        (bytes(request(protocol.READ, b"\x00" * 10)), 7, "needs 40"),
+        (
+            bytes(request(protocol.RENAME, protocol.RENAME_IN.pack(4) + b"a\0b")),
+            7,
+            "not terminated",
+        ),
+        (bytes(request(protocol.LOOKUP, name(b"x"), extlen=9)), 7, "extension length"),
+    ],
+)
 def test_malformed_requests_are_refused(data: bytes, unique: int, words: str):
     with pytest.raises(protocol.ProtocolError) as err:
         protocol.decode(memoryview(data))
@@ -319,7 +475,7 @@ class Replies:
         out = []
         while data:
             length, error, unique = protocol.OUT_HEADER.unpack_from(data)
-            out.append((unique, error, data[protocol.OUT_HEADER.size:length]))
+            out.append((unique, error, data[protocol.OUT_HEADER.size : length]))
             data = data[length:]
         return out
 
@@ -347,18 +503,21 @@ def bare_session(dispatcher: NativeDispatcher, replies: Replies, flags: int) -> 
     return session
 
 
-def test_a_bad_request_gets_eio_and_the_next_one_is_served(ro_ops: Operations,
-                                                           caplog: pytest.LogCaptureFixture):
+def test_a_bad_request_gets_eio_and_the_next_one_is_served(
+    ro_ops: Operations, caplog: pytest.LogCaptureFixture
+):
     replies = Replies()
     session = bare_session(NativeDispatcher(ro_ops), replies, READ_ONLY)
     counts = [0] * 64
     session._handle(replies.write_fd, request(protocol.LOOKUP, b"no nul", unique=11), counts)
     session._handle(replies.write_fd, memoryview(b"\x00" * 5), counts)
-    session._handle(replies.write_fd, request(protocol.GETATTR, bytes(16), unique=12,
-                                              nodeid=1), counts)
+    session._handle(
+        replies.write_fd, request(protocol.GETATTR, bytes(16), unique=12, nodeid=1), counts
+    )
     session._handle(replies.write_fd, request(protocol.SETUPMAPPING, b"", unique=13), counts)
-    session._handle(replies.write_fd, request(protocol.FORGET, protocol.FORGET_IN.pack(1),
-                                              unique=14), counts)
+    session._handle(
+        replies.write_fd, request(protocol.FORGET, protocol.FORGET_IN.pack(1), unique=14), counts
+    )
     got = replies.take()
     assert [(u, e) for u, e, _ in got] == [(11, -errno.EIO), (12, 0), (13, -errno.ENOSYS)]
     assert "malformed request" in caplog.text
@@ -388,9 +547,11 @@ def test_interrupt_ends_a_blocked_wait_with_eintr(ro_ops: Operations):
     thread.start()
     while 21 not in session._waiting:
         pass
-    session._handle(replies.write_fd, request(protocol.INTERRUPT,
-                                              protocol.INTERRUPT_IN.pack(21), unique=22),
-                    [0] * 64)
+    session._handle(
+        replies.write_fd,
+        request(protocol.INTERRUPT, protocol.INTERRUPT_IN.pack(21), unique=22),
+        [0] * 64,
+    )
     thread.join(10)
     assert not thread.is_alive()
     assert isinstance(outcome[0], InterruptedError) and req.interrupted
@@ -426,11 +587,13 @@ def _tar(*members: tuple[str, bytes, bytes, int, str]) -> bytes:
     )
 
 
-IMAGE = _tar(("etc", tarfile.DIRTYPE, b"", 0o755, ""),
-             ("etc/passwd", tarfile.REGTYPE, b"root:x:0:0\n", 0o644, ""),
-             ("etc/link", tarfile.SYMTYPE, b"", 0o777, "passwd"),
-             ("dev", tarfile.DIRTYPE, b"", 0o755, ""),
-             ("dev/null", tarfile.CHRTYPE, b"", 0o666, ""))
+IMAGE = _tar(
+    ("etc", tarfile.DIRTYPE, b"", 0o755, ""),
+    ("etc/passwd", tarfile.REGTYPE, b"root:x:0:0\n", 0o644, ""),
+    ("etc/link", tarfile.SYMTYPE, b"", 0o777, "passwd"),
+    ("dev", tarfile.DIRTYPE, b"", 0o755, ""),
+    ("dev/null", tarfile.CHRTYPE, b"", 0o666, ""),
+)
 
 
 @pytest.fixture
@@ -458,8 +621,15 @@ def rw_ops(store: Store) -> Iterator[Operations]:
     image = _image(store)
     lower = from_store(store, store.graph.get(image), image, init=False)
     tars = lower.open_tars()
-    upper = Upper.open(lower.tree, store.subdir("upper") / "u", image_id=image,
-                       diff_ids=lower.diff_ids, tars=tars, init=False, tmp_root=store.tmp)
+    upper = Upper.open(
+        lower.tree,
+        store.subdir("upper") / "u",
+        image_id=image,
+        diff_ids=lower.diff_ids,
+        tars=tars,
+        init=False,
+        tmp_root=store.tmp,
+    )
     yield Operations(lower.tree, tars, upper=upper)
     upper.close()
     for fd in tars:
@@ -473,11 +643,16 @@ def served(ops: Operations, flags: int) -> tuple[NativeDispatcher, Replies, Sess
     return dispatcher, replies, session
 
 
-def ask(session: Session, replies: Replies, opcode: int, body: bytes = b"", nodeid: int = 1,
-        unique: int = 50) -> tuple[int, bytes]:
-    session._handle(replies.write_fd, request(opcode, body, unique=unique, nodeid=nodeid),
-                    [0] * 64)
-    (got_unique, error, reply), = replies.take()
+def ask(
+    session: Session,
+    replies: Replies,
+    opcode: int,
+    body: bytes = b"",
+    nodeid: int = 1,
+    unique: int = 50,
+) -> tuple[int, bytes]:
+    session._handle(replies.write_fd, request(opcode, body, unique=unique, nodeid=nodeid), [0] * 64)
+    ((got_unique, error, reply),) = replies.take()
     assert got_unique == unique
     return error, reply
 
@@ -505,30 +680,70 @@ def test_read_only_replies(ro_ops: Operations):
     assert protocol.ATTR_OUT.unpack(reply)[3 + 13] == 0  # tar device 0,0
     # No OPEN, no OPENDIR, no FLUSH: ENOSYS, which the kernel remembers.
     for opcode in (protocol.OPEN, protocol.OPENDIR, protocol.FLUSH):
-        assert ask(session, replies, opcode, protocol.FLUSH_IN.pack(0, 0, 0, 0)[:8]
-                   if opcode != protocol.FLUSH else protocol.FLUSH_IN.pack(0, 0, 0, 0),
-                   nodeid=passwd)[0] == -errno.ENOSYS
-    assert ask(session, replies, protocol.IOCTL, protocol.IOCTL_IN.pack(0, 0, 0x5401, 0, 0, 60),
-               nodeid=passwd)[0] == -errno.ENOTTY
-    error, reply = ask(session, replies, protocol.READ,
-                       protocol.READ_IN.pack(0, 5, 100, 0, 0, 0, 0), nodeid=passwd)
+        assert (
+            ask(
+                session,
+                replies,
+                opcode,
+                protocol.FLUSH_IN.pack(0, 0, 0, 0)[:8]
+                if opcode != protocol.FLUSH
+                else protocol.FLUSH_IN.pack(0, 0, 0, 0),
+                nodeid=passwd,
+            )[0]
+            == -errno.ENOSYS
+        )
+    assert (
+        ask(
+            session,
+            replies,
+            protocol.IOCTL,
+            protocol.IOCTL_IN.pack(0, 0, 0x5401, 0, 0, 60),
+            nodeid=passwd,
+        )[0]
+        == -errno.ENOTTY
+    )
+    error, reply = ask(
+        session, replies, protocol.READ, protocol.READ_IN.pack(0, 5, 100, 0, 0, 0, 0), nodeid=passwd
+    )
     assert (error, reply) == (0, b"x:0:0\n")
     link = ro_ops.t.resolve(b"etc/link")
     assert ask(session, replies, protocol.READLINK, nodeid=link) == (0, b"passwd")
-    assert ask(session, replies, protocol.GETXATTR, protocol.GETXATTR_IN.pack(0, 0)
-               + name(b"user.note"), nodeid=passwd) == (0, protocol.GETXATTR_OUT.pack(2, 0))
-    assert ask(session, replies, protocol.GETXATTR, protocol.GETXATTR_IN.pack(64, 0)
-               + name(b"user.note"), nodeid=passwd) == (0, b"hi")
-    assert ask(session, replies, protocol.GETXATTR, protocol.GETXATTR_IN.pack(1, 0)
-               + name(b"user.note"), nodeid=passwd)[0] == -errno.ERANGE
-    assert ask(session, replies, protocol.LISTXATTR, protocol.GETXATTR_IN.pack(64, 0),
-               nodeid=passwd) == (0, b"user.note\0")
+    assert ask(
+        session,
+        replies,
+        protocol.GETXATTR,
+        protocol.GETXATTR_IN.pack(0, 0) + name(b"user.note"),
+        nodeid=passwd,
+    ) == (0, protocol.GETXATTR_OUT.pack(2, 0))
+    assert ask(
+        session,
+        replies,
+        protocol.GETXATTR,
+        protocol.GETXATTR_IN.pack(64, 0) + name(b"user.note"),
+        nodeid=passwd,
+    ) == (0, b"hi")
+    assert (
+        ask(
+            session,
+            replies,
+            protocol.GETXATTR,
+            protocol.GETXATTR_IN.pack(1, 0) + name(b"user.note"),
+            nodeid=passwd,
+        )[0]
+        == -errno.ERANGE
+    )
+    assert ask(
+        session, replies, protocol.LISTXATTR, protocol.GETXATTR_IN.pack(64, 0), nodeid=passwd
+    ) == (0, b"user.note\0")
     error, reply = ask(session, replies, protocol.STATFS)
     assert protocol.STATFS_OUT.unpack(reply)[6] == 255  # namelen
-    assert ask(session, replies, protocol.MKDIR, protocol.MKDIR_IN.pack(0o755, 0)
-               + name(b"x"))[0] == -errno.EROFS
-    assert ask(session, replies, protocol.LSEEK, protocol.LSEEK_IN.pack(0, 3, 4, 0),
-               nodeid=passwd) == (0, protocol.LSEEK_OUT.pack(11))  # SEEK_HOLE: the end
+    assert (
+        ask(session, replies, protocol.MKDIR, protocol.MKDIR_IN.pack(0o755, 0) + name(b"x"))[0]
+        == -errno.EROFS
+    )
+    assert ask(
+        session, replies, protocol.LSEEK, protocol.LSEEK_IN.pack(0, 3, 4, 0), nodeid=passwd
+    ) == (0, protocol.LSEEK_OUT.pack(11))  # SEEK_HOLE: the end
 
 
 def parse_dirents(data: bytes, plus: bool) -> list[tuple[bytes, int, int, int]]:
@@ -540,7 +755,7 @@ def parse_dirents(data: bytes, plus: bool) -> list[tuple[bytes, int, int, int]]:
         base = pos + (protocol.ENTRY_OUT.size if plus else 0)
         ino, off, namelen, _kind = protocol.DIRENT.unpack_from(data, base)
         start = base + protocol.DIRENT.size
-        out.append((data[start:start + namelen], ino, off, nodeid))
+        out.append((data[start : start + namelen], ino, off, nodeid))
         pos = (start + namelen + 7) & ~7
     return out
 
@@ -554,8 +769,9 @@ def test_listings_resume_at_their_offsets_in_small_buffers(ro_ops: Operations, p
     offset = 0
     while True:
         size = 200 if plus else 40  # room for one entry at a time
-        error, reply = ask(session, replies, opcode,
-                           protocol.READ_IN.pack(0, offset, size, 0, 0, 0, 0), nodeid=etc)
+        error, reply = ask(
+            session, replies, opcode, protocol.READ_IN.pack(0, offset, size, 0, 0, 0, 0), nodeid=etc
+        )
         assert error == 0
         batch = parse_dirents(reply, plus)
         if not batch:
@@ -571,61 +787,136 @@ def test_listings_resume_at_their_offsets_in_small_buffers(ro_ops: Operations, p
 def test_writable_replies_and_lookup_counts(rw_ops: Operations):
     dispatcher, replies, session = served(rw_ops, WRITABLE)
     etc = rw_ops.t.resolve(b"etc")
-    error, reply = ask(session, replies, protocol.CREATE,
-                       protocol.CREATE_IN.pack(os.O_WRONLY, 0o640, 0o22, 0) + name(b"new"),
-                       nodeid=etc)
+    error, reply = ask(
+        session,
+        replies,
+        protocol.CREATE,
+        protocol.CREATE_IN.pack(os.O_WRONLY, 0o640, 0o22, 0) + name(b"new"),
+        nodeid=etc,
+    )
     assert error == 0
-    made = entry(reply[:protocol.ENTRY_OUT.size])
-    fh, open_flags, backing = protocol.OPEN_OUT.unpack(reply[protocol.ENTRY_OUT.size:])
+    made = entry(reply[: protocol.ENTRY_OUT.size])
+    fh, open_flags, backing = protocol.OPEN_OUT.unpack(reply[protocol.ENTRY_OUT.size :])
     ino = made[0]
     assert made[6 + 9] == stat.S_IFREG | 0o640 and (made[6 + 11], made[6 + 12]) == (1000, 100)
     assert open_flags == 0 and backing == 0  # upper file, no passthrough here
-    error, reply = ask(session, replies, protocol.WRITE,
-                       protocol.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"hello", nodeid=ino)
+    error, reply = ask(
+        session,
+        replies,
+        protocol.WRITE,
+        protocol.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"hello",
+        nodeid=ino,
+    )
     assert (error, protocol.WRITE_OUT.unpack(reply)[0]) == (0, 5)
-    assert ask(session, replies, protocol.RELEASE, protocol.RELEASE_IN.pack(fh, 0, 0, 0),
-               nodeid=ino) == (0, b"")
+    assert ask(
+        session, replies, protocol.RELEASE, protocol.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=ino
+    ) == (0, b"")
     # A lower file opened for writing with O_TRUNC: emptied, nothing copied.
     passwd = rw_ops.t.resolve(b"etc/passwd")
-    error, reply = ask(session, replies, protocol.OPEN,
-                       protocol.OPEN_IN.pack(os.O_WRONLY | os.O_TRUNC, 0), nodeid=passwd)
+    error, reply = ask(
+        session,
+        replies,
+        protocol.OPEN,
+        protocol.OPEN_IN.pack(os.O_WRONLY | os.O_TRUNC, 0),
+        nodeid=passwd,
+    )
     fh2, open_flags, _ = protocol.OPEN_OUT.unpack(reply)
     assert error == 0 and rw_ops.t.size[passwd] == 0
     ask(session, replies, protocol.RELEASE, protocol.RELEASE_IN.pack(fh2, 0, 0, 0), nodeid=passwd)
     # SETATTR: mode and mtime.
-    body = protocol.SETATTR_IN.pack(protocol.FATTR_MODE | protocol.FATTR_MTIME, 0, 0, 0, 0, 0,
-                                    12345, 0, 0, 6, 0, 0o600, 0, 0, 0, 0)
+    body = protocol.SETATTR_IN.pack(
+        protocol.FATTR_MODE | protocol.FATTR_MTIME,
+        0,
+        0,
+        0,
+        0,
+        0,
+        12345,
+        0,
+        0,
+        6,
+        0,
+        0o600,
+        0,
+        0,
+        0,
+        0,
+    )
     error, reply = ask(session, replies, protocol.SETATTR, body, nodeid=ino)
     attr = protocol.ATTR_OUT.unpack(reply)
     assert attr[3 + 9] == stat.S_IFREG | 0o600 and (attr[3 + 4], attr[3 + 7]) == (12345, 6)
     # mkdir, symlink, mknod, link, rename2, unlink, rmdir, xattrs.
-    d = entry(ask(session, replies, protocol.MKDIR, protocol.MKDIR_IN.pack(0o750, 0)
-                  + name(b"dir"))[1])
+    d = entry(
+        ask(session, replies, protocol.MKDIR, protocol.MKDIR_IN.pack(0o750, 0) + name(b"dir"))[1]
+    )
     assert d[6 + 9] == stat.S_IFDIR | 0o750
     s = entry(ask(session, replies, protocol.SYMLINK, name(b"sym", b"etc/new"))[1])
     assert ask(session, replies, protocol.READLINK, nodeid=s[0]) == (0, b"etc/new")
-    n = entry(ask(session, replies, protocol.MKNOD, protocol.MKNOD_IN.pack(
-        stat.S_IFCHR | 0o600, (1 << 8) | 3, 0, 0) + name(b"null"))[1])
+    n = entry(
+        ask(
+            session,
+            replies,
+            protocol.MKNOD,
+            protocol.MKNOD_IN.pack(stat.S_IFCHR | 0o600, (1 << 8) | 3, 0, 0) + name(b"null"),
+        )[1]
+    )
     assert rw_ops.t.rdev[n[0]] == os.makedev(1, 3) and n[6 + 13] == (1 << 8) | 3
-    linked = entry(ask(session, replies, protocol.LINK, protocol.LINK_IN.pack(ino)
-                       + name(b"hard"))[1])
+    linked = entry(
+        ask(session, replies, protocol.LINK, protocol.LINK_IN.pack(ino) + name(b"hard"))[1]
+    )
     assert linked[0] == ino and linked[6 + 10] == 2
-    assert ask(session, replies, protocol.RENAME2, protocol.RENAME2_IN.pack(d[0], 1, 0)
-               + name(b"hard", b"moved"))[0] == 0
-    assert ask(session, replies, protocol.RENAME2, protocol.RENAME2_IN.pack(d[0], 1, 0)
-               + name(b"sym", b"moved"))[0] == -errno.EEXIST  # RENAME_NOREPLACE
+    assert (
+        ask(
+            session,
+            replies,
+            protocol.RENAME2,
+            protocol.RENAME2_IN.pack(d[0], 1, 0) + name(b"hard", b"moved"),
+        )[0]
+        == 0
+    )
+    assert (
+        ask(
+            session,
+            replies,
+            protocol.RENAME2,
+            protocol.RENAME2_IN.pack(d[0], 1, 0) + name(b"sym", b"moved"),
+        )[0]
+        == -errno.EEXIST
+    )  # RENAME_NOREPLACE
     assert ask(session, replies, protocol.UNLINK, name(b"moved"), nodeid=d[0])[0] == 0
     assert ask(session, replies, protocol.RMDIR, name(b"dir"))[0] == 0
-    assert ask(session, replies, protocol.SETXATTR, protocol.SETXATTR_IN.pack(1, 1)
-               + name(b"user.k") + b"v", nodeid=ino)[0] == 0
-    assert ask(session, replies, protocol.SETXATTR, protocol.SETXATTR_IN.pack(1, 1)
-               + name(b"user.k") + b"w", nodeid=ino)[0] == -errno.EEXIST  # XATTR_CREATE
+    assert (
+        ask(
+            session,
+            replies,
+            protocol.SETXATTR,
+            protocol.SETXATTR_IN.pack(1, 1) + name(b"user.k") + b"v",
+            nodeid=ino,
+        )[0]
+        == 0
+    )
+    assert (
+        ask(
+            session,
+            replies,
+            protocol.SETXATTR,
+            protocol.SETXATTR_IN.pack(1, 1) + name(b"user.k") + b"w",
+            nodeid=ino,
+        )[0]
+        == -errno.EEXIST
+    )  # XATTR_CREATE
     assert ask(session, replies, protocol.REMOVEXATTR, name(b"user.k"), nodeid=ino)[0] == 0
     # Every entry reply and readdirplus entry took a reference; FORGET gives them back.
     before = dict(rw_ops._lookups)
     assert before[ino] >= 2
     ask_none = session._handle
-    ask_none(replies.write_fd, request(protocol.BATCH_FORGET, protocol.BATCH_FORGET_IN.pack(1, 0)
-                                       + protocol.FORGET_ONE.pack(ino, before[ino])), [0] * 64)
+    ask_none(
+        replies.write_fd,
+        request(
+            protocol.BATCH_FORGET,
+            protocol.BATCH_FORGET_IN.pack(1, 0) + protocol.FORGET_ONE.pack(ino, before[ino]),
+        ),
+        [0] * 64,
+    )
     assert replies.take() == [] and ino not in rw_ops._lookups
     assert dispatcher.passthrough is False

@@ -302,9 +302,7 @@ NESTED = b'{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}"
 
 
 def test_a_manifest_nested_10000_levels(store: Store, server: RawRegistry) -> None:
-    server.answers["/v2/app/manifests/v1"] = Answer(
-        NESTED, headers={"Content-Type": MANIFEST_TYPE}
-    )
+    server.answers["/v2/app/manifests/v1"] = Answer(NESTED, headers={"Content-Type": MANIFEST_TYPE})
     error, _ = pull_peak(store, server)
     assert error is not None and "JSON nested too deeply" in str(error), error
 

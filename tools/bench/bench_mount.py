@@ -74,9 +74,13 @@ def layerfs(*args: str | Path) -> str:
 def compile_once() -> None:
     """Users run layerfs with its bytecode cached: make sure it is, and used."""
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    sh(PYTHON, "-c", "import layerfs.cli, layerfs.fs.mount, layerfs.container, "
-                     "layerfs.fs.native.engine, layerfs.fs.pyfuse3_engine; "
-                     "layerfs.cli.build_parser()")
+    sh(
+        PYTHON,
+        "-c",
+        "import layerfs.cli, layerfs.fs.mount, layerfs.container, "
+        "layerfs.fs.native.engine, layerfs.fs.pyfuse3_engine; "
+        "layerfs.cli.build_parser()",
+    )
 
 
 # -- building the inputs (cached) ---------------------------------------------------------------
@@ -119,8 +123,10 @@ def split_layers(source: Path, out_dir: Path, count: int) -> list[Path]:
 
 def big_tar(path: Path) -> Path:
     block = hashlib.sha256(b"big").digest() * (1 << 15)  # 1 MiB
-    with open(path, "wb") as raw, tarfile.open(fileobj=raw, mode="w",
-                                               format=tarfile.PAX_FORMAT) as tar:
+    with (
+        open(path, "wb") as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         info = tarfile.TarInfo("big")
         info.size = BIG
 
@@ -209,8 +215,11 @@ def prepare() -> dict[str, object]:
 SCENARIOS = {
     # name: (plain dir, overlay lowerdirs relative to WORK (top first), layerfs image)
     "debian": ("plain-debian", ["plain-debian", "empty"], "bench/debian:1"),
-    "debian127": ("plain-debian", [f"layers/{i}" for i in reversed(range(DEPTH))],
-                  "bench/debian:127"),
+    "debian127": (
+        "plain-debian",
+        [f"layers/{i}" for i in reversed(range(DEPTH))],
+        "bench/debian:127",
+    ),
     "big": ("plain-big", ["plain-big", "empty"], "bench/big:1"),
     "large": ("plain-large", ["plain-large", "empty"], "bench/large:1"),
     "write": ("rw-plain", ["empty"], "bench/tiny:1"),  # writable: a fresh place each time
@@ -237,13 +246,22 @@ def mount_target(target: str, scenario: str, mnt: Path) -> tuple[Path, float]:
         rw_opts = f",upperdir={WORK}/rw/upper,workdir={WORK}/rw/work"
     start = time.perf_counter()
     if target == "overlayfs":
-        sh("mount", "-t", "overlay", "overlay", "-o",
-           f"{'' if writable else 'ro,'}lowerdir={lowerdir}{rw_opts}", mnt, cwd=WORK)
+        sh(
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"{'' if writable else 'ro,'}lowerdir={lowerdir}{rw_opts}",
+            mnt,
+            cwd=WORK,
+        )
     elif target == "fuse-overlayfs":
         sh("fuse-overlayfs", "-o", f"lowerdir={lowerdir}{rw_opts}", mnt, cwd=WORK)
     elif target == "floor":
-        proc = subprocess.Popen([PYTHON, FLOOR, "--max-tasks", "1", WORK / plain, mnt],
-                                stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [PYTHON, FLOOR, "--max-tasks", "1", WORK / plain, mnt], stdout=subprocess.PIPE
+        )
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
             proc.kill()
@@ -352,8 +370,9 @@ def run_program(root: Path) -> None:
         sh("chroot", root, "/usr/bin/python3", "-c", PROGRAM)
 
 
-def timeit(fn: Callable[[], object], *, cold: bool, prime: Callable[[], object] | None = None
-           ) -> float:
+def timeit(
+    fn: Callable[[], object], *, cold: bool, prime: Callable[[], object] | None = None
+) -> float:
     """Seconds ``fn`` takes; cold: caches dropped first (then ``prime`` runs, untimed)."""
     if cold:
         drop_caches()
@@ -416,9 +435,10 @@ def memory_per_entry(engine: str) -> tuple[float, int]:
 
 def measure(rounds: int, targets: tuple[str, ...]) -> dict[str, dict[str, float]]:
     samples: dict[str, dict[str, list[float]]] = collections.defaultdict(
-        lambda: collections.defaultdict(list))
+        lambda: collections.defaultdict(list)
+    )
     for r in range(rounds):
-        order = targets[r % len(targets):] + targets[:r % len(targets)]
+        order = targets[r % len(targets) :] + targets[: r % len(targets)]
         for target in order:
             print(f"round {r + 1}/{rounds}: {target}", file=sys.stderr)
             for name, seconds in measure_target(target):
@@ -438,24 +458,34 @@ def measure_target(target: str) -> Iterator[tuple[str, float]]:
         read_files(files)
         yield "warm re-read, all files", timeit(partial(read_files, files), cold=False)
         read_files_buffered(files)
-        yield "warm re-read, all files, Python open()", timeit(
-            partial(read_files_buffered, files), cold=False)
+        yield (
+            "warm re-read, all files, Python open()",
+            timeit(partial(read_files_buffered, files), cold=False),
+        )
     if target == "floor":
         return
     yield from measure_deep(target)
     with mounted(target, "big") as (root, _took):
-        yield "cold sequential read, 2 GiB", timeit(partial(read_files, [str(root / "big")]),
-                                                    cold=True)
+        yield (
+            "cold sequential read, 2 GiB",
+            timeit(partial(read_files, [str(root / "big")]), cold=True),
+        )
     with mounted(target, "large") as (root, _took):
         run_program(root)  # warm-up
-        yield f"chroot python3 -c '{PROGRAM}', {PROGRAM_RUNS} runs, warm", timeit(
-            partial(run_program, root), cold=False)
+        yield (
+            f"chroot python3 -c '{PROGRAM}', {PROGRAM_RUNS} runs, warm",
+            timeit(partial(run_program, root), cold=False),
+        )
     with mounted(target, "write") as (root, _took):
         yield "write 1 GiB and fsync", timeit(partial(write_big, root), cold=False)
-        yield "read it back, cold", timeit(partial(read_files, [str(root / "big-written")]),
-                                           cold=True)
-        yield f"extract {EXTRACT_FILES} small files (tar -x)", timeit(
-            partial(extract_into, root), cold=False)
+        yield (
+            "read it back, cold",
+            timeit(partial(read_files, [str(root / "big-written")]), cold=True),
+        )
+        yield (
+            f"extract {EXTRACT_FILES} small files (tar -x)",
+            timeit(partial(extract_into, root), cold=False),
+        )
 
 
 def measure_deep(target: str) -> Iterator[tuple[str, float]]:
@@ -502,8 +532,11 @@ def request_profile(engine: str) -> dict[str, tuple[int, float, dict[str, int]]]
                 before, cpu = requests_of(root), cpu_seconds(pid)
                 fn()
                 after, used = requests_of(root), cpu_seconds(pid) - cpu
-                delta = {k: v - before.get(k, 0) for k, v in after.items()
-                         if v - before.get(k, 0) and k != "getxattr"}
+                delta = {
+                    k: v - before.get(k, 0)
+                    for k, v in after.items()
+                    if v - before.get(k, 0) and k != "getxattr"
+                }
                 out[name] = (sum(delta.values()), used, delta)
 
             run("stat every file by its path (lookups)", partial(stat_files, paths), False)
@@ -512,8 +545,9 @@ def request_profile(engine: str) -> dict[str, tuple[int, float, dict[str, int]]]
             files = regular_files(root)
             run("cold read, all files", partial(read_files, files), True)
             run("warm re-read, all files", partial(read_files, files), False)
-            run("warm re-read, all files, Python open()", partial(read_files_buffered, files),
-                False)
+            run(
+                "warm re-read, all files, Python open()", partial(read_files_buffered, files), False
+            )
     finally:
         os.environ.pop("LAYERFS_COUNT_REQUESTS", None)
     return out
@@ -522,39 +556,53 @@ def request_profile(engine: str) -> dict[str, tuple[int, float, dict[str, int]]]
 # -- the report --------------------------------------------------------------------------------
 
 
-def report(results: dict[str, dict[str, float]], targets: tuple[str, ...],
-           memory: dict[str, tuple[float, int]], info: dict[str, object], rounds: int) -> str:
-    lines = [stamp(), "",
-             f"Inputs: Debian 12 minbase ({info['debian_entries']} entries, "
-             f"{int(info['debian_bytes']) // 2**20} MiB) as 1 layer and spread over "  # type: ignore[call-overload]
-             f"{DEPTH} layers (file k in layer k % {DEPTH}); one 2 GiB file; Debian 12 with "
-             "python3 for the program; writes go to a fresh directory, upper directory or "
-             "layerfs upper on the same disk. Medians of "
-             f"{rounds} interleaved rounds; ratios to the plain directory (lower is better), "
-             "mount times in seconds. Cold = `echo 3 > /proc/sys/vm/drop_caches` first. "
-             "FUSE ratios move by up to 3x with machine load: compare columns of one run only.",
-             "", "| measurement | plain s | "
-             + " | ".join(TITLES.get(t, t) for t in targets[1:]) + " |",
-             "|---" * (len(targets) + 1) + "|"]
+def report(
+    results: dict[str, dict[str, float]],
+    targets: tuple[str, ...],
+    memory: dict[str, tuple[float, int]],
+    info: dict[str, object],
+    rounds: int,
+) -> str:
+    lines = [
+        stamp(),
+        "",
+        f"Inputs: Debian 12 minbase ({info['debian_entries']} entries, "
+        f"{int(info['debian_bytes']) // 2**20} MiB) as 1 layer and spread over "  # type: ignore[call-overload]
+        f"{DEPTH} layers (file k in layer k % {DEPTH}); one 2 GiB file; Debian 12 with "
+        "python3 for the program; writes go to a fresh directory, upper directory or "
+        "layerfs upper on the same disk. Medians of "
+        f"{rounds} interleaved rounds; ratios to the plain directory (lower is better), "
+        "mount times in seconds. Cold = `echo 3 > /proc/sys/vm/drop_caches` first. "
+        "FUSE ratios move by up to 3x with machine load: compare columns of one run only.",
+        "",
+        "| measurement | plain s | " + " | ".join(TITLES.get(t, t) for t in targets[1:]) + " |",
+        "|---" * (len(targets) + 1) + "|",
+    ]
     for name, per in results.items():
         if name.endswith("(s)"):
             cells = ["-"] + [f"{per[t]:.3f} s" if t in per else "-" for t in targets[1:]]
         else:
             base = per["plain"]
-            cells = [f"{base:.3f}"] + [f"{per[t] / base:.2f}x" if t in per else "-"
-                                        for t in targets[1:]]
+            cells = [f"{base:.3f}"] + [
+                f"{per[t] / base:.2f}x" if t in per else "-" for t in targets[1:]
+            ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     for engine, (per_entry, entries) in memory.items():
-        lines.append(f"layerfs {engine} server memory: {per_entry:.0f} bytes per merged entry "
-                     f"(RSS growth from an empty image to {entries} entries, after a full walk).")
+        lines.append(
+            f"layerfs {engine} server memory: {per_entry:.0f} bytes per merged entry "
+            f"(RSS growth from an empty image to {entries} entries, after a full walk)."
+        )
     return "\n".join(lines)
 
 
 def requests_table(profiles: dict[str, dict[str, tuple[int, float, dict[str, int]]]]) -> str:
-    lines = ["| workload | " + " | ".join(f"{TITLES[e]}: requests, server CPU per request"
-                                         for e in profiles) + " |",
-             "|---" * (len(profiles) + 1) + "|"]
+    lines = [
+        "| workload | "
+        + " | ".join(f"{TITLES[e]}: requests, server CPU per request" for e in profiles)
+        + " |",
+        "|---" * (len(profiles) + 1) + "|",
+    ]
     names = list(next(iter(profiles.values())))
     for name in names:
         cells = []
@@ -565,16 +613,22 @@ def requests_table(profiles: dict[str, dict[str, tuple[int, float, dict[str, int
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     for engine, profile in profiles.items():
-        for name in ("warm tree walk", "warm re-read, all files",
-                     "warm re-read, all files, Python open()"):
+        for name in (
+            "warm tree walk",
+            "warm re-read, all files",
+            "warm re-read, all files, Python open()",
+        ):
             count, _, by_op = profile[name]
             listed = ", ".join(f"{k} {v}" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]))
             lines.append(f"- {TITLES[engine]}, {name}: {count} ({listed or 'none'})")
     return "\n".join(lines)
 
 
-def assessment(results: dict[str, dict[str, float]], memory: dict[str, tuple[float, int]],
-               profiles: dict[str, dict[str, tuple[int, float, dict[str, int]]]]) -> str:
+def assessment(
+    results: dict[str, dict[str, float]],
+    memory: dict[str, tuple[float, int]],
+    profiles: dict[str, dict[str, tuple[int, float, dict[str, int]]]],
+) -> str:
     """The issue's targets, each with what the native engine measured in this run."""
 
     def ratio(name: str, target: str = "native") -> float:
@@ -585,15 +639,26 @@ def assessment(results: dict[str, dict[str, float]], memory: dict[str, tuple[flo
 
     rows: list[tuple[str, str, bool]] = []
     for name in ("warm tree walk", "warm re-read, all files"):
-        rows.append((f"{name} ≤ 1.3x", f"{ratio(name):.2f}x (overlayfs "
-                     f"{ratio(name, 'overlayfs'):.2f}x)", ratio(name) <= 1.3))
+        rows.append(
+            (
+                f"{name} ≤ 1.3x",
+                f"{ratio(name):.2f}x (overlayfs {ratio(name, 'overlayfs'):.2f}x)",
+                ratio(name) <= 1.3,
+            )
+        )
     name = "warm re-read, all files, Python open()"
-    rows.append((f"{name} (not a target: one IOCTL round trip per open)",
-                 f"{ratio(name):.2f}x", True))
+    rows.append(
+        (f"{name} (not a target: one IOCTL round trip per open)", f"{ratio(name):.2f}x", True)
+    )
     for name in ("cold tree walk", "cold read, all files"):
         ours, theirs = ratio(name), ratio(name, "fuse-overlayfs")
-        rows.append((f"{name} ≤ 1.5x and below fuse-overlayfs",
-                     f"{ours:.2f}x (fuse-overlayfs {theirs:.2f}x)", ours <= 1.5 and ours < theirs))
+        rows.append(
+            (
+                f"{name} ≤ 1.5x and below fuse-overlayfs",
+                f"{ours:.2f}x (fuse-overlayfs {theirs:.2f}x)",
+                ours <= 1.5 and ours < theirs,
+            )
+        )
     name = "cold tree walk, 127 layers"
     rows.append((f"{name} ≤ 2x", f"{ratio(name):.2f}x", ratio(name) <= 2))
     name = "cold sequential read, 2 GiB"
@@ -601,28 +666,49 @@ def assessment(results: dict[str, dict[str, float]], memory: dict[str, tuple[flo
     write = results["write 1 GiB and fsync"]
     back = results["read it back, cold"]
     both = (write["native"] + back["native"]) / (write["plain"] + back["plain"])
-    rows.append(("1 GiB written and fsync'd, read back cold ≤ 1.2x",
-                 f"{both:.2f}x (write {ratio('write 1 GiB and fsync'):.2f}x, read "
-                 f"{ratio('read it back, cold'):.2f}x)", both <= 1.2))
+    rows.append(
+        (
+            "1 GiB written and fsync'd, read back cold ≤ 1.2x",
+            f"{both:.2f}x (write {ratio('write 1 GiB and fsync'):.2f}x, read "
+            f"{ratio('read it back, cold'):.2f}x)",
+            both <= 1.2,
+        )
+    )
     name = f"extract {EXTRACT_FILES} small files (tar -x)"
-    rows.append((f"extracting a {EXTRACT_FILES}-file tarball ≤ 3x", f"{ratio(name):.2f}x",
-                 ratio(name) <= 3))
+    rows.append(
+        (f"extracting a {EXTRACT_FILES}-file tarball ≤ 3x", f"{ratio(name):.2f}x", ratio(name) <= 3)
+    )
     name = f"chroot python3 -c '{PROGRAM}', {PROGRAM_RUNS} runs, warm"
-    rows.append(("a real program (chroot python3 imports, 20 runs, warm) ≤ 1.2x",
-                 f"{ratio(name):.2f}x", ratio(name) <= 1.2))
+    rows.append(
+        (
+            "a real program (chroot python3 imports, 20 runs, warm) ≤ 1.2x",
+            f"{ratio(name):.2f}x",
+            ratio(name) <= 1.2,
+        )
+    )
     lookups = "stat every file by its path (lookups)"
     if "pyfuse3" in profiles and "native" in profiles:
+
         def per(engine: str) -> float:
             count, cpu, by_op = profiles[engine][lookups]
             return cpu / max(by_op.get("lookup", count), 1)
 
-        rows.append(("server CPU per LOOKUP ≤ half of pyfuse3's",
-                     f"{per('native') * 1e6:.0f} µs vs {per('pyfuse3') * 1e6:.0f} µs "
-                     f"({per('native') / per('pyfuse3'):.2f})",
-                     per("native") <= per("pyfuse3") / 2))
+        rows.append(
+            (
+                "server CPU per LOOKUP ≤ half of pyfuse3's",
+                f"{per('native') * 1e6:.0f} µs vs {per('pyfuse3') * 1e6:.0f} µs "
+                f"({per('native') / per('pyfuse3'):.2f})",
+                per("native") <= per("pyfuse3") / 2,
+            )
+        )
     if "native" in memory:
-        rows.append(("server memory < 300 bytes per merged entry",
-                     f"{memory['native'][0]:.0f} bytes", memory["native"][0] < 300))
+        rows.append(
+            (
+                "server memory < 300 bytes per merged entry",
+                f"{memory['native'][0]:.0f} bytes",
+                memory["native"][0] < 300,
+            )
+        )
     mount127 = results["mount, 127 layers (s)"]["native"]
     rows.append(("127-layer mount ready < 0.5 s", f"{mount127:.2f} s", mount127 < 0.5))
     lines = ["| target (issue 12), native engine | this run | |", "|---|---|---|"]
@@ -652,12 +738,16 @@ def main() -> int:
     profiles = {engine: request_profile(engine) for engine in ENGINES}
     load_after = os.getloadavg()
     text = report(results, targets, memory, info, args.rounds)
-    text += (f"\n\nLoad average (1, 5, 15 min) at the start {load[0]:.2f} {load[1]:.2f} "
-             f"{load[2]:.2f}, at the end {load_after[0]:.2f} {load_after[1]:.2f} "
-             f"{load_after[2]:.2f}.")
+    text += (
+        f"\n\nLoad average (1, 5, 15 min) at the start {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f}, at the end {load_after[0]:.2f} {load_after[1]:.2f} "
+        f"{load_after[2]:.2f}."
+    )
     text += "\n\n" + assessment(results, memory, profiles)
-    text += ("\n\nRequests each engine's server answers, and its CPU time per request "
-             "(one pass of each workload on a fresh mount, after the timed rounds):\n\n")
+    text += (
+        "\n\nRequests each engine's server answers, and its CPU time per request "
+        "(one pass of each workload on a fresh mount, after the timed rounds):\n\n"
+    )
     text += requests_table(profiles)
     print(text)
     if args.doc:

@@ -48,8 +48,13 @@ def _c() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                ctypes.c_ulong, ctypes.c_char_p]
+        _libc.mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+        ]
         _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     return _libc
 
@@ -109,14 +114,28 @@ def _mount_syscall(mountpoint: str, options: MountOptions) -> Connection:
         flags |= MS_NOSUID
     if options.nodev:
         flags |= MS_NODEV
-    data = [f"fd={fd}", f"rootmode={stat.S_IFDIR:o}", f"user_id={os.geteuid()}",
-            f"group_id={os.getegid()}", "default_permissions", f"max_read={options.max_read}"]
+    data = [
+        f"fd={fd}",
+        f"rootmode={stat.S_IFDIR:o}",
+        f"user_id={os.geteuid()}",
+        f"group_id={os.getegid()}",
+        "default_permissions",
+        f"max_read={options.max_read}",
+    ]
     if options.allow_other:
         data.append("allow_other")
     data += options.extra
     libc = _c()
-    if libc.mount(options.fsname.encode(), mountpoint.encode(), FSTYPE.encode(), flags,
-                  ",".join(data).encode()) != 0:
+    if (
+        libc.mount(
+            options.fsname.encode(),
+            mountpoint.encode(),
+            FSTYPE.encode(),
+            flags,
+            ",".join(data).encode(),
+        )
+        != 0
+    ):
         code = ctypes.get_errno()
         os.close(fd)
         if code in (errno.EPERM, errno.EACCES):
@@ -128,20 +147,34 @@ def _mount_syscall(mountpoint: str, options: MountOptions) -> Connection:
 def _mount_fusermount(mountpoint: str, options: MountOptions) -> Connection:
     helper = shutil.which("fusermount3")
     if helper is None:
-        raise FuseUnavailableError("cannot mount as a normal user: fusermount3 is not installed",
-                                   hint="apt-get install fuse3")
-    opts = ["ro" if options.read_only else "rw", "nosuid", "nodev", f"fsname={options.fsname}",
-            f"subtype={SUBTYPE}", "default_permissions", f"max_read={options.max_read}",
-            "auto_unmount"]
+        raise FuseUnavailableError(
+            "cannot mount as a normal user: fusermount3 is not installed",
+            hint="apt-get install fuse3",
+        )
+    opts = [
+        "ro" if options.read_only else "rw",
+        "nosuid",
+        "nodev",
+        f"fsname={options.fsname}",
+        f"subtype={SUBTYPE}",
+        "default_permissions",
+        f"max_read={options.max_read}",
+        "auto_unmount",
+    ]
     if options.allow_other:
         opts.append("allow_other")
     opts += options.extra
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-        proc = subprocess.Popen([helper, "-o", ",".join(opts), "--", mountpoint], env=env,
-                                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [helper, "-o", ",".join(opts), "--", mountpoint],
+            env=env,
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         theirs.close()
         try:
             _, fds, _, _ = socket.recv_fds(ours, 1, 1)
@@ -168,8 +201,12 @@ def unmount_lazily(mountpoint: str) -> None:
         return
     helper = shutil.which("fusermount3")
     if helper is not None:
-        subprocess.run([helper, "-u", "-z", "--", mountpoint], capture_output=True, check=False,
-                       stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [helper, "-u", "-z", "--", mountpoint],
+            capture_output=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def clone(fd: int) -> int:

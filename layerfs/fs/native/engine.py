@@ -21,7 +21,6 @@ from layerfs.fs.operations import Operations
 log = logging.getLogger(__name__)
 
 
-
 class NativeEngine:
     name = "native"
 

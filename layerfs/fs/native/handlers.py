@@ -49,9 +49,16 @@ log = logging.getLogger(__name__)
 READ_AHEAD = 8 << 20  # a cold big read also asks the disk for this much of what follows
 OVERLAYFS_MAGIC = 0x794C7630
 
-EVERY_MOUNT = (protocol.ASYNC_READ | protocol.EXPORT_SUPPORT | protocol.BIG_WRITES
-               | protocol.DO_READDIRPLUS | protocol.PARALLEL_DIROPS | protocol.MAX_PAGES
-               | protocol.CACHE_SYMLINKS | protocol.ABORT_ERROR)
+EVERY_MOUNT = (
+    protocol.ASYNC_READ
+    | protocol.EXPORT_SUPPORT
+    | protocol.BIG_WRITES
+    | protocol.DO_READDIRPLUS
+    | protocol.PARALLEL_DIROPS
+    | protocol.MAX_PAGES
+    | protocol.CACHE_SYMLINKS
+    | protocol.ABORT_ERROR
+)
 READ_ONLY = EVERY_MOUNT | protocol.NO_OPEN_SUPPORT | protocol.NO_OPENDIR_SUPPORT
 WRITABLE = EVERY_MOUNT | protocol.ATOMIC_O_TRUNC
 
@@ -161,9 +168,17 @@ class NativeDispatcher(Dispatcher):
         }
         if self.writable:
             # Everything under the lock but what waits; those take it themselves.
-            unlocked = {protocol.READ, protocol.WRITE, protocol.FSYNC, protocol.OPEN,
-                        protocol.CREATE, protocol.TMPFILE, protocol.SETATTR,
-                        protocol.FALLOCATE, protocol.COPY_FILE_RANGE}
+            unlocked = {
+                protocol.READ,
+                protocol.WRITE,
+                protocol.FSYNC,
+                protocol.OPEN,
+                protocol.CREATE,
+                protocol.TMPFILE,
+                protocol.SETATTR,
+                protocol.FALLOCATE,
+                protocol.COPY_FILE_RANGE,
+            }
             for opcode, handler in list(table.items()):
                 if opcode not in unlocked:
                     table[opcode] = self._locked(handler)
@@ -190,13 +205,30 @@ class NativeDispatcher(Dispatcher):
         # Most inodes have one time for all three: split it once.
         asec, ansec = (msec, mnsec) if atime == mtime else _split(atime)
         csec, cnsec = (msec, mnsec) if ctime == mtime else _split(ctime)
-        return (ino, size, blocks, asec, msec, csec, ansec, mnsec, cnsec, mode, nlink, uid, gid,
-                _encode_dev(rdev) if rdev else 0, BLKSIZE, 0)
+        return (
+            ino,
+            size,
+            blocks,
+            asec,
+            msec,
+            csec,
+            ansec,
+            mnsec,
+            cnsec,
+            mode,
+            nlink,
+            uid,
+            gid,
+            _encode_dev(rdev) if rdev else 0,
+            BLKSIZE,
+            0,
+        )
 
     def _entry(self, ino: int) -> bytes:
         valid, nsec = self._valid
-        return protocol.ENTRY_OUT.pack(ino, 0, valid, valid, nsec, nsec,
-                                       *self._attr_fields(self.ops.attr(ino)))
+        return protocol.ENTRY_OUT.pack(
+            ino, 0, valid, valid, nsec, nsec, *self._attr_fields(self.ops.attr(ino))
+        )
 
     def _attr_out(self, ino: int) -> bytes:
         valid, nsec = self._valid
@@ -219,8 +251,7 @@ class NativeDispatcher(Dispatcher):
             data = req.data
             size = protocol.FORGET_ONE.size
             count = min(count, len(data) // size)
-            self.ops.forget([protocol.FORGET_ONE.unpack_from(data, i * size)
-                             for i in range(count)])
+            self.ops.forget([protocol.FORGET_ONE.unpack_from(data, i * size) for i in range(count)])
         return None
 
     def getattr(self, req: Request) -> Reply:
@@ -231,8 +262,9 @@ class NativeDispatcher(Dispatcher):
 
     def statfs(self, req: Request) -> Reply:
         s = self.ops.statfs()
-        return protocol.STATFS_OUT.pack(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize,
-                                        s.namemax, s.frsize, 0)
+        return protocol.STATFS_OUT.pack(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namemax, s.frsize, 0
+        )
 
     def nothing(self, req: Request) -> Reply:
         return b""
@@ -244,8 +276,9 @@ class NativeDispatcher(Dispatcher):
             if self._no_opendir:
                 raise OSError(errno.ENOSYS, "no opendir")  # from now on the kernel never asks
             self.ops.alive(req.nodeid)
-            return protocol.OPEN_OUT.pack(0, protocol.FOPEN_CACHE_DIR | protocol.FOPEN_KEEP_CACHE,
-                                          0)
+            return protocol.OPEN_OUT.pack(
+                0, protocol.FOPEN_CACHE_DIR | protocol.FOPEN_KEEP_CACHE, 0
+            )
         fh = self.ops.opendir(req.nodeid)
         # The kernel caches the listing; every change to it goes through the kernel,
         # which then drops what it cached.
@@ -338,8 +371,9 @@ class NativeDispatcher(Dispatcher):
                     try:
                         backing = [device.backing_open(self.session.fd, fd), 0]
                     except OSError as exc:
-                        log.warning("passthrough refused (%s): serving file data without it",
-                                    exc.strerror)
+                        log.warning(
+                            "passthrough refused (%s): serving file data without it", exc.strerror
+                        )
                         self.passthrough = False
                 if backing is not None:
                     self._backing[ino] = backing
@@ -479,8 +513,24 @@ class NativeDispatcher(Dispatcher):
         done.set()
 
     def setattr(self, req: Request) -> Reply:
-        (valid, _pad, _fh, size, _owner, atime, mtime, _ctime, atime_nsec, mtime_nsec, _cnsec,
-         mode, _u4, uid, gid, _u5) = req.args
+        (
+            valid,
+            _pad,
+            _fh,
+            size,
+            _owner,
+            atime,
+            mtime,
+            _ctime,
+            atime_nsec,
+            mtime_nsec,
+            _cnsec,
+            mode,
+            _u4,
+            uid,
+            gid,
+            _u5,
+        ) = req.args
         ops = self.ops
         ino = req.nodeid
         new_size = size if valid & protocol.FATTR_SIZE else None
@@ -520,20 +570,34 @@ class NativeDispatcher(Dispatcher):
 
     def mknod(self, req: Request) -> Reply:
         mode, rdev, umask, _pad = req.args
-        return self._entry(self.ops.make(req.nodeid, req.names[0], mode,
-                                         Caller(req.uid, req.gid, umask),
-                                         rdev=_decode_dev(rdev)))
+        return self._entry(
+            self.ops.make(
+                req.nodeid,
+                req.names[0],
+                mode,
+                Caller(req.uid, req.gid, umask),
+                rdev=_decode_dev(rdev),
+            )
+        )
 
     def mkdir(self, req: Request) -> Reply:
         mode, umask = req.args
-        return self._entry(self.ops.make(req.nodeid, req.names[0],
-                                         stat.S_IFDIR | (mode & 0o7777),
-                                         Caller(req.uid, req.gid, umask)))
+        return self._entry(
+            self.ops.make(
+                req.nodeid,
+                req.names[0],
+                stat.S_IFDIR | (mode & 0o7777),
+                Caller(req.uid, req.gid, umask),
+            )
+        )
 
     def symlink(self, req: Request) -> Reply:
         name, target = req.names
-        return self._entry(self.ops.make(req.nodeid, name, stat.S_IFLNK | 0o777,
-                                         Caller(req.uid, req.gid), target=target))
+        return self._entry(
+            self.ops.make(
+                req.nodeid, name, stat.S_IFLNK | 0o777, Caller(req.uid, req.gid), target=target
+            )
+        )
 
     def link(self, req: Request) -> Reply:
         (old,) = req.args
@@ -559,8 +623,9 @@ class NativeDispatcher(Dispatcher):
         flags, mode, umask, _open_flags = req.args
         ops = self.ops
         with ops.lock:
-            fh, ino = ops.create(req.nodeid, req.names[0], mode, flags,
-                                 Caller(req.uid, req.gid, umask))
+            fh, ino = ops.create(
+                req.nodeid, req.names[0], mode, flags, Caller(req.uid, req.gid, umask)
+            )
             open_flags, backing = self._io_mode(ino, fh, True)
             return [self._entry(ino), protocol.OPEN_OUT.pack(fh, open_flags, backing)]
 

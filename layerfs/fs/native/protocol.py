@@ -81,13 +81,56 @@ TMPFILE = 51
 STATX = 52
 
 _OPCODES = (
-    "LOOKUP", "FORGET", "GETATTR", "SETATTR", "READLINK", "SYMLINK", "MKNOD", "MKDIR",
-    "UNLINK", "RMDIR", "RENAME", "LINK", "OPEN", "READ", "WRITE", "STATFS", "RELEASE",
-    "FSYNC", "SETXATTR", "GETXATTR", "LISTXATTR", "REMOVEXATTR", "FLUSH", "INIT", "OPENDIR",
-    "READDIR", "RELEASEDIR", "FSYNCDIR", "GETLK", "SETLK", "SETLKW", "ACCESS", "CREATE",
-    "INTERRUPT", "BMAP", "DESTROY", "IOCTL", "POLL", "NOTIFY_REPLY", "BATCH_FORGET",
-    "FALLOCATE", "READDIRPLUS", "RENAME2", "LSEEK", "COPY_FILE_RANGE", "SETUPMAPPING",
-    "REMOVEMAPPING", "SYNCFS", "TMPFILE", "STATX",
+    "LOOKUP",
+    "FORGET",
+    "GETATTR",
+    "SETATTR",
+    "READLINK",
+    "SYMLINK",
+    "MKNOD",
+    "MKDIR",
+    "UNLINK",
+    "RMDIR",
+    "RENAME",
+    "LINK",
+    "OPEN",
+    "READ",
+    "WRITE",
+    "STATFS",
+    "RELEASE",
+    "FSYNC",
+    "SETXATTR",
+    "GETXATTR",
+    "LISTXATTR",
+    "REMOVEXATTR",
+    "FLUSH",
+    "INIT",
+    "OPENDIR",
+    "READDIR",
+    "RELEASEDIR",
+    "FSYNCDIR",
+    "GETLK",
+    "SETLK",
+    "SETLKW",
+    "ACCESS",
+    "CREATE",
+    "INTERRUPT",
+    "BMAP",
+    "DESTROY",
+    "IOCTL",
+    "POLL",
+    "NOTIFY_REPLY",
+    "BATCH_FORGET",
+    "FALLOCATE",
+    "READDIRPLUS",
+    "RENAME2",
+    "LSEEK",
+    "COPY_FILE_RANGE",
+    "SETUPMAPPING",
+    "REMOVEMAPPING",
+    "SYNCFS",
+    "TMPFILE",
+    "STATX",
 )
 OPCODE_NAMES: dict[int, str] = {globals()[name]: name.lower() for name in _OPCODES}
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
@@ -134,14 +177,44 @@ NO_EXPORT_SUPPORT = 1 << 38  # 7.40
 HAS_RESEND = 1 << 39  # 7.40
 
 _FLAGS = (
-    "ASYNC_READ", "POSIX_LOCKS", "ATOMIC_O_TRUNC", "EXPORT_SUPPORT", "BIG_WRITES", "DONT_MASK",
-    "SPLICE_WRITE", "SPLICE_MOVE", "SPLICE_READ", "FLOCK_LOCKS", "HAS_IOCTL_DIR",
-    "AUTO_INVAL_DATA", "DO_READDIRPLUS", "READDIRPLUS_AUTO", "ASYNC_DIO", "WRITEBACK_CACHE",
-    "NO_OPEN_SUPPORT", "PARALLEL_DIROPS", "HANDLE_KILLPRIV", "POSIX_ACL", "ABORT_ERROR",
-    "MAX_PAGES", "CACHE_SYMLINKS", "NO_OPENDIR_SUPPORT", "EXPLICIT_INVAL_DATA", "MAP_ALIGNMENT",
-    "SUBMOUNTS", "HANDLE_KILLPRIV_V2", "SETXATTR_EXT", "INIT_EXT", "SECURITY_CTX",
-    "HAS_INODE_DAX", "CREATE_SUPP_GROUP", "HAS_EXPIRE_ONLY", "DIRECT_IO_ALLOW_MMAP",
-    "PASSTHROUGH", "NO_EXPORT_SUPPORT", "HAS_RESEND",
+    "ASYNC_READ",
+    "POSIX_LOCKS",
+    "ATOMIC_O_TRUNC",
+    "EXPORT_SUPPORT",
+    "BIG_WRITES",
+    "DONT_MASK",
+    "SPLICE_WRITE",
+    "SPLICE_MOVE",
+    "SPLICE_READ",
+    "FLOCK_LOCKS",
+    "HAS_IOCTL_DIR",
+    "AUTO_INVAL_DATA",
+    "DO_READDIRPLUS",
+    "READDIRPLUS_AUTO",
+    "ASYNC_DIO",
+    "WRITEBACK_CACHE",
+    "NO_OPEN_SUPPORT",
+    "PARALLEL_DIROPS",
+    "HANDLE_KILLPRIV",
+    "POSIX_ACL",
+    "ABORT_ERROR",
+    "MAX_PAGES",
+    "CACHE_SYMLINKS",
+    "NO_OPENDIR_SUPPORT",
+    "EXPLICIT_INVAL_DATA",
+    "MAP_ALIGNMENT",
+    "SUBMOUNTS",
+    "HANDLE_KILLPRIV_V2",
+    "SETXATTR_EXT",
+    "INIT_EXT",
+    "SECURITY_CTX",
+    "HAS_INODE_DAX",
+    "CREATE_SUPP_GROUP",
+    "HAS_EXPIRE_ONLY",
+    "DIRECT_IO_ALLOW_MMAP",
+    "PASSTHROUGH",
+    "NO_EXPORT_SUPPORT",
+    "HAS_RESEND",
 )
 FLAG_NAMES: dict[int, str] = {globals()[name]: name.lower() for name in _FLAGS}
 
@@ -311,8 +384,7 @@ LAYOUTS: dict[int, Layout] = {
 }
 
 
-_LAYOUT = {opcode: (layout.body, layout.names, layout.data)
-           for opcode, layout in LAYOUTS.items()}
+_LAYOUT = {opcode: (layout.body, layout.names, layout.data) for opcode, layout in LAYOUTS.items()}
 EMPTY_VIEW = memoryview(b"")
 
 
@@ -327,12 +399,31 @@ class ProtocolError(Exception):
 class Request:
     """One decoded request: the header's fields, the fixed body, names and a data tail."""
 
-    __slots__ = ("args", "data", "gid", "interrupted", "names", "nodeid", "opcode", "pid",
-                 "uid", "unique")
+    __slots__ = (
+        "args",
+        "data",
+        "gid",
+        "interrupted",
+        "names",
+        "nodeid",
+        "opcode",
+        "pid",
+        "uid",
+        "unique",
+    )
 
-    def __init__(self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, pid: int,
-                 args: tuple[int, ...] = (), names: tuple[bytes, ...] = (),
-                 data: memoryview = EMPTY_VIEW) -> None:
+    def __init__(
+        self,
+        opcode: int,
+        unique: int,
+        nodeid: int,
+        uid: int,
+        gid: int,
+        pid: int,
+        args: tuple[int, ...] = (),
+        names: tuple[bytes, ...] = (),
+        data: memoryview = EMPTY_VIEW,
+    ) -> None:
         self.opcode = opcode
         self.unique = unique
         self.nodeid = nodeid
@@ -349,8 +440,10 @@ class Request:
         return OPCODE_NAMES.get(self.opcode, f"opcode {self.opcode}")
 
     def __repr__(self) -> str:
-        return (f"Request({self.name}, unique={self.unique}, nodeid={self.nodeid}, "
-                f"args={self.args}, names={self.names})")
+        return (
+            f"Request({self.name}, unique={self.unique}, nodeid={self.nodeid}, "
+            f"args={self.args}, names={self.names})"
+        )
 
 
 _header = IN_HEADER.unpack_from
@@ -377,8 +470,8 @@ def decode(buf: memoryview, *, setxattr_ext: bool = False) -> Request:
     offset = _HEADER_SIZE + body.size
     if offset > end:
         raise ProtocolError(
-            f"{OPCODE_NAMES[opcode]}: body of {end - _HEADER_SIZE} bytes, needs {body.size}",
-            unique)
+            f"{OPCODE_NAMES[opcode]}: body of {end - _HEADER_SIZE} bytes, needs {body.size}", unique
+        )
     args = body.unpack_from(buf, _HEADER_SIZE) if body.size else ()
     names: tuple[bytes, ...] = ()
     if count:
@@ -393,7 +486,7 @@ def decode(buf: memoryview, *, setxattr_ext: bool = False) -> Request:
             second = tail.find(b"\0", first + 1)
             if second < 0:
                 raise ProtocolError(f"{OPCODE_NAMES[opcode]}: a name is not terminated", unique)
-            names = (tail[:first], tail[first + 1:second])
+            names = (tail[:first], tail[first + 1 : second])
             offset += second + 1
     data = buf[offset:end] if has_data else EMPTY_VIEW
     return Request(opcode, unique, nodeid, uid, gid, pid, args, names, data)
@@ -415,7 +508,7 @@ def pack_dirent(buf: bytearray, pos: int, ino: int, off: int, kind: int, name: b
     """Write one ``fuse_dirent`` at ``pos``; returns the position after it (8-aligned)."""
     DIRENT.pack_into(buf, pos, ino, off, len(name), kind)
     start = pos + DIRENT.size
-    buf[start:start + len(name)] = name
+    buf[start : start + len(name)] = name
     return (start + len(name) + 7) & ~7
 
 

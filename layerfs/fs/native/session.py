@@ -102,8 +102,9 @@ class Dispatcher:
 
 
 class Session:
-    def __init__(self, conn: device.Connection, dispatcher: Dispatcher, *,
-                 workers: int = WORKERS) -> None:
+    def __init__(
+        self, conn: device.Connection, dispatcher: Dispatcher, *, workers: int = WORKERS
+    ) -> None:
         self.conn = conn
         self.fd = conn.fd
         self.dispatcher = dispatcher
@@ -141,19 +142,22 @@ class Session:
             major, minor, max_readahead, flags = req.args
             if major > protocol.KERNEL_VERSION:
                 # The kernel tries again with our major (the header's rules).
-                body = protocol.INIT_OUT.pack(protocol.KERNEL_VERSION, protocol.OUR_MINOR,
-                                              0, 0, 0, 0, 0, 0, 0, 0, 0, 0)[:8]
+                body = protocol.INIT_OUT.pack(
+                    protocol.KERNEL_VERSION, protocol.OUR_MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+                )[:8]
                 self._write(self.fd, [protocol.reply_header(req.unique, len(body)), body])
                 continue
             if major < protocol.KERNEL_VERSION or minor < protocol.MIN_MINOR:
                 self._write(self.fd, [protocol.error_reply(req.unique, errno.EPROTO)])
                 raise UnsupportedKernelError(
                     f"the kernel speaks FUSE {major}.{minor}; this engine needs "
-                    f"{protocol.KERNEL_VERSION}.{protocol.MIN_MINOR} or later")
+                    f"{protocol.KERNEL_VERSION}.{protocol.MIN_MINOR} or later"
+                )
             return self._answer_init(req, minor, max_readahead, flags)
 
-    def _answer_init(self, req: Request, kernel_minor: int, max_readahead: int,
-                     flags: int) -> Negotiated:
+    def _answer_init(
+        self, req: Request, kernel_minor: int, max_readahead: int, flags: int
+    ) -> Negotiated:
         if flags & protocol.INIT_EXT and len(req.data) >= 4:
             flags |= _FLAGS2.unpack_from(req.data)[0] << 32
         wanted = self.dispatcher.wanted(kernel_minor, flags)
@@ -164,23 +168,51 @@ class Session:
         max_write = max_pages * PAGE
         minor = min(kernel_minor, protocol.OUR_MINOR)
         body = protocol.INIT_OUT.pack(
-            protocol.KERNEL_VERSION, protocol.OUR_MINOR, max_readahead, ours & 0xFFFFFFFF,
-            wanted.max_background, wanted.congestion_threshold, max_write, 1, max_pages, 0,
-            ours >> 32, wanted.max_stack_depth if ours & protocol.PASSTHROUGH else 0,
-        )[:protocol.init_reply_size(minor)]
+            protocol.KERNEL_VERSION,
+            protocol.OUR_MINOR,
+            max_readahead,
+            ours & 0xFFFFFFFF,
+            wanted.max_background,
+            wanted.congestion_threshold,
+            max_write,
+            1,
+            max_pages,
+            0,
+            ours >> 32,
+            wanted.max_stack_depth if ours & protocol.PASSTHROUGH else 0,
+        )[: protocol.init_reply_size(minor)]
         self._write(self.fd, [protocol.reply_header(req.unique, len(body)), body])
         self._bufsize = max(protocol.MIN_READ_BUFFER, max_write + PAGE)
-        self.negotiated = Negotiated(protocol.KERNEL_VERSION, minor, kernel_minor, flags, ours,
-                                     max_readahead, max_write, max_pages)
-        log.info("FUSE %d.%d (kernel %d.%d): %s; max_write %d, readahead %d",
-                 protocol.KERNEL_VERSION, minor, protocol.KERNEL_VERSION, kernel_minor,
-                 ", ".join(protocol.flag_names(ours)), max_write, max_readahead)
+        self.negotiated = Negotiated(
+            protocol.KERNEL_VERSION,
+            minor,
+            kernel_minor,
+            flags,
+            ours,
+            max_readahead,
+            max_write,
+            max_pages,
+        )
+        log.info(
+            "FUSE %d.%d (kernel %d.%d): %s; max_write %d, readahead %d",
+            protocol.KERNEL_VERSION,
+            minor,
+            protocol.KERNEL_VERSION,
+            kernel_minor,
+            ", ".join(protocol.flag_names(ours)),
+            max_write,
+            max_readahead,
+        )
         return self.negotiated
 
     # -- serving -----------------------------------------------------------------------------
 
-    def serve(self, ready: Callable[[], None], tick: Callable[[], None] | None = None,
-              tick_every: float = 1.0) -> None:
+    def serve(
+        self,
+        ready: Callable[[], None],
+        tick: Callable[[], None] | None = None,
+        tick_every: float = 1.0,
+    ) -> None:
         """Serve until the kernel ends the session or a signal asks to unmount.
 
         ``ready`` runs once the workers answer; ``tick`` every ``tick_every`` seconds
@@ -201,8 +233,9 @@ class Session:
                     self._fds.append(fd)
                 counts = [0] * 64
                 self._counts.append(counts)
-                thread = threading.Thread(target=self._work, args=(fd, counts),
-                                          name=f"layerfs-fuse-{index}", daemon=True)
+                thread = threading.Thread(
+                    target=self._work, args=(fd, counts), name=f"layerfs-fuse-{index}", daemon=True
+                )
                 self._threads.append(thread)
                 thread.start()
             ready()
@@ -243,10 +276,8 @@ class Session:
 
     def counts(self) -> dict[str, int]:
         """Requests served so far, by opcode name."""
-        total = [sum(column) for column in zip(*self._counts, strict=True)] \
-            if self._counts else []
-        return {protocol.OPCODE_NAMES.get(op, f"opcode {op}"): n
-                for op, n in enumerate(total) if n}
+        total = [sum(column) for column in zip(*self._counts, strict=True)] if self._counts else []
+        return {protocol.OPCODE_NAMES.get(op, f"opcode {op}"): n for op, n in enumerate(total) if n}
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -341,8 +372,11 @@ class Session:
             if opcode in protocol.NO_REPLY:
                 errno_of(exc, req.name, req.nodeid)
                 return
-            code = errno.ENOSYS if isinstance(exc, OSError) and exc.errno == errno.ENOSYS \
+            code = (
+                errno.ENOSYS
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSYS
                 else errno_of(exc, req.name, req.nodeid, *req.names, *req.args[:2])
+            )
             self._write(fd, [protocol.error_reply(req.unique, code)])
             return
         if result is None:
@@ -389,4 +423,3 @@ class Session:
             self._early[unique] = None
             while len(self._early) > _EARLY_INTERRUPTS:
                 self._early.popitem(last=False)
-
