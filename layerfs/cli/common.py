@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -52,9 +53,9 @@ def binary_output(path: str | None, what: str) -> tuple[BinaryIO, bool]:
     return sys.stdout.buffer, False
 
 
-def finish_output(handle: BinaryIO, owned: bool, path: str | None) -> None:
+def finish_output(handle: BinaryIO, owned: bool) -> None:
     handle.flush()
     if owned:
-        os.fsync(handle.fileno())
+        if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            os.fsync(handle.fileno())  # a device or FIFO (-o /dev/null) has nothing to sync
         handle.close()
-    del path

@@ -90,6 +90,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         export_image(store, image, out, progress)
     finally:
-        finish_output(out, owned, args.output)
+        finish_output(out, owned)
         progress.close()
     return 0

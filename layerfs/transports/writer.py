@@ -86,10 +86,18 @@ def copy_exact(stream: Any, out: Any, size: int, what: str) -> None:
 class TarWriter(LayoutWriter):
     """A tar stream; with ``final`` it is a temporary file renamed to ``final`` at the end."""
 
-    def __init__(self, out: BinaryIO, *, final: Path | None = None, temp: Path | None = None):
+    def __init__(
+        self,
+        out: BinaryIO,
+        *,
+        final: Path | None = None,
+        temp: Path | None = None,
+        close: bool = False,
+    ):
         self._out = out
         self._final = final
         self._temp = temp
+        self._close = close  # ``out`` is this writer's to close (a device or FIFO it opened)
         self._sizes: dict[str, int] = {}
         self._done = False
         self._anonymous = False  # an O_TMPFILE file: linked to ``temp`` only when finished
@@ -100,6 +108,12 @@ class TarWriter(LayoutWriter):
         path = path.absolute()
         if path.is_dir():
             raise UsageError(f"cannot write {path}: it is a directory")
+        if path.exists() and not path.is_file():
+            # A device or FIFO (-o /dev/null, a named pipe): written into, never replaced.
+            try:
+                return cls(open(path, "wb"), close=True)  # closed by finish or abort
+            except OSError as exc:
+                raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
         temp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             # A file with no name until it is finished: a process killed while writing
@@ -173,6 +187,8 @@ class TarWriter(LayoutWriter):
             self._out.close()
             os.rename(self._temp, self._final)
             fsync_dir(self._final.parent)
+        elif self._close:
+            self._out.close()
         self._done = True
 
     def abort(self) -> None:
@@ -181,6 +197,8 @@ class TarWriter(LayoutWriter):
         if self._temp is not None:
             self._out.close()
             self._temp.unlink(missing_ok=True)
+        elif self._close:
+            self._out.close()
         self._done = True
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -308,3 +311,24 @@ def test_save_platform_refuses_an_image_for_another_platform(
     assert capsys.readouterr().err == (
         "layerfs: error: image first:1 is for linux/amd64, not linux/arm64\n"
     )
+
+
+def test_save_into_a_fifo_writes_into_it_and_never_replaces_it(
+    store: Store, tmp_path: Path
+) -> None:
+    # -o names a device or a named pipe: the archive goes into it; a temporary file
+    # renamed over it would replace the device (as root, -o /dev/null would).
+    file = tmp_path / "file.tar"
+    assert main(["--root", str(store.root), "save", "-q", "-o", str(file), "first:1"]) == 0
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        assert main(["--root", str(store.root), "save", "-q", "-o", str(fifo), "first:1"]) == 0
+    finally:
+        reader.join(10)
+    assert received == [file.read_bytes()]
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert list(tmp_path.glob(".fifo*")) == []

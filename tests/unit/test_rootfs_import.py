@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.cli import main
 from layerfs.errors import IntegrityError, NotFoundError, RegistryError
 from layerfs.model.platform import Platform
 from layerfs.rootfs import export_image, import_rootfs
@@ -103,3 +104,23 @@ def test_export_of_an_image_whose_layer_tar_was_cut_is_a_one_line_error(
     os.truncate(tar, 1024)  # the header and the first 512 bytes of the data
     with pytest.raises(IntegrityError, match=r"^cannot export image \w{12}: a layer tar ends"):
         export_image(store, image, io.BytesIO())
+
+
+def test_export_into_a_device_or_fifo_writes_into_it(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "rootfs.tar").write_bytes(TAR)
+    import_rootfs(store, str(tmp_path / "rootfs.tar"), "dev/null:1")
+    root = ["--root", str(store.root)]
+    # A device cannot be fsync'd (EINVAL): -o /dev/null is still a plain success.
+    assert main([*root, "export", "-q", "-o", os.devnull, "dev/null:1"]) == 0
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        assert main([*root, "export", "-q", "-o", str(fifo), "dev/null:1"]) == 0
+    finally:
+        reader.join(10)
+    expected = io.BytesIO()
+    export_image(store, store.tags.lookup_image("dev/null:1"), expected)
+    assert received == [expected.getvalue()]
