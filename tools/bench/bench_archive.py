@@ -323,7 +323,7 @@ def run_all(work: Path, archives: dict[str, Path], docker: Engine) -> str:
         )[2]
     return report(times, cpus, memory, sizes, size_mb) + (
         f"\nLoad average (1 min) while measuring: {load_before} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end (other work shared the machine).\n"
+        f"{os.getloadavg()[0]:.1f} at the end.\n"
     )
 
 

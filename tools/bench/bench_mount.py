@@ -756,59 +756,48 @@ def main() -> int:
 
 
 ANALYSIS = """\
-What the numbers say (this run; the machine was shared, see the load average, and the
-plain directory's own times moved by up to 2x between runs of the same day):
+What the numbers say (read them with the load average above: on a quiet machine the
+plain directory gets faster and a FUSE round trip does not, so the FUSE ratios grow;
+compare the columns of one run only):
 
 - **Warm work costs the native engine's server nothing.** After one walk and one read,
-  a second pass sent it no request at all (the requests table; the few READs of a
-  re-read are pages this machine's memory manager paged out meanwhile: it pages out
-  cold unmapped page cache with DAMON). What is left of the warm ratios is the
-  kernel's own FUSE path against ext4's; overlayfs, in the same run, measured more.
-  The pyfuse3 engine answers an OPENDIR, READDIR, RELEASEDIR, OPEN and RELEASE for
-  every directory and file of every pass, because pyfuse3 can neither answer OPEN and
-  OPENDIR with ENOSYS nor cache listings and symlink targets.
-- **Python's open() still costs a round trip per file**: it asks isatty(), an IOCTL the
-  kernel forwards every time and never remembers an answer to. The native engine
-  answers it first (24 µs of server CPU each here, where pyfuse3 spent 123 µs on each
-  of the OPEN and RELEASE of the same open()); a C program (cat, cp, dpkg, the loader)
-  never asks.
-  The real program of the table is exactly this: 107 IOCTLs per `python3 -c 'import
-  json, email, http.client, asyncio'` and nothing else (20 runs measured again right
-  after this run: 7.0 s against 5.9 s in the plain directory).
+  a second pass sends it no request (the requests table): listings, attributes, symlink
+  targets and file pages stay in the kernel's caches, and what is left of the warm
+  ratios is the kernel's own FUSE path against ext4's. The pyfuse3 engine answers an
+  OPENDIR, READDIR, RELEASEDIR, OPEN and RELEASE for every directory and file of every
+  pass, because pyfuse3 can neither answer OPEN and OPENDIR with ENOSYS nor cache
+  listings and symlink targets.
+- **Python's open() costs a round trip per file**: it asks isatty(), an IOCTL the kernel
+  forwards every time and never remembers an answer to; a C program (cat, cp, dpkg, the
+  loader) never asks. The real program of the table is exactly this: 107 IOCTLs per
+  `python3 -c 'import json, email, http.client, asyncio'` and nothing else.
 - **Cold work is round trips**: one READDIRPLUS per directory (and one more for its
   end), one READLINK per symlink the walk follows, one LOOKUP per name the kernel does
-  not know, one READ per file. The native engine answers a LOOKUP for 37 µs of server
-  CPU (kernel work included) where pyfuse3 takes 110 µs, and sends fewer requests
-  (no OPEN, RELEASE, OPENDIR, RELEASEDIR); cold walks and reads come out faster than
-  fuse-overlayfs and within the targets. A worker reads requests while the others
-  sleep (leader and followers): reading the device from all of them at once made the
-  kernel wake the thread that had slept longest for every request, and doubled the
-  round trip here.
-- **The 2 GiB sequential read** is the disk's: 1 MiB requests, a cold one read in an
-  I/O thread that also asks for the next 8 MiB; in runs made right after this one, the
-  plain file took 7.5 s and 5.1 s, the native engine 7.1 s and 7.4 s, pyfuse3 7.3 s
-  and 7.1 s. The disk is shared; the quiet rerun decides this row.
-- **Writes run in the kernel**: with passthrough, writing and fsyncing 1 GiB into the
-  upper layer and reading it back cold is the plain directory's speed; the server
-  sees the open and the close.
+  not know, one READ per file. The native engine sends no OPEN, RELEASE, OPENDIR or
+  RELEASEDIR and spends less server CPU per request than pyfuse3 (the requests table);
+  its cold walk is a fixed number of round trips whatever the load, so its ratio to the
+  plain directory is highest on a quiet machine. A worker reads requests while the
+  others sleep (leader and followers): reading the device from all of them at once made
+  the kernel wake the thread that had slept longest for every request, and doubled the
+  round trip.
+- **The 2 GiB sequential read**: 1 MiB requests, a cold one read in an I/O thread that
+  also asks for the next 8 MiB. The disk is shared with other machines; of all rows this
+  one moves most between runs.
+- **Writes run in the kernel**: with passthrough the server sees the open and the close
+  of the 1 GiB file, not its writes.
 - **Extracting many small files is what stands between a FUSE server in Python and
   overlayfs.** Per file the kernel sends LOOKUP (the name is new), CREATE, two
   GETATTRs and two GETXATTRs (security.capability, read before the first write and
   before chown, to know whether to clear it), three SETATTRs (tar's fchown, fchmod
   and utimensat) and a RELEASE: 10 requests (counted on 10,000 files: create 10000,
   getattr 20001, getxattr 21592, lookup 10101, setattr 30300, release 10000, mkdir
-  101). At the native engine's cost per request that is about 8x the plain directory,
-  half of pyfuse3's; 3x would need three requests per file. Negotiating
-  FUSE_HANDLE_KILLPRIV_V2 would drop the GETATTRs and GETXATTRs, but it makes the
-  server clear setuid bits and capabilities on writes it never sees with passthrough:
-  not done.
-- **Mount latency is the command line's, not the engine's.** Measured on this machine
-  under the same load: starting Python 0.10-0.19 s, importing the command line and
-  building its parser 0.57-0.68 s, reading the image's chain 0.12-0.15 s, merging 127
-  indexes 0.27-0.36 s; the engine's own start (mount(2), fork, INIT, workers) is
-  under 0.2 s, and in alternating runs after this one the native engine was ready in
-  0.88-1.13 s, pyfuse3 in 1.01-1.22 s. What would meet the target is a command line
-  that imports only the command it runs.
+  101); 3x would need three requests per file at the native engine's cost per request.
+  Negotiating FUSE_HANDLE_KILLPRIV_V2 would drop the GETATTRs and GETXATTRs, but it
+  makes the server clear setuid bits and capabilities on writes it never sees with
+  passthrough: not done.
+- **Mount latency** is mostly the command line's: starting Python, importing the
+  command, reading the image's chain and merging the layers' indexes come before the
+  engine's own start (mount(2), fork, INIT, workers).
 - Memory: the inode table is the same for both engines, about 50 bytes of columns per
   inode plus its name in its directory's dictionary; the native engine keeps no
   per-entry state of its own (a read-only mount's handles are the kernel's).
