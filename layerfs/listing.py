@@ -13,6 +13,7 @@ summary into docker's rows: one per tag (times each digest of its repository wit
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -108,22 +109,6 @@ def labels_of(image: Image) -> dict[str, Any]:
     return labels if isinstance(labels, dict) else {}
 
 
-def chain_sizes(images: dict[str, NodeSummary]) -> dict[str, int]:
-    """Image ID → the size of its whole chain (its layer plus every parent's)."""
-    sizes: dict[str, int] = {}
-    for image_id in images:
-        chain: list[str] = []
-        current: str | None = image_id
-        while current and current not in sizes and current in images and current not in chain:
-            chain.append(current)
-            current = images[current].parent or None
-        total = sizes.get(current, 0) if current else 0
-        for node in reversed(chain):
-            total += images[node].size
-            sizes[node] = total
-    return sizes
-
-
 def list_images(
     store: Store, *, all_images: bool = False, filters: Filters | None = None
 ) -> list[ImageSummary]:
@@ -134,15 +119,20 @@ def list_images(
     since = _reference_time(store, filters.get("since"))
     patterns = [compile_pattern(p) for p in filters.get("reference", [])]
     # The node summaries, not every node's JSON: on a store of thousands of images the
-    # listing reads one cache file and one directory (docs/store-format.md, "Indexes").
-    images = store.graph.summaries()
-    parents = {i.parent for i in images.values() if i.parent}
+    # listing reads one cache file (docs/store-format.md, "Indexes"). Without -a only the
+    # leaves and the named nodes can be listed: the others are not even looked at.
+    view = store.graph.view()
     names = store.tags.by_id()
-    sizes = chain_sizes(images)
+    if all_images:
+        candidates: Iterable[str] = view
+    else:
+        candidates = view.leaves | {i for i in names if i in view}
     result: list[ImageSummary] = []
-    for image_id, image in images.items():
-        if dangling and image_id in parents:
+    for image_id in candidates:
+        is_parent = view.is_parent(image_id)
+        if dangling and is_parent:
             continue  # dangling=true looks at the heads only
+        image = view.summary(image_id)
         # The cheap tests first: most nodes of a big store are hidden intermediate ones.
         if before is not None or since is not None:
             created = parse_created(image.created)
@@ -157,7 +147,7 @@ def list_images(
                 continue
             (digests if "@" in ref else tags).append(ref)
         if not tags and not digests:
-            if not (all_images or image_id not in parents):
+            if not (all_images or not is_parent):
                 continue
             if dangling is False or patterns:
                 continue
@@ -166,7 +156,7 @@ def list_images(
         if "label" in filters and not match_labels(filters, labels_of(store.graph.get(image_id))):
             continue
         created = parse_created(image.created)
-        result.append(ImageSummary(image, tags, digests, sizes.get(image_id, image.size), created))
+        result.append(ImageSummary(image, tags, digests, view.chain_size(image_id), created))
     result.sort(key=lambda s: (s.created.timestamp() if s.created else 0, s.image.id), reverse=True)
     return result
 

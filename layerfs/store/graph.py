@@ -67,7 +67,7 @@ from layerfs.store.files import (
     trash,
 )
 from layerfs.store.layers import LayerStore, StagedLayer
-from layerfs.store.summaries import NodeSummary, SummaryCache
+from layerfs.store.summaries import GraphView, NodeSummary, SummaryCache
 
 EMPTY_TAR = bytes(1024)
 _HOLD_NAME = re.compile(r"^[a-f0-9]{64}$")
@@ -232,6 +232,14 @@ class Graph:
         if self._txn_depth:
             self._view = view
         return view
+
+    def view(self) -> GraphView:
+        """summaries() as a :class:`GraphView`: with chain sizes and leaves, lazily made."""
+        if self._view is not None:
+            return GraphView.of(self._view)
+        if self._txn_depth:
+            return GraphView.of(self.summaries())
+        return self._summaries.view()
 
     def _summary_of(self, image_id: str) -> NodeSummary | None:
         try:

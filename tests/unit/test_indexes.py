@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.listing import list_images
 from layerfs.model.digest import sha256_digest
-from layerfs.store import codec
+from layerfs.store import codec, summaries
 from layerfs.store.check import fsck, gc
 from layerfs.store.graph import Graph
 from layerfs.store.layers import LayerStore
 from layerfs.store.store import Store
+from layerfs.store.summaries import SummaryCache
 from tests.helpers import build_tar, fake_image_id, legacy_image_json, tar_file
 
 LAYERS = [build_tar(tar_file(f"file{i}", f"content {i}".encode())) for i in range(4)]
@@ -189,13 +191,18 @@ def test_an_id_registered_again_with_other_content_is_read_again(store: Store) -
     assert (summary.parent, summary.created) == ("", "2030-01")
 
 
+def cached_rows(cache: Path) -> dict[str, list[object]]:
+    doc = codec.unpack(cache.read_bytes(), what="cache")
+    return {**doc["leaves"], **codec.unpack(doc["inner"], what="inner rows")}
+
+
 def test_a_damaged_cache_is_ignored_and_rewritten(store: Store) -> None:
     ids = chain(store, 3)
     store.graph.summaries()
     cache = store.root / "index" / "graph"
     cache.write_bytes(b"\xc1 not msgpack")
     assert set(Store.open(store.root).graph.summaries()) == set(ids)
-    assert set(codec.unpack(cache.read_bytes(), what="cache")["nodes"]) == set(ids)
+    assert set(cached_rows(cache)) == set(ids)
 
 
 def test_a_row_that_disagrees_with_its_node_is_reported_and_repaired(store: Store) -> None:
@@ -203,13 +210,128 @@ def test_a_row_that_disagrees_with_its_node_is_reported_and_repaired(store: Stor
     store.graph.summaries()
     cache = store.root / "index" / "graph"
     doc = codec.unpack(cache.read_bytes(), what="cache")
-    doc["nodes"][ids[1]][0] = ""  # the node has a parent; the row says it has none
+    doc["leaves"][ids[1]][0] = ""  # the node has a parent; the row says it has none
     cache.write_bytes(codec.pack(doc))
     report = fsck(Store.open(store.root))
     assert report.stale_indexes == [f"graph summary of image {ids[1][:12]} disagrees with its node"]
     fsck(Store.open(store.root), repair=True)
     assert fsck(Store.open(store.root)).clean
     assert Store.open(store.root).graph.summaries()[ids[1]].parent == ids[0]
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changes to graph/ count as settled at once: reads record and trust its stamp."""
+    monkeypatch.setattr(summaries, "RACY_NS", -(1 << 62))
+
+
+def refuse(*args: object) -> None:
+    raise AssertionError("graph/ listed, a node opened or inner rows unpacked")
+
+
+def refuse_to_list_or_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SummaryCache, "_node_inodes", refuse)
+    monkeypatch.setattr(Graph, "_load", refuse)
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_settled_graph_is_read_from_the_cache_alone(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = chain(store, 3, seed="a")
+    b = chain(store, 1, parent=a[0], seed="b")
+    store.graph.summaries()  # lists graph/, writes the cache with graph/'s stamp
+    fresh = Store.open(store.root)
+    refuse_to_list_or_open(monkeypatch)
+    assert set(fresh.graph.summaries()) == {*a, *b}
+    view = fresh.graph.view()
+    assert view.leaves == {a[2], b[0]}
+    assert view.is_parent(a[0]) and view.is_parent(a[1]) and not view.is_parent(b[0])
+
+
+@pytest.mark.usefixtures("settled")
+def test_images_of_named_leaves_unpacks_no_inner_row(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = chain(store, 3, seed="a")
+    store.tags.tag("a", "1", a[2])
+    store.graph.summaries()
+    refuse_to_list_or_open(monkeypatch)
+    monkeypatch.setattr(SummaryCache, "_inner", refuse)
+    assert [s.image.id for s in list_images(Store.open(store.root))] == [a[2]]
+    monkeypatch.undo()
+    store.tags.tag("a", "base", a[0])  # a named parent: its row is an inner one
+    assert sorted(s.image.id for s in list_images(Store.open(store.root))) == sorted([a[2], a[0]])
+
+
+@pytest.mark.usefixtures("settled")
+def test_damaged_inner_rows_cost_a_full_read_not_a_wrong_answer(store: Store) -> None:
+    a = chain(store, 3, seed="a")
+    store.tags.tag("a", "base", a[0])
+    expected = [(s.image.id, s.size, s.repo_tags) for s in list_images(store)]
+    cache = store.root / "index" / "graph"
+    doc = codec.unpack(cache.read_bytes(), what="cache")
+    assert doc["stamp"] is not None
+    doc["inner"] = b"\xc1 not msgpack"
+    cache.write_bytes(codec.pack(doc))
+    fresh = Store.open(store.root)
+    assert [(s.image.id, s.size, s.repo_tags) for s in list_images(fresh)] == expected
+    assert set(fresh.graph.summaries()) == set(a)
+    assert set(cached_rows(cache)) == set(a)  # the full read wrote the cache anew
+
+
+def test_a_stamp_younger_than_the_racy_margin_is_not_recorded(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(summaries, "RACY_NS", 3600 * 10**9)
+    chain(store, 2)
+    store.graph.summaries()
+    doc = codec.unpack((store.root / "index" / "graph").read_bytes(), what="cache")
+    assert doc["stamp"] is None  # graph/ changed "just now": every read lists it
+    assert summaries.racy_margin(1_700_000_000 * 10**9) == summaries.COARSE_RACY_NS
+    assert summaries.racy_margin(1_700_000_000 * 10**9 + 1) == summaries.RACY_NS
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_settled_cache_sees_changes_by_other_processes(store: Store) -> None:
+    ids = chain(store, 3)
+    store.graph.summaries()
+    other = Store.open(store.root)
+    other.graph.delete(ids[2])
+    assert set(store.graph.summaries()) == {ids[0], ids[1]}
+    assert store.graph.view().leaves == {ids[1]}
+    more = chain(other, 1, parent=ids[0], seed="x")
+    assert set(store.graph.summaries()) == {ids[0], ids[1], more[0]}
+    assert store.graph.view().leaves == {ids[1], more[0]}
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_graph_with_an_unreadable_node_gets_no_stamp(store: Store) -> None:
+    ids = chain(store, 2)
+    (store.graph.root / ids[1] / "json").write_text("{")
+    assert set(store.graph.summaries()) == {ids[0]}
+    doc = codec.unpack((store.root / "index" / "graph").read_bytes(), what="cache")
+    assert doc["stamp"] is None  # the damaged node is tried again on every read
+    (store.graph.root / ids[1] / "json").write_bytes(
+        legacy_image_json(ids[1], ids[0], created="2024-02")
+    )
+    assert set(store.graph.summaries()) == set(ids)
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_settled_cache_with_wrong_chain_sizes_is_reported_and_repaired(store: Store) -> None:
+    ids = chain(store, 2)
+    store.graph.summaries()
+    cache = store.root / "index" / "graph"
+    doc = codec.unpack(cache.read_bytes(), what="cache")
+    assert doc["stamp"] is not None
+    doc["leaves"][ids[1]][5] += 1
+    cache.write_bytes(codec.pack(doc))
+    assert fsck(Store.open(store.root)).stale_indexes == [
+        "graph summary cache disagrees with graph/ (its nodes, leaves or chain sizes)"
+    ]
+    fsck(Store.open(store.root), repair=True)
+    assert fsck(Store.open(store.root)).clean
 
 
 def test_a_transaction_sees_its_own_changes(store: Store) -> None:

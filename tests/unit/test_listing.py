@@ -18,14 +18,19 @@ from layerfs.listing import (
     parse_filters,
 )
 from layerfs.prune import PRUNE_FILTERS, parse_go_duration, parse_until, prune_images
+from layerfs.store import summaries
 from layerfs.store.store import Store
 from tests.helpers import build_tar, tar_file, tar_symlink
 
 DIGEST = "sha256:" + "d" * 64
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
+@pytest.fixture(params=["listed", "settled"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """Each test runs twice: with the graph summaries checked against a listing of graph/
+    on every read (as within two seconds of a change), and trusted on their stamp."""
+    if request.param == "settled":
+        monkeypatch.setattr(summaries, "RACY_NS", -(1 << 62))
     return Store.open(tmp_path / "store")
 
 
@@ -80,6 +85,21 @@ def test_default_listing_is_tagged_images_and_heads_newest_first(
     assert listed(store, all_images=True) == [
         images[n] for n in ("lone", "tool", "app", "digested", "base")
     ]
+
+
+def test_a_tagged_parent_is_listed_and_an_untagged_one_only_with_all(
+    store: Store, images: dict[str, str]
+) -> None:
+    assert images["base"] not in listed(store)
+    store.tags.tag("base", "1", images["base"])
+    assert listed(store) == [images[n] for n in ("lone", "tool", "app", "digested", "base")]
+    assert listed(store, "dangling=false") == [
+        images[n] for n in ("tool", "app", "digested", "base")
+    ]
+    assert listed(store, "dangling=true") == [images["lone"], images["digested"]]
+    (base,) = [s for s in list_images(store) if s.image.id == images["base"]]
+    (app,) = [s for s in list_images(store) if s.image.id == images["app"]]
+    assert 0 < base.size < app.size
 
 
 def test_dangling(store: Store, images: dict[str, str]) -> None:
