@@ -67,7 +67,7 @@ from layerfs.store.files import (
     trash,
 )
 from layerfs.store.layers import LayerStore, StagedLayer
-from layerfs.store.summaries import GraphView, NodeSummary, SummaryCache
+from layerfs.store.summaries import GraphView, NodeIndex, NodeSummary, SummaryCache
 
 EMPTY_TAR = bytes(1024)
 _HOLD_NAME = re.compile(r"^[a-f0-9]{64}$")
@@ -99,6 +99,7 @@ class Graph:
         )
         self._txn_depth = 0
         self._view: dict[str, NodeSummary] | None = None  # summaries inside a transaction
+        self._index: NodeIndex | None = None  # the same by parent and by layer, when asked
 
     # -- lookup -----------------------------------------------------------------
 
@@ -272,7 +273,18 @@ class Graph:
         return {k: v for k, v in nodes.items() if k not in parents}
 
     def children(self, image_id: str) -> list[str]:
+        index = self._transaction_index()
+        if index is not None:
+            return sorted(index.children.get(image_id, ()))
         return sorted(n.id for n in self.summaries().values() if n.parent == image_id)
+
+    def _transaction_index(self) -> NodeIndex | None:
+        """Inside a transaction, the summaries by parent and by layer (made once)."""
+        if not self._txn_depth:
+            return None
+        if self._index is None:
+            self._index = NodeIndex(self.summaries().values())
+        return self._index
 
     # -- creation ---------------------------------------------------------------
 
@@ -287,6 +299,7 @@ class Graph:
                 self._txn_depth -= 1
                 if not self._txn_depth:
                     self._view = None
+                    self._index = None
 
     def register(
         self,
@@ -371,6 +384,8 @@ class Graph:
             summary = self._summary_of(image_id)
             if summary is not None:
                 self._view[image_id] = summary
+                if self._index is not None:
+                    self._index.add(summary)
             else:
                 self._summaries.unreadable.add(image_id)
         return True
@@ -476,7 +491,9 @@ class Graph:
         self._summaries.forget(image_id)
         trash(self.root / image_id, self.tmp_root)
         if self._view is not None:
-            self._view.pop(image_id, None)
+            gone = self._view.pop(image_id, None)
+            if gone is not None and self._index is not None:
+                self._index.remove(gone)
 
     def layer_of(self, image_id: str) -> str:
         """The diff ID an image node names as its own layer ("" for none), unparsed."""
@@ -484,9 +501,12 @@ class Graph:
 
     def layer_in_use(self, diff_id: str, deleted: str = "") -> bool:
         """True when an image (but deleted) names the layer or some process holds it."""
-        for node in self.summaries().values():
-            if node.layer == diff_id and node.id != deleted:
+        index = self._transaction_index()
+        if index is not None:
+            if index.users.get(diff_id, set()) - {deleted}:
                 return True
+        elif any(n.layer == diff_id and n.id != deleted for n in self.summaries().values()):
+            return True
         for image_id in self._summaries.unreadable:  # a damaged node still keeps its layer
             if image_id != deleted and _read_text(self.root / image_id / "layer") == diff_id:
                 return True

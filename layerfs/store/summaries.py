@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, KeysView
+from collections.abc import Callable, Iterable, Iterator, KeysView
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from layerfs.errors import IntegrityError, LayerfsError, StoreLockedError
-from layerfs.model.digest import is_image_id
 from layerfs.store import codec
 from layerfs.store.files import atomic_write, locked
 
@@ -98,6 +97,27 @@ def chain_sizes(images: dict[str, NodeSummary]) -> dict[str, int]:
             total += images[node].size
             sizes[node] = total
     return sizes
+
+
+class NodeIndex:
+    """Nodes by parent and by layer, kept up to date as nodes come and go (a transaction's
+    questions about children and layer users, without a pass over every node each)."""
+
+    def __init__(self, nodes: Iterable[NodeSummary]) -> None:
+        self.children: dict[str, set[str]] = {}
+        self.users: dict[str, set[str]] = {}  # diff ID → the nodes naming it as their layer
+        for node in nodes:
+            self.add(node)
+
+    def add(self, node: NodeSummary) -> None:
+        if node.parent:
+            self.children.setdefault(node.parent, set()).add(node.id)
+        if node.layer:
+            self.users.setdefault(node.layer, set()).add(node.id)
+
+    def remove(self, node: NodeSummary) -> None:
+        self.children.get(node.parent, set()).discard(node.id)
+        self.users.get(node.layer or "", set()).discard(node.id)
 
 
 Rows = dict[str, list[Any]]  # ID → [parent, layer or "", size, created, inode, chain size]
@@ -157,6 +177,11 @@ class GraphView:
         return image_id not in self._leaves and image_id in self._inner_rows()
 
 
+def _is_hex64(name: str) -> bool:
+    """is_image_id for a directory entry's name, at the cost of a strip (10,000 per read)."""
+    return len(name) == 64 and not name.strip("0123456789abcdef")
+
+
 def _checked_rows(rows: object) -> Rows:
     if not isinstance(rows, dict) or not all(
         type(row) is list and len(row) == 6 for row in rows.values()
@@ -183,7 +208,7 @@ class SummaryCache:
     def _node_inodes(self) -> dict[str, int]:
         try:
             with os.scandir(self.graph_root) as entries:
-                return {e.name: e.inode() for e in entries if is_image_id(e.name)}
+                return {e.name: e.inode() for e in entries if _is_hex64(e.name)}
         except FileNotFoundError:
             return {}
 
@@ -255,8 +280,11 @@ class SummaryCache:
 
     def forget(self, image_id: str) -> None:
         """A node is being deleted (store lock held): its row may no longer be trusted."""
-        if image_id not in self._rows():
+        doc = self._doc()
+        if doc is None:
             return  # no row to distrust
+        if image_id not in doc["leaves"] and image_id not in (self._inner(doc) or {}):
+            return
         fd = os.open(self.deleted_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, f"{image_id}\n".encode())
@@ -269,7 +297,7 @@ class SummaryCache:
         doc = self._current()
         inner = self._inner(doc) if doc is not None else None
         if doc is None or inner is None:
-            return self._read_locked()
+            return self._read_locked()[0]
         self.unreadable = set()
         return {
             i: NodeSummary(i, r[0], r[1] or None, r[2], r[3])
@@ -281,19 +309,19 @@ class SummaryCache:
         """Every node as a :class:`GraphView`; from the cache alone when its stamp holds."""
         doc = self._current()
         if doc is None:
-            return GraphView.of(self._read_locked())
+            return self._read_locked()[1]
         self.unreadable = set()
 
         def inner() -> Rows:
             rows = self._inner(doc)
             if rows is None:  # damaged: what a full read says (and rewrites)
-                full = GraphView.of(self._read_locked())
+                full = self._read_locked()[1]
                 rows = {i: full._row(i) for i in full if i not in doc["leaves"]}
             return rows
 
         return GraphView(doc["leaves"], inner)
 
-    def _read_locked(self) -> dict[str, NodeSummary]:
+    def _read_locked(self) -> tuple[dict[str, NodeSummary], GraphView]:
         try:
             with locked(self.lock_path, timeout_message="busy"):
                 return self._read(rewrite=True)
@@ -303,7 +331,8 @@ class SummaryCache:
             _log("reading the graph summaries without the store lock: %s", exc)
             return self._read(rewrite=False)
 
-    def _read(self, *, rewrite: bool) -> dict[str, NodeSummary]:
+    def _read(self, *, rewrite: bool) -> tuple[dict[str, NodeSummary], GraphView]:
+        """Every readable node (listing graph/), and the same as a view."""
         started = time.time_ns()
         stamp = self._stamp()
         inodes = self._node_inodes()
@@ -324,8 +353,9 @@ class SummaryCache:
                 continue
             result[image_id] = summary
             learned = True
+        view = GraphView.of(result)
         if not rewrite:
-            return result
+            return result, view
         if stamp is not None and (
             stamp != self._stamp()  # graph/ changed while it was read
             or started - stamp[2] < racy_margin(stamp[2])
@@ -334,12 +364,11 @@ class SummaryCache:
             stamp = None
         cached_stamp = doc.get("stamp") if doc is not None else None
         if learned or deleted or len(rows) != len(result) or cached_stamp != stamp:
-            view = GraphView.of(result)
             for i in result:
                 view._row(i)[4] = inodes[i]
             if self._write(view._leaves, view._inner_rows(), stamp):
                 self.deleted_path.unlink(missing_ok=True)
-        return result
+        return result, view
 
     def _write(self, leaves: Rows, inner: Rows, stamp: list[int] | None) -> bool:
         doc = {
