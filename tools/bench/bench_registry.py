@@ -49,12 +49,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     PYTHON,
     REPO,
+    SETTLE_S,
     Dockerd,
     closing_lines,
+    fresh_memory,
     have_dockerd,
     load_average,
     median,
     remove,
+    settle,
     stamp,
     update_section,
 )
@@ -351,13 +354,18 @@ def main() -> None:
         blobs = layer_blobs(source.dir)
         urls = [f"http://{source.host}/v2/bench/debian/blobs/sha256:{b.parent.name}" for b in blobs]
         list(pool.map(abs, range(cores)))  # the workers start outside the timing
+        first_touch, warm_touch = fresh_memory()
         timed(layerfs(stores / "warm", "images"))  # layerfs's compiled modules are cached
         for n in range(ROUNDS):
+            settle()
             floor.append(pull_floor(pool, blobs, work / "floor"))
+            settle()
             http_floor.append(pull_floor(pool, blobs, work / "floor", urls))
+            settle()
             index_floor.append(pull_floor(pool, blobs, work / "floor", index=True))
             order = list(pull)[n % len(pull) :] + list(pull)[: n % len(pull)]
             for tool in order:
+                settle()
                 if tool == "layerfs pull":
                     root = stores / f"pull-{n}"
                     pull[tool].append(timed(layerfs(root, "pull", "-q", ref)))
@@ -495,7 +503,21 @@ the registry shares the two cores with the puller. The same floor with layerfs's
 parser run over each inflated layer as it is written (the entry index a mount needs,
 without which layerfs would have to read every layer again at mount time):
 **{index_s:.2f} s** ({index_s / median(floor):.2f}x the floor); layerfs pull takes
-{median(pull["layerfs pull"]) / index_s:.2f}x that.
+{median(pull["layerfs pull"]) / index_s:.2f}x that. The floors run in processes started
+before the timing; a `layerfs pull` starts Python and imports the HTTP stack before its
+first request ({requests_s:.3f} s for `python -c "import requests"`, measured below). With
+that added, the floor is {median(floor) + requests_s:.2f} s and layerfs pull takes
+{median(pull["layerfs pull"]) / (median(floor) + requests_s):.2f}x it; the floor with the
+index, {index_s + requests_s:.2f} s, and
+{median(pull["layerfs pull"]) / (index_s + requests_s):.2f}x it: what a pull written in
+Python that keeps the index could come down to is that.
+
+Every pull and floor above starts after a {SETTLE_S:.0f} s pause. On this machine,
+writing into page cache memory that was not in use in the last second costs
+{first_touch:.2f} ms per MB (the host backs the guest's freed pages again on first
+touch), and {warm_touch:.2f} ms per MB into pages just freed: a command run right after
+another one removed its output writes {first_touch / warm_touch:.0f}x faster. Without
+the pause, the floors, which ran one after another, got the warm pages.
 
 | target (issue 14) | this run | |
 |---|---|---|

@@ -150,6 +150,40 @@ def have_dockerd() -> bool:
     return Path("/usr/sbin/dockerd").exists() and os.geteuid() == 0
 
 
+SETTLE_S = 2.0
+
+
+def settle() -> None:
+    """Wait until memory freed by the last command is no longer warm (see fresh_memory).
+
+    On a virtual machine whose host takes back the pages the guest frees (free page
+    reporting), a command that writes right after another freed memory gets warm pages
+    and one that writes later pays for faulting them in again: several times the cost of
+    the write itself. Timed commands that write what they fetch start after this pause,
+    so that each pays the same.
+    """
+    time.sleep(SETTLE_S)
+
+
+def fresh_memory(mb: int = 256) -> tuple[float, float]:
+    """(ms per MB, ms per MB) to write ``mb`` MB into a new file's page cache after
+    settle(), and again at once into the pages just freed: what first touch costs here."""
+    import tempfile
+
+    block = os.urandom(1 << 20)
+    results = []
+    for pause in (True, False):
+        if pause:
+            settle()
+        with tempfile.TemporaryFile(dir="/var/tmp") as f:
+            start = time.perf_counter()
+            for _ in range(mb):
+                f.write(block)
+            f.flush()
+            results.append((time.perf_counter() - start) * 1000 / mb)
+    return results[0], results[1]
+
+
 def load_average() -> str:
     """The 1-minute load average, for the record of a shared machine."""
     return f"{os.getloadavg()[0]:.1f}"
