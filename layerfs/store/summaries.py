@@ -191,7 +191,8 @@ def _checked_rows(rows: object) -> Rows:
 
 
 class SummaryCache:
-    """``index/graph``: the summary of every node, checked against ``graph/`` on each read."""
+    """``index/graph``: the summary of every node, checked against a listing of ``graph/``
+    unless its stamp says ``graph/`` is as it was when the cache was written."""
 
     def __init__(
         self, path: Path, graph_root: Path, tmp_root: Path, lock_path: Path, load: Loader
