@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")  # from Debian's busybox-static: no libraries needed
@@ -204,3 +205,21 @@ def spawn_python(code: str, *args: str) -> subprocess.Popen[str]:
         cwd=REPO_ROOT,
         env=env,
     )
+
+
+def read_fifo_while(fifo: Path, run: Callable[[], int]) -> tuple[int, bytes]:
+    """``run()``'s result and what it wrote into the named pipe ``fifo``, which a thread
+    reads meanwhile. A reader left waiting for a writer (``run`` never opened the pipe) is
+    woken by an empty write end, so that a failing ``run`` fails the test, not hangs it."""
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        result = run()
+    finally:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # no reader waits any more
+        reader.join(10)
+    return result, b"".join(received)

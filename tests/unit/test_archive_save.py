@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from tests.archive_builders import (
     sha256,
 )
 from tests.conformance import assert_valid_image
-from tests.helpers import REPO_ROOT, fake_image_id
+from tests.helpers import REPO_ROOT, fake_image_id, read_fifo_while
 
 BASE = make_layer("base")
 MID = make_layer("mid")
@@ -322,13 +321,9 @@ def test_save_into_a_fifo_writes_into_it_and_never_replaces_it(
     assert main(["--root", str(store.root), "save", "-q", "-o", str(file), "first:1"]) == 0
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
-    reader.start()
-    try:
-        assert main(["--root", str(store.root), "save", "-q", "-o", str(fifo), "first:1"]) == 0
-    finally:
-        reader.join(10)
-    assert received == [file.read_bytes()]
+    status, received = read_fifo_while(
+        fifo, lambda: main(["--root", str(store.root), "save", "-q", "-o", str(fifo), "first:1"])
+    )
+    assert status == 0 and received == file.read_bytes()
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert list(tmp_path.glob(".fifo*")) == []

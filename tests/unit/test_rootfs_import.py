@@ -21,7 +21,7 @@ from layerfs.rootfs import export_image, import_rootfs
 from layerfs.store.store import Store
 from layerfs.transports.local import StoreSource
 from tests.conformance import assert_valid_image
-from tests.helpers import build_tar, tar_file
+from tests.helpers import build_tar, read_fifo_while, tar_file
 
 TAR = build_tar(tar_file("etc/motd", b"from the web\n"))
 
@@ -114,13 +114,9 @@ def test_export_into_a_device_or_fifo_writes_into_it(store: Store, tmp_path: Pat
     assert main([*root, "export", "-q", "-o", os.devnull, "dev/null:1"]) == 0
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
-    reader.start()
-    try:
-        assert main([*root, "export", "-q", "-o", str(fifo), "dev/null:1"]) == 0
-    finally:
-        reader.join(10)
+    status, received = read_fifo_while(
+        fifo, lambda: main([*root, "export", "-q", "-o", str(fifo), "dev/null:1"])
+    )
     expected = io.BytesIO()
     export_image(store, store.tags.lookup_image("dev/null:1"), expected)
-    assert received == [expected.getvalue()]
+    assert status == 0 and received == expected.getvalue()

@@ -31,23 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PYTHON, REPO, Dockerd, have_dockerd, median, stamp, update_section
+from common import PYTHON, Dockerd, debian_rootfs, have_dockerd, median, stamp, update_section
 
 ROUNDS = 5
 TAG = "bench/debian:archive"
 
 
 # -- building the archive -------------------------------------------------------------------
-
-
-def _rootfs(variant: str) -> Path:
-    out = subprocess.run(
-        ["bash", str(REPO / "tools" / "debian-rootfs.sh"), variant],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return Path(out)
 
 
 def _added_layer(minbase: Path, large: Path, out: Path) -> None:
@@ -135,7 +125,7 @@ def _archive(layers: list[Path], out: Path) -> None:
 
 
 def build(work: Path) -> dict[str, Path]:
-    minbase, large = _rootfs("minbase"), _rootfs("large")
+    minbase, large = debian_rootfs("minbase"), debian_rootfs("large")
     added, small, noise = (work / f"{n}-layer.tar" for n in ("added", "small", "noise"))
     _added_layer(minbase, large, added)
     _small_layer(small)

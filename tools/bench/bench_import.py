@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     PYTHON,
-    REPO,
     Dockerd,
+    debian_rootfs,
     have_dockerd,
     median,
     remove,
@@ -32,14 +32,7 @@ ROUNDS = 3
 
 
 def main() -> None:
-    tarball = Path(
-        subprocess.run(
-            ["bash", str(REPO / "tools" / "debian-rootfs.sh"), "large"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    )
+    tarball = debian_rootfs("large")
     size_mb = tarball.stat().st_size / 1e6
     entries = int(
         subprocess.run(

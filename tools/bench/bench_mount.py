@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, REPO, drop_caches, median, stamp, update_section
+from common import PYTHON, REPO, debian_rootfs, drop_caches, median, stamp, update_section
 
 WORK = Path(os.environ.get("LAYERFS_BENCH_DIR", "/var/tmp/layerfs-bench"))
 DEPTH = 127
@@ -84,10 +84,6 @@ def compile_once() -> None:
 
 
 # -- building the inputs (cached) ---------------------------------------------------------------
-
-
-def rootfs_tar(variant: str = "minbase") -> Path:
-    return Path(sh("bash", REPO / "tools" / "debian-rootfs.sh", variant).strip())
 
 
 def split_layers(source: Path, out_dir: Path, count: int) -> list[Path]:
@@ -175,8 +171,8 @@ def prepare() -> dict[str, object]:
     if marker.is_file():
         return json.loads(marker.read_text())  # type: ignore[no-any-return]
     shutil.rmtree(WORK / "store", ignore_errors=True)
-    deb = rootfs_tar("minbase")
-    large = rootfs_tar("large")
+    deb = debian_rootfs("minbase")
+    large = debian_rootfs("large")
     layers = split_layers(deb, WORK / "split", DEPTH)
     big = big_tar(WORK / "big.tar")
     small = small_tar(WORK / "small.tar", SMALL_FILES)

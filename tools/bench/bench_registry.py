@@ -52,6 +52,7 @@ from common import (
     SETTLE_S,
     Dockerd,
     closing_lines,
+    debian_rootfs,
     fresh_memory,
     have_dockerd,
     load_average,
@@ -140,15 +141,8 @@ def layerfs(root: Path, *args: str) -> list[str]:
     return [*command, "--root", str(root), *args]
 
 
-def debian_tarball() -> str:
-    script = REPO / "tools" / "debian-rootfs.sh"
-    return subprocess.run(
-        ["bash", str(script)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
 def build_image(docker: Dockerd, work: Path, ref: str) -> None:
-    tarball = debian_tarball()
+    tarball = str(debian_rootfs())
     sh(docker.cmd("import", tarball, "bench/base:1"))
     context = work / "context"
     context.mkdir()
@@ -176,7 +170,7 @@ def gzip_codecs() -> str:
     import importlib
     import zlib
 
-    tarball = debian_tarball()
+    tarball = str(debian_rootfs())
     with open(tarball, "rb") as f:
         data = f.read(96 << 20)
     codecs = [("zlib", zlib, 1), ("zlib", zlib, 6)]

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_archive import build
 from bench_registry import Registry
 from bench_tree import _against_tree, mount_rounds
-from common import PYTHON, REPO, load_average, median, stamp, update_section
+from common import PYTHON, REPO, debian_rootfs, load_average, median, stamp, update_section
 
 TAG = "bench/debian:archive"
 COMMANDS = ("load", "save", "import", "export", "push", "pull")
@@ -107,14 +107,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-revisions-", dir=str(Path.home())))
     try:
         archive = build(work)["medium"]
-        rootfs = Path(
-            subprocess.run(
-                ["bash", str(REPO / "tools" / "debian-rootfs.sh"), "minbase"],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-        )
+        rootfs = debian_rootfs("minbase")
         codes = {"against": _against_tree(args.against, work / "against"), "this": REPO}
         load_start = load_average()
         for code in codes.values():  # once, so that both run from compiled bytecode

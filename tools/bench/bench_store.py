@@ -136,14 +136,12 @@ def build(root: Path, names: list[str]) -> None:
 # summaries (index/graph), check their stamp against graph/, read the tags, and print a
 # row per tag of each leaf and named node with its chain's size, newest first. The rows
 # of nodes that are no leaf are unpacked only when a name points at one.
-IMAGES_FLOOR = r"""
+_FLOOR_READ = r"""
 import json, os, sys
 import msgpack
 root = sys.argv[1]
 with open(f"{root}/index/graph", "rb") as f:
     doc = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
-st = os.stat(f"{root}/graph")
-fresh = doc["stamp"] == [st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink]
 with open(f"{root}/repositories.json", "rb") as f:
     repositories = json.load(f)["Repositories"]
 names = {}
@@ -151,42 +149,41 @@ for repo, refs in repositories.items():
     for ref, image_id in refs.items():
         if ":" not in ref:
             names.setdefault(image_id, []).append((repo, ref))
+lines = []
+"""
+_FLOOR_PRINT = r"""
+lines.sort(key=lambda line: line.split("\t")[3], reverse=True)
+sys.stdout.write("\n".join(lines) + "\n")
+"""
+IMAGES_FLOOR = (
+    _FLOOR_READ
+    + r"""
+st = os.stat(f"{root}/graph")
+fresh = doc["stamp"] == [st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink]
 leaves = doc["leaves"]
 rows = leaves
 if any(i not in leaves for i in names):
     rows = {**leaves, **msgpack.unpackb(doc["inner"], raw=False, strict_map_key=False)}
-lines = []
 for image_id in {*leaves, *(i for i in names if i in rows)}:
     row = rows[image_id]
     for repo, tag in names.get(image_id, [("<none>", "<none>")]):
         lines.append(f"{repo}\t{tag}\t{image_id[:12]}\t{row[3]}\t{row[5]}")
-lines.sort(key=lambda line: line.split("\t")[3], reverse=True)
-sys.stdout.write("\n".join(lines) + "\n")
 """
+    + _FLOOR_PRINT
+)
 
 # What `images` must do at least right after the graph changed, when no cached stamp
 # holds and the summaries are checked against a listing of graph/: read every row, list
 # graph/ with its inodes, find the leaves, add up the chains and print as above.
-IMAGES_CHANGED_FLOOR = r"""
-import json, os, sys
-import msgpack
-root = sys.argv[1]
-with open(f"{root}/index/graph", "rb") as f:
-    doc = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+IMAGES_CHANGED_FLOOR = (
+    _FLOOR_READ
+    + r"""
 rows = {**doc["leaves"], **msgpack.unpackb(doc["inner"], raw=False, strict_map_key=False)}
 with os.scandir(f"{root}/graph") as entries:
     inodes = {e.name: e.inode() for e in entries}
-with open(f"{root}/repositories.json", "rb") as f:
-    repositories = json.load(f)["Repositories"]
-names = {}
-for repo, refs in repositories.items():
-    for ref, image_id in refs.items():
-        if ":" not in ref:
-            names.setdefault(image_id, []).append((repo, ref))
 rows = {i: r for i, r in rows.items() if inodes.get(i) == r[4]}
 parents = {row[0] for row in rows.values()}
 sizes = {}
-lines = []
 for image_id, row in rows.items():
     if image_id in parents and image_id not in names:
         continue
@@ -200,9 +197,9 @@ for image_id, row in rows.items():
         sizes[node] = total
     for repo, tag in names.get(image_id, [("<none>", "<none>")]):
         lines.append(f"{repo}\t{tag}\t{image_id[:12]}\t{row[3]}\t{total}")
-lines.sort(key=lambda line: line.split("\t")[3], reverse=True)
-sys.stdout.write("\n".join(lines) + "\n")
 """
+    + _FLOOR_PRINT
+)
 
 FSCK_FLOOR = """
 import os, sys

@@ -150,6 +150,18 @@ def have_dockerd() -> bool:
     return Path("/usr/sbin/dockerd").exists() and os.geteuid() == 0
 
 
+def debian_rootfs(variant: str = "minbase") -> Path:
+    """The Debian 12 root file system tarball ``tools/debian-rootfs.sh VARIANT`` builds
+    (once, then cached): ``minbase``, or ``large`` (plus python3, perl and git)."""
+    out = subprocess.run(
+        ["bash", str(REPO / "tools" / "debian-rootfs.sh"), variant],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return Path(out.strip())
+
+
 SETTLE_S = 2.0
 
 
