@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,16 @@ def test_a_stamp_younger_than_the_racy_margin_is_not_recorded(
     assert doc["stamp"] is None  # graph/ changed "just now": every read lists it
     assert summaries.racy_margin(1_700_000_000 * 10**9) == summaries.COARSE_RACY_NS
     assert summaries.racy_margin(1_700_000_000 * 10**9 + 1) == summaries.RACY_NS
+
+
+def test_a_graph_left_alone_past_the_racy_margin_gets_its_stamp(store: Store) -> None:
+    ids = chain(store, 2)
+    time.sleep(2 * summaries.RACY_NS / 1e9)  # the real clock against graph/'s ctime
+    store.graph.summaries()
+    doc = codec.unpack((store.root / "index" / "graph").read_bytes(), what="cache")
+    assert doc["stamp"] is not None
+    more = chain(Store.open(store.root), 1, parent=ids[1], seed="x")
+    assert set(store.graph.summaries()) == {*ids, *more}
 
 
 @pytest.mark.usefixtures("settled")
