@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from layerfs.errors import IntegrityError, LayerfsError, StoreLockedError
+from layerfs.model.digest import is_image_id
 from layerfs.store import codec
 from layerfs.store.files import atomic_write, locked
 
@@ -177,11 +178,6 @@ class GraphView:
         return image_id not in self._leaves and image_id in self._inner_rows()
 
 
-def _is_hex64(name: str) -> bool:
-    """is_image_id for a directory entry's name, at the cost of a strip (10,000 per read)."""
-    return len(name) == 64 and not name.strip("0123456789abcdef")
-
-
 def _checked_rows(rows: object) -> Rows:
     if not isinstance(rows, dict) or not all(
         type(row) is list and len(row) == 6 for row in rows.values()
@@ -209,7 +205,7 @@ class SummaryCache:
     def _node_inodes(self) -> dict[str, int]:
         try:
             with os.scandir(self.graph_root) as entries:
-                return {e.name: e.inode() for e in entries if _is_hex64(e.name)}
+                return {e.name: e.inode() for e in entries if is_image_id(e.name)}
         except FileNotFoundError:
             return {}
 
