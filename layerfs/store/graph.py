@@ -236,9 +236,7 @@ class Graph:
 
     def view(self) -> GraphView:
         """summaries() as a :class:`GraphView`: with chain sizes and leaves, lazily made."""
-        if self._view is not None:
-            return GraphView.of(self._view)
-        if self._txn_depth:
+        if self._txn_depth:  # the transaction's own summaries, which it keeps up to date
             return GraphView.of(self.summaries())
         return self._summaries.view()
 

@@ -306,19 +306,24 @@ class SummaryCache:
         """Every node as a :class:`GraphView`; from the cache alone when its stamp holds."""
         doc = self._current()
         if doc is None:
-            return self._read_locked()[1]
+            return self._full_view()
         self.unreadable = set()
 
         def inner() -> Rows:
             rows = self._inner(doc)
             if rows is None:  # damaged: what a full read says (and rewrites)
-                full = self._read_locked()[1]
+                full = self._full_view()
                 rows = {i: full._row(i) for i in full if i not in doc["leaves"]}
             return rows
 
         return GraphView(doc["leaves"], inner)
 
-    def _read_locked(self) -> tuple[dict[str, NodeSummary], GraphView]:
+    def _full_view(self) -> GraphView:
+        """The view of a read that lists graph/: the one it wrote, else made from it."""
+        result, written = self._read_locked()
+        return written if written is not None else GraphView.of(result)
+
+    def _read_locked(self) -> tuple[dict[str, NodeSummary], GraphView | None]:
         try:
             with locked(self.lock_path, timeout_message="busy"):
                 return self._read(rewrite=True)
@@ -328,8 +333,9 @@ class SummaryCache:
             _log("reading the graph summaries without the store lock: %s", exc)
             return self._read(rewrite=False)
 
-    def _read(self, *, rewrite: bool) -> tuple[dict[str, NodeSummary], GraphView]:
-        """Every readable node (listing graph/), and the same as a view."""
+    def _read(self, *, rewrite: bool) -> tuple[dict[str, NodeSummary], GraphView | None]:
+        """Every readable node (listing graph/), and the view it wrote the cache from if
+        it wrote it (None otherwise)."""
         started = time.time_ns()
         stamp = self._stamp()
         inodes = self._node_inodes()
@@ -350,9 +356,8 @@ class SummaryCache:
                 continue
             result[image_id] = summary
             learned = True
-        view = GraphView.of(result)
         if not rewrite:
-            return result, view
+            return result, None
         if stamp is not None and (
             stamp != self._stamp()  # graph/ changed while it was read
             or started - stamp[2] < racy_margin(stamp[2])
@@ -360,11 +365,13 @@ class SummaryCache:
         ):
             stamp = None
         cached_stamp = doc.get("stamp") if doc is not None else None
-        if learned or deleted or len(rows) != len(result) or cached_stamp != stamp:
-            for i in result:
-                view._row(i)[4] = inodes[i]
-            if self._write(view._leaves, view._inner_rows(), stamp):
-                self.deleted_path.unlink(missing_ok=True)
+        if not (learned or deleted or len(rows) != len(result) or cached_stamp != stamp):
+            return result, None
+        view = GraphView.of(result)
+        for i in result:
+            view._row(i)[4] = inodes[i]
+        if self._write(view._leaves, view._inner_rows(), stamp):
+            self.deleted_path.unlink(missing_ok=True)
         return result, view
 
     def _write(self, leaves: Rows, inner: Rows, stamp: list[int] | None) -> bool:
