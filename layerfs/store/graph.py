@@ -73,6 +73,11 @@ EMPTY_TAR = bytes(1024)
 _HOLD_NAME = re.compile(r"^[a-f0-9]{64}$")
 
 
+def chain_layers(chain: list[Image]) -> list[str]:
+    """The diff IDs of a chain as walk_history gives it (image first), base first."""
+    return [node.layer for node in reversed(chain) if node.layer]
+
+
 class Graph:
     def __init__(
         self,
@@ -205,7 +210,7 @@ class Graph:
 
     def layers_of(self, image: Image) -> list[str]:
         """The diff IDs of the image's chain, base first."""
-        return [i.layer for i in reversed(self.walk_history(image)) if i.layer]
+        return chain_layers(self.walk_history(image))
 
     def check_depth(self, image: Image) -> None:
         """Docker's container-create rule: the chain plus init and rw layers stays below 127."""

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from layerfs.errors import IntegrityError
 from layerfs.model.manifest import MEDIA_OCI_LAYER_TAR
+from layerfs.store.graph import chain_layers
 from layerfs.store.store import Store
 from layerfs.transports.base import ImageSource, LayerDesc, SourceImage
 
@@ -78,7 +79,7 @@ class NewImageSource(ImageSource):
                 base = graph.get(self.recipe.base)
                 chain = graph.walk_history(base)
                 graph.retain(self._session, *(node.id for node in chain))
-        layers = [LayerDesc(diff_id=node.layer) for node in reversed(chain) if node.layer]
+        layers = [LayerDesc(diff_id=d) for d in chain_layers(chain)]
         return [
             SourceImage(
                 config=b"",  # written by finish_image
