@@ -301,19 +301,14 @@ def floor_command(out: Path, blobs: list[Path]) -> None:
 
     import requests  # noqa: F401 - what a pull in Python imports before its first request
 
-    out.mkdir()
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=context) as pool:
-        jobs = [pool.submit(inflate_and_index, b, out / b.parent.name) for b in blobs]
-        for job in jobs:
-            job.result()
+        pull_floor(pool, blobs, out, index=True)
 
 
 def command_floor(blobs: list[Path], out: Path) -> float:
     """Seconds floor_command takes, from the start of its process to its exit."""
-    seconds = timed([PYTHON, __file__, "--floor-command", str(out), *map(str, blobs)])
-    shutil.rmtree(out)
-    return seconds
+    return timed([PYTHON, __file__, "--floor-command", str(out), *map(str, blobs)])
 
 
 def remove_containers_storage(storage: Path) -> None:
