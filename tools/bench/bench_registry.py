@@ -47,6 +47,7 @@ from typing import BinaryIO
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    ENV,
     PYTHON,
     REPO,
     SETTLE_S,
@@ -115,9 +116,6 @@ def sh(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.decode()[-3000:]}")
     return result  # type: ignore[no-any-return]
-
-
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def timed(cmd: list[str]) -> float:

@@ -23,7 +23,6 @@ the section "This checkout against another revision" of docs/benchmarks.md. Not 
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shutil
 import subprocess
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_archive import build
 from bench_registry import Registry
 from bench_tree import _against_tree, mount_rounds
-from common import PYTHON, REPO, debian_rootfs, load_average, median, stamp, update_section
+from common import ENV, PYTHON, REPO, debian_rootfs, load_average, median, stamp, update_section
 
 TAG = "bench/debian:archive"
 COMMANDS = ("load", "save", "import", "export", "push", "pull")
@@ -50,8 +49,7 @@ def layerfs(code: Path, root: Path, *args: str) -> tuple[float, float]:
     (its worker processes): the steadier figure, as the wall time of commands that fsync
     moves with the shared disk.
     """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = str(code)
+    env = dict(ENV, PYTHONPATH=str(code))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(

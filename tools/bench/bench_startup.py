@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common import (
+    ENV,
     PYTHON,
     REPO,
     Dockerd,
@@ -46,7 +47,6 @@ from common import (
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))
 LAYERFS = os.environ.get("BENCH_LAYERFS", str(REPO / ".venv" / "bin" / "layerfs"))
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def timed(cmd: list[str]) -> float:

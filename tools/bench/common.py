@@ -21,6 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "benchmarks.md"
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else "python3"
+# The environment of timed layerfs commands: without PYTHONDONTWRITEBYTECODE (set in some
+# shells), so that they run from cached bytecode instead of compiling layerfs each time.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def machine() -> str:
