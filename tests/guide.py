@@ -9,10 +9,11 @@ in one session, in order: one working directory (``/tmp/guide`` in the text) and
 (``$LAYERFS_ROOT``).
 
 Outputs are compared by shape: IDs and digests (12 to 64 hex digits), times, dates,
-sizes and numbers of four digits or more are normalised, runs of whitespace count as
-one, a run of progress lines (``<id>: Status``) may come in any order, and a line ``...``
-in the guide stands for any number of lines. ``update`` writes what a run printed back
-into the transcript, keeping its ``...`` lines where the rest still matches.
+sizes, the PID column of ``layerfs mounts`` and numbers of four digits or more are
+normalised, runs of whitespace count as one, a run of progress lines (``<id>: Status``)
+may come in any order, and a line ``...`` in the guide stands for any number of lines.
+``update`` writes what a run printed back into the transcript, keeping its ``...`` lines
+where the rest still matches.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
     ),
     (re.compile(rf"\b({_MONTHS}) +\d{{1,2}} +(\d{{4}}|\d\d:\d\d)\b"), "<date>"),
     (re.compile(r"\b\d+(\.\d+)?(e\+\d+)?(B|kB|MB|GB|TB)\b"), "<size>"),
+    # the PID column of `layerfs mounts`: a process ID has any number of digits (a run in a
+    # fresh PID namespace, as CI's is, gets two- and three-digit ones)
+    (re.compile(r"\b\d+(?=\s+(?:running|dead|stopping)$)"), "<pid>"),
     (re.compile(r"\b\d{4,}\b"), "<n>"),
 ]
 _PROGRESS = re.compile(r"^<id>: ")

@@ -57,6 +57,18 @@ def test_shapes_ignore_ids_times_sizes_and_alignment() -> None:
     assert not same_shape(["Untagged: a:1"], ["layerfs: error: No such image: a:1"])
 
 
+def test_the_pid_column_of_mounts_is_a_value_of_any_width() -> None:
+    guide = ["/tmp/guide/mnt   ex/web   b6f233780cc6   ro   native    12987     running"]
+    assert same_shape(
+        guide, ["/tmp/guide/mnt   ex/web   0414b9a48c80   ro   native   48   running"]
+    )
+    assert same_shape(guide, ["/tmp/guide/mnt   ex/web   0414b9a48c80   ro   native   7   running"])
+    assert not same_shape(
+        guide, ["/tmp/guide/mnt   ex/web   0414b9a48c80   ro   native   7   dead"]
+    )
+    assert shape(["pid 1", "3 running"]) == ["pid 1", "<pid> running"]
+
+
 def test_progress_runs_in_any_order_and_ellipsis() -> None:
     guide = ["e7c5bd4cdc05: Waiting", "8a69b08d69d0: Pushed", "...", "end"]
     run = ["aaaaaaaaaaaa: Pushed", "bbbbbbbbbbbb: Waiting", "x", "y", "end"]
