@@ -786,10 +786,12 @@ def test_listings_resume_at_their_offsets_in_small_buffers(ro_ops: Operations, p
 
 def test_writable_replies_and_lookup_counts(rw_ops: Operations):
     dispatcher, replies, session = served(rw_ops, WRITABLE)
+
+    def call(opcode: int, body: bytes = b"", nodeid: int = 1) -> tuple[int, bytes]:
+        return ask(session, replies, opcode, body, nodeid)
+
     etc = rw_ops.t.resolve(b"etc")
-    error, reply = ask(
-        session,
-        replies,
+    error, reply = call(
         protocol.CREATE,
         protocol.CREATE_IN.pack(os.O_WRONLY, 0o640, 0o22, 0) + name(b"new"),
         nodeid=etc,
@@ -800,112 +802,54 @@ def test_writable_replies_and_lookup_counts(rw_ops: Operations):
     ino = made[0]
     assert made[6 + 9] == stat.S_IFREG | 0o640 and (made[6 + 11], made[6 + 12]) == (1000, 100)
     assert open_flags == 0 and backing == 0  # upper file, no passthrough here
-    error, reply = ask(
-        session,
-        replies,
+    error, reply = call(
         protocol.WRITE,
         protocol.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0) + b"hello",
         nodeid=ino,
     )
     assert (error, protocol.WRITE_OUT.unpack(reply)[0]) == (0, 5)
-    assert ask(
-        session, replies, protocol.RELEASE, protocol.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=ino
-    ) == (0, b"")
+    assert call(protocol.RELEASE, protocol.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=ino) == (0, b"")
     # A lower file opened for writing with O_TRUNC: emptied, nothing copied.
     passwd = rw_ops.t.resolve(b"etc/passwd")
-    error, reply = ask(
-        session,
-        replies,
+    error, reply = call(
         protocol.OPEN,
         protocol.OPEN_IN.pack(os.O_WRONLY | os.O_TRUNC, 0),
         nodeid=passwd,
     )
     fh2, open_flags, _ = protocol.OPEN_OUT.unpack(reply)
     assert error == 0 and rw_ops.t.size[passwd] == 0
-    ask(session, replies, protocol.RELEASE, protocol.RELEASE_IN.pack(fh2, 0, 0, 0), nodeid=passwd)
+    call(protocol.RELEASE, protocol.RELEASE_IN.pack(fh2, 0, 0, 0), nodeid=passwd)
     # SETATTR: mode and mtime.
-    body = protocol.SETATTR_IN.pack(
-        protocol.FATTR_MODE | protocol.FATTR_MTIME,
-        0,
-        0,
-        0,
-        0,
-        0,
-        12345,
-        0,
-        0,
-        6,
-        0,
-        0o600,
-        0,
-        0,
-        0,
-        0,
-    )
-    error, reply = ask(session, replies, protocol.SETATTR, body, nodeid=ino)
+    fields = [0] * 16  # SETATTR_IN: valid is field 0, mtime 6, mtimensec 9, mode 11
+    fields[0] = protocol.FATTR_MODE | protocol.FATTR_MTIME
+    fields[6], fields[9], fields[11] = 12345, 6, 0o600
+    body = protocol.SETATTR_IN.pack(*fields)
+    error, reply = call(protocol.SETATTR, body, nodeid=ino)
     attr = protocol.ATTR_OUT.unpack(reply)
     assert attr[3 + 9] == stat.S_IFREG | 0o600 and (attr[3 + 4], attr[3 + 7]) == (12345, 6)
     # mkdir, symlink, mknod, link, rename2, unlink, rmdir, xattrs.
-    d = entry(
-        ask(session, replies, protocol.MKDIR, protocol.MKDIR_IN.pack(0o750, 0) + name(b"dir"))[1]
-    )
+    d = entry(call(protocol.MKDIR, protocol.MKDIR_IN.pack(0o750, 0) + name(b"dir"))[1])
     assert d[6 + 9] == stat.S_IFDIR | 0o750
-    s = entry(ask(session, replies, protocol.SYMLINK, name(b"sym", b"etc/new"))[1])
-    assert ask(session, replies, protocol.READLINK, nodeid=s[0]) == (0, b"etc/new")
+    s = entry(call(protocol.SYMLINK, name(b"sym", b"etc/new"))[1])
+    assert call(protocol.READLINK, nodeid=s[0]) == (0, b"etc/new")
     n = entry(
-        ask(
-            session,
-            replies,
+        call(
             protocol.MKNOD,
             protocol.MKNOD_IN.pack(stat.S_IFCHR | 0o600, (1 << 8) | 3, 0, 0) + name(b"null"),
         )[1]
     )
     assert rw_ops.t.rdev[n[0]] == os.makedev(1, 3) and n[6 + 13] == (1 << 8) | 3
-    linked = entry(
-        ask(session, replies, protocol.LINK, protocol.LINK_IN.pack(ino) + name(b"hard"))[1]
-    )
+    linked = entry(call(protocol.LINK, protocol.LINK_IN.pack(ino) + name(b"hard"))[1])
     assert linked[0] == ino and linked[6 + 10] == 2
-    assert (
-        ask(
-            session,
-            replies,
-            protocol.RENAME2,
-            protocol.RENAME2_IN.pack(d[0], 1, 0) + name(b"hard", b"moved"),
-        )[0]
-        == 0
-    )
-    assert (
-        ask(
-            session,
-            replies,
-            protocol.RENAME2,
-            protocol.RENAME2_IN.pack(d[0], 1, 0) + name(b"sym", b"moved"),
-        )[0]
-        == -errno.EEXIST
-    )  # RENAME_NOREPLACE
-    assert ask(session, replies, protocol.UNLINK, name(b"moved"), nodeid=d[0])[0] == 0
-    assert ask(session, replies, protocol.RMDIR, name(b"dir"))[0] == 0
-    assert (
-        ask(
-            session,
-            replies,
-            protocol.SETXATTR,
-            protocol.SETXATTR_IN.pack(1, 1) + name(b"user.k") + b"v",
-            nodeid=ino,
-        )[0]
-        == 0
-    )
-    assert (
-        ask(
-            session,
-            replies,
-            protocol.SETXATTR,
-            protocol.SETXATTR_IN.pack(1, 1) + name(b"user.k") + b"w",
-            nodeid=ino,
-        )[0]
-        == -errno.EEXIST
-    )  # XATTR_CREATE
-    assert ask(session, replies, protocol.REMOVEXATTR, name(b"user.k"), nodeid=ino)[0] == 0
+    into_d = protocol.RENAME2_IN.pack(d[0], 1, 0)
+    assert call(protocol.RENAME2, into_d + name(b"hard", b"moved"))[0] == 0
+    assert call(protocol.RENAME2, into_d + name(b"sym", b"moved"))[0] == -errno.EEXIST
+    assert call(protocol.UNLINK, name(b"moved"), nodeid=d[0])[0] == 0
+    assert call(protocol.RMDIR, name(b"dir"))[0] == 0
+    create = protocol.SETXATTR_IN.pack(1, 1) + name(b"user.k")  # XATTR_CREATE
+    assert call(protocol.SETXATTR, create + b"v", nodeid=ino)[0] == 0
+    assert call(protocol.SETXATTR, create + b"w", nodeid=ino)[0] == -errno.EEXIST
+    assert call(protocol.REMOVEXATTR, name(b"user.k"), nodeid=ino)[0] == 0
     # Every entry reply and readdirplus entry took a reference; FORGET gives them back.
     before = dict(rw_ops._lookups)
     assert before[ino] >= 2
