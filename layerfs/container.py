@@ -82,6 +82,19 @@ class RunSpec:
     debug: bool = False
 
 
+@dataclass(frozen=True)
+class _Process:
+    """What the container's first process is: its root, command and identity."""
+
+    root: Path
+    etc_copy: Path  # the host files bound over the init layer's placeholders
+    argv: list[str]
+    env: dict[str, str]
+    workdir: str
+    user: str
+    hostname: str
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         code = ctypes.get_errno()
@@ -144,13 +157,15 @@ def run(store: Store, spec: RunSpec) -> int:
         _host_files(etc_copy, hostname)
         env = _environment(config, spec.env, hostname)
         return _spawn(
-            root,
-            etc_copy,
-            argv,
-            env,
-            spec.workdir or config.get("WorkingDir") or "/",
-            spec.user or config.get("User") or "",
-            hostname,
+            _Process(
+                root,
+                etc_copy,
+                argv,
+                env,
+                spec.workdir or config.get("WorkingDir") or "/",
+                spec.user or config.get("User") or "",
+                hostname,
+            )
         )
     finally:
         try:
@@ -207,20 +222,17 @@ def _host_files(directory: Path, hostname: str) -> None:
     (directory / "hostname").write_text(hostname + "\n")
 
 
-def _spawn(
-    root: Path,
-    etc_copy: Path,
-    argv: list[str],
-    env: dict[str, str],
-    workdir: str,
-    user: str,
-    hostname: str,
-) -> int:
+def _exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + the signal."""
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _spawn(process: _Process) -> int:
     pid_r, pid_w = os.pipe()
     helper = os.fork()
     if helper == 0:
         os.close(pid_r)
-        _helper(root, etc_copy, argv, env, workdir, user, hostname, pid_w)
+        _helper(process, pid_w)
     os.close(pid_w)
     with os.fdopen(pid_r, "rb") as pipe:
         text = pipe.read().decode().strip()
@@ -243,19 +255,10 @@ def _spawn(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    return _exit_code(status)
 
 
-def _helper(
-    root: Path,
-    etc_copy: Path,
-    argv: list[str],
-    env: dict[str, str],
-    workdir: str,
-    user: str,
-    hostname: str,
-    pid_w: int,
-) -> None:
+def _helper(process: _Process, pid_w: int) -> None:
     """Runs in the first child: makes the namespaces, forks PID 1, waits for it."""
     code = EXIT_SETUP_FAILED
     try:
@@ -264,39 +267,31 @@ def _helper(
         init = os.fork()
         if init == 0:
             os.close(pid_w)
-            _init(root, etc_copy, argv, env, workdir, user, hostname)
+            _init(process)
         os.write(pid_w, str(init).encode())
         os.close(pid_w)
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # the terminal's signals are PID 1's business
         _, status = os.waitpid(init, 0)
-        code = (
-            os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-        )
+        code = _exit_code(status)
     except BaseException as exc:
         _say(f"cannot start the container: {exc}")
     finally:
         os._exit(code)
 
 
-def _init(
-    root: Path,
-    etc_copy: Path,
-    argv: list[str],
-    env: dict[str, str],
-    workdir: str,
-    user: str,
-    hostname: str,
-) -> None:
+def _init(process: _Process) -> None:
     """PID 1 of the new namespaces: set up the root file system and exec the command."""
+    argv, env = process.argv, process.env
     try:
-        _setup_root(root, etc_copy)
-        _check(_libc.sethostname(hostname.encode(), len(hostname.encode())), "sethostname")
-        os.chroot(root)
-        uid, gid, groups, home = _resolve_user(user)
+        _setup_root(process.root, process.etc_copy)
+        hostname = process.hostname.encode()
+        _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
+        os.chroot(process.root)
+        uid, gid, groups, home = _resolve_user(process.user)
         env.setdefault("HOME", home)
-        os.makedirs(workdir, exist_ok=True)
-        os.chdir(workdir)
+        os.makedirs(process.workdir, exist_ok=True)
+        os.chdir(process.workdir)
         os.setgroups(groups)
         os.setgid(gid)
         os.setuid(uid)
