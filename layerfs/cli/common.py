@@ -33,6 +33,19 @@ def add_quiet(parser: argparse.ArgumentParser, help_text: str = "no progress out
     parser.add_argument("-q", "--quiet", action="store_true", help=help_text)
 
 
+def add_changes(parser: argparse.ArgumentParser) -> None:
+    """``-c/--change``, as ``docker commit`` and ``docker import`` take it."""
+    parser.add_argument(
+        "-c",
+        "--change",
+        action="append",
+        default=[],
+        metavar="INSTRUCTION",
+        help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
+        "LABEL, EXPOSE, VOLUME, STOPSIGNAL, ONBUILD, HEALTHCHECK (repeatable)",
+    )
+
+
 def print_json(doc: Any, *, escape_html: bool = False) -> None:
     """Indented JSON; ``escape_html`` writes <, > and & as Go's encoder does (\\u003c)."""
     text = json.dumps(doc, indent=4, ensure_ascii=False)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layerfs.cli.common import open_store
+from layerfs.cli.common import add_changes, open_store
 from layerfs.errors import MountError, UsageError
 from layerfs.fs import ENGINES
 
@@ -123,15 +123,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("reference", nargs="?", metavar="REPOSITORY[:TAG]")
     p.add_argument("-m", "--message", default="", help="commit message")
     p.add_argument("-a", "--author", default="", help='author ("Name <email>")')
-    p.add_argument(
-        "-c",
-        "--change",
-        action="append",
-        default=[],
-        metavar="INSTRUCTION",
-        help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
-        "LABEL, EXPOSE, VOLUME, STOPSIGNAL, ONBUILD, HEALTHCHECK (repeatable)",
-    )
+    add_changes(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only print the image ID")
     p.set_defaults(handler=cmd_commit)
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from layerfs.cli.common import add_quiet, binary_output, finish_output, make_progress, open_store
+from layerfs.cli.common import (
+    add_changes,
+    add_quiet,
+    binary_output,
+    finish_output,
+    make_progress,
+    open_store,
+)
 
 # layerfs.rootfs (tarfile, the union model) is imported by the commands that use it.
 
@@ -24,15 +31,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("reference", nargs="?", metavar="REPOSITORY[:TAG]")
     p.add_argument("-m", "--message", default="", help="commit message for the image")
-    p.add_argument(
-        "-c",
-        "--change",
-        action="append",
-        default=[],
-        metavar="INSTRUCTION",
-        help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, "
-        "LABEL, EXPOSE, VOLUME, STOPSIGNAL, ONBUILD, HEALTHCHECK (repeatable)",
-    )
+    add_changes(p)
     p.add_argument(
         "--platform",
         metavar="OS/ARCH[/VARIANT]",
