@@ -43,35 +43,13 @@ DOCKER_INIT = {
 def _comparable(entries: dict[bytes, tuple[Any, ...]]) -> dict[bytes, tuple[Any, ...]]:
     """Drop the init layer, directory mtimes and xattrs Docker does not carry."""
     out = {}
-    for path, (
-        kind,
-        mode,
-        uid,
-        gid,
-        size,
-        digest,
-        target,
-        rdev,
-        xattrs,
-        mtime,
-        group,
-    ) in entries.items():
+    for path, entry in entries.items():
         if path in DOCKER_INIT:
             continue
+        # (kind, mode, uid, gid, size, digest, target, rdev, xattrs, mtime, group)
+        kind, xattrs, mtime = entry[0], entry[8], entry[9]
         kept = tuple(x for x in xattrs if x[0] == "security.capability")
-        out[path] = (
-            kind,
-            mode,
-            uid,
-            gid,
-            size,
-            digest,
-            target,
-            rdev,
-            kept,
-            None if kind == 0o040000 else mtime,
-            group,
-        )
+        out[path] = (*entry[:8], kept, None if kind == 0o040000 else mtime, *entry[10:])
     return out
 
 
