@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, REPO, debian_rootfs, drop_caches, median, stamp, update_section
+from common import PYTHON, REPO, debian_rootfs, drop_caches, median, publish, stamp
 
 WORK = Path(os.environ.get("LAYERFS_BENCH_DIR", "/var/tmp/layerfs-bench"))
 DEPTH = 127
@@ -745,9 +745,7 @@ def main() -> int:
         "(one pass of each workload on a fresh mount, after the timed rounds):\n\n"
     )
     text += requests_table(profiles)
-    print(text)
-    if args.doc:
-        update_section("mount", "Mount", text + "\n\n" + ANALYSIS)
+    publish(text + "\n\n" + ANALYSIS, "mount", "Mount", doc=args.doc)
     return 0
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_archive import build
 from bench_registry import Registry
 from bench_tree import _against_tree, mount_rounds
-from common import ENV, PYTHON, REPO, debian_rootfs, load_average, median, stamp, update_section
+from common import ENV, PYTHON, REPO, debian_rootfs, load_average, median, publish, stamp
 
 TAG = "bench/debian:archive"
 COMMANDS = ("load", "save", "import", "export", "push", "pull")
@@ -145,10 +145,7 @@ def main() -> int:
         f"Run: `tools/bench/bench_revisions.py --against {args.against} "
         f"--rounds {args.rounds} --mounts {args.mounts}`",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.doc:
-        update_section("revisions", "This checkout against another revision", text)
+    publish("\n".join(lines), "revisions", "This checkout against another revision", doc=args.doc)
     return 0
 
 

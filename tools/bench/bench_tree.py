@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, REPO, drop_caches, median, stamp, update_section
+from common import PYTHON, REPO, drop_caches, median, publish, stamp
 
 DEPTH = 127
 DIRS = 100
@@ -351,10 +351,7 @@ def main() -> int:
     ]
     for name, (held, alone, ns) in rows.items():
         lines.append(f"| {name} | {held:.0f} | {alone} | {ns:.0f} ns |")
-    text = "\n".join(lines)
-    print(text)
-    if args.doc:
-        update_section("tree", "Merged tree", text)
+    publish("\n".join(lines), "tree", "Merged tree", doc=args.doc)
     return 0
 
 

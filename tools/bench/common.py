@@ -97,6 +97,13 @@ def update_section(name: str, title: str, body: str) -> None:
     DOC.write_text(text)
 
 
+def publish(text: str, name: str, title: str, *, doc: bool) -> None:
+    """Print a benchmark's report; with ``doc``, it also becomes its section of the doc."""
+    print(text)
+    if doc:
+        update_section(name, title, text)
+
+
 class Dockerd:
     """A private Docker engine (own data root and socket) for a benchmark run."""
 
