@@ -36,6 +36,11 @@ from tests.helpers import build_tar, tar_member
 
 HEADER = Path("/usr/include/linux/fuse.h")
 
+
+def fields(names: str) -> list[str | None]:
+    return list(names.split())
+
+
 # Our layout of each structure of the header, field by field (None: padding we skip).
 LAYOUTS: dict[str, tuple[struct.Struct, list[str | None]]] = {
     "fuse_in_header": (
@@ -45,35 +50,14 @@ LAYOUTS: dict[str, tuple[struct.Struct, list[str | None]]] = {
     "fuse_out_header": (protocol.OUT_HEADER, ["len", "error", "unique"]),
     "fuse_attr": (
         protocol.ATTR,
-        [
-            "ino",
-            "size",
-            "blocks",
-            "atime",
-            "mtime",
-            "ctime",
-            "atimensec",
-            "mtimensec",
-            "ctimensec",
-            "mode",
-            "nlink",
-            "uid",
-            "gid",
-            "rdev",
-            "blksize",
-            "flags",
-        ],
+        fields(
+            "ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink uid "
+            "gid rdev blksize flags"
+        ),
     ),
     "fuse_entry_out": (
         protocol.ENTRY_OUT,
-        [
-            "nodeid",
-            "generation",
-            "entry_valid",
-            "attr_valid",
-            "entry_valid_nsec",
-            "attr_valid_nsec",
-        ],
+        fields("nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec"),
     ),
     "fuse_attr_out": (protocol.ATTR_OUT, ["attr_valid", "attr_valid_nsec", "dummy"]),
     "fuse_open_out": (protocol.OPEN_OUT, ["fh", "open_flags", None]),
@@ -88,19 +72,10 @@ LAYOUTS: dict[str, tuple[struct.Struct, list[str | None]]] = {
     "fuse_ioctl_out": (protocol.IOCTL_OUT, ["result", "flags", "in_iovs", "out_iovs"]),
     "fuse_init_out": (
         protocol.INIT_OUT,
-        [
-            "major",
-            "minor",
-            "max_readahead",
-            "flags",
-            "max_background",
-            "congestion_threshold",
-            "max_write",
-            "time_gran",
-            "max_pages",
-            "map_alignment",
-            "flags2",
-        ],
+        fields(
+            "major minor max_readahead flags max_background congestion_threshold max_write "
+            "time_gran max_pages map_alignment flags2"
+        ),
     ),
     "fuse_init_in": (protocol.INIT_IN_EXT, ["major", "minor", "max_readahead", "flags", "flags2"]),
     "fuse_dirent": (protocol.DIRENT, ["ino", "off", "namelen", "type"]),
@@ -110,24 +85,10 @@ LAYOUTS: dict[str, tuple[struct.Struct, list[str | None]]] = {
     "fuse_getattr_in": (protocol.GETATTR_IN, ["getattr_flags", "dummy", "fh"]),
     "fuse_setattr_in": (
         protocol.SETATTR_IN,
-        [
-            "valid",
-            "padding",
-            "fh",
-            "size",
-            "lock_owner",
-            "atime",
-            "mtime",
-            "ctime",
-            "atimensec",
-            "mtimensec",
-            "ctimensec",
-            "mode",
-            "unused4",
-            "uid",
-            "gid",
-            "unused5",
-        ],
+        fields(
+            "valid padding fh size lock_owner atime mtime ctime atimensec mtimensec ctimensec "
+            "mode unused4 uid gid unused5"
+        ),
     ),
     "fuse_mknod_in": (protocol.MKNOD_IN, ["mode", "rdev", "umask", "padding"]),
     "fuse_mkdir_in": (protocol.MKDIR_IN, ["mode", "umask"]),
