@@ -544,6 +544,10 @@ class LayerfsCli:
 
     root: Path  # the store, fresh for each test
 
+    def argv(self, *args: str | os.PathLike[str]) -> list[str]:
+        """The command line that runs ``layerfs --root <root> ARGS`` (for Popen)."""
+        return [sys.executable, "-m", "layerfs", "--root", str(self.root), *map(str, args)]
+
     def __call__(
         self,
         *args: str | os.PathLike[str],
@@ -554,7 +558,7 @@ class LayerfsCli:
     ) -> subprocess.CompletedProcess[bytes]:
         full_env = {**os.environ, **env} if env is not None else None
         return run_command(
-            [sys.executable, "-m", "layerfs", "--root", self.root, *args],
+            self.argv(*args),
             input=input,
             check=check,
             env=full_env,

@@ -329,14 +329,7 @@ def test_missing_or_forbidden_dev_fuse_is_explained(layerfs_cli: LayerfsCli, tmp
             "-c",
             'mount -t tmpfs none /dev && exec "$@"',
             "sh",
-            sys.executable,
-            "-m",
-            "layerfs",
-            "--root",
-            str(layerfs_cli.root),
-            "mount",
-            "x",
-            str(tmp_path / "mnt"),
+            *layerfs_cli.argv("mount", "x", tmp_path / "mnt"),
         ],
         capture_output=True,
         check=False,
@@ -468,24 +461,12 @@ def test_archives_mount_without_loading(layerfs_cli: LayerfsCli, tmp_path: Path)
 
 
 def test_foreground_mount_serves_until_a_signal(layerfs_cli: LayerfsCli, tmp_path: Path):
-    import sys
-
     layer = Layer(tmp_path / "0.tar").file("f", b"data").close()
     build_image(layerfs_cli.root, [layer], "fg:1")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "layerfs",
-            "--root",
-            str(layerfs_cli.root),
-            "mount",
-            "-f",
-            "fg:1",
-            str(mnt),
-        ],
+        layerfs_cli.argv("mount", "-f", "fg:1", mnt),
         stderr=subprocess.PIPE,
     )
     try:

@@ -112,19 +112,14 @@ def test_layerfs_run_user_workdir_default_cmd_and_kept_upper(layerfs_cli: Layerf
 @needs_root
 def test_layerfs_run_forwards_signals(layerfs_cli: LayerfsCli, busybox: str):
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "layerfs",
-            "--root",
-            str(layerfs_cli.root),
+        layerfs_cli.argv(
             "run",
             "--rm",
             busybox,
             "sh",
             "-c",
             'trap "echo got TERM; exit 42" TERM; echo ready; sleep 60 & wait',
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

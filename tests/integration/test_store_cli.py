@@ -300,16 +300,7 @@ def test_sigkill_during_import_leaves_nothing_half_done(
 ) -> None:
     source = _big_rootfs(tmp_path / "big.tar")
     rng = random.Random(1234)
-    command = [
-        sys.executable,
-        "-m",
-        "layerfs",
-        "--root",
-        str(layerfs_cli.root),
-        "import",
-        str(source),
-        "kill/img:latest",
-    ]
+    command = layerfs_cli.argv("import", source, "kill/img:latest")
     layerfs_cli("images")  # creates the store
     for _ in range(8):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
