@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_archive import build
 from bench_registry import Registry
-from bench_tree import _against_tree, mount_rounds
+from bench_tree import _against_tree, mount_rounds, mount_rows
 from common import ENV, PYTHON, REPO, debian_rootfs, load_average, median, publish, stamp
 
 TAG = "bench/debian:archive"
@@ -134,12 +134,7 @@ def main() -> int:
             after = median([r[command][part] for r in runs["this"]])
             cells.append(f"{before:.3f} | {after:.3f} | {after / before:.2f}x")
         lines.append(f"| {command} | {' | '.join(cells)} |")
-    for measure in mounts.get("this", {}):
-        before, after = mounts["against"][measure], mounts["this"][measure]
-        lines.append(
-            f"| {measure} (native engine, {args.mounts} rounds) | {before:.3f} | "
-            f"{after:.3f} | {after / before:.2f}x | | | |"
-        )
+    lines += mount_rows(mounts, args.mounts, tail=" | | |")
     lines += [
         "",
         f"Run: `tools/bench/bench_revisions.py --against {args.against} "

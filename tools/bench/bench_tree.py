@@ -242,6 +242,19 @@ def _run_worker(code: Path, root: Path, image_id: str) -> dict[str, float]:
 MOUNT_IMAGES = ("bench/debian:1", "bench/debian:127")
 
 
+def mount_rows(mounts: dict[str, dict[str, float]], rounds: int, tail: str = "") -> list[str]:
+    """Table rows of mount_rounds's medians: this checkout against the other revision;
+    ``tail`` closes a row that has more columns than these four."""
+    rows = []
+    for m in mounts.get("this", {}):
+        before, after = mounts["against"][m], mounts["this"][m]
+        rows.append(
+            f"| {m} (native engine, {rounds} rounds) | {before:.3f} | {after:.3f} | "
+            f"{after / before:.2f}x |{tail}"
+        )
+    return rows
+
+
 def mount_rounds(codes: dict[str, Path], rounds: int, mnt: Path) -> dict[str, dict[str, float]]:
     """Checkout -> "mount, IMAGE" / "cold walk, IMAGE" -> median seconds (see the docstring)."""
     from bench_mount import WORK as work
@@ -330,12 +343,7 @@ def main() -> int:
     for m in MEASURES:
         before, after = med["against"][m], med["this"][m]
         lines.append(f"| {m} | {before:.3f} | {after:.3f} | {after / before:.2f}x |")
-    for m in mounts.get("this", {}):
-        before, after = mounts["against"][m], mounts["this"][m]
-        lines.append(
-            f"| {m} (native engine, {args.mounts} rounds) | {before:.3f} | "
-            f"{after:.3f} | {after / before:.2f}x |"
-        )
+    lines += mount_rows(mounts, args.mounts)
     for name, label in (("against", args.against), ("this", "this checkout")):
         per = median([r["bytes per entry"] for r in runs[name]])
         lines.append(
