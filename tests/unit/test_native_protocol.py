@@ -625,26 +625,28 @@ def entry(reply: bytes) -> tuple[int, ...]:
 
 def test_read_only_replies(ro_ops: Operations):
     _, replies, session = served(ro_ops, READ_ONLY)
-    error, reply = ask(session, replies, protocol.LOOKUP, name(b"etc"))
+
+    def call(opcode: int, body: bytes = b"", nodeid: int = 1) -> tuple[int, bytes]:
+        return ask(session, replies, opcode, body, nodeid)
+
+    error, reply = call(protocol.LOOKUP, name(b"etc"))
     etc = entry(reply)
     assert error == 0 and etc[0] == ro_ops.t.resolve(b"etc") and etc[2] > 3600
     assert stat.S_ISDIR(etc[6 + 9]) and etc[6 + 4] == MTIME  # mode, mtime
-    error, reply = ask(session, replies, protocol.LOOKUP, name(b"nothing"))
+    error, reply = call(protocol.LOOKUP, name(b"nothing"))
     negative = entry(reply)
     assert negative[0] == 0 and negative[2] > 3600  # a cached negative entry
     passwd = ro_ops.t.resolve(b"etc/passwd")
-    error, reply = ask(session, replies, protocol.GETATTR, bytes(16), nodeid=passwd)
+    error, reply = call(protocol.GETATTR, bytes(16), nodeid=passwd)
     attr = protocol.ATTR_OUT.unpack(reply)
     assert attr[3:5] == (passwd, 11) and attr[3 + 9] == stat.S_IFREG | 0o644
     null = ro_ops.t.resolve(b"dev/null")
-    _, reply = ask(session, replies, protocol.GETATTR, bytes(16), nodeid=null)
+    _, reply = call(protocol.GETATTR, bytes(16), nodeid=null)
     assert protocol.ATTR_OUT.unpack(reply)[3 + 13] == 0  # tar device 0,0
     # No OPEN, no OPENDIR, no FLUSH: ENOSYS, which the kernel remembers.
     for opcode in (protocol.OPEN, protocol.OPENDIR, protocol.FLUSH):
         assert (
-            ask(
-                session,
-                replies,
+            call(
                 opcode,
                 protocol.FLUSH_IN.pack(0, 0, 0, 0)[:8]
                 if opcode != protocol.FLUSH
@@ -654,57 +656,36 @@ def test_read_only_replies(ro_ops: Operations):
             == -errno.ENOSYS
         )
     assert (
-        ask(
-            session,
-            replies,
+        call(
             protocol.IOCTL,
             protocol.IOCTL_IN.pack(0, 0, 0x5401, 0, 0, 60),
             nodeid=passwd,
         )[0]
         == -errno.ENOTTY
     )
-    error, reply = ask(
-        session, replies, protocol.READ, protocol.READ_IN.pack(0, 5, 100, 0, 0, 0, 0), nodeid=passwd
-    )
+    error, reply = call(protocol.READ, protocol.READ_IN.pack(0, 5, 100, 0, 0, 0, 0), nodeid=passwd)
     assert (error, reply) == (0, b"x:0:0\n")
     link = ro_ops.t.resolve(b"etc/link")
-    assert ask(session, replies, protocol.READLINK, nodeid=link) == (0, b"passwd")
-    assert ask(
-        session,
-        replies,
-        protocol.GETXATTR,
-        protocol.GETXATTR_IN.pack(0, 0) + name(b"user.note"),
-        nodeid=passwd,
-    ) == (0, protocol.GETXATTR_OUT.pack(2, 0))
-    assert ask(
-        session,
-        replies,
-        protocol.GETXATTR,
-        protocol.GETXATTR_IN.pack(64, 0) + name(b"user.note"),
-        nodeid=passwd,
-    ) == (0, b"hi")
-    assert (
-        ask(
-            session,
-            replies,
-            protocol.GETXATTR,
-            protocol.GETXATTR_IN.pack(1, 0) + name(b"user.note"),
-            nodeid=passwd,
-        )[0]
-        == -errno.ERANGE
+    assert call(protocol.READLINK, nodeid=link) == (0, b"passwd")
+
+    def getxattr(size: int) -> tuple[int, bytes]:
+        body = protocol.GETXATTR_IN.pack(size, 0) + name(b"user.note")
+        return call(protocol.GETXATTR, body, nodeid=passwd)
+
+    assert getxattr(0) == (0, protocol.GETXATTR_OUT.pack(2, 0))  # the size it needs
+    assert getxattr(64) == (0, b"hi")
+    assert getxattr(1)[0] == -errno.ERANGE
+    assert call(protocol.LISTXATTR, protocol.GETXATTR_IN.pack(64, 0), nodeid=passwd) == (
+        0,
+        b"user.note\0",
     )
-    assert ask(
-        session, replies, protocol.LISTXATTR, protocol.GETXATTR_IN.pack(64, 0), nodeid=passwd
-    ) == (0, b"user.note\0")
-    error, reply = ask(session, replies, protocol.STATFS)
+    error, reply = call(protocol.STATFS)
     assert protocol.STATFS_OUT.unpack(reply)[6] == 255  # namelen
-    assert (
-        ask(session, replies, protocol.MKDIR, protocol.MKDIR_IN.pack(0o755, 0) + name(b"x"))[0]
-        == -errno.EROFS
-    )
-    assert ask(
-        session, replies, protocol.LSEEK, protocol.LSEEK_IN.pack(0, 3, 4, 0), nodeid=passwd
-    ) == (0, protocol.LSEEK_OUT.pack(11))  # SEEK_HOLE: the end
+    assert call(protocol.MKDIR, protocol.MKDIR_IN.pack(0o755, 0) + name(b"x"))[0] == -errno.EROFS
+    assert call(protocol.LSEEK, protocol.LSEEK_IN.pack(0, 3, 4, 0), nodeid=passwd) == (
+        0,
+        protocol.LSEEK_OUT.pack(11),
+    )  # SEEK_HOLE: the end
 
 
 def parse_dirents(data: bytes, plus: bool) -> list[tuple[bytes, int, int, int]]:
