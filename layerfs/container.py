@@ -282,7 +282,7 @@ def _helper(process: _Process, pid_w: int) -> None:
 
 def _init(process: _Process) -> None:
     """PID 1 of the new namespaces: set up the root file system and exec the command."""
-    argv, env = process.argv, process.env
+    argv, env = process.argv, dict(process.env)
     try:
         _setup_root(process.root, process.etc_copy)
         hostname = process.hostname.encode()
