@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 READ_AHEAD_KB = 1024
-_UPPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_UPPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _UNSUPPORTED = "unsupported: "
 
 

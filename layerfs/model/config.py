@@ -127,7 +127,7 @@ def config_from_chain(chain: list[Image], diff_ids: list[str]) -> bytes:
     return canonical_json(doc)
 
 
-_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})$")
+_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})\Z")
 
 
 def go_time(value: Any) -> str:

@@ -7,10 +7,10 @@ from typing import BinaryIO, Protocol
 
 from layerfs.errors import DigestMismatchError, InvalidReferenceError
 
-SHA256_HEX = re.compile(r"^[a-f0-9]{64}$")
-_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
+SHA256_HEX = re.compile(r"^[a-f0-9]{64}\Z")
+_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}\Z")
 # The OCI digest grammar; only sha256 is produced or verified by layerfs.
-_OCI_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_OCI_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+\Z")
 
 EMPTY_TAR_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 EMPTY_GZIP_TAR_DIGEST = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4"

@@ -24,7 +24,7 @@ from typing import Any
 STUB_CREATED = "1970-01-01T00:00:00Z"
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
-_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})$")
+_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})\Z")
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:

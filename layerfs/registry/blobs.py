@@ -30,8 +30,8 @@ from layerfs.registry.pace import StalledError
 
 log = logging.getLogger(__name__)
 
-_RANGE = re.compile(r"^(?:bytes=)?(\d+)-(\d+)$")
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_RANGE = re.compile(r"^(?:bytes=)?(\d+)-(\d+)\Z")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)\Z")
 _READ_ERRORS = (
     urllib3.exceptions.HTTPError,
     requests.RequestException,

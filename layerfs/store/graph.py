@@ -70,7 +70,7 @@ from layerfs.store.layers import LayerStore, StagedLayer
 from layerfs.store.summaries import GraphView, NodeIndex, NodeSummary, SummaryCache
 
 EMPTY_TAR = bytes(1024)
-_HOLD_NAME = re.compile(r"^[a-f0-9]{64}$")
+_HOLD_NAME = re.compile(r"^[a-f0-9]{64}\Z")
 
 
 def chain_layers(chain: list[Image]) -> list[str]:

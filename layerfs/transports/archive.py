@@ -59,10 +59,10 @@ from layerfs.transports.writer import (
 
 log = logging.getLogger(__name__)
 
-_HEX_JSON = re.compile(r"^(?:.*/)?([a-f0-9]{64})\.json$")
-_BLOB = re.compile(r"^blobs/sha256/([a-f0-9]{64})$")
-_LEGACY_JSON = re.compile(r"^([^/]+)/json$")
-_ID = re.compile(r"^[a-f0-9]{64}$")
+_HEX_JSON = re.compile(r"^(?:.*/)?([a-f0-9]{64})\.json\Z")
+_BLOB = re.compile(r"^blobs/sha256/([a-f0-9]{64})\Z")
+_LEGACY_JSON = re.compile(r"^([^/]+)/json\Z")
+_ID = re.compile(r"^[a-f0-9]{64}\Z")
 _CHUNK = 1 << 20
 
 

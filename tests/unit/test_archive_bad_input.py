@@ -359,6 +359,11 @@ LEGACY_CASES: dict[str, tuple[bytes, str]] = {
         pack({"x/json": b"{}", "x/layer.tar": make_layer("x"), "repositories": b"{}"}),
         "not a 64-hex image ID",
     ),
+    "directory an ID and a newline": (_legacy([(A + "\n", {})], {}), "not a 64-hex image ID"),
+    "json parent an ID and a newline": (
+        _legacy([(A, {"parent": B + "\n"})], {}),
+        "not a 64-hex image ID",
+    ),
     "repositories not JSON": (
         pack(
             {

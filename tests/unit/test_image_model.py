@@ -327,6 +327,12 @@ def test_digest_helpers() -> None:
     assert hex_of(EMPTY_TAR_DIFF_ID) == EMPTY_TAR_DIFF_ID[7:]
     assert hex_of("abc") == "abc"
     assert is_image_id("a" * 64) and not is_image_id("a" * 63) and not is_image_id(5)
+    # A trailing newline is not part of an ID: "$" would let it through, into file names.
+    assert not is_image_id("a" * 64 + "\n")
+    assert not is_sha256_digest(EMPTY_TAR_DIFF_ID + "\n")
+    assert not is_oci_digest(EMPTY_TAR_DIFF_ID + "\n")
+    with pytest.raises(InvalidReferenceError):
+        validate_digest(EMPTY_TAR_DIFF_ID + "\n")
     assert validate_digest(EMPTY_TAR_DIFF_ID) == EMPTY_TAR_DIFF_ID
     with pytest.raises(InvalidReferenceError, match="invalid layer digest 'sha256:b'"):
         validate_digest("sha256:b", "layer digest")
