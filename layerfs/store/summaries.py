@@ -124,6 +124,10 @@ class NodeIndex:
 Rows = dict[str, list[Any]]  # ID → [parent, layer or "", size, created, inode, chain size]
 
 
+def _summary(image_id: str, row: list[Any]) -> NodeSummary:
+    return NodeSummary(image_id, row[0], row[1] or None, row[2], row[3])
+
+
 class GraphView:
     """Every readable node of one state of ``graph/``: its summary, its chain's size and
     whether it is a leaf (no node's parent). The rows of the nodes that are not leaves are
@@ -134,13 +138,17 @@ class GraphView:
         self._inner = inner
 
     @classmethod
-    def of(cls, summaries: dict[str, NodeSummary]) -> GraphView:
+    def of(
+        cls, summaries: dict[str, NodeSummary], inodes: dict[str, int] | None = None
+    ) -> GraphView:
+        """The view of ``summaries``; ``inodes``: each node directory's, for the cache."""
         sizes = chain_sizes(summaries)
         parents = {s.parent for s in summaries.values()}
         leaves: Rows = {}
         inner: Rows = {}
         for i, s in summaries.items():
-            row = [s.parent, s.layer or "", s.size, s.created, 0, sizes[i]]
+            inode = inodes[i] if inodes is not None else 0
+            row = [s.parent, s.layer or "", s.size, s.created, inode, sizes[i]]
             (inner if i in parents else leaves)[i] = row
         return cls(leaves, inner)
 
@@ -168,8 +176,7 @@ class GraphView:
         return len(self._leaves) + len(self._inner_rows())
 
     def summary(self, image_id: str) -> NodeSummary:
-        row = self._row(image_id)
-        return NodeSummary(image_id, row[0], row[1] or None, row[2], row[3])
+        return _summary(image_id, self._row(image_id))
 
     def chain_size(self, image_id: str) -> int:
         return int(self._row(image_id)[5])
@@ -251,9 +258,8 @@ class SummaryCache:
         rows: Rows | None = doc["inner rows"]
         return rows
 
-    def _rows(self) -> Rows:
-        """Every cached row; {} when there is no usable cache."""
-        doc = self._doc()
+    def _rows(self, doc: dict[str, Any] | None) -> Rows:
+        """Every row of the cache document ``doc``; {} when there is no usable cache."""
         inner = self._inner(doc) if doc is not None else None
         if doc is None or inner is None:
             return {}
@@ -296,11 +302,7 @@ class SummaryCache:
         if doc is None or inner is None:
             return self._read_locked()[0]
         self.unreadable = set()
-        return {
-            i: NodeSummary(i, r[0], r[1] or None, r[2], r[3])
-            for rows in (doc["leaves"], inner)
-            for i, r in rows.items()
-        }
+        return {i: _summary(i, r) for rows in (doc["leaves"], inner) for i, r in rows.items()}
 
     def view(self) -> GraphView:
         """Every node as a :class:`GraphView`; from the cache alone when its stamp holds."""
@@ -340,7 +342,7 @@ class SummaryCache:
         stamp = self._stamp()
         inodes = self._node_inodes()
         doc = self._doc()
-        rows = self._rows()
+        rows = self._rows(doc)
         deleted = self._deleted()
         result: dict[str, NodeSummary] = {}
         learned = False
@@ -348,7 +350,7 @@ class SummaryCache:
         for image_id, inode in inodes.items():
             row = rows.get(image_id)
             if row is not None and row[4] == inode and image_id not in deleted:
-                result[image_id] = NodeSummary(image_id, row[0], row[1] or None, row[2], row[3])
+                result[image_id] = _summary(image_id, row)
                 continue
             summary = self._load(image_id)
             if summary is None:
@@ -367,9 +369,7 @@ class SummaryCache:
         cached_stamp = doc.get("stamp") if doc is not None else None
         if not (learned or deleted or len(rows) != len(result) or cached_stamp != stamp):
             return result, None
-        view = GraphView.of(result)
-        for i in result:
-            view._row(i)[4] = inodes[i]
+        view = GraphView.of(result, inodes)
         if self._write(view._leaves, view._inner_rows(), stamp):
             self.deleted_path.unlink(missing_ok=True)
         return result, view
@@ -394,7 +394,7 @@ class SummaryCache:
         """Rows that disagree with their node (fsck); rows of nodes that are gone are fine."""
         inodes = self._node_inodes()
         deleted = self._deleted()
-        rows = self._rows()
+        rows = self._rows(self._doc())
         lines = []
         for image_id, row in sorted(rows.items()):
             if image_id not in inodes or row[4] != inodes[image_id]:
@@ -402,14 +402,12 @@ class SummaryCache:
             if image_id in deleted:
                 continue
             summary = load(image_id)
-            cached = NodeSummary(image_id, row[0], row[1] or None, row[2], row[3])
+            cached = _summary(image_id, row)
             if summary is not None and summary != cached:
                 lines.append(f"graph summary of image {image_id[:12]} disagrees with its node")
         doc = self._current()
         if doc is not None:  # trusted without a listing of graph/: it must be all of graph/
-            cached_view = GraphView.of(
-                {i: NodeSummary(i, r[0], r[1] or None, r[2], r[3]) for i, r in rows.items()}
-            )
+            cached_view = GraphView.of({i: _summary(i, r) for i, r in rows.items()})
             if (
                 set(rows) != set(inodes)
                 or set(doc["leaves"]) != set(cached_view.leaves)
