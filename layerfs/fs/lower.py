@@ -25,6 +25,7 @@ from layerfs.errors import DepthLimitError, FormatError, UsageError
 from layerfs.fs.union import MergedTree
 from layerfs.model.digest import sha256_digest
 from layerfs.model.image import MAX_IMAGE_DEPTH, Image, decode_json_object
+from layerfs.store.graph import chain_layers
 from layerfs.store.rows import OFFSET, Row
 from layerfs.store.store import Store
 from layerfs.store.tarindex import Entry
@@ -97,7 +98,7 @@ def from_store(
     ``chain``: its :func:`chain_of`, when the caller has it already)."""
     if chain is None or len(chain) > MAX_IMAGE_DEPTH:
         chain = chain_of(store, image, reference)
-    diff_ids = [i.layer for i in reversed(chain) if i.layer]
+    diff_ids = chain_layers(chain)
     tar_paths = [store.layers.tar_path(d) for d in diff_ids]
     tree = MergedTree.from_rows((store.layers.index_rows(d) for d in diff_ids), init=init)
     return Lower(
