@@ -11,10 +11,15 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 from layerfs.errors import LayerfsError
 from layerfs.progress import Progress
 from layerfs.transports.base import ImageDestination, ImageSource, SourceImage
+
+if TYPE_CHECKING:
+    from layerfs.model.image import Image
+    from layerfs.transports.new_image import NewImageSource
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +145,14 @@ def copy(
         finally:
             source.close()
     return result
+
+
+def copy_new_image(source: NewImageSource, *, command: str) -> tuple[Image, str | None]:
+    """Put the image ``source`` makes (import, commit) into its store, as ``command``; the
+    image and the rename message of its tag, if a tag moved."""
+    from layerfs.transports.local import StoreDestination
+
+    destination = StoreDestination(source.store, command=command)
+    copy(source, destination, keep_going=False)
+    loaded, messages = destination.loaded[0]
+    return source.store.graph.get(loaded.image_id), messages[0] if messages else None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from layerfs.copy import copy
+from layerfs.copy import copy_new_image
 from layerfs.errors import (
     FormatError,
     IntegrityError,
@@ -34,7 +34,6 @@ from layerfs.progress import Progress, ReportingReader
 from layerfs.store.store import Store
 from layerfs.store.tarindex import REG, open_pax_writer
 from layerfs.store.tarwriter import DataRange, tar_info
-from layerfs.transports.local import StoreDestination
 from layerfs.transports.new_image import NewImage, NewImageSource
 
 
@@ -142,20 +141,16 @@ def import_rootfs(
         progress.start("import", "Importing", size, "")
         stream = ReportingReader(stream, lambda n: progress.advance("import", n))
     what = f"cannot import {source!r}"
-    destination = StoreDestination(store, command="import")
     try:
-        copy(
+        image, rename = copy_new_image(
             NewImageSource(store, recipe, stream, name=source, what=what, size=size),
-            destination,
-            keep_going=False,
+            command="import",
         )
     finally:
         close()
     if progress is not None:
         progress.finish("import", "Imported")
-    loaded, messages = destination.loaded[0]
-    image = store.graph.get(loaded.image_id)
-    return ImportResult(image, str(ref) if ref else None, messages[0] if messages else None)
+    return ImportResult(image, str(ref) if ref else None, rename)
 
 
 def merged_tree(store: Store, image: Image, *, init: bool = False) -> tuple[MergedTree, list[str]]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from layerfs.copy import copy
+from layerfs.copy import copy_new_image
 from layerfs.errors import LayerfsError, MountError, UsageError
 from layerfs.fs.upper import STATE_VERSION
 from layerfs.model.changes import apply_changes
@@ -27,7 +27,6 @@ from layerfs.store.rows import INDEX_COLUMNS, OFFSET, SIZE, SOURCE, Row
 from layerfs.store.store import Store
 from layerfs.store.tarindex import REG, Entry, open_pax_writer
 from layerfs.store.tarwriter import DataRange, tar_info
-from layerfs.transports.local import StoreDestination
 from layerfs.transports.new_image import NewImage, NewImageSource
 
 
@@ -64,19 +63,10 @@ def commit_upper(
         created_by=created_by,
         references=[f"{ref.repository}:{ref.tag or 'latest'}"] if ref is not None else [],
     )
-    destination = StoreDestination(store, command="commit")
     with _LayerTar(state["rows"], upper_dir, store) as layer:
-        source = NewImageSource(
-            store,
-            recipe,
-            layer,
-            name=upper_dir.name,
-            what=f"commit of {upper_dir.name}",
-            plain=True,
-        )
-        copy(source, destination, keep_going=False)
-    loaded, messages = destination.loaded[0]
-    return store.graph.get(loaded.image_id), messages[0] if messages else None
+        what = f"commit of {upper_dir.name}"
+        source = NewImageSource(store, recipe, layer, name=upper_dir.name, what=what, plain=True)
+        return copy_new_image(source, command="commit")
 
 
 class _LayerTar:
